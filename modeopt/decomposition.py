@@ -164,16 +164,16 @@ def decompose(
         raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more "
                          f"weights (n_samples >= 30 * n_modes is a good rule)")
 
-    if isinstance(trajectory, Trajectory):
-        w, layout, steps = trajectory.matrix, trajectory.layout, list(trajectory.steps)
-    else:
-        w, layout = as_tensor(trajectory), None
+    if not isinstance(trajectory, Trajectory):
+        w = as_tensor(trajectory)
         if w.dim() != 2:
             raise ValueError(f"trajectory must be a 2-D (N, T) matrix, got shape {tuple(w.shape)}")
-        steps = list(range(w.shape[1]))
-    if not w.is_floating_point():
-        raise ValueError(f"trajectory must hold floating-point values, got {w.dtype}: cast it with .float()")
-    n, t = w.shape
+        trajectory = Trajectory(w.T)
+    layout, steps = trajectory.layout, list(trajectory.steps)
+    if not trajectory.data.is_floating_point():
+        raise ValueError(f"trajectory must hold floating-point values, got {trajectory.data.dtype}: "
+                         "cast it with .float()")
+    t, n = trajectory.data.shape
     if n == 0:
         raise ValueError("empty trajectory: there are no weights (does the model have trainable "
                          "floating-point parameters?)")
@@ -183,12 +183,12 @@ def decompose(
     chunk = max(1024, CHUNK_ELEMENTS // t)
     bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
     show = None if progress is None else not progress
-    eps = torch.finfo(w.dtype).eps
+    eps = torch.finfo(trajectory.value_dtype).eps
 
     # Pass 1: finiteness and which weights move.
     moving = torch.empty(n, dtype=torch.bool)
     for i0, i1 in tqdm(bounds, desc="CMD scan", disable=show or len(bounds) < 4, leave=False):
-        x = w[i0:i1]
+        x = trajectory.rows(i0, i1)
         if not bool(torch.isfinite(x).all()):
             bad = torch.nonzero(~torch.isfinite(x))[0]
             row, col = i0 + int(bad[0]), int(bad[1])
@@ -208,14 +208,14 @@ def decompose(
     if n_modes is not None and n_modes > k:
         raise ValueError(f"n_modes={n_modes} > the {k} weights that move and could be sampled: "
                          f"ask for at most {k} modes")
-    sample_prof = w[samples].to(torch.float64)
+    sample_prof = trajectory.take(samples, torch.float64)
     clustering = cluster_samples(sample_prof, n_modes=n_modes, threshold=threshold)
     m = clustering.n_modes
     reference = samples[clustering.reference]
     profiles = sample_prof[clustering.reference]  # (M, T)
 
     labels, a, b, score = assign_and_fit(
-        w, profiles, samples, clustering.labels, moving, bounds, progress=show
+        trajectory, profiles, samples, clustering.labels, moving, bounds, progress=show
     )
     # Number modes by their final size, largest first.
     sizes = torch.bincount(labels[moving], minlength=m)
@@ -247,7 +247,7 @@ def is_moving(x: Tensor, eps: float) -> Tensor:
 
 
 def assign_and_fit(
-    w: Tensor,
+    trajectory: Trajectory,
     profiles: Tensor,
     samples: Tensor,
     sample_labels: Tensor,
@@ -264,7 +264,7 @@ def assign_and_fit(
     Returns:
         ``labels`` (N,) int64, ``a`` (N,) float32, ``b`` (N,) float32, ``score`` (N,) float32.
     """
-    n = w.shape[0]
+    n = trajectory.n_weights
     ref_mean = profiles.mean(dim=1)
     ref_c = profiles - ref_mean[:, None]
     ref_var = (ref_c * ref_c).sum(dim=1)  # (M,), > 0: references move
@@ -274,7 +274,7 @@ def assign_and_fit(
     b = torch.empty(n, dtype=torch.float32)
     score = torch.empty(n, dtype=torch.float32)
     for i0, i1 in tqdm(bounds, desc="CMD assign", disable=progress or len(bounds) < 4, leave=False):
-        x = w[i0:i1].to(torch.float64).contiguous()
+        x = trajectory.rows(i0, i1, torch.float64).contiguous()
         mean = x.mean(dim=1)
         x -= mean[:, None]
         norm = torch.linalg.vector_norm(x, dim=1)

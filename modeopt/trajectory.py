@@ -28,25 +28,52 @@ class Trajectory:
         layout: which rows belong to which named tensor (``None`` for anonymous data).
         steps: ``T`` integers saying when each sample was taken (training steps or
             epochs); defaults to ``0..T-1``.
+        offset: optional ``(N,)`` float32 baseline; the values are then ``data + offset``.
+            Low-precision recordings store movements relative to a baseline this way, because
+            bf16/fp16 cannot resolve a small movement of a large weight.
     """
 
-    def __init__(self, data: Tensor, layout: ParamLayout | None = None, steps: Sequence[int] | None = None):
+    def __init__(self, data: Tensor, layout: ParamLayout | None = None, steps: Sequence[int] | None = None,
+                 offset: Tensor | None = None):
         if not isinstance(data, Tensor) or data.dim() != 2:
             raise ValueError("Trajectory data must be a (T, N) tensor")
         if layout is not None and layout.n != data.shape[1]:
             raise ValueError(f"layout describes {layout.n} weights but data has {data.shape[1]} columns")
+        if offset is not None and tuple(offset.shape) != (data.shape[1],):
+            raise ValueError(f"offset must have shape ({data.shape[1]},), got {tuple(offset.shape)}")
         steps = list(range(data.shape[0])) if steps is None else [int(s) for s in steps]
         if len(steps) != data.shape[0]:
             raise ValueError(f"got {len(steps)} steps for {data.shape[0]} samples")
         self.data = data
         self.layout = layout
         self.steps = steps
+        self.offset = offset
 
     # ----------------------------------------------------------------- shape
     @property
     def matrix(self) -> Tensor:
-        """The ``(N, T)`` view: rows are weights, columns time samples."""
-        return self.data.T
+        """The ``(N, T)`` values: a view of ``data`` (materialised when there is an offset)."""
+        if self.offset is None:
+            return self.data.T
+        return (self.data.to(torch.float32) + self.offset).T
+
+    def rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Values of weights ``start:stop`` as a ``(stop - start, T)`` tensor."""
+        x = self.data[:, start:stop].T
+        if self.offset is not None:
+            x = x.to(torch.float32) + self.offset[start:stop, None]
+        return x if dtype is None else x.to(dtype)
+
+    def take(self, index: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Values of the weights ``index`` as a ``(len(index), T)`` tensor."""
+        x = self.data[:, index].T
+        if self.offset is not None:
+            x = x.to(torch.float32) + self.offset[index, None]
+        return x if dtype is None else x.to(dtype)
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        return self.data.dtype if self.offset is None else torch.float32
 
     @property
     def n_weights(self) -> int:
@@ -67,7 +94,7 @@ class Trajectory:
     def window(self, start: int | None = None, stop: int | None = None, every: int = 1) -> Trajectory:
         """Samples ``start:stop:every`` (a view), e.g. the later half or every 2nd snapshot."""
         sl = slice(start, stop, every)
-        return Trajectory(self.data[sl], self.layout, self.steps[sl])
+        return Trajectory(self.data[sl], self.layout, self.steps[sl], self.offset)
 
     # ----------------------------------------------------------- to a model
     def state_dict_at(self, t: int) -> dict[str, Tensor]:
@@ -75,7 +102,8 @@ class Trajectory:
         if self.layout is None:
             raise ValueError("this trajectory has no layout (it was built from a bare matrix): "
                              "build it with Trajectory.from_state_dicts or a TrajectoryRecorder")
-        return self.layout.unflatten(self.data[t])
+        row = self.data[t] if self.offset is None else self.data[t].to(torch.float32) + self.offset
+        return self.layout.unflatten(row)
 
     def load_into(self, model: nn.Module, t: int = -1) -> None:
         """Copy sample ``t`` into the model's tensors of the same names (in place)."""
@@ -157,6 +185,7 @@ class Trajectory:
                 "data": self.data,
                 "layout": None if self.layout is None else self.layout.to_dict(),
                 "steps": self.steps,
+                "offset": self.offset,
             },
             path,
         )
@@ -168,7 +197,7 @@ class Trajectory:
         if not isinstance(d, dict) or d.get("format") != "modeopt.trajectory/1":
             raise ValueError(f"{path} is not a trajectory saved by modeopt (Trajectory.save)")
         layout = None if d["layout"] is None else ParamLayout.from_dict(d["layout"])
-        return cls(d["data"], layout, d["steps"])
+        return cls(d["data"], layout, d["steps"], d.get("offset"))
 
 
 class TrajectoryRecorder:
@@ -184,8 +213,12 @@ class TrajectoryRecorder:
             A sequence of names, or a predicate ``f(name, param) -> bool``.
         dtype: storage dtype of the snapshots (float32, or bfloat16/float16 to halve memory).
         max_snapshots: keep only the latest ``max_snapshots`` (a ring buffer); ``None`` keeps all.
+        directory: keep the snapshots in a memory-mapped file there instead of in RAM
+            (needs ``max_snapshots``).
 
-    Memory: ``min(T, max_snapshots) * N * dtype.itemsize`` bytes.
+    Memory: ``min(T, max_snapshots) * N * dtype.itemsize`` bytes, plus ``4 * N`` for the
+    float32 baseline when ``dtype`` is bf16/fp16 (snapshots are then stored as movements from
+    the first one).
     """
 
     def __init__(
@@ -196,6 +229,7 @@ class TrajectoryRecorder:
         names: Sequence[str] | Callable[[str, Tensor], bool] | None = None,
         dtype: torch.dtype = torch.float32,
         max_snapshots: int | None = None,
+        directory: str | os.PathLike | None = None,
     ):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -209,7 +243,7 @@ class TrajectoryRecorder:
         self.dtype = dtype
         self.layout = ParamLayout.from_named_tensors(params)
         self._params = [p for _, p in params]
-        self._buffer = SnapshotBuffer(self.layout.n, dtype=dtype, capacity=max_snapshots)
+        self._buffer = SnapshotBuffer(self.layout.n, dtype=dtype, capacity=max_snapshots, directory=directory)
         self._calls = 0
 
     def step(self) -> bool:
@@ -223,10 +257,7 @@ class TrajectoryRecorder:
     @torch.no_grad()
     def snapshot(self, step: int | None = None) -> None:
         """Record the parameters' current values now (``step`` labels the sample)."""
-        row = self._buffer.next_row()
-        for spec, p in zip(self.layout.specs, self._params):
-            row[spec.offset : spec.stop].copy_(p.detach().reshape(-1))
-        self._buffer.commit(self._calls if step is None else step)
+        self._buffer.append(self.layout, self._params, self._calls if step is None else step)
 
     @property
     def n_snapshots(self) -> int:
@@ -235,7 +266,7 @@ class TrajectoryRecorder:
     def trajectory(self) -> Trajectory:
         """The recorded samples, oldest first (a copy)."""
         data, steps = self._buffer.ordered()
-        return Trajectory(data, self.layout, steps)
+        return Trajectory(data, self.layout, steps, self._buffer.anchor)
 
     def clear(self) -> None:
         self._buffer.clear()
@@ -244,38 +275,87 @@ class TrajectoryRecorder:
 class SnapshotBuffer:
     """Rows of N values appended one at a time, optionally a ring of ``capacity`` rows.
 
-    With a capacity the storage is allocated once and rows are overwritten in place;
-    without one it grows by doubling (amortised O(1) per snapshot, no per-step copy).
+    With a capacity the storage is allocated once (in RAM, or in a memory-mapped file under
+    ``directory``) and rows are overwritten in place; without one it grows by doubling
+    (amortised O(1) per snapshot). A float32 buffer stores the values; a bf16/fp16 buffer stores
+    each snapshot's movement from the first one (:attr:`anchor`, float32), because half
+    precision cannot resolve a small movement of a large weight.
+
+    Memory: ``rows * N * itemsize`` (+ ``4 * N`` for the anchor).
     """
 
-    def __init__(self, n: int, *, dtype: torch.dtype = torch.float32, capacity: int | None = None):
+    def __init__(self, n: int, *, dtype: torch.dtype = torch.float32, capacity: int | None = None,
+                 directory: str | os.PathLike | None = None):
+        if directory is not None and capacity is None:
+            raise ValueError("a memory-mapped snapshot buffer needs a capacity (max_snapshots)")
         self.n = n
         self.dtype = dtype
         self.capacity = capacity
-        rows = capacity if capacity is not None else 4
-        self.data = torch.empty(rows, n, dtype=dtype)
-        self.steps: list[int] = [0] * rows
+        self.directory = directory
+        self.relative = dtype not in (torch.float32, torch.float64)
+        self.anchor: Tensor | None = None
+        self.data = self._alloc(capacity if capacity is not None else 4)
+        self.steps: list[int] = [0] * self.data.shape[0]
         self.count = 0  # snapshots committed so far (may exceed capacity)
+
+    def _alloc(self, rows: int) -> Tensor:
+        if self.directory is None:
+            return torch.empty(rows, self.n, dtype=self.dtype)
+        import tempfile
+
+        Path(self.directory).mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="snapshots-", suffix=".bin", dir=self.directory)
+        os.close(fd)
+        t = torch.from_file(path, shared=True, size=rows * self.n, dtype=self.dtype).view(rows, self.n)
+        os.unlink(path)  # the mapping keeps the pages; the file vanishes with the process
+        return t
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (RAM or file): the row storage plus the anchor."""
+        anchor = 0 if self.anchor is None else self.anchor.numel() * self.anchor.element_size()
+        return self.data.numel() * self.data.element_size() + anchor
 
     def __len__(self) -> int:
         return self.count if self.capacity is None else min(self.count, self.capacity)
 
-    def next_row(self) -> Tensor:
-        if self.capacity is None and self.count == self.data.shape[0]:
-            grown = torch.empty(2 * self.data.shape[0], self.n, dtype=self.dtype)
-            grown[: self.count].copy_(self.data)
-            self.data = grown
-            self.steps += [0] * self.count
-        slot = self.count if self.capacity is None else self.count % self.capacity
-        return self.data[slot]
+    def _slot(self) -> int:
+        if self.capacity is None:
+            if self.count == self.data.shape[0]:
+                grown = self._alloc(2 * self.data.shape[0])
+                grown[: self.count].copy_(self.data)
+                self.data = grown
+                self.steps += [0] * self.count
+            return self.count
+        return self.count % self.capacity
 
-    def commit(self, step: int) -> None:
-        slot = self.count if self.capacity is None else self.count % self.capacity
+    @torch.no_grad()
+    def append(self, layout: ParamLayout, tensors: Sequence[Tensor], step: int) -> None:
+        """Record one snapshot of ``tensors`` (laid out by ``layout``) taken at ``step``."""
+        slot = self._slot()
+        row = self.data[slot]
+        if self.relative and self.anchor is None:
+            self.anchor = torch.empty(self.n, dtype=torch.float32)
+            layout.flatten({s.name: t for s, t in zip(layout.specs, tensors)}, out=self.anchor)
+        for spec, t in zip(layout.specs, tensors):
+            src = t.detach().reshape(-1)
+            if self.relative:
+                src = src.to(torch.float32) - self.anchor[spec.offset : spec.stop]
+            row[spec.offset : spec.stop].copy_(src)
         self.steps[slot] = int(step)
         self.count += 1
 
+    def raw(self) -> tuple[Tensor, list[int]]:
+        """The stored rows in storage order (no copy) and their steps.
+
+        Time order does not matter to CMD (correlations and least squares are invariant to a
+        common permutation of the samples), so the switch can decompose these directly.
+        """
+        k = len(self)
+        return self.data[:k], self.steps[:k]
+
     def ordered(self) -> tuple[Tensor, list[int]]:
-        """(len, N) rows oldest first, and their steps."""
+        """(len, N) rows oldest first (a copy), and their steps."""
         k = len(self)
         if self.capacity is None or self.count <= self.capacity:
             return self.data[:k].clone(), self.steps[:k]
@@ -285,24 +365,30 @@ class SnapshotBuffer:
 
     def clear(self) -> None:
         self.count = 0
+        self.anchor = None
 
     def state_dict(self) -> dict:
-        data, steps = self.ordered()
-        return {"data": data, "steps": steps}
+        """Rows in storage order (views, no copy), their steps, the anchor and the count."""
+        data, steps = self.raw()
+        return {"data": data, "steps": list(steps), "anchor": self.anchor, "count": self.count}
 
     def load_state_dict(self, state: Mapping) -> None:
-        data, steps = state["data"], list(state["steps"])
+        data, steps, count = state["data"], list(state["steps"]), int(state["count"])
         if data.dim() != 2 or data.shape[1] != self.n:
             raise ValueError(f"snapshot buffer of {self.n} weights cannot load data of shape {tuple(data.shape)}")
+        if data.dtype != self.dtype:
+            raise ValueError(f"saved snapshots are {data.dtype}, this buffer stores {self.dtype}")
         k = data.shape[0]
         if self.capacity is not None and k > self.capacity:
             raise ValueError(f"{k} saved snapshots exceed the capacity {self.capacity}")
-        if self.capacity is None:
-            self.data = torch.empty(max(4, k), self.n, dtype=self.dtype)
+        if self.capacity is None and self.data.shape[0] < k:
+            self.data = self._alloc(max(4, k))
             self.steps = [0] * self.data.shape[0]
         self.data[:k].copy_(data)
         self.steps[:k] = steps
-        self.count = k
+        self.count = count
+        anchor = state.get("anchor")
+        self.anchor = None if anchor is None else anchor.clone()
 
 
 # ---------------------------------------------------------------- helpers

@@ -8,6 +8,8 @@ from torch import nn
 from modeopt import ParamLayout, Trajectory, TrajectoryRecorder, decompose
 from modeopt.zoo import SmallCNN
 
+from conftest import same_partition
+
 
 def _nudge(model, k):
     with torch.no_grad():
@@ -53,15 +55,49 @@ def test_recorder_every_and_ring_buffer():
     assert torch.equal(traj.data, torch.stack(snaps[-3:]))
 
 
-def test_recorder_growing_buffer_and_bf16_storage():
+def test_recorder_growing_buffer_keeps_every_snapshot():
     m = SmallCNN()
-    rec = TrajectoryRecorder(m, dtype=torch.bfloat16)
+    rec = TrajectoryRecorder(m)
     for k in range(9):  # crosses several doublings of the buffer
         _nudge(m, k)
         rec.snapshot(step=100 + k)
     traj = rec.trajectory()
-    assert traj.data.dtype == torch.bfloat16 and traj.n_samples == 9 and traj.steps[0] == 100
-    assert torch.equal(traj.data[-1], rec.layout.flatten(dict(m.named_parameters()), dtype=torch.bfloat16))
+    assert traj.n_samples == 9 and traj.steps == list(range(100, 109)) and traj.offset is None
+    assert torch.equal(traj.data[-1], rec.layout.flatten(dict(m.named_parameters())))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_recording_keeps_small_movements_of_large_weights(dtype, tmp_path):
+    """bf16 has 8 bits of mantissa: 1.0 + 1e-3 * k is 1.0 for every k < 4. Stored as movements
+    from the first snapshot, the trajectory still resolves them, and CMD finds the same modes."""
+    lin = nn.Linear(64, 64)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+        lin.bias.fill_(-2.0)
+    g = torch.Generator().manual_seed(0)
+    prof = torch.randn(2, 12, generator=g)
+    coef = torch.rand(64 * 64 + 64, generator=g) + 0.5
+    lab = torch.arange(64 * 64 + 64) % 2
+    recs = [TrajectoryRecorder(lin), TrajectoryRecorder(lin, dtype=dtype),
+            TrajectoryRecorder(lin, dtype=dtype, max_snapshots=12, directory=tmp_path)]
+    base = torch.cat([lin.weight.detach().flatten(), lin.bias.detach()]).clone()
+    for t in range(12):
+        vals = base + 1e-3 * coef * prof[lab, t]
+        with torch.no_grad():
+            lin.weight.copy_(vals[:4096].view(64, 64))
+            lin.bias.copy_(vals[4096:])
+        for r in recs:
+            r.snapshot()
+    exact, half, mapped = (r.trajectory() for r in recs)
+    assert half.offset is not None and half.data.dtype == dtype
+    err = (half.matrix - exact.matrix).abs().max() / (exact.matrix - exact.matrix[:, :1]).abs().max()
+    assert float(err) < 1e-2  # relative to the movement, not to the weight
+    assert torch.equal(mapped.data, half.data)
+    d_exact, d_half = decompose(exact, n_modes=2, seed=0), decompose(half, n_modes=2, seed=0)
+    assert same_partition(d_exact.labels, d_half.labels)
+    n = 64 * 64 + 64
+    assert recs[1]._buffer.nbytes == 16 * n * 2 + 4 * n  # 16 rows (grown by doubling) + the anchor
+    assert recs[2]._buffer.nbytes == 12 * n * 2 + 4 * n
 
 
 def test_recorder_selects_by_name_and_predicate_and_rejects_bad_choices():
