@@ -14,6 +14,13 @@ After the optimizer changes ``r``, :meth:`ModeSpace.sync` writes ``w += a * dr[m
 Which tensor a module's forward reads is switched by forward hooks: while a module that owns
 embedded weights (or the root model) runs, its ``_parameters[name]`` entry holds the function's
 output instead of the bare parameter, and it is restored afterwards (also when forward raises).
+
+The mode scalars are registered as parameters of the root model (``modeopt_r0``, one per param
+group), not as a child module: containers such as ``nn.Sequential`` run every child in their
+forward. They appear in ``model.parameters()`` (so ``model.zero_grad()``, gradient clipping and
+trainable-parameter counts see them) but never in ``model.state_dict()``: a state-dict hook drops
+them, so the model's checkpoints keep exactly the keys of the original model class, and the
+optimizer's ``state_dict`` carries ``r``.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModeSpace", "ModeParameters", "segment_sum"]
+__all__ = ["ModeSpace", "segment_sum"]
 
 
 def segment_sum(values: Tensor, labels: Tensor, n: int) -> Tensor:
@@ -59,36 +66,11 @@ class _ReadThrough(torch.autograd.Function):
         return segment_sum(g, ctx.labels, ctx.n).to(ctx.r_dtype), None, None, None
 
 
-class ModeParameters(nn.Module):
-    """Holds the trainable mode scalars on the model (one 1-D tensor per param group).
-
-    They appear in ``model.parameters()`` (so ``model.zero_grad()``, gradient clipping and
-    trainable-parameter counts see them) but never in ``model.state_dict()``: the model's
-    checkpoint keeps exactly the keys of the original model class, and the optimizer's
-    ``state_dict`` carries ``r``.
-    """
-
-    def __init__(self, sizes: Sequence[int], values: Sequence[Tensor]):
-        super().__init__()
-        for g, (size, v) in enumerate(zip(sizes, values)):
-            self.register_parameter(f"r{g}", nn.Parameter(v.detach().clone().reshape(size)))
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # not part of the model's state
-        pass
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        pass
-
-    def extra_repr(self) -> str:
-        return "modeopt mode scalars: " + ", ".join(f"{n}={tuple(p.shape)}" for n, p in self.named_parameters())
-
-
 class ModeSpace:
     """The model in mode space: which weights are embedded, their ``a`` and modes, and ``r``.
 
     Args:
-        model: the model (its modules get forward hooks; it gets a ``cmd_modes`` child).
+        model: the model (its modules get forward hooks; it gets ``modeopt_r*`` parameters).
         params: the embedded parameters, ``(name, param)``.
         labels: per parameter, the mode of each element (any integer dtype, flat).
         a: per parameter, the coefficient of each element (flat).
@@ -99,7 +81,7 @@ class ModeSpace:
     Modes are ordered so that group ``g`` holds the modes ``r_groups == g`` in increasing order.
     """
 
-    HOLDER = "cmd_modes"
+    PREFIX = "modeopt_r"
 
     def __init__(
         self,
@@ -110,8 +92,8 @@ class ModeSpace:
         r_groups: Tensor,
         r_init: Tensor,
     ):
-        if hasattr(model, self.HOLDER):
-            raise RuntimeError(f"the model already has a {self.HOLDER!r} child: it is already in mode space")
+        if any(n.startswith(self.PREFIX) for n, _ in model.named_parameters(recurse=False)):
+            raise RuntimeError("the model is already in mode space (it has modeopt_r* parameters)")
         self.model = model
         self.names = [n for n, _ in params]
         self.params = [p for _, p in params]
@@ -124,11 +106,11 @@ class ModeSpace:
         order = torch.cat([torch.nonzero(self.r_groups == g).flatten() for g in self.groups])
         self._gather = torch.empty_like(order)
         self._gather[order] = torch.arange(self.n_modes)
-        self.holder = ModeParameters(
-            [int((self.r_groups == g).sum()) for g in self.groups],
-            [r_init[self.r_groups == g] for g in self.groups],
-        ).to(device=self.params[0].device)
-        self.r_params: list[nn.Parameter] = list(self.holder.parameters())
+        device = self.params[0].device
+        self.r_params: list[nn.Parameter] = [
+            nn.Parameter(r_init[self.r_groups == g].detach().clone().to(device)) for g in self.groups
+        ]
+        self.r_names = [f"{self.PREFIX}{j}" for j in range(len(self.r_params))]
         self.applied = self.r_full().detach().clone()  # the r the weights currently reflect
         self._scratch: Tensor | None = None
         self.requires_grad_before = [p.requires_grad for p in self.params]
@@ -151,7 +133,13 @@ class ModeSpace:
         return owners
 
     def _install(self) -> None:
-        self.model.add_module(self.HOLDER, self.holder)
+        for name, r in zip(self.r_names, self.r_params):
+            self.model.register_parameter(name, r)
+        # Plain functions: torch tags state-dict hooks with attributes, which bound methods refuse.
+        self._handles.append(self.model.register_state_dict_post_hook(
+            lambda mod, sd, prefix, meta: self._drop_from_state_dict(sd, prefix)))
+        self._handles.append(self.model.register_load_state_dict_post_hook(
+            lambda mod, keys: self._not_missing(keys)))
         for p in self.params:
             p.requires_grad_(False)
             p.grad = None
@@ -164,17 +152,28 @@ class ModeSpace:
             self._handles.append(mod.register_forward_hook(self._owner_post, always_call=True))
 
     def remove(self) -> None:
-        """Leave mode space: hooks and ``cmd_modes`` removed, ``requires_grad`` restored."""
+        """Leave mode space: hooks and ``modeopt_r*`` removed, ``requires_grad`` restored."""
         self._restore()
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if getattr(self.model, self.HOLDER, None) is self.holder:
-            delattr(self.model, self.HOLDER)
+        for name in self.r_names:
+            if self.model._parameters.get(name) is not None:
+                del self.model._parameters[name]
         for p, rg in zip(self.params, self.requires_grad_before):
             p.requires_grad_(rg)
 
     # -------------------------------------------------------------- hooks
+    def _drop_from_state_dict(self, state_dict, prefix: str) -> None:
+        for name in self.r_names:
+            state_dict.pop(prefix + name, None)
+
+    def _not_missing(self, incompatible_keys) -> None:
+        # Checkpoints never hold r (see _drop_from_state_dict): a strict load must not ask for it.
+        keep = [k for k in incompatible_keys.missing_keys
+                if not any(k == n or k.endswith("." + n) for n in self.r_names)]
+        incompatible_keys.missing_keys[:] = keep
+
     def r_full(self) -> Tensor:
         """``(M,)`` the mode scalars in mode order (differentiable w.r.t. the group tensors)."""
         if len(self.r_params) == 1:

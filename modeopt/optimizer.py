@@ -1,0 +1,489 @@
+"""``CMDOptimizer``: warm up with any torch optimizer, then train only M mode scalars.
+
+Phases (``opt.phase``):
+
+* ``"warmup"`` - the base optimizer trains every parameter; every ``snapshot_every`` steps the
+  embeddable parameters are recorded (bounded memory, see :class:`~modeopt.trajectory.SnapshotBuffer`).
+* ``"embedded"`` - after ``warmup_steps`` steps the recording is decomposed (:func:`~modeopt.decompose`)
+  and every embedded weight becomes ``a_i * r[m(i)] + b_i``; the model's trainable parameters are
+  the ``n_modes`` scalars ``r`` (registered on the model as ``modeopt_r0``, ``modeopt_r1``, ...,
+  one per param group; never in ``model.state_dict()``) plus what was kept out of the embedding, trained through
+  autograd by the base optimizer with its hyper-parameters and LR schedule.
+* With ``recluster_every=R``: after R embedded steps it returns to full training
+  (``"warmup"`` again, ``opt.cycle`` counts the embeddings) for ``recluster_steps`` recorded
+  steps, then embeds afresh.
+* ``"exported"`` - after :meth:`CMDOptimizer.export`: plain weights, plain base optimizer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .decomposition import decompose
+from .layout import ParamLayout
+from .modespace import ModeSpace
+from .trajectory import SnapshotBuffer, Trajectory
+
+__all__ = ["CMDOptimizer"]
+
+logger = logging.getLogger("modeopt")
+
+#: Optimizers whose step size does not scale with the gradient's magnitude.
+SCALE_INVARIANT = tuple(
+    getattr(torch.optim, n)
+    for n in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "Rprop", "SparseAdam")
+    if hasattr(torch.optim, n)
+)
+
+Exclude = Callable[[str, nn.Parameter], bool] | Sequence[str] | None
+
+
+class CMDOptimizer(torch.optim.Optimizer):
+    """Wraps a ``torch.optim`` optimizer: warm-up, then training in CMD mode space.
+
+    Args:
+        model: the model whose parameters ``base_optimizer`` trains.
+        base_optimizer: any ``torch.optim.Optimizer`` built on ``model.parameters()`` or on
+            param groups of them. Its param groups, hyper-parameters and LR schedule are kept.
+        n_modes: M, the number of mode scalars trained after the warm-up.
+        warmup_steps: base-optimizer steps before the switch to mode space.
+        snapshot_every: record the weights every this many steps of a warm-up.
+        n_samples: K, weights sampled for the clustering (``>= n_modes``; ~30*M is plenty).
+        seed: seed of the sampling (embedding ``c`` uses ``seed + c``); ``None`` draws one from
+            torch's global generator, so ``torch.manual_seed`` makes runs reproducible.
+        exclude: parameters kept out of the embedding (they stay trainable as usual): a
+            predicate ``f(name, param) -> bool`` or a list of name patterns (``fnmatch``, e.g.
+            ``["fc.*", "*.bias"]``). A param group with ``"cmd": False`` is kept out whole.
+            ``lambda n, p: p.ndim < 2`` keeps biases and norm scales free (often better).
+        recluster_every: if given, embedded steps per cycle, after which it returns to full
+            training for ``recluster_steps`` steps (recorded) and embeds again with fresh modes.
+        recluster_steps: full-training steps between two embeddings (default
+            ``max(recluster_every // 4, 3 * snapshot_every)``).
+        max_snapshots: keep only the latest snapshots of a warm-up (a ring); default all.
+        record_dtype: storage dtype of the snapshots; ``torch.bfloat16`` halves the memory
+            (movements from the first snapshot are stored, exactly resolved to ~0.4 %).
+        record_dir: keep the snapshots in a memory-mapped file in this directory (not in RAM).
+        init: at the switch, ``"keep"`` the current weights (``b`` absorbs the fit residual, so
+            the model's function is unchanged) or move them to the CMD ``"fit"``
+            ``a_i * w_ref(now) + b_i`` (the post-hoc CMD model, which often tests better).
+        mode_scale: how each mode's coefficients are normalised: ``"rms"`` (RMS(a) = 1 in each
+            mode: an Adam-type step of ``lr`` on ``r_m`` moves its weights by ~``lr``),
+            ``"norm"`` (unit-norm mode directions: SGD on ``r`` is exactly the projection of the
+            SGD step onto the modes), or ``"auto"`` (``"rms"`` for scale-invariant optimizers
+            such as Adam/AdamW/RMSprop, ``"norm"`` otherwise).
+        progress: progress bars during the decomposition (``None``: only on a terminal).
+
+    Warm-up memory: ``min(T, max_snapshots) * N * itemsize(record_dtype)`` bytes (+ ``4 N`` for
+    the baseline of a bf16/fp16 recording), ``T = warmup_steps // snapshot_every``, N the number
+    of embedded weights. Embedded-phase memory: 12 bytes per embedded weight (its mode as int64
+    and ``a`` as float32) instead of the base optimizer's state and the weight gradients.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_optimizer: torch.optim.Optimizer,
+        *,
+        n_modes: int = 10,
+        warmup_steps: int = 500,
+        snapshot_every: int = 10,
+        n_samples: int = 1000,
+        seed: int | None = None,
+        exclude: Exclude = None,
+        recluster_every: int | None = None,
+        recluster_steps: int | None = None,
+        max_snapshots: int | None = None,
+        record_dtype: torch.dtype = torch.float32,
+        record_dir: str | None = None,
+        init: str = "keep",
+        mode_scale: str = "auto",
+        progress: bool | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(base_optimizer, CMDOptimizer):
+            raise TypeError("base_optimizer is already a CMDOptimizer")
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        _check_int("n_modes", n_modes, 1)
+        _check_int("warmup_steps", warmup_steps, 1)
+        _check_int("snapshot_every", snapshot_every, 1)
+        _check_int("n_samples", n_samples, 1)
+        if n_modes > n_samples:
+            raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more "
+                             f"weights (n_samples >= 30 * n_modes is a good rule)")
+        _check_snapshots("warmup_steps", warmup_steps, snapshot_every)
+        if max_snapshots is not None:
+            _check_int("max_snapshots", max_snapshots, 3)
+        if recluster_every is not None:
+            _check_int("recluster_every", recluster_every, 1)
+            if recluster_steps is None:
+                recluster_steps = max(recluster_every // 4, 3 * snapshot_every)
+            _check_int("recluster_steps", recluster_steps, 1)
+            _check_snapshots("recluster_steps", recluster_steps, snapshot_every)
+        elif recluster_steps is not None:
+            raise ValueError("recluster_steps needs recluster_every (how many embedded steps per cycle)")
+        if init not in ("keep", "fit"):
+            raise ValueError(f"init must be 'keep' or 'fit', got {init!r}")
+        if mode_scale not in ("auto", "rms", "norm"):
+            raise ValueError(f"mode_scale must be 'auto', 'rms' or 'norm', got {mode_scale!r}")
+        if not (isinstance(record_dtype, torch.dtype) and record_dtype.is_floating_point):
+            raise ValueError(f"record_dtype must be a floating-point torch.dtype, got {record_dtype!r}")
+
+        self.__dict__["base"] = None  # the property setters below look here during Optimizer.__init__
+        super().__init__([dict(g) for g in base_optimizer.param_groups], base_optimizer.defaults)
+        self.base = base_optimizer
+        self.model = model
+        self.n_modes = n_modes
+        self.warmup_steps = warmup_steps
+        self.snapshot_every = snapshot_every
+        self.n_samples = n_samples
+        self.seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
+        self.recluster_every = recluster_every
+        self.recluster_steps = recluster_steps
+        self.max_snapshots = max_snapshots
+        self.record_dtype = record_dtype
+        self.record_dir = record_dir
+        self.init = init
+        if mode_scale == "auto":
+            mode_scale = "rms" if isinstance(base_optimizer, SCALE_INVARIANT) else "norm"
+        self.mode_scale = mode_scale
+        self.progress = progress
+
+        self._select(exclude)
+        self.phase = "warmup"
+        self.cycle = 0
+        self._step = 0
+        self._phase_step = 0
+        self._buffer: SnapshotBuffer | None = None
+        self.space: ModeSpace | None = None
+        self.history: list[dict[str, Any]] = []
+        self._warned_no_grad = False
+
+    # ------------------------------------------------- torch.optim plumbing
+    # param_groups / state / defaults are the base optimizer's own objects, always: the base's
+    # load_state_dict replaces its group dicts, and a copy held here would go stale silently.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        base = self.__dict__.get("base")
+        return self.__dict__["_init_groups"] if base is None else base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        base = self.__dict__.get("base")
+        if base is None:
+            self.__dict__["_init_groups"] = value
+        else:
+            base.param_groups = value
+
+    @property
+    def state(self):
+        base = self.__dict__.get("base")
+        return self.__dict__["_init_state"] if base is None else base.state
+
+    @state.setter
+    def state(self, value) -> None:
+        base = self.__dict__.get("base")
+        if base is None:
+            self.__dict__["_init_state"] = value
+        else:
+            base.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        base = self.__dict__.get("base")
+        return self.__dict__["_init_defaults"] if base is None else base.defaults
+
+    @defaults.setter
+    def defaults(self, value) -> None:
+        base = self.__dict__.get("base")
+        if base is None:
+            self.__dict__["_init_defaults"] = value
+        else:
+            base.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.__dict__.get("base") is None:  # Optimizer.__init__ building its temporary copy
+            return super().add_param_group(param_group)
+        raise RuntimeError("add param groups to the base optimizer before wrapping it in CMDOptimizer: "
+                           "the embedding is planned from the groups it sees at construction")
+
+    def __repr__(self) -> str:
+        extra = f", n_modes={self.space.n_modes}" if self.space is not None else ""
+        return (f"CMDOptimizer(phase={self.phase!r}, step={self._step}, cycle={self.cycle}{extra}, "
+                f"embeddable={self._layout.n:,} weights in {len(self._layout)} tensors, base={self.base!r})")
+
+    # ----------------------------------------------------------- selection
+    def _select(self, exclude: Exclude) -> None:
+        """Decide once which parameters get embedded, and remember every group's params."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        if callable(exclude):
+            excluded = exclude
+        elif exclude is None:
+            excluded = lambda n, p: False  # noqa: E731
+        else:
+            patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+            excluded = lambda n, p: any(fnmatch.fnmatchcase(n, pat) for pat in patterns)  # noqa: E731
+        self._orig_params: list[list[nn.Parameter]] = []
+        emb: list[tuple[str, nn.Parameter]] = []
+        self._emb_group: list[int] = []
+        frozen, nonfloat = [], []
+        for gi, group in enumerate(self.base.param_groups):
+            self._orig_params.append(list(group["params"]))
+            for p in group["params"]:
+                if id(p) not in names:
+                    raise ValueError(
+                        f"the base optimizer's param group {gi} holds a tensor of shape {tuple(p.shape)} that is "
+                        "not a parameter of the model: build the base optimizer on model.parameters()")
+                name = names[id(p)]
+                if not p.is_floating_point():
+                    nonfloat.append(name)
+                elif not p.requires_grad:
+                    frozen.append(name)
+                elif group.get("cmd", True) and not excluded(name, p):
+                    emb.append((name, p))
+                    self._emb_group.append(gi)
+        if frozen:
+            warnings.warn(f"modeopt: {len(frozen)} frozen parameter(s) (requires_grad=False) will not be embedded: "
+                          f"{_short(frozen)}", stacklevel=3)
+        if nonfloat:
+            warnings.warn(f"modeopt: {len(nonfloat)} non-floating-point parameter(s) will not be embedded: "
+                          f"{_short(nonfloat)}", stacklevel=3)
+        if not emb:
+            raise ValueError("nothing to embed: every parameter of the base optimizer is frozen, non-float or "
+                             "excluded (check exclude= and the param groups' 'cmd' flags)")
+        self._emb_names = [n for n, _ in emb]
+        self._emb_params = [p for _, p in emb]
+        self._layout = ParamLayout.from_named_tensors(emb)
+        if self.n_modes > self._layout.n:
+            raise ValueError(f"n_modes={self.n_modes} > the {self._layout.n} weights to embed: ask for fewer modes")
+
+    @property
+    def embedded_names(self) -> list[str]:
+        """Names of the parameters that go into mode space."""
+        return list(self._emb_names)
+
+    # ---------------------------------------------------------------- step
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One base-optimizer step (of every parameter in warm-up, of ``r`` when embedded).
+
+        With a closure (e.g. LBFGS), the weights are brought up to date with ``r`` before
+        every evaluation.
+        """
+        space = self.space
+        if closure is not None and space is not None:
+            inner = closure
+
+            def closure():
+                space.sync()
+                return inner()
+
+        loss = self.base.step() if closure is None else self.base.step(closure)
+        if space is not None:
+            if not space.has_grad() and not self._warned_no_grad:
+                self._warned_no_grad = True
+                warnings.warn(
+                    "modeopt: no gradient reached the mode scalars r this step. Call the model itself "
+                    "(model(x), not model.forward(x)) so its forward hooks run, and backward() before step().",
+                    stacklevel=2)
+            space.sync()
+        self._step += 1
+        self._phase_step += 1
+        self._advance()
+        return loss
+
+    def _advance(self) -> None:
+        if self.phase == "warmup":
+            if self._phase_step % self.snapshot_every == 0:
+                self._record()
+            target = self.warmup_steps if self.cycle == 0 else self.recluster_steps
+            if self._phase_step >= target:
+                self._embed()
+        elif self.phase == "embedded" and self.recluster_every is not None:
+            if self._phase_step >= self.recluster_every:
+                self._unembed()
+                self.phase = "warmup"
+                self.cycle += 1
+                self._phase_step = 0
+
+    def _record(self) -> None:
+        if self._buffer is None:
+            steps = (self.warmup_steps if self.cycle == 0 else self.recluster_steps) // self.snapshot_every
+            cap = steps if self.max_snapshots is None else min(steps, self.max_snapshots)
+            self._buffer = SnapshotBuffer(self._layout.n, dtype=self.record_dtype, capacity=cap,
+                                          directory=self.record_dir)
+        self._buffer.append(self._layout, self._emb_params, self._step)
+
+    @property
+    def recording_bytes(self) -> int:
+        """Bytes the warm-up recording holds now (RAM, or file with ``record_dir``)."""
+        return 0 if self._buffer is None else self._buffer.nbytes
+
+    # -------------------------------------------------------------- switch
+    @torch.no_grad()
+    def _embed(self) -> None:
+        for name, p in zip(self._emb_names, self._emb_params):
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(
+                    f"modeopt refuses to embed at step {self._step}: parameter {name!r} holds NaN/inf. The "
+                    "training state is unchanged (still in warm-up); fix the divergence (lower the learning "
+                    "rate, clip gradients) and resume from a checkpoint")
+        data, steps = self._buffer.raw()
+        traj = Trajectory(data, self._layout, steps, self._buffer.anchor)
+        d = decompose(traj, n_modes=self.n_modes, n_samples=self.n_samples, seed=self.seed + self.cycle,
+                      progress=self.progress)
+        current = self._layout.flatten(dict(zip(self._emb_names, self._emb_params)))
+        m = d.n_modes
+        r = current[d.reference].to(torch.float64)  # the references' values now
+        moving = ~d.constant
+        a64 = d.a.to(torch.float64)
+        sq = torch.bincount(d.labels[moving], weights=a64[moving] ** 2, minlength=m)
+        count = torch.bincount(d.labels[moving], minlength=m).clamp(min=1)
+        scale = (sq / count).sqrt() if self.mode_scale == "rms" else sq.sqrt()  # > 0: a_ref = 1
+        a_scaled = (a64 / scale[d.labels]).to(torch.float32)
+        if self.init == "fit":
+            fitted = torch.addcmul(d.b, d.a, r.to(torch.float32)[d.labels])
+            for spec, p in zip(self._layout.specs, self._emb_params):
+                p.copy_(fitted[spec.offset : spec.stop].view_as(p))
+        # Each mode's scalar joins the param group that holds most of its weights.
+        n_groups = len(self.base.param_groups)
+        row_group = torch.tensor(self._emb_group, dtype=torch.int64).repeat_interleave(
+            torch.tensor(self._layout.numels, dtype=torch.int64))
+        votes = torch.bincount(d.labels[moving] * n_groups + row_group[moving], minlength=m * n_groups)
+        r_groups = votes.view(m, n_groups).argmax(dim=1)
+        self._enter(
+            labels=[d.labels[s.offset : s.stop] for s in self._layout.specs],
+            a=[a_scaled[s.offset : s.stop] for s in self._layout.specs],
+            r_groups=r_groups,
+            r=(r * scale).to(torch.float32),
+        )
+        self._buffer = None
+        info = {
+            "step": self._step, "cycle": self.cycle, "n_modes": m, "sizes": d.sizes.tolist(),
+            "constant": int(d.constant.sum()), "scale": scale.tolist(),
+            "references": [self._layout.locate(int(i))[0] for i in d.reference],
+        }
+        self.history.append(info)
+        logger.info("modeopt: step %d: embedded %s weights of %d tensors into %d modes (sizes %s); trainable "
+                    "parameters now %s", self._step, f"{self._layout.n:,}", len(self._layout), m, info["sizes"],
+                    f"{self.trainable_parameters():,}")
+
+    def _enter(self, *, labels: Sequence[Tensor], a: Sequence[Tensor], r_groups: Tensor, r: Tensor) -> None:
+        """Build the mode space and move the param groups onto ``r`` (in place)."""
+        space = ModeSpace(self.model, list(zip(self._emb_names, self._emb_params)), labels, a, r_groups, r)
+        emb_ids = {id(p) for p in self._emb_params}
+        r_of_group = dict(zip(space.groups, space.r_params))
+        for gi, group in enumerate(self.base.param_groups):
+            kept = [p for p in self._orig_params[gi] if id(p) not in emb_ids]
+            if gi in r_of_group:
+                kept.append(r_of_group[gi])
+            group["params"][:] = kept  # the same list object: schedulers and wrappers hold the dicts
+        for p in self._emb_params:
+            self.base.state.pop(p, None)  # the weights' optimizer state is no longer needed
+        self.space = space
+        self.phase = "embedded"
+        self._phase_step = 0
+
+    def _unembed(self) -> None:
+        space = self.space
+        space.sync()
+        space.remove()
+        for gi, group in enumerate(self.base.param_groups):
+            group["params"][:] = self._orig_params[gi]
+        for p in space.r_params:
+            self.base.state.pop(p, None)
+        self.space = None
+
+    def trainable_parameters(self) -> int:
+        """Number of scalars that require grad in the model now."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    # -------------------------------------------------------------- export
+    def export(self) -> nn.Module:
+        """Leave mode space for good: the model gets back plain trainable parameters.
+
+        The weights are maintained in place, so the exported model computes exactly the function
+        of the embedded one, with the original parameter names and shapes. Afterwards this
+        optimizer behaves like the plain base optimizer (fresh state for the weights).
+        """
+        if self.space is not None:
+            self._unembed()
+        self._buffer = None
+        self.phase = "exported"
+        return self.model
+
+    # ------------------------------------------------------- state dicts
+    def state_dict(self) -> dict[str, Any]:
+        """``{"base": base.state_dict(), "cmd": ...}`` - tensors and plain values only.
+
+        Loading needs the model's own ``state_dict`` too (the weights live there); the order of the
+        two loads does not matter.
+        """
+        cmd: dict[str, Any] = {
+            "version": 1, "phase": self.phase, "step": self._step, "phase_step": self._phase_step,
+            "cycle": self.cycle, "seed": self.seed, "names": list(self._emb_names),
+            "history": [dict(h) for h in self.history], "buffer": None, "space": None,
+        }
+        if self._buffer is not None:
+            cmd["buffer"] = self._buffer.state_dict()
+        if self.space is not None:
+            s = self.space
+            small = torch.uint8 if s.n_modes <= 256 else torch.int16 if s.n_modes <= 32767 else torch.int32
+            cmd["space"] = {
+                "labels": [lab.to(small) for lab in s.labels], "a": [x.clone() for x in s.a],
+                "r_groups": s.r_groups.clone(), "r": s.r_full().detach().clone(), "applied": s.applied.clone(),
+            }
+        return {"base": self.base.state_dict(), "cmd": cmd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (a fresh optimizer built with the same arguments)."""
+        if "cmd" not in state_dict or "base" not in state_dict:
+            raise ValueError("not a CMDOptimizer state dict (expected the keys 'base' and 'cmd'); to load a "
+                             "plain optimizer's state use opt.base.load_state_dict(...)")
+        cmd = state_dict["cmd"]
+        if list(cmd["names"]) != self._emb_names:
+            raise ValueError("the checkpoint embeds different parameters than this optimizer "
+                             f"({len(cmd['names'])} vs {len(self._emb_names)} tensors): build the model and the "
+                             "CMDOptimizer with the same arguments (exclude=, param groups) as the saved run")
+        if self.space is not None:
+            self._unembed()
+        self._buffer = None
+        saved = cmd["space"]
+        if saved is not None:
+            self._enter(labels=saved["labels"], a=saved["a"], r_groups=saved["r_groups"], r=saved["r"])
+            self.space.applied.copy_(saved["applied"])
+        self.phase = cmd["phase"]
+        self._step, self._phase_step, self.cycle = int(cmd["step"]), int(cmd["phase_step"]), int(cmd["cycle"])
+        self.seed = int(cmd["seed"])
+        self.history = [dict(h) for h in cmd["history"]]
+        if cmd["buffer"] is not None:
+            steps = (self.warmup_steps if self.cycle == 0 else self.recluster_steps) // self.snapshot_every
+            cap = steps if self.max_snapshots is None else min(steps, self.max_snapshots)
+            self._buffer = SnapshotBuffer(self._layout.n, dtype=self.record_dtype, capacity=cap,
+                                          directory=self.record_dir)
+            self._buffer.load_state_dict(cmd["buffer"])
+        self.base.load_state_dict(state_dict["base"])
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_snapshots(name: str, steps: int, every: int) -> None:
+    if steps // every < 3:
+        raise ValueError(
+            f"{name}={steps} with snapshot_every={every} records {steps // every} snapshot(s); CMD needs at "
+            f"least 3: make {name} >= {3 * every} or snapshot_every <= {max(1, steps // 3)}")
+
+
+def _short(names: Sequence[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (f", ... (+{len(names) - k})" if len(names) > k else "")
