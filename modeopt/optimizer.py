@@ -388,6 +388,7 @@ class CMDOptimizer(torch.optim.Optimizer):
             group["params"][:] = kept  # the same list object: schedulers and wrappers hold the dicts
         for p in self._emb_params:
             self.base.state.pop(p, None)  # the weights' optimizer state is no longer needed
+        self._params_changed()
         self.space = space
         self.phase = "embedded"
         self._phase_step = 0
@@ -400,7 +401,16 @@ class CMDOptimizer(torch.optim.Optimizer):
             group["params"][:] = self._orig_params[gi]
         for p in space.r_params:
             self.base.state.pop(p, None)
+        self._params_changed()
         self.space = None
+
+    def _params_changed(self) -> None:
+        """Tell optimizers that keep whole-parameter-set state that the set changed."""
+        if isinstance(self.base, torch.optim.LBFGS):
+            # LBFGS caches the total size and keeps its curvature history (vectors over all
+            # params) under the first parameter: both describe the old parameter set.
+            self.base._numel_cache = None
+            self.base.state.clear()
 
     def trainable_parameters(self) -> int:
         """Number of scalars that require grad in the model now."""
