@@ -201,6 +201,27 @@ def test_trainer_switches_to_mode_space_and_schedules_r(tmp_path):
     assert not torch.equal(head_before, model.classifier.weight)
 
 
+def test_callback_logs_the_switch_in_the_trainer_logs(tmp_path):
+    """The Trainer logs the trainable-parameter count once at the start; CMDCallback records the new
+    count in the log history at the very step of the switch (logging_steps alone would miss it)."""
+    from modeopt.integrations.hf import CMDCallback, find_cmd_optimizer
+
+    model = tiny_bert()
+    n_all = sum(p.numel() for p in model.parameters())
+    n_head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier."))
+    opt = cmd_optimizer(model)
+    trainer = Trainer(model=model, args=hf_args(tmp_path, logging_steps=7), train_dataset=TokenTask(),
+                      optimizers=(opt, None), callbacks=[CMDCallback()])
+    trainer.train()
+    assert find_cmd_optimizer(trainer.optimizer) is opt
+    events = [h for h in trainer.state.log_history if "cmd_phase" in h]
+    assert events == [{"step": WARMUP, "cmd_phase": "embedded", "cmd_cycle": 0,
+                       "cmd_trainable_params": N_MODES + n_head}]
+    assert WARMUP % 7 != 0  # the Trainer's own log line is forced at the switch step too
+    assert any(h.get("step") == WARMUP and "loss" in h for h in trainer.state.log_history)
+    assert n_all > N_MODES + n_head
+
+
 def test_saved_model_loads_into_the_original_class(tmp_path):
     model = tiny_bert()
     names = [n for n, _ in model.named_parameters()]

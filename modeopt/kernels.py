@@ -1,0 +1,252 @@
+"""The two memory-bound passes of a mode-space step, fused, with a pure-torch fallback.
+
+* :func:`reduce` - ``dL/dr_m = sum_{i in m} a_i g_i`` over many tensors, accumulated in float64;
+* :func:`update` - ``w_i += a_i * delta[m(i)]`` in place.
+
+On CPU the fused versions are a small C library (``_kernels.c``), compiled on first use with the
+system C compiler (about a second) into ``$MODEOPT_CACHE`` (default ``~/.cache/modeopt``) and
+called through ``ctypes``. ``ctypes`` releases the GIL, so a few Python threads run the pieces in
+parallel. Work is cut into pieces of fixed size and every piece reduces into its own accumulator,
+folded in piece order: results do not depend on the number of threads or on timing.
+
+Where no compiler is found, on accelerators, for dtypes the C code does not cover, or with
+``MODEOPT_KERNELS=torch``, the same passes run as torch operations (``bincount`` in float64,
+``index_select`` + ``addcmul_``) - the reference the fused code is tested against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["reduce", "update", "fused_available", "label_dtype"]
+
+logger = logging.getLogger("modeopt")
+
+PIECE = 1 << 18  # elements per piece of work (and per accumulator)
+UNROLL = 4  # must match _kernels.c
+_SOURCE = Path(__file__).with_name("_kernels.c")
+_A_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_L_NAMES = {torch.uint8: "u8", torch.int16: "u16", torch.int32: "i32"}
+
+_lib = None
+_lib_tried = False
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def label_dtype(n_modes: int) -> torch.dtype:
+    """The smallest label dtype the fused kernels read for ``n_modes`` modes."""
+    if n_modes <= 256:
+        return torch.uint8
+    if n_modes <= 65536:
+        return torch.int16  # read as uint16 by the C code; torch ops see it through .to(int64)
+    return torch.int32
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MODEOPT_CACHE", Path.home() / ".cache" / "modeopt"))
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        logger.info("modeopt: no C compiler found; mode-space steps use the torch fallback")
+        return None
+    src = _SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99"]
+    key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"kernels-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
+        except (subprocess.SubprocessError, OSError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            logger.info("modeopt: building the fused kernels failed (%s %s); using the torch fallback",
+                        e, detail.decode(errors="replace")[:500])
+            Path(tmp).unlink(missing_ok=True)
+            return None
+    lib = ctypes.CDLL(str(out))
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    for an in _A_NAMES.values():
+        for ln in _L_NAMES.values():
+            getattr(lib, f"reduce_{an}_{ln}").argtypes = [vp, vp, vp, i64, vp, i64]
+            getattr(lib, f"update_{an}_{ln}").argtypes = [vp, vp, vp, vp, i64]
+    lib.fold_banks.argtypes = [vp, i64, vp]
+    return lib
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _get_lib() -> ctypes.CDLL | None:
+    global _lib, _lib_tried
+    if _lib_tried:
+        return _lib
+    with _lock:
+        if not _lib_tried:
+            _lib = None if os.environ.get("MODEOPT_KERNELS", "auto") == "torch" else _build()
+            _lib_tried = True
+    return _lib
+
+
+def fused_available() -> bool:
+    """Whether the compiled CPU kernels are in use (``MODEOPT_KERNELS=torch`` turns them off)."""
+    return _get_lib() is not None
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="modeopt")
+    return _pool
+
+
+def _fusable(tensors: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor]) -> bool:
+    return (
+        _get_lib() is not None
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+        and all(x.dtype in _A_NAMES and x.is_contiguous() for x in a)
+        and all(lab.dtype in _L_NAMES and lab.is_contiguous() for lab in labels)
+    )
+
+
+def _pieces(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(tensor, start, stop) pieces of at most PIECE elements, in a fixed order."""
+    out = []
+    for t, n in enumerate(sizes):
+        for s in range(0, n, PIECE):
+            out.append((t, s, min(s + PIECE, n)))
+    return out
+
+
+def _run_split(fn, pieces: list) -> None:
+    """Run ``fn(piece)`` for every piece, spread over the worker threads in contiguous runs."""
+    k = max(1, min(torch.get_num_threads(), len(pieces)))
+    if k == 1:
+        for p in pieces:
+            fn(p)
+        return
+    bounds = [len(pieces) * j // k for j in range(k + 1)]
+
+    def run(lo: int, hi: int) -> None:
+        for p in pieces[lo:hi]:
+            fn(p)
+
+    futures = [_workers().submit(run, bounds[j], bounds[j + 1]) for j in range(1, k)]
+    run(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
+def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int) -> Tensor:
+    """``(n_modes,)`` float64: ``sum_i a_i * g_i`` per mode over all tensors (``None`` grads skipped).
+
+    Args:
+        grads: per tensor, the gradient of the loss w.r.t. the weight (any shape, ``numel`` elements).
+        a, labels: per tensor, flat coefficients and mode labels of the same ``numel``.
+    """
+    items = [(g.reshape(-1), x, lab) for g, x, lab in zip(grads, a, labels) if g is not None]
+    if not items:
+        return torch.zeros(n_modes, dtype=torch.float64)
+    gs, xs, ls = zip(*items)
+    if not _fusable(gs, xs, ls):
+        out = torch.zeros(n_modes, dtype=torch.float64, device=gs[0].device)
+        for g, x, lab in items:
+            out += _segment_sum_torch(g * x, lab, n_modes)
+        return out
+    lib = _get_lib()
+    gs = [g.contiguous() for g in gs]
+    pieces = _pieces([g.numel() for g in gs])
+    acc = torch.zeros(len(pieces), UNROLL * n_modes, dtype=torch.float64)
+    fns = [getattr(lib, f"reduce_{_A_NAMES[x.dtype]}_{_L_NAMES[lab.dtype]}") for x, lab in zip(xs, ls)]
+
+    def one(j_piece):
+        j, (t, s, e) = j_piece
+        g, x, lab = gs[t], xs[t], ls[t]
+        fns[t](g.data_ptr() + 4 * s, x.data_ptr() + x.element_size() * s, lab.data_ptr() + lab.element_size() * s,
+               e - s, acc[j].data_ptr(), n_modes)
+
+    _run_split(one, list(enumerate(pieces)))
+    out = torch.zeros(n_modes, dtype=torch.float64)
+    for j in range(len(pieces)):  # fixed order: deterministic
+        lib.fold_banks(acc[j].data_ptr(), n_modes, out.data_ptr())
+    return out
+
+
+@torch.no_grad()
+def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+           scratch: Tensor | None = None) -> None:
+    """``w += a * delta[label]`` for every tensor, in place.
+
+    Args:
+        weights: the tensors to update (contiguous).
+        a, labels: per tensor, flat coefficients and labels.
+        delta: ``(n_modes,)`` change of the mode scalars.
+        scratch: a reusable buffer of at least the largest tensor's size for the torch fallback.
+    """
+    if not _fusable(weights, a, labels):
+        d = delta.to(weights[0].dtype)
+        for w, x, lab in zip(weights, a, labels):
+            idx = _as_index(lab)
+            buf = torch.index_select(d, 0, idx) if scratch is None else torch.index_select(
+                d, 0, idx, out=scratch[: w.numel()])
+            w.view(-1).addcmul_(buf, x.to(w.dtype))
+        return
+    lib = _get_lib()
+    d = delta.to(torch.float32).contiguous()
+    fns = [getattr(lib, f"update_{_A_NAMES[x.dtype]}_{_L_NAMES[lab.dtype]}") for x, lab in zip(a, labels)]
+
+    def one(piece):
+        t, s, e = piece
+        w, x, lab = weights[t], a[t], labels[t]
+        fns[t](w.data_ptr() + 4 * s, x.data_ptr() + x.element_size() * s, lab.data_ptr() + lab.element_size() * s,
+               d.data_ptr(), e - s)
+
+    _run_split(one, _pieces([w.numel() for w in weights]))
+
+
+def _as_index(labels: Tensor) -> Tensor:
+    """Labels as an index tensor (int16 labels hold uint16 values: modes up to 65535)."""
+    if labels.dtype in (torch.int32, torch.int64):
+        return labels
+    if labels.dtype == torch.int16:
+        return labels.to(torch.int32) & 0xFFFF
+    return labels.to(torch.int32)
+
+
+def _segment_sum_torch(values: Tensor, labels: Tensor, n: int) -> Tensor:
+    """float64 ``out[m] = sum(values[labels == m])``, deterministic."""
+    labels = _as_index(labels)
+    if values.device.type == "cpu":
+        # A sequential loop on CPU: deterministic; float64 weights make it accumulate in float64.
+        return torch.bincount(labels, weights=values.to(torch.float64), minlength=n)
+    # Scatter-add is atomic (order-dependent) on accelerators; a stable sort fixes the order.
+    labels = labels.to(torch.int64)
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=n)
+    return torch.segment_reduce(values.to(torch.float64)[order], "sum", lengths=counts)
