@@ -20,5 +20,11 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m ''
 
+bench: $(STAMP)
+	cd benchmarks && ../$(VENV)/bin/python decompose_scale.py --n 2000000 10000000 --json results/decompose_scale.json
+	cd benchmarks && ../$(VENV)/bin/python step_time.py
+	cd benchmarks && ../$(VENV)/bin/python memory.py
+	cd benchmarks && ../$(VENV)/bin/python scaling.py
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

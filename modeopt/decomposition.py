@@ -185,17 +185,18 @@ def decompose(
     show = None if progress is None else not progress
     eps = torch.finfo(trajectory.value_dtype).eps
 
-    # Pass 1: finiteness and which weights move.
+    # Pass 1: finiteness and which weights move (time-major chunks: no transposing copies).
     moving = torch.empty(n, dtype=torch.bool)
     for i0, i1 in tqdm(bounds, desc="CMD scan", disable=show or len(bounds) < 4, leave=False):
-        x = trajectory.rows(i0, i1)
-        if not bool(torch.isfinite(x).all()):
+        x = trajectory.cols(i0, i1)
+        hi, lo = x.amax(dim=0), x.amin(dim=0)  # NaN and inf show up here: no full isfinite pass
+        if not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all()):
             bad = torch.nonzero(~torch.isfinite(x))[0]
-            row, col = i0 + int(bad[0]), int(bad[1])
+            row, col = i0 + int(bad[1]), int(bad[0])
             where = f"row {row}" if layout is None else "parameter {!r} at index {}".format(*layout.locate(row))
             raise ValueError(f"trajectory has NaN/inf in {where}, sample {col} (step {steps[col]}): "
                              "CMD cannot model diverged weights; drop that snapshot or fix the training")
-        moving[i0:i1] = is_moving(x, eps)
+        moving[i0:i1] = (hi - lo) > 4 * eps * torch.maximum(hi.abs(), lo.abs())
     n_moving = int(moving.sum())
     if n_moving == 0:
         raise ValueError("every weight is constant over the trajectory: nothing moved between the samples "
@@ -214,6 +215,8 @@ def decompose(
     reference = samples[clustering.reference]
     profiles = sample_prof[clustering.reference]  # (M, T)
 
+    chunk = max(1024, CHUNK_ELEMENTS // (t + m))  # the (M, chunk) scores count too
+    bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
     labels, a, b, score = assign_and_fit(
         trajectory, profiles, samples, clustering.labels, moving, bounds, progress=show
     )
@@ -235,17 +238,6 @@ def decompose(
     )
 
 
-def is_moving(x: Tensor, eps: float) -> Tensor:
-    """``(n,)`` bool: rows whose range over time exceeds a few units of rounding of their size.
-
-    A movement of a handful of ulps is rounding noise, not dynamics, and its correlation
-    with anything is meaningless.
-    """
-    hi, lo = x.amax(dim=1), x.amin(dim=1)
-    scale = torch.maximum(hi.abs(), lo.abs())
-    return (hi - lo) > 4 * eps * scale
-
-
 def assign_and_fit(
     trajectory: Trajectory,
     profiles: Tensor,
@@ -256,41 +248,44 @@ def assign_and_fit(
     *,
     progress: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Assign each weight to its most ``|corr|``-elated reference and fit ``a, b`` (Algorithm 2).
+    """Assign each weight to its most ``|corr|``-related reference and fit ``a, b`` (Algorithm 2).
 
     Sampled weights keep the mode they were clustered into. Constant weights get
-    ``a = 0``, ``b = value``.
+    ``a = 0``, ``b = value``. Works on time-major ``(T, chunk)`` blocks in float64, centred before
+    any product (no large sums are subtracted).
 
     Returns:
         ``labels`` (N,) int64, ``a`` (N,) float32, ``b`` (N,) float32, ``score`` (N,) float32.
     """
     n = trajectory.n_weights
     ref_mean = profiles.mean(dim=1)
-    ref_c = profiles - ref_mean[:, None]
+    ref_c = profiles - ref_mean[:, None]  # (M, T)
     ref_var = (ref_c * ref_c).sum(dim=1)  # (M,), > 0: references move
-    ref_unit = ref_c / ref_var.sqrt()[:, None]
+    ref_norm = ref_var.sqrt()
     labels = torch.empty(n, dtype=torch.int64)
     a = torch.empty(n, dtype=torch.float32)
     b = torch.empty(n, dtype=torch.float32)
     score = torch.empty(n, dtype=torch.float32)
     for i0, i1 in tqdm(bounds, desc="CMD assign", disable=progress or len(bounds) < 4, leave=False):
-        x = trajectory.rows(i0, i1, torch.float64).contiguous()
-        mean = x.mean(dim=1)
-        x -= mean[:, None]
-        norm = torch.linalg.vector_norm(x, dim=1)
-        dots = x @ ref_c.T  # (c, M): cov * T
-        corr = (x @ ref_unit.T) / torch.where(norm > 0, norm, torch.ones_like(norm))[:, None]
-        lab = corr.abs().argmax(dim=1)
+        x = trajectory.cols(i0, i1, torch.float64)  # (T, c), contiguous
+        mean = x.mean(dim=0)
+        x -= mean
+        # (c, M) = T * cov(w_i, w_ref_m); x.T is a view, BLAS reads it transposed. Row-major scores
+        # keep the argmax along the contiguous dimension (torch reduces slowly across rows).
+        dots = x.T @ ref_c.T
+        # |corr_m| = |dots_m| / (|x| |ref_m|): the argmax over m does not need |x|
+        lab = (dots.abs() / ref_norm).argmax(dim=1)
         lo, hi = torch.searchsorted(samples, torch.tensor([i0, i1]))
         if hi > lo:
             lab[samples[lo:hi] - i0] = sample_labels[lo:hi]
-        rows = torch.arange(i1 - i0)
-        ai = dots[rows, lab] / ref_var[lab]
+        d = dots.gather(1, lab[:, None])[:, 0]
+        ai = d / ref_var[lab]
         bi = mean - ai * ref_mean[lab]
+        xnorm = x.mul(x).sum(dim=0).sqrt_()
+        sc = d.abs() / (torch.where(xnorm > 0, xnorm, torch.ones_like(xnorm)) * ref_norm[lab])
         still = ~moving[i0:i1]
         ai[still] = 0.0
         bi[still] = mean[still]
-        sc = corr[rows, lab].abs()
         sc[still] = 0.0
         labels[i0:i1] = lab
         a[i0:i1] = ai

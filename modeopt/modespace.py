@@ -30,40 +30,31 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModeSpace", "segment_sum"]
+from . import kernels
 
-
-def segment_sum(values: Tensor, labels: Tensor, n: int) -> Tensor:
-    """``out[m] = sum(values[labels == m])`` as float64, deterministic.
-
-    Args:
-        values: ``(k,)`` floating tensor.
-        labels: ``(k,)`` integer tensor with entries in ``[0, n)``.
-    Returns:
-        ``(n,)`` float64.
-    """
-    if values.device.type == "cpu":
-        # A sequential loop on CPU: deterministic. float64 weights make it accumulate in float64.
-        return torch.bincount(labels, weights=values.to(torch.float64), minlength=n)
-    # Scatter-add is atomic (order-dependent) on accelerators; a sort makes the order fixed.
-    order = torch.argsort(labels, stable=True)
-    counts = torch.bincount(labels, minlength=n)
-    return torch.segment_reduce(values.to(torch.float64)[order], "sum", lengths=counts)
+__all__ = ["ModeSpace"]
 
 
 class _ReadThrough(torch.autograd.Function):
-    """Forward: the stored weight. Backward: its gradient reduced onto the mode scalars."""
+    """Forward: the stored weights themselves. Backward: their gradients reduced onto the modes.
+
+    One node serves a group of consecutive weights (see ``ModeSpace.GROUP_ELEMENTS``): one fused
+    reduction call per group rather than per tensor, while at most one group's weight gradients
+    wait for their reduction at any time.
+    """
 
     @staticmethod
-    def forward(ctx, r: Tensor, weight: Tensor, a: Tensor, labels: Tensor) -> Tensor:  # noqa: D401
-        ctx.a, ctx.labels, ctx.n = a, labels, r.shape[0]
-        ctx.r_dtype = r.dtype
-        return weight.view_as(weight)
+    def forward(ctx, r: Tensor, space: "ModeSpace", index: tuple[int, ...], *weights: Tensor):  # noqa: D401
+        ctx.space, ctx.index, ctx.r_dtype = space, index, r.dtype
+        ctx.set_materialize_grads(False)  # a weight the forward did not use gets None, not zeros
+        return tuple(w.view_as(w) for w in weights)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        g = grad.reshape(-1) * ctx.a  # (numel,) float32: a_i dL/dw_i
-        return segment_sum(g, ctx.labels, ctx.n).to(ctx.r_dtype), None, None, None
+    def backward(ctx, *grads: Tensor | None):
+        space = ctx.space
+        g_r = kernels.reduce(grads, [space.a[i] for i in ctx.index], [space.labels[i] for i in ctx.index],
+                             space.n_modes)
+        return (g_r.to(device=space.applied.device, dtype=ctx.r_dtype), None, None) + (None,) * len(grads)
 
 
 class ModeSpace:
@@ -82,6 +73,8 @@ class ModeSpace:
     """
 
     PREFIX = "modeopt_r"
+    #: weights per autograd node of the root swap (the extra gradient memory it may hold).
+    GROUP_ELEMENTS = 1 << 21
 
     def __init__(
         self,
@@ -91,15 +84,23 @@ class ModeSpace:
         a: Sequence[Tensor],
         r_groups: Tensor,
         r_init: Tensor,
+        coef_dtype: torch.dtype = torch.float32,
     ):
+        # coef_dtype: storage of a; bf16 halves it. The rounded a is used both by the backward and
+        # by the weight update, so the model stays exactly w = a_rounded * r + b.
         if any(n.startswith(self.PREFIX) for n, _ in model.named_parameters(recurse=False)):
             raise RuntimeError("the model is already in mode space (it has modeopt_r* parameters)")
         self.model = model
         self.names = [n for n, _ in params]
         self.params = [p for _, p in params]
-        self.labels = [l.reshape(-1).to(torch.int64) for l in labels]
-        self.a = [x.reshape(-1).to(p.dtype) for x, p in zip(a, self.params)]
         self.n_modes = int(r_init.numel())
+        # The fused CPU kernels read compact labels (1 byte for M <= 256); the torch fallback
+        # indexes with int64 directly, so it never converts labels per step.
+        fused = kernels.fused_available() and all(p.device.type == "cpu" and p.dtype == torch.float32
+                                                  for p in self.params)
+        ldt = kernels.label_dtype(self.n_modes) if fused else torch.int64
+        self.labels = [lab.reshape(-1).to(ldt).contiguous() for lab in labels]
+        self.a = [x.reshape(-1).to(coef_dtype).contiguous() for x in a]
         self.r_groups = r_groups.to(torch.int64)
         self.groups = sorted(set(self.r_groups.tolist()))
         # position of mode m inside the concatenation of the group tensors
@@ -115,11 +116,16 @@ class ModeSpace:
         self._scratch: Tensor | None = None
         self.requires_grad_before = [p.requires_grad for p in self.params]
         self._owners = self._find_owners(model)
+        self._groups = self._group(range(len(self.params)))
         self._active = False
         self._swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
         self._handles: list = []
         self.grad_seen = False
         self._install()
+
+    def mode_index(self) -> list[Tensor]:
+        """Per embedded tensor, the mode of each element as int64 (``labels`` may be stored compactly)."""
+        return [kernels.as_index(lab).to(torch.int64) for lab in self.labels]
 
     # ---------------------------------------------------------- structure
     def _find_owners(self, model: nn.Module) -> dict[nn.Module, list[tuple[str, int]]]:
@@ -131,6 +137,20 @@ class ModeSpace:
                 if p is not None and id(p) in idx:
                     owners.setdefault(mod, []).append((attr, idx[id(p)]))
         return owners
+
+    def _group(self, index) -> list[tuple[int, ...]]:
+        """Consecutive tensors (registration order ~ forward order) packed up to GROUP_ELEMENTS."""
+        groups, cur, size = [], [], 0
+        for i in index:
+            n = self.params[i].numel()
+            if cur and size + n > self.GROUP_ELEMENTS:
+                groups.append(tuple(cur))
+                cur, size = [], 0
+            cur.append(i)
+            size += n
+        if cur:
+            groups.append(tuple(cur))
+        return groups
 
     def _install(self) -> None:
         for name, r in zip(self.r_names, self.r_params):
@@ -180,14 +200,17 @@ class ModeSpace:
             return self.r_params[0]
         return torch.cat(list(self.r_params))[self._gather]
 
-    def _swap(self, modules) -> None:
+    def _swap(self, modules, groups=None) -> None:
+        if groups is None:
+            groups = self._group(sorted({i for mod in modules for _, i in self._owners[mod]}))
         r = self.r_full()
-        outs: dict[int, Tensor] = {}
+        out_of: dict[int, Tensor] = {}  # a shared parameter gets one output, read by all its owners
+        for index in groups:
+            outs = _ReadThrough.apply(r, self, index, *(self.params[i] for i in index))
+            out_of.update(zip(index, outs))
         for mod in modules:
             for attr, i in self._owners[mod]:
-                if i not in outs:  # a shared parameter gets one node, read by all its owners
-                    outs[i] = _ReadThrough.apply(r, self.params[i], self.a[i], self.labels[i])
-                mod._parameters[attr] = outs[i]
+                mod._parameters[attr] = out_of[i]
                 self._swapped.append((mod, attr, self.params[i]))
         self._active = True
 
@@ -199,7 +222,7 @@ class ModeSpace:
 
     def _root_pre(self, module, args):
         if not self._active and torch.is_grad_enabled():
-            self._swap(self._owners)
+            self._swap(self._owners, self._groups)
             self._root_owned = True
         else:
             self._root_owned = False
@@ -228,14 +251,10 @@ class ModeSpace:
         delta = r - self.applied
         if not bool(delta.any()):
             return False
-        delta = delta.to(self.params[0].dtype)
-        biggest = max(p.numel() for p in self.params)
-        if self._scratch is None or self._scratch.numel() < biggest or self._scratch.dtype != delta.dtype:
-            self._scratch = torch.empty(biggest, dtype=delta.dtype, device=delta.device)
-        for p, a, lab in zip(self.params, self.a, self.labels):
-            buf = self._scratch[: p.numel()]
-            torch.index_select(delta, 0, lab, out=buf)
-            p.view(-1).addcmul_(buf, a)
+        if self._scratch is None and not kernels.fused_available():
+            biggest = max(p.numel() for p in self.params)
+            self._scratch = torch.empty(biggest, dtype=self.params[0].dtype, device=delta.device)
+        kernels.update(self.params, self.a, self.labels, delta, scratch=self._scratch)
         self.applied.copy_(r)
         return True
 

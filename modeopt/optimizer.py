@@ -79,12 +79,16 @@ class CMDOptimizer(torch.optim.Optimizer):
             ``"norm"`` (unit-norm mode directions: SGD on ``r`` is exactly the projection of the
             SGD step onto the modes), or ``"auto"`` (``"rms"`` for scale-invariant optimizers
             such as Adam/AdamW/RMSprop, ``"norm"`` otherwise).
+        coef_dtype: storage of the coefficients ``a`` in mode space: float32, or bfloat16 (half the
+            memory and less traffic per step; the model is then exactly ``w = a_bf16 * r + b``,
+            the fitted ``a`` rounded to 8 bits of mantissa).
         progress: progress bars during the decomposition (``None``: only on a terminal).
 
     Warm-up memory: ``min(T, max_snapshots) * N * itemsize(record_dtype)`` bytes (+ ``4 N`` for
     the baseline of a bf16/fp16 recording), ``T = warmup_steps // snapshot_every``, N the number
-    of embedded weights. Embedded-phase memory: 12 bytes per embedded weight (its mode as int64
-    and ``a`` as float32) instead of the base optimizer's state and the weight gradients.
+    of embedded weights. Embedded-phase memory per embedded weight: its mode (1 byte for M <= 256
+    with the fused CPU kernels, else 2-8) and ``a`` (4 bytes, or 2 in bfloat16), instead of the
+    base optimizer's state; no weight gradient outlives its layer's backward.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         record_dir: str | None = None,
         init: str = "keep",
         mode_scale: str = "auto",
+        coef_dtype: torch.dtype = torch.float32,
         progress: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
@@ -135,6 +140,8 @@ class CMDOptimizer(torch.optim.Optimizer):
             raise ValueError(f"init must be 'keep' or 'fit', got {init!r}")
         if mode_scale not in ("auto", "rms", "norm"):
             raise ValueError(f"mode_scale must be 'auto', 'rms' or 'norm', got {mode_scale!r}")
+        if coef_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"coef_dtype must be torch.float32 or torch.bfloat16, got {coef_dtype!r}")
         if not (isinstance(record_dtype, torch.dtype) and record_dtype.is_floating_point):
             raise ValueError(f"record_dtype must be a floating-point torch.dtype, got {record_dtype!r}")
 
@@ -156,6 +163,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         if mode_scale == "auto":
             mode_scale = "rms" if isinstance(base_optimizer, SCALE_INVARIANT) else "norm"
         self.mode_scale = mode_scale
+        self.coef_dtype = coef_dtype
         self.progress = progress
 
         self._select(exclude)
@@ -340,25 +348,30 @@ class CMDOptimizer(torch.optim.Optimizer):
         traj = Trajectory(data, self._layout, steps, self._buffer.anchor)
         d = decompose(traj, n_modes=self.n_modes, n_samples=self.n_samples, seed=self.seed + self.cycle,
                       progress=self.progress)
-        current = self._layout.flatten(dict(zip(self._emb_names, self._emb_params)))
         m = d.n_modes
-        r = current[d.reference].to(torch.float64)  # the references' values now
-        moving = ~d.constant
-        a64 = d.a.to(torch.float64)
-        sq = torch.bincount(d.labels[moving], weights=a64[moving] ** 2, minlength=m)
-        count = torch.bincount(d.labels[moving], minlength=m).clamp(min=1)
+        by_name = dict(zip(self._emb_names, self._emb_params))
+        r = torch.tensor([float(by_name[name][idx]) for name, idx in map(self._layout.locate, d.reference.tolist())],
+                         dtype=torch.float64)  # the references' values now
+        # Per-mode scale of a (see mode_scale). Constants have a = 0 and add nothing to the squares.
+        sq = torch.bincount(d.labels, weights=d.a.to(torch.float64) ** 2, minlength=m)
+        count = torch.bincount(d.labels[~d.constant], minlength=m).clamp(min=1).to(torch.float64)
         scale = (sq / count).sqrt() if self.mode_scale == "rms" else sq.sqrt()  # > 0: a_ref = 1
-        a_scaled = (a64 / scale[d.labels]).to(torch.float32)
+        a_scaled = d.a / scale.to(torch.float32)[d.labels]
         if self.init == "fit":
-            fitted = torch.addcmul(d.b, d.a, r.to(torch.float32)[d.labels])
+            ref_now = r.to(torch.float32)
             for spec, p in zip(self._layout.specs, self._emb_params):
-                p.copy_(fitted[spec.offset : spec.stop].view_as(p))
+                sl = slice(spec.offset, spec.stop)
+                p.copy_(torch.addcmul(d.b[sl], d.a[sl], ref_now[d.labels[sl]]).view_as(p))
         # Each mode's scalar joins the param group that holds most of its weights.
         n_groups = len(self.base.param_groups)
-        row_group = torch.tensor(self._emb_group, dtype=torch.int64).repeat_interleave(
-            torch.tensor(self._layout.numels, dtype=torch.int64))
-        votes = torch.bincount(d.labels[moving] * n_groups + row_group[moving], minlength=m * n_groups)
-        r_groups = votes.view(m, n_groups).argmax(dim=1)
+        if len(set(self._emb_group)) == 1:
+            r_groups = torch.full((m,), self._emb_group[0], dtype=torch.int64)
+        else:
+            row_group = torch.tensor(self._emb_group, dtype=torch.int64).repeat_interleave(
+                torch.tensor(self._layout.numels, dtype=torch.int64))
+            moving = ~d.constant
+            votes = torch.bincount(d.labels[moving] * n_groups + row_group[moving], minlength=m * n_groups)
+            r_groups = votes.view(m, n_groups).argmax(dim=1)
         self._enter(
             labels=[d.labels[s.offset : s.stop] for s in self._layout.specs],
             a=[a_scaled[s.offset : s.stop] for s in self._layout.specs],
@@ -378,7 +391,8 @@ class CMDOptimizer(torch.optim.Optimizer):
 
     def _enter(self, *, labels: Sequence[Tensor], a: Sequence[Tensor], r_groups: Tensor, r: Tensor) -> None:
         """Build the mode space and move the param groups onto ``r`` (in place)."""
-        space = ModeSpace(self.model, list(zip(self._emb_names, self._emb_params)), labels, a, r_groups, r)
+        space = ModeSpace(self.model, list(zip(self._emb_names, self._emb_params)), labels, a, r_groups, r,
+                          coef_dtype=self.coef_dtype)
         emb_ids = {id(p) for p in self._emb_params}
         r_of_group = dict(zip(space.groups, space.r_params))
         for gi, group in enumerate(self.base.param_groups):

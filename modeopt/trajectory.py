@@ -64,6 +64,13 @@ class Trajectory:
             x = x.to(torch.float32) + self.offset[start:stop, None]
         return x if dtype is None else x.to(dtype)
 
+    def cols(self, start: int, stop: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Values of weights ``start:stop`` time-major, a ``(T, stop - start)`` tensor (no transpose)."""
+        x = self.data[:, start:stop]
+        if self.offset is not None:
+            x = x.to(torch.float32) + self.offset[start:stop]
+        return x if dtype is None else x.to(dtype)
+
     def take(self, index: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Values of the weights ``index`` as a ``(len(index), T)`` tensor."""
         x = self.data[:, index].T

@@ -115,7 +115,7 @@ def _reference_grad_r(model, opt, xb, yb):
     named = dict(clone.named_parameters())
     F.cross_entropy(clone(xb), yb).backward()
     g = torch.zeros(space.n_modes, dtype=torch.float64)
-    for name, a, lab in zip(opt.embedded_names, space.a, space.labels):
+    for name, a, lab in zip(opt.embedded_names, space.a, space.mode_index()):
         g.index_add_(0, lab, a.double() * named[name].grad.reshape(-1).double())
     return g
 
@@ -169,12 +169,12 @@ def test_matches_a_rematerialising_reference_implementation(mnist):
         _loss_step(model, opt, xb, yb)
         ref_opt.zero_grad()
         params = {n: w0[n] + (a * (ref_r - r0)[lab]).view_as(w0[n])
-                  for n, a, lab in zip(opt.embedded_names, space.a, space.labels)}
+                  for n, a, lab in zip(opt.embedded_names, space.a, space.mode_index())}
         F.cross_entropy(torch.func.functional_call(plain, params, (xb,)), yb).backward()
         ref_opt.step()
     assert torch.allclose(space.r_full().detach(), ref_r.detach(), rtol=1e-5, atol=1e-6)
     for n, p in zip(opt.embedded_names, opt._emb_params):
-        expect = w0[n] + (space.a[opt.embedded_names.index(n)] * (ref_r.detach() - r0)[space.labels[opt.embedded_names.index(n)]]).view_as(p)
+        expect = w0[n] + (space.a[opt.embedded_names.index(n)] * (ref_r.detach() - r0)[space.mode_index()[opt.embedded_names.index(n)]]).view_as(p)
         assert torch.allclose(p, expect, atol=1e-6), n
 
 
@@ -189,7 +189,7 @@ def test_mode_scale_auto(base_cls, scale, mnist):
     assert opt.mode_scale == scale
     train_steps(model, opt, batches(xtr, ytr, 32, seed=0), 9)
     a = torch.cat(opt.space.a).double()
-    lab = torch.cat(opt.space.labels)
+    lab = torch.cat(opt.space.mode_index())
     moving = a != 0
     sq = torch.bincount(lab[moving], weights=a[moving] ** 2, minlength=4)
     if scale == "rms":

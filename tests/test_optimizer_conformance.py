@@ -213,7 +213,7 @@ def reference_r_grad(model, opt, x, y, *, kind="mlp"):
     loss.backward()
     grads = {n: p.grad for n, p in ref.named_parameters()}
     out = torch.zeros(space.n_modes, dtype=torch.float64)
-    for name, a, lab in zip(space.names, space.a, space.labels):
+    for name, a, lab in zip(space.names, space.a, space.mode_index()):
         out += torch.bincount(lab, weights=grads[name].reshape(-1).double() * a.double(), minlength=space.n_modes)
     return out, loss.detach()
 
@@ -222,7 +222,7 @@ def assert_weights_follow_r(opt, w0, r_sw, atol=1e-5):
     """Every embedded weight == its value at the switch + a_i * (r - r_switch)[m(i)]."""
     space = opt.space
     dr = full_r(opt) - r_sw
-    for name, p, a, lab in zip(space.names, space.params, space.a, space.labels):
+    for name, p, a, lab in zip(space.names, space.params, space.a, space.mode_index()):
         expected = w0[name].reshape(-1) + a * dr[lab]
         torch.testing.assert_close(p.detach().reshape(-1), expected, atol=atol, rtol=0, msg=name)
 
@@ -883,7 +883,7 @@ def _check_majority_vote(layout, opt_name, lr_a, lr_b, wd):
     assert opt.phase == "embedded" and group_snapshot(opt) == before and len(opt.param_groups) == 2
     # expected: each mode goes to the group holding most of its (moving) weights
     votes = torch.zeros(4, 2, dtype=torch.int64)
-    for name, a, lab in zip(space.names, space.a, space.labels):
+    for name, a, lab in zip(space.names, space.a, space.mode_index()):
         votes[:, group_of[id(params[name])]] += torch.bincount(lab[a != 0], minlength=4)
     expected = votes.argmax(dim=1)
     assert torch.equal(space.r_groups, expected), votes
@@ -933,7 +933,7 @@ def test_mode_scale_auto(opt_name, scale):
     space = opt.space
     sq = torch.zeros(MODES, dtype=torch.float64)
     count = torch.zeros(MODES, dtype=torch.float64)
-    for a, lab in zip(space.a, space.labels):
+    for a, lab in zip(space.a, space.mode_index()):
         moving = a != 0
         sq += torch.bincount(lab[moving], weights=a[moving].double() ** 2, minlength=MODES)
         count += torch.bincount(lab[moving], minlength=MODES).double()
@@ -1005,7 +1005,7 @@ def test_lbfgs_embedded_closure_sees_weights_of_r(opt_name):
         """Loss of the plain model whose weights are w_switch + a * (r - r_switch)[m]."""
         ref = MLP()
         sd = dict(w0)
-        for name, a, lab in zip(space.names, space.a, space.labels):
+        for name, a, lab in zip(space.names, space.a, space.mode_index()):
             sd[name] = (w0[name].reshape(-1) + a * (r - r_sw)[lab]).view_as(w0[name])
         ref.load_state_dict(sd)
         with torch.no_grad():
@@ -1061,7 +1061,7 @@ def test_sequential_model():
     F.cross_entropy(ref(x), y).backward()
     expected = torch.zeros(MODES, dtype=torch.float64)
     grads = dict(ref.named_parameters())
-    for name, a, lab in zip(opt.space.names, opt.space.a, opt.space.labels):
+    for name, a, lab in zip(opt.space.names, opt.space.a, opt.space.mode_index()):
         expected += torch.bincount(lab, weights=grads[name].grad.reshape(-1).double() * a.double(), minlength=MODES)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
