@@ -21,6 +21,7 @@ test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m ''
 
 bench: $(STAMP)
+	$(VENV)/bin/python -m pip install -q -e '.[bench]'
 	cd benchmarks && ../$(VENV)/bin/python decompose_scale.py --n 2000000 10000000 --json results/decompose_scale.json
 	cd benchmarks && ../$(VENV)/bin/python step_time.py
 	cd benchmarks && ../$(VENV)/bin/python memory.py

@@ -1,0 +1,188 @@
+"""Peer methods implemented for side-by-side comparisons with CMD.
+
+:class:`SubspaceOptimizer` - DLDR / P-SGD (Li et al., "Low dimensional trajectory hypothesis is
+true: DNNs can be trained in tiny subspaces", 2022): after a recorded warm-up, the weights are
+trained in the span of the top-``dim`` principal directions of the warm-up trajectory,
+``w = w_switch + P c`` with ``P`` an orthonormal ``(N, dim)`` basis and ``c`` the ``dim`` trainable
+coordinates. The projected gradient ``P^T dL/dw`` drives ``c``; the base optimizer steps ``c``.
+
+Against CMD's ``M`` modes with disjoint support (memory O(N)), this dense basis costs
+``4 * N * dim`` bytes and two ``N x dim`` products per step.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._wrapping import SharesBaseOptimizer
+from .layout import ParamLayout
+from .trajectory import SnapshotBuffer
+
+__all__ = ["SubspaceOptimizer", "pca_basis"]
+
+
+def pca_basis(data: Tensor, dim: int, offset: Tensor | None = None, chunk: int = 1 << 20) -> tuple[Tensor, Tensor]:
+    """Top-``dim`` principal directions of T samples of N weights, without an N x N matrix.
+
+    Args:
+        data: ``(T, N)`` samples (rows), values ``data + offset``.
+        dim: number of directions (``<= T - 1``).
+    Returns:
+        ``P`` ``(N, dim)`` float32 with orthonormal columns, and the singular values ``(dim,)``.
+    """
+    t, n = data.shape
+    if not 1 <= dim <= t - 1:
+        raise ValueError(f"dim={dim} needs 1 <= dim <= T - 1 = {t - 1} snapshots: record more snapshots or ask "
+                         "for fewer directions")
+    # The T x T Gram matrix of the time-centred samples, accumulated over column chunks in float64.
+    gram = torch.zeros(t, t, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        x = data[:, i : i + chunk].to(torch.float64)
+        if offset is not None:
+            x = x + offset[i : i + chunk]
+        x -= x.mean(dim=0)
+        gram += x @ x.T
+    evals, evecs = torch.linalg.eigh(gram)
+    order = torch.argsort(evals, descending=True)[:dim]
+    sv = evals[order].clamp(min=0).sqrt()
+    # Directions below the data's rounding level are noise, not trajectory.
+    tol = 100 * torch.finfo(data.dtype if data.is_floating_point() else torch.float32).eps
+    if bool((sv <= tol * sv.max().clamp(min=1e-300)).any()):
+        raise ValueError(f"the warm-up trajectory spans fewer than dim={dim} directions: ask for fewer")
+    u = evecs[:, order] / sv  # (T, dim): X^T u / s are the right singular vectors
+    p = torch.empty(n, dim, dtype=torch.float32)
+    for i in range(0, n, chunk):
+        x = data[:, i : i + chunk].to(torch.float64)
+        if offset is not None:
+            x = x + offset[i : i + chunk]
+        x -= x.mean(dim=0)
+        p[i : i + chunk] = (x.T @ u).to(torch.float32)
+    return p, sv
+
+
+class SubspaceOptimizer(SharesBaseOptimizer):
+    """DLDR / P-SGD: warm up with any optimizer, then train ``dim`` coordinates of a PCA subspace.
+
+    Args:
+        model: the model; base_optimizer: any ``torch.optim`` optimizer on its parameters.
+        dim: subspace dimension d (``<= warmup_steps // snapshot_every - 1``).
+        warmup_steps, snapshot_every: as in :class:`~modeopt.CMDOptimizer`.
+        exclude: parameters kept out of the subspace (trained as usual): a predicate
+            ``f(name, param)`` or ``fnmatch`` patterns.
+
+    After the switch the subspace weights keep ``requires_grad`` (P-SGD needs their full gradient to
+    project it); they are no longer in the optimizer's groups, whose first group trains ``c``.
+    ``trainable_parameters()`` counts degrees of freedom: ``dim`` plus the excluded parameters.
+    """
+
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, *, dim: int = 10,
+                 warmup_steps: int = 500, snapshot_every: int = 10,
+                 exclude: Callable[[str, nn.Parameter], bool] | Sequence[str] | None = None):
+        if warmup_steps // snapshot_every - 1 < dim:
+            raise ValueError(f"dim={dim} needs at least {dim + 1} warm-up snapshots, but warmup_steps={warmup_steps} "
+                             f"with snapshot_every={snapshot_every} records {warmup_steps // snapshot_every}")
+        self._init_shared(base_optimizer)
+        self.model, self.dim = model, dim
+        self.warmup_steps, self.snapshot_every = warmup_steps, snapshot_every
+        names = {id(p): n for n, p in model.named_parameters()}
+        if callable(exclude):
+            excluded = exclude
+        else:
+            pats = list(exclude or [])
+            excluded = lambda n, p: any(fnmatch.fnmatchcase(n, q) for q in pats)  # noqa: E731
+        self._orig = [list(g["params"]) for g in base_optimizer.param_groups]
+        emb = [(names[id(p)], p) for g in base_optimizer.param_groups for p in g["params"]
+               if p.requires_grad and p.is_floating_point() and not excluded(names[id(p)], p)]
+        if not emb:
+            raise ValueError("nothing to train in a subspace: every parameter is frozen or excluded")
+        self._names = [n for n, _ in emb]
+        self._params = [p for _, p in emb]
+        self._layout = ParamLayout.from_named_tensors(emb)
+        self._buffer = SnapshotBuffer(self._layout.n, capacity=warmup_steps // snapshot_every)
+        self.phase = "warmup"
+        self._step = 0
+        self.P: Tensor | None = None
+        self.c: nn.Parameter | None = None
+        self._c_applied: Tensor | None = None
+
+    def trainable_parameters(self) -> int:
+        emb = {id(p) for p in self._params}
+        free = sum(p.numel() for p in self.model.parameters() if p.requires_grad and id(p) not in emb)
+        return free + (self.dim if self.phase == "embedded" else sum(p.numel() for p in self._params))
+
+    def step(self, closure=None):
+        if self.phase == "embedded":
+            with torch.no_grad():
+                g = torch.zeros(self.dim, dtype=torch.float64)
+                for spec, p in zip(self._layout.specs, self._params):
+                    if p.grad is not None:
+                        g += self.P[spec.offset : spec.stop].T.double() @ p.grad.reshape(-1).double()
+                        p.grad = None
+                self.c.grad = g.to(self.c.dtype)
+        loss = self.base.step() if closure is None else self.base.step(closure)
+        self._step += 1
+        if self.phase == "embedded":
+            self._sync()
+        else:
+            if self._step % self.snapshot_every == 0:
+                self._buffer.append(self._layout, self._params, self._step)
+            if self._step >= self.warmup_steps:
+                self._switch()
+        return loss
+
+    @torch.no_grad()
+    def _sync(self) -> None:
+        delta = (self.c.detach() - self._c_applied).to(torch.float32)
+        for spec, p in zip(self._layout.specs, self._params):
+            p.view(-1).add_(self.P[spec.offset : spec.stop] @ delta)
+        self._c_applied.copy_(self.c.detach())
+
+    @torch.no_grad()
+    def _switch(self) -> None:
+        data, _ = self._buffer.raw()
+        self.P, self.singular_values = pca_basis(data, self.dim, self._buffer.anchor)
+        self._buffer = None
+        self.c = nn.Parameter(torch.zeros(self.dim))
+        self._c_applied = torch.zeros(self.dim)
+        emb = {id(p) for p in self._params}
+        for gi, group in enumerate(self.base.param_groups):
+            kept = [p for p in self._orig[gi] if id(p) not in emb]
+            group["params"][:] = kept + ([self.c] if gi == 0 else [])
+        for p in self._params:
+            self.base.state.pop(p, None)
+        self.phase = "embedded"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for p in self._params:  # not in the groups after the switch, but they still get gradients
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": self.base.state_dict(), "phase": self.phase, "step": self._step,
+                "buffer": None if self._buffer is None else self._buffer.state_dict(),
+                "P": self.P, "c": None if self.c is None else self.c.detach().clone(),
+                "c_applied": self._c_applied}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self._step, self.phase = int(sd["step"]), sd["phase"]
+        if sd["phase"] == "embedded":
+            self.P = sd["P"].clone()
+            self._buffer = SnapshotBuffer(self._layout.n, capacity=1)
+            self._switch_structures(sd["c"], sd["c_applied"])
+        elif sd["buffer"] is not None:
+            self._buffer.load_state_dict(sd["buffer"])
+        self.base.load_state_dict(sd["base"])
+
+    def _switch_structures(self, c: Tensor, c_applied: Tensor) -> None:
+        self.c = nn.Parameter(c.clone())
+        self._c_applied = c_applied.clone()
+        emb = {id(p) for p in self._params}
+        for gi, group in enumerate(self.base.param_groups):
+            kept = [p for p in self._orig[gi] if id(p) not in emb]
+            group["params"][:] = kept + ([self.c] if gi == 0 else [])
+        self._buffer = None
