@@ -3,6 +3,8 @@
 Public API:
 
 * :class:`CMDOptimizer` - wraps a torch optimizer: warm-up, then training of M mode scalars.
+* :class:`OnlineCMD` / :class:`OnlineCMDOptimizer` - a shadow CMD model kept exact during ordinary
+  training (like EMA/SWA), and gradual embedding.
 * :func:`decompose` / :class:`Decomposition` - post-hoc CMD of a weight trajectory.
 * :class:`Trajectory` / :class:`TrajectoryRecorder` - record and load weight trajectories.
 * :class:`ParamLayout` - which rows of a flat vector are which named tensor.
@@ -10,8 +12,10 @@ Public API:
 
 from .decomposition import Decomposition, decompose
 from .layout import ParamLayout
+from .online import OnlineCMD
+from .online_optimizer import OnlineCMDOptimizer
 from .optimizer import CMDOptimizer
 from .trajectory import Trajectory, TrajectoryRecorder
 
-__all__ = ["CMDOptimizer", "decompose", "Decomposition", "Trajectory", "TrajectoryRecorder", "ParamLayout"]
+__all__ = ["CMDOptimizer", "OnlineCMD", "OnlineCMDOptimizer", "decompose", "Decomposition", "Trajectory", "TrajectoryRecorder", "ParamLayout"]
 __version__ = "0.1.0"

@@ -1,0 +1,328 @@
+"""Online CMD: a shadow CMD model of an ordinary training, kept exact from running moments.
+
+The follow-up CMD paper (Brokman et al., arXiv 2312.13247): during a normal training run,
+record a window of snapshots, decompose it once (modes and reference weights are then fixed),
+and from then on keep every weight's affine fit ``w_i ~= a_i * r_m(i) + b_i`` up to date over *all*
+samples since the window began - without keeping any history. The evaluated model is
+``a_i * r_t[m(i)] + b_i`` with ``r_t`` the references' current values: a shadow model, used like
+EMA or SWA; the training itself is untouched.
+
+Numerics: the least-squares fit needs cov(w_i, r_m) and var(r_m). Sums of raw values lose
+everything to cancellation when the weights are much larger than their movement (the design
+brief measured NaN with naive float64 sums), so the moments are kept with Welford/Chan updates
+in float64: per weight its mean and its co-moment with its reference; per mode the reference's
+mean and second moment. ``a = C_i / M2_m``, ``b = mean_i - a * mean_r``.
+
+Memory after the fit point, per modelled weight: mean (8 bytes) + co-moment (8) + mode index
+(4) = 20 bytes, and nothing that grows with time. Before it: the recording window, as in
+:class:`~modeopt.TrajectoryRecorder`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .decomposition import decompose
+from .layout import ParamLayout
+from .trajectory import SnapshotBuffer, Trajectory, load_named_into, select_parameters
+
+__all__ = ["OnlineCMD"]
+
+
+def default_names(model: nn.Module) -> list[str]:
+    """Trainable floating-point parameters and floating-point buffers (BatchNorm statistics)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
+    names += [n for n, b in model.named_buffers() if b.is_floating_point()]
+    return names
+
+
+def _float_names(model: nn.Module) -> set[str]:
+    return {n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()}
+
+
+class OnlineCMD:
+    """A CMD model of a training run, updated from running moments after a one-time fit.
+
+    Args:
+        model: the model being trained (it is read, never written, except by :meth:`applied`).
+        n_modes: M.
+        fit_at: ``update()`` calls (optimizer steps) after which the recorded window is decomposed.
+        snapshot_every: record a snapshot every this many calls before the fit.
+        sample_every: after the fit, add a sample to the running moments every this many calls
+            (default ``snapshot_every``). Each sample is one pass over the weights.
+        n_samples, seed: as in :func:`~modeopt.decompose` (``seed=None`` draws one from torch's RNG).
+        names: tensors to model; default every trainable float parameter and every float buffer
+            (BatchNorm running statistics are modelled too). A list of names or a predicate.
+        max_snapshots: keep only the latest snapshots of the window (a ring).
+        record_dtype: storage of the window's snapshots (bfloat16 halves it).
+
+    Phases: ``"recording"`` until ``fit_at``, then ``"fitted"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        n_modes: int = 10,
+        fit_at: int,
+        snapshot_every: int = 1,
+        sample_every: int | None = None,
+        n_samples: int = 1000,
+        seed: int | None = None,
+        names: Sequence[str] | Callable[[str, Tensor], bool] | None = None,
+        max_snapshots: int | None = None,
+        record_dtype: torch.dtype = torch.float32,
+    ):
+        for label, v, lo in (("n_modes", n_modes, 1), ("fit_at", fit_at, 1), ("snapshot_every", snapshot_every, 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{label} must be an integer >= {lo}, got {v!r}")
+        if fit_at // snapshot_every < 3:
+            raise ValueError(f"fit_at={fit_at} with snapshot_every={snapshot_every} records {fit_at // snapshot_every} "
+                             f"snapshot(s) before the fit; CMD needs at least 3: make fit_at >= {3 * snapshot_every}")
+        if n_modes > n_samples:
+            raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more weights")
+        self.model = model
+        self.n_modes = n_modes
+        self.fit_at = fit_at
+        self.snapshot_every = snapshot_every
+        self.sample_every = snapshot_every if sample_every is None else int(sample_every)
+        if self.sample_every < 1:
+            raise ValueError(f"sample_every must be >= 1, got {sample_every!r}")
+        self.n_samples = n_samples
+        self.seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
+        chosen = select_parameters(model, default_names(model) if names is None else names)
+        self._names = [n for n, _ in chosen]
+        self._tensors = [t for _, t in chosen]
+        self.layout = ParamLayout.from_named_tensors(chosen)
+        cap = fit_at // snapshot_every
+        self._buffer: SnapshotBuffer | None = SnapshotBuffer(
+            self.layout.n, dtype=record_dtype, capacity=cap if max_snapshots is None else min(cap, max_snapshots))
+        self.phase = "recording"
+        self.calls = 0
+        # fitted state (per tensor lists, flat)
+        self.labels: list[Tensor] = []
+        self.mean: list[Tensor] = []
+        self.comoment: list[Tensor] = []
+        self.ref_index: list[tuple[int, int]] = []  # (tensor, flat element) of each reference
+        self.mode_mean = torch.zeros(0, dtype=torch.float64)
+        self.mode_m2 = torch.zeros(0, dtype=torch.float64)
+        self.count = 0
+        self.history: list[dict[str, Any]] = []
+        self.frozen_tensors: set[int] = set()  # tensors that follow their references exactly (gradual embedding)
+        self._model_ids = tuple(id(t) for t in model.parameters()) + tuple(id(t) for t in model.buffers())
+        self._all_names = _float_names(model)
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def update(self) -> None:
+        """Call once after every optimizer step. Never raises on the training's behalf: a fit that
+        cannot be made (NaN/inf weights) is reported with a warning and retried at the next step."""
+        self.calls += 1
+        if self.phase == "recording":
+            if self.calls % self.snapshot_every == 0:
+                self._check_model()
+                self._buffer.append(self.layout, self._tensors, self.calls)
+            if self.calls >= self.fit_at:
+                self._fit()
+        elif self.calls % self.sample_every == 0:
+            self._check_model()
+            self._add_sample([t.reshape(-1) for t in self._tensors], self.references_now())
+
+    def _check_model(self) -> None:
+        # Identity of the model's tensors: a parameter added, removed or replaced after construction
+        # would otherwise be modelled stale, silently.
+        ids = tuple(id(t) for t in self.model.parameters()) + tuple(id(t) for t in self.model.buffers())
+        if ids != self._model_ids:
+            self.check_layout()
+            now = _float_names(self.model)
+            if now != self._all_names:
+                added, removed = sorted(now - self._all_names), sorted(self._all_names - now)
+                raise ValueError(f"the model changed after the OnlineCMD was built (added: {added}, removed: "
+                                 f"{removed}): it models a fixed set of tensors; build a new OnlineCMD for the new model")
+            self._model_ids = ids
+
+    def _fit(self) -> None:
+        bad = next((n for n, t in zip(self._names, self._tensors) if not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            warnings.warn(f"OnlineCMD cannot fit at step {self.calls}: {bad!r} holds NaN/inf. Training goes on "
+                          "(this is a shadow model); the fit is retried at the next step", stacklevel=3)
+            return
+        data, steps = self._buffer.raw()
+        traj = Trajectory(data, self.layout, steps, self._buffer.anchor)
+        try:
+            d = decompose(traj, n_modes=self.n_modes, n_samples=self.n_samples, seed=self.seed)
+        except ValueError as e:  # e.g. NaN/inf in a recorded snapshot: wait for a clean window
+            warnings.warn(f"OnlineCMD cannot fit at step {self.calls}: {e}. Training goes on; the fit is retried "
+                          "at the next step", stacklevel=3)
+            return
+        specs = self.layout.specs
+        self.labels = [d.labels[s.offset : s.stop].to(torch.int32).clone() for s in specs]
+        self.ref_index = []
+        for row in d.reference.tolist():
+            name, idx = self.layout.locate(row)
+            t = self._names.index(name)
+            self.ref_index.append((t, row - specs[t].offset))
+        self.n_modes = d.n_modes
+        self.mean = [torch.zeros(s.numel, dtype=torch.float64) for s in specs]
+        self.comoment = [torch.zeros(s.numel, dtype=torch.float64) for s in specs]
+        self.mode_mean = torch.zeros(self.n_modes, dtype=torch.float64)
+        self.mode_m2 = torch.zeros(self.n_modes, dtype=torch.float64)
+        self.count = 0
+        # The window's samples go through the same updates: at the fit point the moments are
+        # exactly the batch least-squares over the window, and later samples extend them.
+        order = sorted(range(len(steps)), key=lambda j: steps[j])
+        for j in order:
+            row = traj.data[j].to(torch.float32)
+            if traj.offset is not None:
+                row = row + traj.offset
+            flat = [row[s.offset : s.stop] for s in specs]
+            self._add_sample(flat, torch.stack([flat[t][i] for t, i in self.ref_index]).to(torch.float64))
+        self._buffer = None
+        self.phase = "fitted"
+        self.history.append({"step": self.calls, "n_modes": self.n_modes, "sizes": d.sizes.tolist(),
+                             "window": len(steps)})
+
+    def references_now(self) -> Tensor:
+        """``(M,)`` float64: the reference weights' current values."""
+        flat = [t.reshape(-1) for t in self._tensors]
+        return torch.stack([flat[t][i] for t, i in self.ref_index]).to(torch.float64)
+
+    def _add_sample(self, flat: Sequence[Tensor], r: Tensor) -> None:
+        """One Welford/Chan step: n += 1; mean_r, M2_r per mode; mean_i, C_i per weight."""
+        self.count += 1
+        n = self.count
+        dr = r - self.mode_mean
+        self.mode_mean += dr / n
+        dr_after = r - self.mode_mean
+        self.mode_m2 += dr * dr_after
+        for t, (w, mean, com, lab) in enumerate(zip(flat, self.mean, self.comoment, self.labels)):
+            if t in self.frozen_tensors:
+                continue
+            dw = w.to(torch.float64) - mean
+            mean.add_(dw, alpha=1.0 / n)
+            com.addcmul_(dw, dr_after[lab])
+
+    # -------------------------------------------------------------- results
+    def coefficients(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per tensor: ``labels`` (int32), ``a`` and ``b`` (float64) of the current fit (empty for frozen tensors)."""
+        self._need_fit()
+        var = self.mode_m2
+        a, b = [], []
+        for t, (mean, com, lab) in enumerate(zip(self.mean, self.comoment, self.labels)):
+            if t in self.frozen_tensors:  # moments freed: the caller holds the frozen coefficients
+                a.append(com)
+                b.append(mean)
+                continue
+            a.append(torch.where(var[lab] > 0, com / var[lab].clamp(min=1e-300), torch.zeros_like(com)))
+            b.append(mean - a[-1] * self.mode_mean[lab])
+        return self.labels, a, b
+
+    def cmd_state_dict(self) -> dict[str, Tensor]:
+        """The CMD weights ``a_i * r_now[m(i)] + b_i``, named like the model's tensors.
+
+        Before the fit the model's own (raw) values are returned.
+        """
+        if self.phase != "fitted":
+            return {n: t.detach().clone() for n, t in zip(self._names, self._tensors)}
+        r = self.references_now()
+        out = {}
+        for i, (name, t, mean, com, lab) in enumerate(zip(self._names, self._tensors, self.mean, self.comoment,
+                                                          self.labels)):
+            if i in self.frozen_tensors:  # it is exactly a r_now + b already
+                out[name] = t.detach().clone()
+                continue
+            var = self.mode_m2[lab]
+            slope = torch.where(var > 0, com / var.clamp(min=1e-300), torch.zeros_like(com))
+            # a r + b = mean + a (r - mean_r): no large terms cancel
+            w = mean + slope * (r - self.mode_mean)[lab]
+            out[name] = w.to(t.dtype).view_as(t)
+        return out
+
+    def averaged_model(self) -> nn.Module:
+        """A copy of the model holding the CMD weights (like ``AveragedModel.module``)."""
+        clone = copy.deepcopy(self.model)
+        load_named_into(clone, self.cmd_state_dict())
+        return clone
+
+    def load_into(self, model: nn.Module) -> None:
+        """Write the CMD weights into ``model`` (same architecture), in place."""
+        load_named_into(model, self.cmd_state_dict())
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[nn.Module]:
+        """Temporarily put the CMD weights into the tracked model (e.g. to evaluate it), then restore
+        the raw weights exactly. Yields the model."""
+        raw = {n: t.detach().clone() for n, t in zip(self._names, self._tensors)}
+        load_named_into(self.model, self.cmd_state_dict())
+        try:
+            yield self.model
+        finally:
+            load_named_into(self.model, raw)
+
+    def freeze_tensor(self, t: int) -> None:
+        """Stop tracking tensor ``t`` (it now follows its references exactly): its moments are freed."""
+        self.frozen_tensors.add(t)
+        self.mean[t] = self.mean[t].new_zeros(0)
+        self.comoment[t] = self.comoment[t].new_zeros(0)
+
+    def _need_fit(self) -> None:
+        if self.phase != "fitted":
+            raise RuntimeError(f"OnlineCMD has not fitted yet (step {self.calls} of fit_at={self.fit_at})")
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes held now (window before the fit; moments and labels after)."""
+        if self.phase == "recording":
+            return 0 if self._buffer is None else self._buffer.nbytes
+        tensors = self.mean + self.comoment + self.labels
+        return sum(t.numel() * t.element_size() for t in tensors) + 16 * self.n_modes
+
+    # --------------------------------------------------------- state dicts
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only (``torch.load(weights_only=True)`` reads it)."""
+        return {
+            "version": 1, "phase": self.phase, "calls": self.calls, "seed": self.seed, "names": list(self._names),
+            "n_modes": self.n_modes, "count": self.count, "history": [dict(h) for h in self.history],
+            "buffer": None if self._buffer is None else self._buffer.state_dict(),
+            "labels": self.labels, "mean": self.mean, "comoment": self.comoment,
+            "ref_index": [list(x) for x in self.ref_index], "mode_mean": self.mode_mean, "mode_m2": self.mode_m2,
+            "frozen_tensors": sorted(self.frozen_tensors),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if list(sd["names"]) != self._names:
+            raise ValueError("this OnlineCMD state models different tensors than the model it was built on "
+                             f"({len(sd['names'])} vs {len(self._names)}): parameters added or removed? Build it "
+                             "with the same names= and model as the saved run")
+        self.phase, self.calls, self.seed = sd["phase"], int(sd["calls"]), int(sd["seed"])
+        self.n_modes, self.count = int(sd["n_modes"]), int(sd["count"])
+        self.history = [dict(h) for h in sd["history"]]
+        if sd["buffer"] is not None:
+            self._buffer.load_state_dict(sd["buffer"])
+        else:
+            self._buffer = None
+        self.labels = [t.clone() for t in sd["labels"]]
+        self.mean = [t.clone() for t in sd["mean"]]
+        self.comoment = [t.clone() for t in sd["comoment"]]
+        self.ref_index = [tuple(int(v) for v in x) for x in sd["ref_index"]]
+        self.mode_mean, self.mode_m2 = sd["mode_mean"].clone(), sd["mode_m2"].clone()
+        self.frozen_tensors = {int(t) for t in sd.get("frozen_tensors", [])}
+        self.check_layout()
+
+    def check_layout(self) -> None:
+        """Raise if a modelled tensor was removed from or replaced in the model since construction."""
+        current = dict(self.model.named_parameters())
+        current.update(dict(self.model.named_buffers()))
+        for spec, t in zip(self.layout.specs, self._tensors):
+            now = current.get(spec.name)
+            if now is not t:
+                what = "removed from" if now is None else "replaced in"
+                raise ValueError(f"tensor {spec.name!r} of the CMD model was {what} the model after the OnlineCMD was "
+                                 "built: it models a fixed set of tensors; build a new OnlineCMD for the new model")

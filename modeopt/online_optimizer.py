@@ -1,0 +1,258 @@
+"""``OnlineCMDOptimizer``: online CMD owned by the optimizer, and gradual embedding.
+
+* **Shadow model.** Wraps any torch optimizer and keeps an :class:`~modeopt.OnlineCMD` of the
+  model up to date after every step. ``opt.eval()`` puts the CMD weights into the model and
+  ``opt.train()`` restores the raw weights exactly. This is the schedule-free convention, so the
+  HF ``Trainer``, which calls both around evaluation, evaluates the CMD model.
+* **Gradual embedding** (the follow-up paper's "embedded CMD"), with ``embed_every=L``. Every L
+  steps after the fit, the fraction ``embed_fraction`` of still-free weights whose fit changed
+  least since the last check is frozen to ``a_i * r[m(i)] + b_i``. The references stay free; a
+  frozen weight follows its reference. With ``granularity="tensor"`` (default), freezing happens a
+  whole tensor at a time. Such a tensor leaves the autograd graph (``requires_grad=False``: no
+  weight gradient), the optimizer (no state, no update) and the running moments. That is where
+  the work saving comes from. ``granularity="weight"`` freezes single weights, as in the paper;
+  it saves little, since a tensor still computes its gradient until every element is frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._wrapping import SharesBaseOptimizer
+from .online import OnlineCMD, default_names
+
+__all__ = ["OnlineCMDOptimizer"]
+
+
+class OnlineCMDOptimizer(SharesBaseOptimizer):
+    """Any torch optimizer plus an online CMD model of the training (and optional gradual embedding).
+
+    Args:
+        model, base_optimizer: the model and its optimizer (built on ``model.parameters()``).
+        n_modes, fit_at, snapshot_every, sample_every, n_samples, seed, names, max_snapshots,
+            record_dtype: as in :class:`~modeopt.OnlineCMD`.
+        embed_every: if given, gradual embedding: every this many steps after the fit.
+        embed_fraction: fraction of the still-free weights frozen at each check (paper: 0.1).
+        granularity: ``"tensor"`` (whole tensors; saves gradient, state and update work) or
+            ``"weight"`` (single weights, as in the paper).
+
+    Use ``opt.eval()`` before evaluating (CMD weights in the model) and ``opt.train()`` after.
+    ``opt.cmd_state_dict()`` gives the CMD weights as a plain state dict at any time.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_optimizer: torch.optim.Optimizer,
+        *,
+        n_modes: int = 10,
+        fit_at: int,
+        snapshot_every: int = 1,
+        sample_every: int | None = None,
+        n_samples: int = 1000,
+        seed: int | None = None,
+        names: Sequence[str] | Callable[[str, Tensor], bool] | None = None,
+        max_snapshots: int | None = None,
+        record_dtype: torch.dtype = torch.float32,
+        embed_every: int | None = None,
+        embed_fraction: float = 0.1,
+        granularity: str = "tensor",
+    ):
+        if granularity not in ("tensor", "weight"):
+            raise ValueError(f"granularity must be 'tensor' or 'weight', got {granularity!r}")
+        if embed_every is not None and (not isinstance(embed_every, int) or embed_every < 1):
+            raise ValueError(f"embed_every must be an integer >= 1, got {embed_every!r}")
+        if not 0 < embed_fraction <= 1:
+            raise ValueError(f"embed_fraction must be in (0, 1], got {embed_fraction!r}")
+        self._init_shared(base_optimizer)
+        self.model = model
+        self.online = OnlineCMD(model, n_modes=n_modes, fit_at=fit_at, snapshot_every=snapshot_every,
+                                sample_every=sample_every, n_samples=n_samples, seed=seed,
+                                names=default_names(model) if names is None else names,
+                                max_snapshots=max_snapshots, record_dtype=record_dtype)
+        self.embed_every, self.embed_fraction, self.granularity = embed_every, embed_fraction, granularity
+        in_opt = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+        # Weights that gradual embedding may freeze: modelled, trainable, owned by the optimizer.
+        self._candidates = [i for i, t in enumerate(self.online._tensors)
+                            if isinstance(t, nn.Parameter) and t.requires_grad and id(t) in in_opt]
+        self._orig_groups = [list(g["params"]) for g in base_optimizer.param_groups]
+        self.frozen: dict[int, dict[str, Tensor]] = {}  # tensor -> {"mask", "a", "b"} (mask None: whole tensor)
+        self._prev: dict[int, tuple[Tensor, Tensor]] = {}  # tensor -> (a, mean) at the last check
+        self._swapped: dict[str, Tensor] | None = None
+        self.embed_history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------- stepping
+    def step(self, closure=None):
+        if self._swapped is not None:
+            raise RuntimeError("the CMD weights are swapped into the model (opt.eval()): call opt.train() before "
+                               "training steps")
+        loss = self.base.step() if closure is None else self.base.step(closure)
+        if self.frozen:
+            self._apply_frozen()
+        self.online.update()
+        if (self.embed_every is not None and self.online.phase == "fitted"
+                and (self.online.calls - self.online.fit_at) % self.embed_every == 0
+                and self.online.calls > self.online.fit_at):
+            self._embed_more()
+        return loss
+
+    @torch.no_grad()
+    def _apply_frozen(self) -> None:
+        """Frozen weights follow their references: w = a * r_now[m] + b."""
+        r = self.online.references_now()
+        for t, f in self.frozen.items():
+            tensor = self.online._tensors[t]
+            lab = self.online.labels[t] if f["mask"] is None else self.online.labels[t][f["mask"]]
+            value = torch.addcmul(f["b"], f["a"], r.to(torch.float32)[lab])
+            if f["mask"] is None:
+                tensor.view(-1).copy_(value)
+            else:
+                tensor.view(-1)[f["mask"]] = value
+
+    # --------------------------------------------------- gradual embedding
+    def _relative_change(self, t: int, a: Tensor, mean: Tensor) -> Tensor:
+        """How much a weight's fitted trajectory moved since the last check, relative to its own
+        movement: (|da| sd_r + |d mean|) / (|a| sd_r)."""
+        lab = self.online.labels[t]
+        sd = (self.online.mode_m2 / max(self.online.count, 1)).sqrt()[lab]
+        prev = self._prev.get(t)
+        if prev is None:
+            return torch.full_like(a, float("inf"))
+        return ((a - prev[0]).abs() * sd + (mean - prev[1]).abs()) / (a.abs() * sd).clamp(min=1e-30)
+
+    @torch.no_grad()
+    def _embed_more(self) -> None:
+        labels, a_all, b_all = self.online.coefficients()
+        refs = {}
+        for t, i in self.online.ref_index:
+            refs.setdefault(t, []).append(i)
+        changes, free = {}, 0
+        for t in self._candidates:
+            f = self.frozen.get(t)
+            if f is not None and f["mask"] is None:
+                continue
+            change = self._relative_change(t, a_all[t], self.online.mean[t])
+            change[torch.tensor(refs.get(t, []), dtype=torch.long)] = float("inf")  # references never freeze
+            if f is not None:
+                change[f["mask"]] = float("inf")
+            changes[t] = change
+            free += int(torch.isfinite(change).sum()) if t in self._prev else a_all[t].numel()
+            self._prev[t] = (a_all[t].clone(), self.online.mean[t].clone())
+        target = int(self.embed_fraction * free)
+        if target == 0 or not any(t in self._prev for t in changes):
+            return
+        newly = 0
+        if self.granularity == "tensor":
+            ranked = sorted((float(c.median()), t) for t, c in changes.items()
+                            if t not in refs and bool(torch.isfinite(c).all()))
+            for _, t in ranked:
+                if newly >= target:
+                    break
+                self._freeze_tensor(t, a_all[t], b_all[t])
+                newly += a_all[t].numel()
+        else:
+            flat = torch.cat([changes[t] for t in changes])
+            k = min(target, int(torch.isfinite(flat).sum()))
+            if k == 0:
+                return
+            cut = torch.kthvalue(flat[torch.isfinite(flat)], k).values
+            for t, c in changes.items():
+                pick = c <= cut
+                if bool(pick.any()):
+                    newly += int(pick.sum())
+                    self._freeze_weights(t, pick, a_all[t], b_all[t])
+        self.embed_history.append({"step": self.online.calls, "newly_frozen": newly,
+                                   "frozen_fraction": self.frozen_fraction()})
+
+    def _freeze_tensor(self, t: int, a: Tensor, b: Tensor) -> None:
+        p = self.online._tensors[t]
+        self.frozen[t] = {"mask": None, "a": a.to(torch.float32), "b": b.to(torch.float32)}
+        self._detach(t, p)
+
+    def _detach(self, t: int, p: nn.Parameter) -> None:
+        """The tensor stops costing: no gradient, no optimizer state or update, no running moments."""
+        p.requires_grad_(False)
+        p.grad = None
+        for group in self.base.param_groups:
+            group["params"][:] = [q for q in group["params"] if q is not p]
+        self.base.state.pop(p, None)
+        self.online.freeze_tensor(t)
+        self._prev.pop(t, None)
+
+    def _freeze_weights(self, t: int, pick: Tensor, a: Tensor, b: Tensor) -> None:
+        f = self.frozen.get(t)
+        if f is None:
+            full_a = torch.zeros(a.numel(), dtype=torch.float32)
+            full_b = torch.zeros(a.numel(), dtype=torch.float32)
+            mask = torch.zeros(a.numel(), dtype=torch.bool)
+        else:
+            mask, full_a, full_b = f["mask"], f["a_full"], f["b_full"]
+        mask = mask | pick
+        full_a[pick], full_b[pick] = a[pick].to(torch.float32), b[pick].to(torch.float32)
+        if bool(mask.all()):  # the whole tensor is frozen now: stop its gradient and state too
+            self.frozen[t] = {"mask": None, "a": full_a, "b": full_b}
+            self._detach(t, self.online._tensors[t])
+        else:
+            self.frozen[t] = {"mask": mask, "a": full_a[mask], "b": full_b[mask], "a_full": full_a, "b_full": full_b}
+
+    def frozen_fraction(self) -> float:
+        """Fraction of the embeddable weights that are frozen now."""
+        total = sum(self.online._tensors[t].numel() for t in self._candidates)
+        frozen = sum(self.online._tensors[t].numel() if f["mask"] is None else int(f["mask"].sum())
+                     for t, f in self.frozen.items())
+        return frozen / max(total, 1)
+
+    # ------------------------------------------------------- eval / train
+    def eval(self) -> None:
+        """Put the CMD weights into the model (for evaluation); raw weights are kept aside."""
+        if self._swapped is None and self.online.phase == "fitted":
+            self._swapped = {n: t.detach().clone() for n, t in zip(self.online._names, self.online._tensors)}
+            self.online.load_into(self.model)
+
+    def train(self) -> None:
+        """Restore the raw weights (exactly) for training."""
+        if self._swapped is not None:
+            from .trajectory import load_named_into
+
+            load_named_into(self.model, self._swapped)
+            self._swapped = None
+
+    def cmd_state_dict(self) -> dict[str, Tensor]:
+        """The CMD weights as a plain ``{name: tensor}`` (the model's own values before the fit)."""
+        return self.online.cmd_state_dict()
+
+    # ---------------------------------------------------------- state dicts
+    def state_dict(self) -> dict[str, Any]:
+        if self._swapped is not None:
+            raise RuntimeError("call opt.train() before state_dict(): the model holds the CMD weights now")
+        frozen = {str(t): {k: v for k, v in f.items() if v is not None} for t, f in self.frozen.items()}
+        return {"base": self.base.state_dict(), "online": self.online.state_dict(), "frozen": frozen,
+                "frozen_whole": [t for t, f in self.frozen.items() if f["mask"] is None],
+                "prev": {str(t): [a, m] for t, (a, m) in self._prev.items()},
+                "embed_history": [dict(h) for h in self.embed_history]}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.online.load_state_dict(sd["online"])
+        whole = set(sd["frozen_whole"])
+        self.frozen = {}
+        for key, f in sd["frozen"].items():
+            t = int(key)
+            entry = {k: v.clone() for k, v in f.items()}
+            entry.setdefault("mask", None)
+            if t in whole:
+                entry["mask"] = None
+                self.frozen[t] = entry
+                p = self.online._tensors[t]
+                p.requires_grad_(False)
+                p.grad = None
+                for group in self.base.param_groups:
+                    group["params"][:] = [q for q in group["params"] if q is not p]
+            else:
+                self.frozen[t] = entry
+        self._prev = {int(k): (v[0].clone(), v[1].clone()) for k, v in sd["prev"].items()}
+        self.embed_history = [dict(h) for h in sd["embed_history"]]
+        self.base.load_state_dict(sd["base"])

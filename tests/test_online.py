@@ -1,0 +1,222 @@
+"""Online CMD (a shadow model kept exact from running moments) and gradual embedding."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modeopt
+from modeopt import OnlineCMD, OnlineCMDOptimizer
+from modeopt.zoo import SmallCNN, batches, evaluate
+
+
+def _planted_run(steps=200, fit_at=60, snapshot_every=3, sample_every=2, seed=0):
+    """Drive a model's tensors through a planted 3-mode trajectory; return the OnlineCMD and the samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 20), nn.BatchNorm1d(20), nn.Linear(20, 5))
+    online = OnlineCMD(model, n_modes=3, fit_at=fit_at, snapshot_every=snapshot_every, sample_every=sample_every,
+                       seed=seed)
+    n = online.layout.n
+    g = torch.Generator().manual_seed(1)
+    prof = torch.randn(3, steps, generator=g).cumsum(1) * 0.01
+    lab = torch.randint(0, 3, (n,), generator=g)
+    a = torch.randn(n, generator=g)
+    b = torch.randn(n, generator=g) * 5  # weights far larger than their movement: the case that breaks naive sums
+    samples = []
+    for t in range(steps):
+        w = a * prof[lab, t] + b + 1e-4 * torch.randn(n, generator=g)
+        with torch.no_grad():
+            for spec, tensor in zip(online.layout.specs, online._tensors):
+                tensor.copy_(w[spec.offset : spec.stop].view_as(tensor))
+        samples.append(w.clone())
+        online.update()
+    steps_used = list(range(snapshot_every, fit_at + 1, snapshot_every))
+    steps_used += list(range(fit_at + sample_every - fit_at % sample_every, steps + 1, sample_every))
+    return online, samples, steps_used
+
+
+def test_running_moments_equal_the_batch_least_squares_fit():
+    online, samples, used = _planted_run()
+    assert online.phase == "fitted" and online.count == len(used) == 90
+    w = torch.stack([samples[s - 1].double() for s in used], 1)  # (N, T): exactly the samples it saw
+    labels, a, b = online.coefficients()
+    labels, a, b = torch.cat(labels).long(), torch.cat(a), torch.cat(b)
+    refs = torch.tensor([online.layout.specs[t].offset + i for t, i in online.ref_index])
+    r = w[refs]
+    rc, wc = r - r.mean(1, keepdim=True), w - w.mean(1, keepdim=True)
+    a_batch = (wc * rc[labels]).sum(1) / (rc * rc).sum(1)[labels]
+    b_batch = w.mean(1) - a_batch * r.mean(1)[labels]
+    assert float(((a - a_batch).abs() / a_batch.abs()).max()) < 1e-6
+    assert float((b - b_batch).abs().max() / b_batch.abs().max()) < 1e-6
+    # the CMD weights: a * r_now + b, named like the model's tensors
+    cmd = online.layout.flatten(online.cmd_state_dict(), dtype=torch.float64)
+    expect = a_batch * samples[-1].double()[refs][labels] + b_batch
+    assert float((cmd - expect).abs().max() / expect.abs().max()) < 1e-6
+    # memory: 8 (mean) + 8 (co-moment) + 4 (mode) bytes per weight, 16 per mode, no history
+    assert online.state_bytes == 20 * online.layout.n + 16 * 3
+
+
+def test_applied_averaged_model_and_load_into_leave_the_training_untouched():
+    online, samples, _ = _planted_run()
+    model = online.model
+    raw = copy.deepcopy(model.state_dict())
+    shadow = online.averaged_model()
+    cmd = online.cmd_state_dict()
+    with online.applied() as m:
+        assert m is model
+        for k, v in cmd.items():
+            assert torch.equal(model.state_dict()[k], v)
+    for k, v in raw.items():
+        assert torch.equal(model.state_dict()[k], v)  # restored bit for bit
+    for k, v in cmd.items():
+        assert torch.equal(shadow.state_dict()[k], v)
+    assert "1.running_mean" in cmd  # BatchNorm statistics are modelled too
+
+
+def test_bad_input_and_refusals():
+    model = SmallCNN()
+    with pytest.raises(ValueError, match=r"fit_at=8 with snapshot_every=3 records 2 snapshot\(s\) before the fit; "
+                                         r"CMD needs at least 3: make fit_at >= 9"):
+        OnlineCMD(model, fit_at=8, snapshot_every=3)
+    with pytest.raises(ValueError, match=r"n_modes=50 > n_samples=40"):
+        OnlineCMD(model, n_modes=50, n_samples=40, fit_at=30)
+    with pytest.raises(RuntimeError, match=r"has not fitted yet \(step 0 of fit_at=30\)"):
+        OnlineCMD(model, fit_at=30).coefficients()
+    # NaN at the fit point: a warning naming the tensor, training goes on, the fit is retried
+    online = OnlineCMD(model, n_modes=2, fit_at=6, snapshot_every=2)
+    for _ in range(5):
+        with torch.no_grad():
+            model.fc1.weight.add_(0.01 * torch.randn_like(model.fc1.weight))
+            model.conv1.weight.add_(0.01 * torch.randn_like(model.conv1.weight))
+        online.update()
+    with torch.no_grad():
+        model.fc2.bias[3] = float("inf")
+    with pytest.warns(UserWarning, match=r"cannot fit at step 6: 'fc2.bias' holds NaN/inf\. Training goes on"):
+        online.update()
+    assert online.phase == "recording"
+    # a parameter added after construction: a clear error at the next sample
+    model.extra = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"the model changed after the OnlineCMD was built \(added: \['extra.bias', "
+                                         r"'extra.weight'\], removed: \[\]\)"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            online.update()
+            online.update()
+
+
+def _train(mnist, steps, opt, model, seed=0, start=0):
+    xtr, ytr, *_ = mnist
+    data = batches(xtr, ytr, 32, seed=seed)
+    for _ in range(start):
+        next(data)
+    losses = []
+    for _ in range(start, steps):
+        xb, yb = next(data)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _build(granularity="tensor", embed_every=6):
+    torch.manual_seed(0)
+    model = SmallCNN()
+    opt = OnlineCMDOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-3), n_modes=3, fit_at=12,
+                             snapshot_every=2, sample_every=2, seed=0, embed_every=embed_every, embed_fraction=0.5,
+                             granularity=granularity)
+    return model, opt
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "weight"])
+def test_gradual_embedding_freezes_and_frozen_weights_follow_their_references(mnist, granularity):
+    model, opt = _build(granularity)
+    _train(mnist, 40, opt, model)
+    assert opt.frozen, "something must be frozen after several checks"
+    assert opt.frozen_fraction() > 0
+    refs = {(t, i) for t, i in opt.online.ref_index}
+    r = opt.online.references_now().to(torch.float32)
+    for t, f in opt.frozen.items():
+        p = opt.online._tensors[t]
+        lab = opt.online.labels[t] if f["mask"] is None else opt.online.labels[t][f["mask"]]
+        value = p.detach().view(-1) if f["mask"] is None else p.detach().view(-1)[f["mask"]]
+        assert torch.equal(value, torch.addcmul(f["b"], f["a"], r[lab]))  # exactly a * r_now + b
+        assert not any((t, i) in refs for i in (range(p.numel()) if f["mask"] is None else
+                                                 torch.nonzero(f["mask"]).flatten().tolist()))
+        if f["mask"] is None:  # a whole frozen tensor stops costing
+            assert not p.requires_grad and p.grad is None
+            assert all(p is not q for g in opt.param_groups for q in g["params"])
+            assert p not in opt.state
+
+
+def test_tensor_granularity_saves_gradients_and_state(mnist):
+    """Make the whole-tensor case happen deterministically: force a tensor frozen, then check that no
+    gradient is computed for it and the optimizer skips it."""
+    model, opt = _build("tensor", embed_every=None)
+    _train(mnist, 14, opt, model)
+    labels, a, b = opt.online.coefficients()
+    with_refs = {tt for tt, _ in opt.online.ref_index}
+    t = max((i for i in opt._candidates if i not in with_refs), key=lambda i: opt.online._tensors[i].numel())
+    p = opt.online._tensors[t]
+    opt._freeze_tensor(t, a[t], b[t])
+    before = p.detach().clone()
+    _train(mnist, 20, opt, model, start=14)
+    assert p.grad is None and not p.requires_grad
+    assert p not in opt.state and all(p is not q for g in opt.param_groups for q in g["params"])
+    assert opt.online.mean[t].numel() == 0  # its running moments were freed
+    assert not torch.equal(p, before)  # it still moves, following its references
+
+
+@pytest.mark.parametrize("stop", [8, 12, 20, 33])  # recording, the fit step, fitted, partly frozen
+def test_resume_is_bit_exact_in_every_phase(mnist, stop, tmp_path):
+    model, opt = _build("weight")
+    _train(mnist, stop, opt, model)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    rest = _train(mnist, 45, opt, model, start=stop)
+    model2, opt2 = _build("weight")
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    model2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    rest2 = _train(mnist, 45, opt2, model2, start=stop)
+    assert rest2 == rest
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(v, v2), k
+    for k, v in opt.cmd_state_dict().items():
+        assert torch.equal(opt2.cmd_state_dict()[k], v), k
+
+
+def test_eval_train_swap_and_the_shadow_model(mnist):
+    xtr, ytr, xte, yte = mnist
+    torch.manual_seed(0)
+    model = SmallCNN()
+    opt = OnlineCMDOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-3), n_modes=5, fit_at=30,
+                             snapshot_every=3, seed=0)
+    _train(mnist, 60, opt, model)
+    raw = copy.deepcopy(model.state_dict())
+    raw_acc = evaluate(model, xte, yte)
+    opt.eval()
+    cmd_acc = evaluate(model, xte, yte)
+    with pytest.raises(RuntimeError, match=r"call opt.train\(\) before training steps"):
+        opt.step()
+    with pytest.raises(RuntimeError, match=r"call opt.train\(\) before state_dict"):
+        opt.state_dict()
+    opt.train()
+    for k, v in raw.items():
+        assert torch.equal(model.state_dict()[k], v)
+    assert cmd_acc > 0.8 and raw_acc > 0.8 and cmd_acc != raw_acc
+    shadow = SmallCNN()
+    shadow.load_state_dict(opt.cmd_state_dict())  # a plain state dict: loads into the original class
+    assert evaluate(shadow, xte, yte) == cmd_acc
+
+
+def test_bad_optimizer_arguments():
+    model = SmallCNN()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="granularity must be 'tensor' or 'weight'"):
+        OnlineCMDOptimizer(model, base, fit_at=30, granularity="layer")
+    with pytest.raises(ValueError, match=r"embed_fraction must be in \(0, 1\]"):
+        OnlineCMDOptimizer(model, base, fit_at=30, embed_every=5, embed_fraction=0)
