@@ -1,0 +1,36 @@
+"""Studying training dynamics with modes: recording, CMD vs. DMD, figures and reports.
+
+* :class:`Recording` - snapshot a model every k steps/epochs, in memory or one file per snapshot.
+* :class:`TrajectoryCallback` - the same inside a Hugging Face ``Trainer`` (imports transformers).
+* :func:`load_trajectory` / :func:`load_snapshots` - read a saved run back as a ``Trajectory``.
+* :func:`dmd` / :class:`DMD` - exact DMD at rank r, the CMD paper's baseline.
+* :func:`analyze` - CMD + DMD of a run, the paper's figures, ``index.html`` / ``report.md``.
+
+The command line ``modeopt analyze RUN --modes 10 --out report/`` wraps :func:`analyze`.
+"""
+
+from .dmd import DMD, dmd
+from .evaluation import BUILTIN_EVALS, AccuracyCurves, accuracy_curves, resolve_eval
+from .io import load_trajectory
+from .recording import Recording, SnapshotWriter, is_snapshot_directory, load_snapshots
+from .report import Report, analyze
+from .stats import (
+    CorrelationData, LayerDistribution, ProfileBands, ReconstructionErrors, WeightExamples,
+    correlation_data, layer_distribution, profile_bands, reconstruction_errors, weight_examples,
+)
+
+__all__ = [
+    "Recording", "TrajectoryCallback", "SnapshotWriter", "load_snapshots", "load_trajectory", "is_snapshot_directory",
+    "DMD", "dmd", "analyze", "Report",
+    "correlation_data", "profile_bands", "layer_distribution", "reconstruction_errors", "weight_examples",
+    "CorrelationData", "ProfileBands", "LayerDistribution", "ReconstructionErrors", "WeightExamples",
+    "accuracy_curves", "AccuracyCurves", "BUILTIN_EVALS", "resolve_eval",
+]
+
+
+def __getattr__(name: str):
+    if name == "TrajectoryCallback":  # transformers is imported only when this is asked for
+        from .hf import TrajectoryCallback
+
+        return TrajectoryCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,120 @@
+"""The ``modeopt`` command line.
+
+Subcommands register themselves in :data:`SUBCOMMANDS`: each is a function that adds its parser
+to the ``subparsers`` action and sets ``run=`` (a function of the parsed arguments returning an
+exit status). Errors a user can fix (``ValueError``, missing files, missing optional packages)
+are printed as one line, ``modeopt COMMAND: error: ...``, with exit status 1.
+
+    modeopt analyze RUN [RUN ...] --modes 10 --out report/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+
+
+# ------------------------------------------------------------------ analyze
+def _add_analyze(sub) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="decompose a recorded training run and write a report (figures + index.html)",
+        description="Correlation Mode Decomposition of a recorded training run, next to exact DMD, written as a "
+                    "report: PNG figures, index.html, report.md and summary.json.",
+        epilog="RUN is a trajectory file (Trajectory.save), a snapshot directory (modeopt.analysis.Recording), "
+               "a directory of checkpoints, or several checkpoint files (ordered by the numbers in their names). "
+               "Example: modeopt analyze runs/cnn --modes 10 --eval mnist-cnn --out report/",
+    )
+    p.add_argument("inputs", nargs="+", metavar="RUN", help="trajectory file, snapshot/checkpoint directory, "
+                   "or checkpoint files")
+    p.add_argument("--out", "-o", default="report", help="report directory (default: report)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--modes", "-m", type=int, help="number of modes M (default 10)")
+    g.add_argument("--threshold", "-t", type=float, help="cut the clustering at distance t (1 - |corr|) instead")
+    p.add_argument("--samples", "-k", type=int, default=1000,
+                   help="weights sampled for the clustering (K, default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--dmd-rank", type=int, nargs="+", default=None, metavar="R",
+                   help="rank(s) r of the DMD baseline (default: M and 2, the rank that stores as much per weight "
+                        "as CMD; 0 skips DMD)")
+    p.add_argument("--start", type=int, default=None, help="drop the samples before this step/epoch")
+    p.add_argument("--stop", type=int, default=None, help="drop the samples from this step/epoch on")
+    p.add_argument("--every", type=int, default=1, help="keep every k-th sample (sub-sampling)")
+    p.add_argument("--key", default=None, help="entry of each checkpoint that holds the state dict (e.g. model)")
+    p.add_argument("--keep-order", action="store_true", help="keep checkpoint files in the order given")
+    p.add_argument("--eval", default=None, metavar="NAME",
+                   help="score the recorded and reconstructed weights along the run: 'mnist-cnn' (SmallCNN on the "
+                        "MNIST subset's test digits) or 'package.module:function' returning (model_factory, evaluate)")
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every k-th sample (and the last)")
+    p.add_argument("--metric", default="accuracy", help="name of what --eval measures (default: accuracy)")
+    p.add_argument("--title", default=None, help="report title")
+    p.add_argument("--no-figures", action="store_true", help="write the numbers only (no matplotlib needed)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
+    p.set_defaults(run=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze, load_trajectory, resolve_eval
+
+    if args.modes is None and args.threshold is None:
+        args.modes = 10
+    if not args.no_figures:
+        from .analysis.figures import require_matplotlib
+
+        require_matplotlib()  # fail before any work
+    progress = False if args.quiet else None
+    factory = evaluate = None
+    if args.eval is not None:
+        factory, evaluate = resolve_eval(args.eval)
+    traj, unit = load_trajectory(args.inputs[0] if len(args.inputs) == 1 else args.inputs, key=args.key,
+                                 keep_order=args.keep_order, start=args.start, stop=args.stop, every=args.every,
+                                 progress=progress)
+    if not args.quiet:
+        print(f"modeopt analyze: {traj.n_weights:,} weights x {traj.n_samples} samples "
+              f"({unit}s {traj.steps[0]}..{traj.steps[-1]})", file=sys.stderr)
+    report = analyze(traj, out=args.out, n_modes=args.modes, threshold=args.threshold, n_samples=args.samples,
+                     seed=args.seed, dmd_rank=args.dmd_rank, evaluate=evaluate, model_factory=factory,
+                     eval_every=args.eval_every, metric=args.metric, time_label=unit, title=args.title,
+                     figures=not args.no_figures, progress=progress)
+    if not args.quiet:
+        from .analysis.report import summary_rows as _rows
+
+        width = max(len(k) for k, _ in _rows(report, args.metric))
+        for k, v in _rows(report, args.metric):
+            print(f"  {k:<{width}}  {v}")
+        print(f"report: {report.index}")
+    return 0
+
+
+#: functions that each add one subcommand (``compare`` and others append here).
+SUBCOMMANDS: list[Callable] = [_add_analyze]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="modeopt", description="modeopt: Correlation Mode Decomposition tools.")
+    parser.add_argument("--version", action="version", version=f"modeopt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError, ImportError, KeyError) as e:
+        msg = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
+        print(f"modeopt {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
