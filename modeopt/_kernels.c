@@ -75,6 +75,27 @@ static inline void scatter_uint8_t(const float *v, const uint8_t *L, int64_t len
         for (int64_t i = 0; i < n; ++i) w[i] += ACONV(a[i]) * delta[(uint32_t) lab[i]];             \
     }
 
+/* Online CMD. welford: one sample of Welford/Chan moments, in place, one pass:
+ *   dw = w[i] - mean[i];  mean[i] += dw * inv_n;  com[i] += dw * dr[lab[i]]
+ * (dr: the references' deviation from their updated means). assign: w[i] = a[i] * r[lab[i]] + b[i]. */
+#define DEFINE_ONLINE(LNAME, LTYPE)                                                                 \
+    void welford_##LNAME(const float *restrict w, double *restrict mean, double *restrict com,      \
+                         const LTYPE *restrict lab, const double *restrict dr, double inv_n,        \
+                         int64_t n) {                                                              \
+        for (int64_t i = 0; i < n; ++i) {                                                          \
+            double dw = (double) w[i] - mean[i];                                                   \
+            mean[i] += dw * inv_n;                                                                 \
+            com[i] += dw * dr[(uint32_t) lab[i]];                                                   \
+        }                                                                                          \
+    }                                                                                              \
+    void assign_##LNAME(float *restrict w, const float *restrict a, const float *restrict b,       \
+                        const LTYPE *restrict lab, const float *restrict r, int64_t n) {           \
+        for (int64_t i = 0; i < n; ++i) w[i] = a[i] * r[(uint32_t) lab[i]] + b[i];                  \
+    }
+DEFINE_ONLINE(u8, uint8_t)
+DEFINE_ONLINE(u16, uint16_t)
+DEFINE_ONLINE(i32, int32_t)
+
 DEFINE_KERNELS(f32, float, f32_to_f32, u8, uint8_t)
 DEFINE_KERNELS(f32, float, f32_to_f32, u16, uint16_t)
 DEFINE_KERNELS(f32, float, f32_to_f32, i32, int32_t)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["reduce", "update", "fused_available", "use_fused", "label_dtype", "as_index"]
+__all__ = ["reduce", "update", "welford", "assign", "fused_available", "use_fused", "label_dtype", "as_index"]
 
 logger = logging.getLogger("modeopt")
 
@@ -90,6 +90,9 @@ def _build() -> ctypes.CDLL | None:
             getattr(lib, f"reduce_{an}_{ln}").argtypes = [vp, vp, vp, i64, vp, i64]
             getattr(lib, f"update_{an}_{ln}").argtypes = [vp, vp, vp, vp, i64]
     lib.fold_banks.argtypes = [vp, i64, vp]
+    for ln in _L_NAMES.values():
+        getattr(lib, f"welford_{ln}").argtypes = [vp, vp, vp, vp, vp, ctypes.c_double, i64]
+        getattr(lib, f"assign_{ln}").argtypes = [vp, vp, vp, vp, vp, i64]
     return lib
 
 
@@ -256,6 +259,64 @@ def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tens
         w, x, lab = weights[t], a[t], labels[t]
         fns[t](w.data_ptr() + 4 * s, x.data_ptr() + x.element_size() * s, lab.data_ptr() + lab.element_size() * s,
                d.data_ptr(), e - s)
+
+    _run_split(one, _pieces([w.numel() for w in weights]))
+
+
+@torch.no_grad()
+def welford(weights: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequence[Tensor],
+            labels: Sequence[Tensor], dr: Tensor, n: int) -> None:
+    """One Welford/Chan sample for every tensor, in place: ``mean += (w - mean) / n`` and
+    ``comoment += (w - mean_before) * dr[label]``.
+
+    Args:
+        weights: float tensors (any shape); mean, comoment: flat float64 of the same sizes;
+        labels: flat mode labels; dr: ``(M,)`` float64, references minus their updated means.
+    """
+    flat = [w.detach().reshape(-1) for w in weights]
+    ok = (fused_available() and all(w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
+                                     for w in flat)
+          and all(lab.dtype in _L_NAMES for lab in labels))
+    if not ok:
+        for w, mu, com, lab in zip(flat, mean, comoment, labels):
+            dw = w.to(torch.float64) - mu
+            mu.add_(dw, alpha=1.0 / n)
+            com.addcmul_(dw, dr[as_index(lab)])
+        return
+    lib = _get_lib()
+    d = dr.to(torch.float64).contiguous()
+    fns = [getattr(lib, f"welford_{_L_NAMES[lab.dtype]}") for lab in labels]
+
+    def one(piece):
+        t, s, e = piece
+        w, mu, com, lab = flat[t], mean[t], comoment[t], labels[t]
+        fns[t](w.data_ptr() + 4 * s, mu.data_ptr() + 8 * s, com.data_ptr() + 8 * s,
+               lab.data_ptr() + lab.element_size() * s, d.data_ptr(), 1.0 / n, e - s)
+
+    _run_split(one, _pieces([w.numel() for w in flat]))
+
+
+@torch.no_grad()
+def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], labels: Sequence[Tensor],
+           r: Tensor) -> None:
+    """``w = a * r[label] + b`` for every tensor, in place (float32 a and b, flat)."""
+    ok = (fused_available() and all(w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
+                                    for w in weights)
+          and all(lab.dtype in _L_NAMES for lab in labels))
+    if not ok:
+        rr = r.to(torch.float32)
+        for w, x, y, lab in zip(weights, a, b, labels):
+            w.copy_(torch.addcmul(y, x, rr[as_index(lab)]).view(w.shape))
+        return
+    lib = _get_lib()
+    rr = r.to(torch.float32).contiguous()
+    fns = [getattr(lib, f"assign_{_L_NAMES[lab.dtype]}") for lab in labels]
+
+    def one(piece):
+        t, s, e = piece
+        w, x, y, lab = weights[t], a[t], b[t], labels[t]
+        fns[t](w.data_ptr() + 4 * s, x.data_ptr() + 4 * s, y.data_ptr() + 4 * s,
+               lab.data_ptr() + lab.element_size() * s, rr.data_ptr(), e - s)
 
     _run_split(one, _pieces([w.numel() for w in weights]))
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from ._wrapping import SharesBaseOptimizer
 from .online import OnlineCMD, default_names
 
@@ -102,22 +103,22 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
 
     @torch.no_grad()
     def _apply_frozen(self) -> None:
-        """Frozen weights follow their references: w = a * r_now[m] + b."""
+        """Frozen weights follow their references: w = a * r_now[m] + b (whole tensors: one fused pass)."""
         r = self.online.references_now()
+        whole = [t for t, f in self.frozen.items() if f["mask"] is None]
+        if whole:
+            kernels.assign([self.online._tensors[t] for t in whole], [self.frozen[t]["a"] for t in whole],
+                           [self.frozen[t]["b"] for t in whole], [self.online.labels[t] for t in whole], r)
         for t, f in self.frozen.items():
-            tensor = self.online._tensors[t]
-            lab = self.online.labels[t] if f["mask"] is None else self.online.labels[t][f["mask"]]
-            value = torch.addcmul(f["b"], f["a"], r.to(torch.float32)[lab])
-            if f["mask"] is None:
-                tensor.view(-1).copy_(value)
-            else:
-                tensor.view(-1)[f["mask"]] = value
+            if f["mask"] is not None:
+                lab = kernels.as_index(self.online.labels[t])[f["mask"]]
+                self.online._tensors[t].view(-1)[f["mask"]] = torch.addcmul(f["b"], f["a"], r.to(torch.float32)[lab])
 
     # --------------------------------------------------- gradual embedding
     def _relative_change(self, t: int, a: Tensor, mean: Tensor) -> Tensor:
         """How much a weight's fitted trajectory moved since the last check, relative to its own
         movement: (|da| sd_r + |d mean|) / (|a| sd_r)."""
-        lab = self.online.labels[t]
+        lab = kernels.as_index(self.online.labels[t])
         sd = (self.online.mode_m2 / max(self.online.count, 1)).sqrt()[lab]
         prev = self._prev.get(t)
         if prev is None:
@@ -167,6 +168,30 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
                     self._freeze_weights(t, pick, a_all[t], b_all[t])
         self.embed_history.append({"step": self.online.calls, "newly_frozen": newly,
                                    "frozen_fraction": self.frozen_fraction()})
+
+    def freeze(self, names: Sequence[str], *, allow_references: bool = False) -> None:
+        """Freeze whole tensors now: from here on they follow ``a * r[m] + b`` with their current fit
+        and stop costing (no gradient, optimizer state, update or moments).
+
+        A tensor holding a mode's reference is refused unless ``allow_references=True``: freezing it
+        stops that reference, and with it every frozen weight of its mode.
+        """
+        self.online._need_fit()
+        _, a, b = self.online.coefficients()
+        with_refs = {t for t, _ in self.online.ref_index}
+        for name in names:
+            if name not in self.online._names:
+                raise KeyError(f"{name!r} is not modelled by this OnlineCMDOptimizer")
+            t = self.online._names.index(name)
+            if t not in self._candidates:
+                raise ValueError(f"{name!r} is not a trainable parameter of the base optimizer: nothing to freeze")
+            if t in with_refs and not allow_references:
+                raise ValueError(f"{name!r} holds the reference weight of a mode: freezing it would stop that mode "
+                                 "(pass allow_references=True to do it anyway)")
+            f = self.frozen.get(t)
+            if f is not None and f["mask"] is None:
+                continue
+            self._freeze_tensor(t, a[t], b[t])
 
     def _freeze_tensor(self, t: int, a: Tensor, b: Tensor) -> None:
         p = self.online._tensors[t]
