@@ -30,7 +30,7 @@ def test_configs_parse_and_name_a_plain_reference():
 
 @pytest.fixture(scope="module")
 def cnn():
-    cfg = _cfg("cnn_mnist", epochs=1.0, eval_every=31, posthoc_modes=[3])
+    cfg = _cfg("cnn_mnist", epochs=1.0, eval_every=31, posthoc_modes=[3], online_fit_epochs=0.5, swa_start_epochs=0.5)
     return cfg, make_task(cfg)
 
 
@@ -39,9 +39,19 @@ def test_plain_with_shadows(cnn):
     r = run_one(cfg, task, {"name": "plain", "kind": "plain"}, seed=0)
     assert r["total_steps"] == 62 and [c[0] for c in r["curve"]] == [31, 62]
     assert r["trainable"] == 29_994 and r["switch_step"] is None
-    assert 0.8 < r["final"] <= 1 and set(r["shadows"]) == {"ema", "swa", "posthoc_M3"}
+    assert 0.8 < r["final"] <= 1
+    assert set(r["shadows"]) == {"ema", "ema_best", "swa", "swa_best", "online", "online_best", "posthoc_M3"}
     assert all(0.1 < v <= 1 for v in r["shadows"].values())
+    assert r["shadows"]["online_best"] >= r["shadows"]["online"]
+    assert [s for s, _ in r["shadow_curves"]["online"]] == [31, 62]  # fitted at step 31, evaluated from then on
     assert r["step_ms"] > 0 and r["peak_mib"] > 100
+
+
+def test_gradual_embedding_method(cnn):
+    cfg, task = cnn
+    r = run_one(cfg, task, {"name": "g", "kind": "gradual", "fit_epochs": 0.5, "embed_every_epochs": 0.125,
+                            "embed_fraction": 0.3, "granularity": "weight"}, seed=0)
+    assert 0 < r["frozen_fraction"] < 1 and 0.5 < r["final"] <= 1 and 0.5 < r["shadow_final"] <= 1
 
 
 @pytest.mark.parametrize("method, trainable", [

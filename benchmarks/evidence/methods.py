@@ -2,9 +2,11 @@
 
 Methods (``kind`` in the config):
 
-* ``plain`` - the base optimizer. Shadows computed on the same run: EMA of the weights, SWA
-  (``torch.optim.swa_utils``), and post-hoc CMD of its recorded trajectory (the paper's finding:
-  the modelled weights often test better).
+* ``plain`` - the base optimizer. Shadows computed on the same run, evaluated along the run: EMA
+  of the weights, SWA (``torch.optim.swa_utils``, BatchNorm statistics recomputed with
+  ``update_bn``), online CMD (``modeopt.OnlineCMD``, BatchNorm statistics modelled), and at the end
+  post-hoc CMD of the recorded trajectory (the paper's finding: the modelled weights often test better).
+* ``gradual`` - ``modeopt.OnlineCMDOptimizer`` with gradual embedding (the trained model is evaluated).
 * ``cmd`` - ``modeopt.CMDOptimizer`` (any of its options).
 * ``dldr`` - ``modeopt.baselines.SubspaceOptimizer`` (DLDR / P-SGD, a dense PCA subspace).
 * ``lora`` - LoRA adapters via ``peft`` (fine-tuning tasks).
@@ -98,12 +100,23 @@ def run_one(cfg: dict, task: Task, method: dict, seed: int) -> dict:
         opt = SubspaceOptimizer(model, base, dim=int(method["dim"]), warmup_steps=steps("warmup_epochs"),
                                 snapshot_every=int(method.get("snapshot_every", 5)),
                                 exclude=_exclude(method.get("exclude"), task))
+    elif kind == "gradual":
+        opt = modeopt.OnlineCMDOptimizer(
+            model, base, n_modes=int(method.get("n_modes", 10)), fit_at=steps("fit_epochs"),
+            snapshot_every=int(method.get("snapshot_every", 5)), sample_every=int(method.get("sample_every", 5)),
+            seed=seed, embed_every=steps("embed_every_epochs"), embed_fraction=float(method.get("embed_fraction", 0.1)),
+            granularity=method.get("granularity", "tensor"))
     elif kind == "plain":
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(cfg.get("ema_decay", 0.995))), use_buffers=True)
         swa = AveragedModel(model)
         swa_start = int(round(float(cfg.get("swa_start_epochs", cfg["epochs"] * 0.5)) * spe))
         swa_every = int(cfg.get("swa_every", max(1, spe // 4)))
         rec = modeopt.TrajectoryRecorder(model, every=int(cfg.get("posthoc_every", 5)), dtype=torch.bfloat16)
+        online = modeopt.OnlineCMD(model, n_modes=int(cfg.get("online_modes", 10)),
+                                   fit_at=int(round(float(cfg.get("online_fit_epochs", cfg["epochs"] * 0.25)) * spe)),
+                                   snapshot_every=int(cfg.get("posthoc_every", 5)),
+                                   sample_every=int(cfg.get("online_sample_every", 5)), seed=seed)
+        shadow_curve = {"ema": [], "swa": [], "online": []}
     elif kind != "lora":
         raise ValueError(f"unknown method kind {kind!r}")
 
@@ -131,8 +144,17 @@ def run_one(cfg: dict, task: Task, method: dict, seed: int) -> dict:
             if step >= swa_start and (step - swa_start) % swa_every == 0:
                 swa.update_parameters(model)
             rec.step()
+            online.update()
         if step % eval_every == 0 or step == total:
             curve.append((step, task.evaluate(model), float(loss.detach())))
+            if kind == "plain":
+                shadow_curve["ema"].append((step, task.evaluate(ema.module)))
+                if step >= swa_start:
+                    _bn_refresh(swa.module, task)
+                    shadow_curve["swa"].append((step, task.evaluate(swa.module)))
+                if online.phase == "fitted":
+                    with online.applied() as m:
+                        shadow_curve["online"].append((step, task.evaluate(m)))
         bar.update()
     bar.close()
     final = curve[-1][1]
@@ -144,11 +166,18 @@ def run_one(cfg: dict, task: Task, method: dict, seed: int) -> dict:
     }
     late = [t for t, ph in zip(step_times, phases) if ph == "embedded"] if switch_step else step_times[len(step_times) // 2:]
     out["step_ms"] = statistics.median(late) * 1e3
+    if kind == "gradual":
+        out["frozen_fraction"] = opt.frozen_fraction()
+        out["trainable_end"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        opt.eval()
+        out["shadow_final"] = task.evaluate(model)
+        opt.train()
     if kind == "plain":
-        _bn_refresh(ema.module, task)  # no-op: EMA already averages the BN buffers (use_buffers=True)
-        shadows["ema"] = task.evaluate(ema.module)
-        _bn_refresh(swa.module, task)
-        shadows["swa"] = task.evaluate(swa.module)
+        for k, c in shadow_curve.items():
+            if c:
+                shadows[k] = c[-1][1]
+                shadows[k + "_best"] = max(v for _, v in c)
+        out["shadow_curves"] = shadow_curve
         traj = rec.trajectory()
         for m in cfg.get("posthoc_modes", [10]):
             d = modeopt.decompose(traj, n_modes=int(m), seed=seed)

@@ -122,13 +122,25 @@ def report(cfg: dict) -> None:
         lines.append(f"| {desc[name]} | {row['trainable']:,} | {_ms(row['final'])} | {_ms(row['best'])} | {share} | "
                      f"{row['step_ms']:.1f} | {row['peak_mib']:.0f} |")
     if "plain" in by and "shadows" in by["plain"][0]:
-        lines += ["", "Shadow models of the plain runs (evaluated at the end; same runs, no extra training):", "",
-                  "| shadow | final accuracy |", "|---|---|", f"| raw weights | {_ms([r['final'] for r in by['plain']])} |"]
-        for k in by["plain"][0]["shadows"]:
-            label = {"ema": f"EMA (decay {cfg.get('ema_decay', 0.995)})", "swa": "SWA (swa_utils)"}.get(
-                k, k.replace("posthoc_M", "post-hoc CMD, M = "))
-            lines.append(f"| {label} | {_ms([r['shadows'][k] for r in by['plain']])} |")
+        sh = by["plain"][0]["shadows"]
+        lines += ["", "Shadow models of the plain runs (same runs, no extra training; *best* over the evaluation "
+                  "points):", "", "| shadow | final accuracy | best accuracy |", "|---|---|---|",
+                  f"| raw weights | {_ms([r['final'] for r in by['plain']])} | {_ms([r['best'] for r in by['plain']])} |"]
+        labels = {"ema": f"EMA (decay {cfg.get('ema_decay', 0.995)})", "swa": "SWA (swa_utils)",
+                  "online": f"online CMD (M = {cfg.get('online_modes', 10)})"}
+        for k in sh:
+            if k.endswith("_best"):
+                continue
+            label = labels.get(k, k.replace("posthoc_M", "post-hoc CMD, M = "))
+            best = _ms([r["shadows"][k + "_best"] for r in by["plain"]]) if k + "_best" in sh else "-"
+            lines.append(f"| {label} | {_ms([r['shadows'][k] for r in by['plain']])} | {best} |")
             table[f"plain/{k}"] = {"final": [r["shadows"][k] for r in by["plain"]]}
+    grad = [n for n in order if by[n][0]["kind"] == "gradual"]
+    for name in grad:
+        rs = by[name]
+        lines += ["", f"{desc[name]}: frozen fraction at the end {_ms([r['frozen_fraction'] for r in rs])}; trainable "
+                  f"tensors' weights at the end {statistics.mean(r['trainable_end'] for r in rs):,.0f}; its CMD shadow "
+                  f"{_ms([r['shadow_final'] for r in rs])}."]
     notes = cfg.get("notes", "").strip()
     if notes:
         lines += ["", notes]
