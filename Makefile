@@ -26,6 +26,7 @@ bench: $(STAMP)
 	cd benchmarks && ../$(VENV)/bin/python step_time.py
 	cd benchmarks && ../$(VENV)/bin/python memory.py
 	cd benchmarks && ../$(VENV)/bin/python scaling.py
+	cd benchmarks && ../$(VENV)/bin/python ddp_memory.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -8,6 +8,10 @@ Public API:
 * :func:`decompose` / :class:`Decomposition` - post-hoc CMD of a weight trajectory.
 * :class:`Trajectory` / :class:`TrajectoryRecorder` - record and load weight trajectories.
 * :class:`ParamLayout` - which rows of a flat vector are which named tensor.
+
+Submodules: ``modeopt.distributed`` (DDP, torchrun, HF Trainer on several processes),
+``modeopt.federated`` (FedAvg in mode space), ``modeopt.analysis`` (studying training runs),
+``modeopt.integrations.hf`` (the ``Trainer`` callback).
 """
 
 from .decomposition import Decomposition, decompose

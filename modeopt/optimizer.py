@@ -114,6 +114,11 @@ class CMDOptimizer(torch.optim.Optimizer):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        # Data parallelism (modeopt.distributed): a DistributedDataParallel model is unwrapped (and
+        # attached below); sharding wrappers and sharded base optimizers are refused with a reason.
+        from .distributed import check_supported  # lazy: the integration imports the core, not the reverse
+
+        model, ddp = check_supported(model, base_optimizer)
         if isinstance(base_optimizer, CMDOptimizer):
             raise TypeError("base_optimizer is already a CMDOptimizer")
         if not isinstance(base_optimizer, torch.optim.Optimizer):
@@ -166,6 +171,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         self.coef_dtype = coef_dtype
         self.progress = progress
 
+        self._phase_hooks: list[Callable[[CMDOptimizer, str], None]] = []  # see register_phase_hook
         self._select(exclude)
         self.phase = "warmup"
         self.cycle = 0
@@ -175,6 +181,29 @@ class CMDOptimizer(torch.optim.Optimizer):
         self.space: ModeSpace | None = None
         self.history: list[dict[str, Any]] = []
         self._warned_no_grad = False
+        if ddp is not None:
+            from .distributed import attach
+
+            attach(self, ddp)
+
+    # ---------------------------------------------------- phase hooks
+    # Additive integration point (used by modeopt.distributed): the set of trainable parameters
+    # changes at the switch, at re-clustering, export and load_state_dict; wrappers that captured it
+    # (DistributedDataParallel) must hear about it, and every rank must decompose with the same seed.
+    def register_phase_hook(self, fn: Callable[[CMDOptimizer, str], None]) -> Callable[[], None]:
+        """Call ``fn(opt, event)`` at every change of phase; returns a function that removes it.
+
+        Events: ``"pre_embed"`` (the switch is about to decompose with ``opt.seed + opt.cycle``: a
+        hook may still set ``opt.seed``), ``"embedded"`` (mode space entered), ``"unembedded"``
+        (re-clustering returned to full training), ``"exported"`` and ``"loaded"`` (after
+        :meth:`load_state_dict`). All but ``"pre_embed"`` mean the trainable parameters changed.
+        """
+        self._phase_hooks.append(fn)
+        return lambda: self._phase_hooks.remove(fn) if fn in self._phase_hooks else None
+
+    def _fire(self, event: str) -> None:
+        for fn in list(self._phase_hooks):
+            fn(self, event)
 
     # ------------------------------------------------- torch.optim plumbing
     # param_groups / state / defaults are the base optimizer's own objects, always: the base's
@@ -321,6 +350,7 @@ class CMDOptimizer(torch.optim.Optimizer):
                 self.phase = "warmup"
                 self.cycle += 1
                 self._phase_step = 0
+                self._fire("unembedded")
 
     def _record(self) -> None:
         if self._buffer is None:
@@ -344,6 +374,13 @@ class CMDOptimizer(torch.optim.Optimizer):
                     f"modeopt refuses to embed at step {self._step}: parameter {name!r} holds NaN/inf. The "
                     "training state is unchanged (still in warm-up); fix the divergence (lower the learning "
                     "rate, clip gradients) and resume from a checkpoint")
+        if not self._phase_hooks and _world_size() > 1:
+            warnings.warn(
+                f"modeopt: {_world_size()} processes run torch.distributed, but this CMDOptimizer is not "
+                "attached: under DistributedDataParallel the ranks may pick different modes and the mode "
+                "scalars' gradients are NOT all-reduced (the ranks drift apart silently). Call "
+                "modeopt.distributed.attach(opt) once before training (see docs/scaling-out.md)", stacklevel=4)
+        self._fire("pre_embed")
         data, steps = self._buffer.raw()
         traj = Trajectory(data, self._layout, steps, self._buffer.anchor)
         d = decompose(traj, n_modes=self.n_modes, n_samples=self.n_samples, seed=self.seed + self.cycle,
@@ -388,6 +425,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         logger.info("modeopt: step %d: embedded %s weights of %d tensors into %d modes (sizes %s); trainable "
                     "parameters now %s", self._step, f"{self._layout.n:,}", len(self._layout), m, info["sizes"],
                     f"{self.trainable_parameters():,}")
+        self._fire("embedded")
 
     def _enter(self, *, labels: Sequence[Tensor], a: Sequence[Tensor], r_groups: Tensor, r: Tensor) -> None:
         """Build the mode space and move the param groups onto ``r`` (in place)."""
@@ -442,6 +480,7 @@ class CMDOptimizer(torch.optim.Optimizer):
             self._unembed()
         self._buffer = None
         self.phase = "exported"
+        self._fire("exported")
         return self.model
 
     # ------------------------------------------------------- state dicts
@@ -495,6 +534,12 @@ class CMDOptimizer(torch.optim.Optimizer):
                                           directory=self.record_dir)
             self._buffer.load_state_dict(cmd["buffer"])
         self.base.load_state_dict(state_dict["base"])
+        self._fire("loaded")
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _check_int(name: str, value, minimum: int) -> None:

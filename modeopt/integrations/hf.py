@@ -36,6 +36,11 @@ class CMDCallback(TrainerCallback):
     ``trainer_state.json``) as ``{"step", "cmd_phase", "cmd_cycle", "cmd_trainable_params"}``,
     logs it to the ``modeopt`` logger, and forces the Trainer's usual log line at that step.
 
+    Under data parallelism (``torchrun``/``accelerate launch``, more than one process) it also
+    calls :func:`modeopt.distributed.attach` on the optimizer at the start of training, so the
+    ranks agree on the modes and the Trainer's DDP wrapper all-reduces the M mode scalars after the
+    switch (see docs/scaling-out.md).
+
     Usage: ``Trainer(..., optimizers=(cmd_opt, None), callbacks=[CMDCallback()])``.
     """
 
@@ -46,6 +51,10 @@ class CMDCallback(TrainerCallback):
         opt = find_cmd_optimizer(optimizer)
         if opt is not None:
             self._last = (opt.phase, opt.cycle)
+            if getattr(args, "world_size", 1) > 1:
+                from ..distributed import attach
+
+                attach(opt)  # idempotent; finds the Trainer's DDP wrapper at its first forward
         return control
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
