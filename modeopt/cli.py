@@ -6,6 +6,7 @@ exit status). Errors a user can fix (``ValueError``, missing files, missing opti
 are printed as one line, ``modeopt COMMAND: error: ...``, with exit status 1.
 
     modeopt analyze RUN [RUN ...] --modes 10 --out report/
+    modeopt compare RUN_A RUN_B --out comparison/
 """
 
 from __future__ import annotations
@@ -89,8 +90,96 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ compare
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare the training dynamics of two runs: Koopman spectra, W1 distance, p-value",
+        description="Koopman (DMD) spectra of two recorded runs (an observable of the weights, time-delay "
+                    "embedded, exact DMD), the Wasserstein-1 distance between them, and its p-value against the "
+                    "distances between windows of one run. Writes comparison.png, comparison.json and "
+                    "comparison.md.",
+        epilog="RUN_A and RUN_B are each a trajectory file (Trajectory.save), a snapshot directory "
+               "(modeopt.analysis.Recording) or a directory of checkpoints, recorded at evenly spaced steps. "
+               "Example: modeopt compare runs/adam runs/sgd --delays 32 --out comparison/",
+    )
+    p.add_argument("run_a", metavar="RUN_A", help="the first run")
+    p.add_argument("run_b", metavar="RUN_B", help="the second run")
+    p.add_argument("--out", "-o", default="comparison", help="output directory (default: comparison)")
+    p.add_argument("--observable", choices=["pca", "layer"], default="pca",
+                   help="pca: leading principal coordinates of all weights (default); layer: the tensors --layer names")
+    p.add_argument("--layer", action="append", default=None, metavar="NAME",
+                   help="tensor name or module prefix for --observable layer (repeat for several)")
+    p.add_argument("--components", "-k", type=int, default=None,
+                   help="principal coordinates kept (default 10 for pca, all for layer)")
+    p.add_argument("--delays", "-d", type=int, default=32, help="delays of the Hankel embedding (default 32)")
+    p.add_argument("--rank", "-r", type=int, default=None, help="DMD rank (default: chosen by --energy)")
+    p.add_argument("--energy", "-e", type=float, default=0.99,
+                   help="share of the squared singular values the rank keeps, when --rank is not given (default 0.99)")
+    p.add_argument("--window", type=int, default=None,
+                   help="samples per window of the null (default: a third of the shorter run)")
+    p.add_argument("--null-samples", type=int, default=200, help="at most this many null distances (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the null's choice of window pairs (default 0)")
+    p.add_argument("--labels", nargs=2, default=None, metavar=("A", "B"),
+                   help="names of the runs in the figure and report (default: the directory names)")
+    p.add_argument("--start", type=int, default=None, help="drop the samples before this step")
+    p.add_argument("--stop", type=int, default=None, help="drop the samples from this step on")
+    p.add_argument("--every", type=int, default=1, help="keep every k-th sample")
+    p.add_argument("--key", default=None, help="entry of each checkpoint that holds the state dict (e.g. model)")
+    p.add_argument("--title", default=None, help="report title")
+    p.add_argument("--no-figures", action="store_true", help="write the numbers only (no matplotlib needed)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
+    p.set_defaults(run=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .analysis import compare_dynamics, load_trajectory
+
+    if not args.no_figures:
+        from .analysis.figures import require_matplotlib
+
+        require_matplotlib()  # fail before any work
+    if args.layer is not None and args.observable != "layer":
+        raise ValueError("--layer needs --observable layer")
+    progress = False if args.quiet else None
+    runs = []
+    for path in (args.run_a, args.run_b):
+        traj, _unit = load_trajectory(path, key=args.key, start=args.start, stop=args.stop, every=args.every,
+                                      progress=progress)
+        runs.append(traj)
+    labels = tuple(args.labels) if args.labels else tuple(Path(p).name or str(p) for p in (args.run_a, args.run_b))
+    if labels[0] == labels[1]:
+        labels = ("A: " + labels[0], "B: " + labels[1])
+    if not args.quiet:
+        for lab, t in zip(labels, runs):
+            print(f"modeopt compare: {lab}: {t.n_weights:,} weights x {t.n_samples} samples "
+                  f"(steps {t.steps[0]}..{t.steps[-1]})", file=sys.stderr)
+    layer = None if args.layer is None else (args.layer[0] if len(args.layer) == 1 else args.layer)
+    cmp = compare_dynamics(runs[0], runs[1], observable=args.observable, n_components=args.components, layer=layer,
+                           delays=args.delays, rank=args.rank, energy=args.energy, window=args.window,
+                           n_null=args.null_samples, seed=args.seed, labels=labels, progress=progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    figure = None
+    if not args.no_figures:
+        cmp.plot(out / "comparison.png", title=args.title)
+        figure = "comparison.png"
+    data = cmp.to_dict()
+    data["inputs"] = [str(args.run_a), str(args.run_b)]
+    (out / "comparison.json").write_text(json.dumps(data, indent=1))
+    (out / "comparison.md").write_text(cmp.markdown(title=args.title, figure=figure))
+    print(f"W1 distance {cmp.distance:.4g}  p = {cmp.p_value:.3g}  (rank {cmp.rank}, {cmp.delays} delays, "
+          f"window {cmp.window}, {len(cmp.null)} null distances)")
+    if not args.quiet:
+        print(f"report: {out / 'comparison.md'}")
+    return 0
+
+
 #: functions that each add one subcommand (``compare`` and others append here).
-SUBCOMMANDS: list[Callable] = [_add_analyze]
+SUBCOMMANDS: list[Callable] = [_add_analyze, _add_compare]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,13 +5,17 @@
 * :func:`load_trajectory` / :func:`load_snapshots` - read a saved run back as a ``Trajectory``.
 * :func:`dmd` / :class:`DMD` - exact DMD at rank r, the CMD paper's baseline.
 * :func:`analyze` - CMD + DMD of a run, the paper's figures, ``index.html`` / ``report.md``.
+* :func:`koopman_spectrum` / :func:`compare_dynamics` - a run's Koopman (DMD) spectrum, and whether
+  two runs have the same dynamics (W1 distance between spectra, with a p-value).
 
-The command line ``modeopt analyze RUN --modes 10 --out report/`` wraps :func:`analyze`.
+The command line ``modeopt analyze RUN --modes 10 --out report/`` wraps :func:`analyze`;
+``modeopt compare RUN_A RUN_B --out report/`` wraps :func:`compare_dynamics`.
 """
 
 from .dmd import DMD, dmd
 from .evaluation import BUILTIN_EVALS, AccuracyCurves, accuracy_curves, resolve_eval
 from .io import load_trajectory
+from .koopman import DynamicsComparison, KoopmanSpectrum, compare_dynamics, koopman_spectrum, spectrum_distance
 from .recording import Recording, SnapshotWriter, is_snapshot_directory, load_snapshots
 from .report import Report, analyze
 from .stats import (
@@ -22,6 +26,7 @@ from .stats import (
 __all__ = [
     "Recording", "TrajectoryCallback", "SnapshotWriter", "load_snapshots", "load_trajectory", "is_snapshot_directory",
     "DMD", "dmd", "analyze", "Report",
+    "koopman_spectrum", "compare_dynamics", "spectrum_distance", "KoopmanSpectrum", "DynamicsComparison",
     "correlation_data", "profile_bands", "layer_distribution", "reconstruction_errors", "weight_examples",
     "CorrelationData", "ProfileBands", "LayerDistribution", "ReconstructionErrors", "WeightExamples",
     "accuracy_curves", "AccuracyCurves", "BUILTIN_EVALS", "resolve_eval",

@@ -7,14 +7,18 @@ its object-oriented API only (no pyplot, no change of the user's backend).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .evaluation import AccuracyCurves
 from .stats import CorrelationData, LayerDistribution, ProfileBands, ReconstructionErrors, WeightExamples
 
+if TYPE_CHECKING:  # koopman imports this module lazily (DynamicsComparison.plot)
+    from .koopman import DynamicsComparison
+
 __all__ = ["plot_correlation", "plot_profiles", "plot_modes", "plot_errors", "plot_cmd_vs_dmd", "plot_accuracy",
-           "require_matplotlib"]
+           "plot_comparison", "require_matplotlib"]
 
 DPI = 100
 CMD_COLOR, DMD_COLOR, RAW_COLOR = "#1f77b4", "#d62728", "#222222"
@@ -313,4 +317,57 @@ def plot_accuracy(acc: AccuracyCurves, path, *, time_label: str = "step", metric
         pad = 0.15 * (hi - lo) + 2e-3
         axes[1].set_ylim(lo - pad, hi + pad)
     axes[0].legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_comparison(cmp: DynamicsComparison, path, *, title: str | None = None) -> Path:
+    """Left: both Koopman spectra in the complex plane (unit circle; matched pairs joined).
+    Right: the null (within-run window distances) next to the between-run ones, and the statistic."""
+    fig = _figure(11.5, 4.9)
+    axes = fig.subplots(1, 2, width_ratios=[1, 1.15])
+    ax = axes[0]
+    la, lb = cmp.spectrum_a.eigenvalues, cmp.spectrum_b.eigenvalues
+    name_a, name_b = cmp.labels
+    for i, j in cmp.pairs:
+        ax.plot([la[i].real, lb[j].real], [la[i].imag, lb[j].imag], color="#888888", lw=0.9, zorder=1)
+    ax.scatter(la.real, la.imag, s=26, marker="o", facecolors="none", edgecolors=CMD_COLOR, lw=1.3, zorder=3,
+               label=f"{name_a} ({len(la)})")
+    ax.scatter(lb.real, lb.imag, s=30, marker="x", color=DMD_COLOR, lw=1.3, zorder=3, label=f"{name_b} ({len(lb)})")
+    theta = np.linspace(0, 2 * np.pi, 721)
+    ax.plot(np.cos(theta), np.sin(theta), color=RAW_COLOR, lw=0.8, ls="--", zorder=0, label="unit circle")
+    # Fit the view to the eigenvalues: training spectra often crowd near 1, where the whole
+    # circle would squash them into a dot.
+    pts = np.concatenate([la, lb])
+    lo_x, hi_x, lo_y, hi_y = pts.real.min(), pts.real.max(), pts.imag.min(), pts.imag.max()
+    span = max(hi_x - lo_x, hi_y - lo_y, 0.05)
+    cx, cy = (lo_x + hi_x) / 2, (lo_y + hi_y) / 2
+    half = 0.6 * span
+    if half > 0.8:  # they fill most of the disc anyway: show all of it
+        cx, cy, half = 0.0, 0.0, max(1.1, 0.6 * span)
+    ax.set_xlim(cx - half, cx + half)
+    ax.set_ylim(cy - half, cy + half)
+    ax.set_aspect("equal")
+    ax.axhline(0, color="#cccccc", lw=0.6, zorder=0)
+    ax.set_xlabel("Re λ")
+    ax.set_ylabel("Im λ")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"Koopman spectra (rank {cmp.rank}, {cmp.delays} delays)\n"
+                 f"W1 = {cmp.distance:.4g}, p = {cmp.p_value:.3g}", fontsize=10)
+
+    ax = axes[1]
+    both = np.concatenate([cmp.null, cmp.between])
+    bins = np.linspace(0, max(float(both.max()), cmp.statistic) * 1.05 + 1e-12, 40)
+    ax.hist(cmp.null, bins=bins, color="#7f7f7f", alpha=0.55,
+            label=f"null: within a run ({len(cmp.null)})")
+    ax.hist(cmp.between, bins=bins, histtype="step", lw=1.6, color="#2ca02c",
+            label=f"between the runs ({len(cmp.between)})")
+    ax.axvline(cmp.statistic, color=RAW_COLOR, lw=1.8, label=f"statistic: median between = {cmp.statistic:.4g}")
+    ax.set_xlabel(f"W1 distance between the spectra of two windows of {cmp.window} samples")
+    ax.set_ylabel("window pairs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"Null distribution: p = {cmp.p_value:.3g} (share of the null ≥ the statistic)", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=11)
     return _save(fig, path)
