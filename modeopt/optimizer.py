@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._wrapping import SharesBaseOptimizer
 from .decomposition import decompose
 from .layout import ParamLayout
 from .modespace import ModeSpace
@@ -46,7 +47,7 @@ SCALE_INVARIANT = tuple(
 Exclude = Callable[[str, nn.Parameter], bool] | Sequence[str] | None
 
 
-class CMDOptimizer(torch.optim.Optimizer):
+class CMDOptimizer(SharesBaseOptimizer):
     """Wraps a ``torch.optim`` optimizer: warm-up, then training in CMD mode space.
 
     Args:
@@ -150,9 +151,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         if not (isinstance(record_dtype, torch.dtype) and record_dtype.is_floating_point):
             raise ValueError(f"record_dtype must be a floating-point torch.dtype, got {record_dtype!r}")
 
-        self.__dict__["base"] = None  # the property setters below look here during Optimizer.__init__
-        super().__init__([dict(g) for g in base_optimizer.param_groups], base_optimizer.defaults)
-        self.base = base_optimizer
+        self._init_shared(base_optimizer)
         self.model = model
         self.n_modes = n_modes
         self.warmup_steps = warmup_steps
@@ -205,53 +204,8 @@ class CMDOptimizer(torch.optim.Optimizer):
         for fn in list(self._phase_hooks):
             fn(self, event)
 
-    # ------------------------------------------------- torch.optim plumbing
-    # param_groups / state / defaults are the base optimizer's own objects, always: the base's
-    # load_state_dict replaces its group dicts, and a copy held here would go stale silently.
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        base = self.__dict__.get("base")
-        return self.__dict__["_init_groups"] if base is None else base.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value) -> None:
-        base = self.__dict__.get("base")
-        if base is None:
-            self.__dict__["_init_groups"] = value
-        else:
-            base.param_groups = value
-
-    @property
-    def state(self):
-        base = self.__dict__.get("base")
-        return self.__dict__["_init_state"] if base is None else base.state
-
-    @state.setter
-    def state(self, value) -> None:
-        base = self.__dict__.get("base")
-        if base is None:
-            self.__dict__["_init_state"] = value
-        else:
-            base.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        base = self.__dict__.get("base")
-        return self.__dict__["_init_defaults"] if base is None else base.defaults
-
-    @defaults.setter
-    def defaults(self, value) -> None:
-        base = self.__dict__.get("base")
-        if base is None:
-            self.__dict__["_init_defaults"] = value
-        else:
-            base.defaults = value
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if self.__dict__.get("base") is None:  # Optimizer.__init__ building its temporary copy
-            return super().add_param_group(param_group)
-        raise RuntimeError("add param groups to the base optimizer before wrapping it in CMDOptimizer: "
-                           "the embedding is planned from the groups it sees at construction")
+    # torch.optim plumbing: param_groups / state / defaults are the base optimizer's own objects
+    # (modeopt._wrapping.SharesBaseOptimizer), so the base's load_state_dict cannot leave stale copies.
 
     def __repr__(self) -> str:
         extra = f", n_modes={self.space.n_modes}" if self.space is not None else ""
