@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -113,6 +114,10 @@ class OnlineCMD:
         self.mean: list[Tensor] = []
         self.comoment: list[Tensor] = []
         self.ref_index: list[tuple[int, int]] = []  # (tensor, flat element) of each reference
+        # r_m = (w_ref - ref_shift[m]) / ref_scale[m]: identity until a reference is handed off to
+        # another weight of its mode (gradual embedding froze the tensor that held it).
+        self.ref_scale = torch.ones(0, dtype=torch.float64)
+        self.ref_shift = torch.zeros(0, dtype=torch.float64)
         self.mode_mean = torch.zeros(0, dtype=torch.float64)
         self.mode_m2 = torch.zeros(0, dtype=torch.float64)
         self.count = 0
@@ -173,6 +178,8 @@ class OnlineCMD:
             t = self._names.index(name)
             self.ref_index.append((t, row - specs[t].offset))
         self.n_modes = d.n_modes
+        self.ref_scale = torch.ones(self.n_modes, dtype=torch.float64)
+        self.ref_shift = torch.zeros(self.n_modes, dtype=torch.float64)
         self.mean = [torch.zeros(s.numel, dtype=torch.float64) for s in specs]
         self.comoment = [torch.zeros(s.numel, dtype=torch.float64) for s in specs]
         self.mode_mean = torch.zeros(self.n_modes, dtype=torch.float64)
@@ -193,9 +200,26 @@ class OnlineCMD:
                              "window": len(steps)})
 
     def references_now(self) -> Tensor:
-        """``(M,)`` float64: the reference weights' current values."""
-        flat = [t.reshape(-1) for t in self._tensors]
-        return torch.stack([flat[t][i] for t, i in self.ref_index]).to(torch.float64)
+        """``(M,)`` float64: the modes' reference profiles now (the reference weights' values, in the
+        units of the original references after a :meth:`hand_off`)."""
+        flat = [t.detach().reshape(-1) for t in self._tensors]
+        raw = torch.stack([flat[t][i] for t, i in self.ref_index]).to(torch.float64)
+        return (raw - self.ref_shift) / self.ref_scale
+
+    def hand_off(self, mode: int, tensor: int, index: int, a: float, b: float) -> None:
+        """Make weight ``index`` of tensor ``tensor`` (a member of ``mode`` with fit ``a, b``) carry
+        the mode's reference profile: ``r = (w - b) / a`` from now on.
+
+        Every fit stays expressed in the same ``r``, so frozen weights, the running moments and the
+        other references are untouched. Used by gradual embedding to freeze the tensor that held
+        the old reference; ``|a|`` must be far from 0.
+        """
+        self._need_fit()
+        if not (math.isfinite(a) and math.isfinite(b)) or a == 0.0:
+            raise ValueError(f"hand_off needs a finite, non-zero slope a (got a={a}, b={b})")
+        self.ref_index[mode] = (int(tensor), int(index))
+        self.ref_scale[mode] = float(a)
+        self.ref_shift[mode] = float(b)
 
     def _add_sample(self, flat: Sequence[Tensor], r: Tensor) -> None:
         """One Welford/Chan step: n += 1; mean_r, M2_r per mode; mean_i, C_i per weight."""
@@ -296,6 +320,7 @@ class OnlineCMD:
             "buffer": None if self._buffer is None else self._buffer.state_dict(),
             "labels": self.labels, "mean": self.mean, "comoment": self.comoment,
             "ref_index": [list(x) for x in self.ref_index], "mode_mean": self.mode_mean, "mode_m2": self.mode_m2,
+            "ref_scale": self.ref_scale, "ref_shift": self.ref_shift,
             "frozen_tensors": sorted(self.frozen_tensors),
         }
 
@@ -316,6 +341,9 @@ class OnlineCMD:
         self.comoment = [t.clone() for t in sd["comoment"]]
         self.ref_index = [tuple(int(v) for v in x) for x in sd["ref_index"]]
         self.mode_mean, self.mode_m2 = sd["mode_mean"].clone(), sd["mode_m2"].clone()
+        m = len(self.ref_index)
+        self.ref_scale = sd["ref_scale"].clone() if "ref_scale" in sd else torch.ones(m, dtype=torch.float64)
+        self.ref_shift = sd["ref_shift"].clone() if "ref_shift" in sd else torch.zeros(m, dtype=torch.float64)
         self.frozen_tensors = {int(t) for t in sd.get("frozen_tensors", [])}
         self.check_layout()
 

@@ -128,9 +128,7 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
     @torch.no_grad()
     def _embed_more(self) -> None:
         labels, a_all, b_all = self.online.coefficients()
-        refs = {}
-        for t, i in self.online.ref_index:
-            refs.setdefault(t, []).append(i)
+        refs = self._reference_tensors()
         changes, free = {}, 0
         for t in self._candidates:
             f = self.frozen.get(t)
@@ -146,13 +144,23 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         target = int(self.embed_fraction * free)
         if target == 0 or not any(t in self._prev for t in changes):
             return
-        newly = 0
+        newly, handed = 0, 0
         if self.granularity == "tensor":
-            ranked = sorted((float(c.median()), t) for t, c in changes.items()
-                            if t not in refs and bool(torch.isfinite(c).all()))
+            # A tensor's references are finite-change weights too: judge the tensor by its other weights.
+            ranked = sorted((float(c[torch.isfinite(c)].median()), t) for t, c in changes.items()
+                            if t in self._prev and int(torch.isfinite(c).sum()) > 0
+                            and int(torch.isfinite(c).sum()) + len(refs.get(t, [])) == c.numel())
             for _, t in ranked:
                 if newly >= target:
                     break
+                if t in refs:
+                    plan = self._plan_hand_offs({t}, labels, a_all, b_all)
+                    if plan is None:  # a mode would lose its last free weight: keep the tensor free
+                        continue
+                    for args in plan:
+                        self.online.hand_off(*args)
+                    handed += len(plan)
+                    refs = self._reference_tensors()
                 self._freeze_tensor(t, a_all[t], b_all[t])
                 newly += a_all[t].numel()
         else:
@@ -166,31 +174,72 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
                 if bool(pick.any()):
                     newly += int(pick.sum())
                     self._freeze_weights(t, pick, a_all[t], b_all[t])
-        self.embed_history.append({"step": self.online.calls, "newly_frozen": newly,
+        self.embed_history.append({"step": self.online.calls, "newly_frozen": newly, "hand_offs": handed,
                                    "frozen_fraction": self.frozen_fraction()})
+
+    def _reference_tensors(self) -> dict[int, list[int]]:
+        refs: dict[int, list[int]] = {}
+        for t, i in self.online.ref_index:
+            refs.setdefault(t, []).append(i)
+        return refs
+
+    def _plan_hand_offs(self, leaving: set[int], labels, a_all, b_all) -> list[tuple] | None:
+        """New reference weights for the modes whose reference lies in the tensors ``leaving``.
+
+        For each such mode: the free weight of the mode, in a trainable tensor that stays free,
+        with the largest ``|a|`` (its profile carries r with the least relative noise). None if a
+        mode has no such weight left (or only ones with a ~ 0).
+        """
+        plan = []
+        for m, (t_ref, _) in enumerate(self.online.ref_index):
+            if t_ref not in leaving:
+                continue
+            best = (0.0, None)
+            for u in self._candidates:
+                f = self.frozen.get(u)
+                if u in leaving or (f is not None and f["mask"] is None):
+                    continue
+                score = a_all[u].abs() * (kernels.as_index(labels[u]) == m)
+                if f is not None:
+                    score = score.masked_fill(f["mask"], 0.0)
+                i = int(score.argmax())
+                if float(score[i]) > best[0]:
+                    best = (float(score[i]), (m, u, i, float(a_all[u][i]), float(b_all[u][i])))
+            # |a| relative to the old reference's own slope (1): a ~ 0 would amplify noise without bound
+            if best[1] is None or best[0] < 1e-3:
+                return None
+            plan.append(best[1])
+        return plan
 
     def freeze(self, names: Sequence[str], *, allow_references: bool = False) -> None:
         """Freeze whole tensors now: from here on they follow ``a * r[m] + b`` with their current fit
         and stop costing (no gradient, optimizer state, update or moments).
 
-        A tensor holding a mode's reference is refused unless ``allow_references=True``: freezing it
-        stops that reference, and with it every frozen weight of its mode.
+        A tensor holding a mode's reference hands it off first: the free weight of the mode (in a
+        tensor that stays free) with the largest ``|a|`` carries the mode's profile from then on
+        (:meth:`OnlineCMD.hand_off`). If a mode has no such weight left, the tensor is refused unless
+        ``allow_references=True``: freezing it then stops that mode and every frozen weight of it.
         """
         self.online._need_fit()
-        _, a, b = self.online.coefficients()
-        with_refs = {t for t, _ in self.online.ref_index}
+        labels, a, b = self.online.coefficients()
         for name in names:
             if name not in self.online._names:
                 raise KeyError(f"{name!r} is not modelled by this OnlineCMDOptimizer")
             t = self.online._names.index(name)
             if t not in self._candidates:
                 raise ValueError(f"{name!r} is not a trainable parameter of the base optimizer: nothing to freeze")
-            if t in with_refs and not allow_references:
-                raise ValueError(f"{name!r} holds the reference weight of a mode: freezing it would stop that mode "
-                                 "(pass allow_references=True to do it anyway)")
             f = self.frozen.get(t)
             if f is not None and f["mask"] is None:
                 continue
+            if t in self._reference_tensors():
+                plan = self._plan_hand_offs({t}, labels, a, b)
+                if plan is not None:
+                    for args in plan:
+                        self.online.hand_off(*args)
+                elif not allow_references:
+                    raise ValueError(f"{name!r} holds the reference weight of a mode that has no other free weight "
+                                     "to carry it: freezing it would stop that mode (pass allow_references=True to "
+                                     "do it anyway)")
             self._freeze_tensor(t, a[t], b[t])
 
     def _freeze_tensor(self, t: int, a: Tensor, b: Tensor) -> None:

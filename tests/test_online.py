@@ -174,13 +174,69 @@ def test_tensor_granularity_saves_gradients_and_state(mnist):
     assert not torch.equal(p, before)  # it still moves, following its references
 
 
-@pytest.mark.parametrize("stop", [8, 12, 20, 33])  # recording, the fit step, fitted, partly frozen
-def test_resume_is_bit_exact_in_every_phase(mnist, stop, tmp_path):
-    model, opt = _build("weight")
+def test_freezing_a_reference_tensor_hands_the_reference_off(mnist):
+    """The tensor holding a mode's reference can freeze: another free weight of the mode carries the
+    profile, in the same units, so frozen weights keep following and nothing jumps."""
+    model, opt = _build("tensor", embed_every=None)
+    _train(mnist, 14, opt, model)
+    online = opt.online
+    t = max({tt for tt, _ in online.ref_index}, key=lambda i: online._tensors[i].numel())
+    modes = [m for m, (tt, _) in enumerate(online.ref_index) if tt == t]
+    r_before = online.references_now()
+    cmd_before = opt.cmd_state_dict()
+    opt.freeze([online._names[t]])
+    assert all(online.ref_index[m][0] != t for m in modes)  # handed off to weights of other tensors
+    assert all(online._tensors[online.ref_index[m][0]].requires_grad for m in modes)
+    assert all(float(online.ref_scale[m]) != 1.0 for m in modes)
+    # the new references give the same profile, up to their own fit residual
+    torch.testing.assert_close(online.references_now(), r_before, rtol=0, atol=0.05 * float(r_before.abs().max()))
+    # and the CMD model of the other tensors barely moves
+    cmd_after = opt.cmd_state_dict()
+    other = [n for i, n in enumerate(online._names) if i != t and "running" not in n and "num_batches" not in n]
+    drift = max(float((cmd_after[n] - cmd_before[n]).abs().max()) for n in other)
+    assert drift < 0.05 * max(float(cmd_before[n].abs().max()) for n in other)
+    p = online._tensors[t]
+    before = p.detach().clone()
+    _train(mnist, 30, opt, model, start=14)
+    assert not p.requires_grad and not torch.equal(p, before)  # frozen, and it follows the new references
+    r = online.references_now().to(torch.float32)
+    f = opt.frozen[t]
+    lab = kernels.as_index(online.labels[t]).long()
+    torch.testing.assert_close(p.detach().view(-1), torch.addcmul(f["b"], f["a"], r[lab]), rtol=0, atol=1e-6)
+
+
+def test_a_mode_with_no_other_free_weight_keeps_its_reference_tensor(mnist):
+    model, opt = _build("tensor", embed_every=None)
+    _train(mnist, 14, opt, model)
+    online = opt.online
+    t, _ = online.ref_index[0]
+    for u in opt._candidates:  # make mode 0 live in tensor t only
+        if u != t:
+            lab = kernels.as_index(online.labels[u])
+            online.labels[u] = torch.where(lab == 0, torch.ones_like(lab), lab).to(online.labels[u].dtype)
+    with pytest.raises(ValueError, match="has no other free weight to carry it"):
+        opt.freeze([online._names[t]])
+    assert t not in opt.frozen and online._tensors[t].requires_grad  # nothing changed
+    opt.freeze([online._names[t]], allow_references=True)  # asked for: mode 0 stops
+    assert t in opt.frozen
+
+
+def test_gradual_tensor_embedding_freezes_most_of_a_cnn(mnist):
+    """With hand-offs, whole-tensor gradual embedding is not held back by where the references are."""
+    model, opt = _build("tensor", embed_every=4)
+    _train(mnist, 60, opt, model)
+    assert opt.frozen_fraction() > 0.5
+    assert sum(h["hand_offs"] for h in opt.embed_history) >= 1
+
+
+@pytest.mark.parametrize("stop,granularity", [(8, "weight"), (12, "weight"), (20, "weight"), (33, "weight"),
+                                              (33, "tensor")])  # recording, the fit step, fitted, partly frozen
+def test_resume_is_bit_exact_in_every_phase(mnist, stop, granularity, tmp_path):
+    model, opt = _build(granularity)
     _train(mnist, stop, opt, model)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
     rest = _train(mnist, 45, opt, model, start=stop)
-    model2, opt2 = _build("weight")
+    model2, opt2 = _build(granularity)
     ck = torch.load(tmp_path / "ck.pt", weights_only=True)
     model2.load_state_dict(ck["model"])
     opt2.load_state_dict(ck["opt"])
