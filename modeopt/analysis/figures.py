@@ -351,7 +351,7 @@ def plot_comparison(cmp: DynamicsComparison, path, *, title: str | None = None) 
     ax.set_xlabel("Re λ")
     ax.set_ylabel("Im λ")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
     ax.set_title(f"Koopman spectra (rank {cmp.rank}, {cmp.delays} delays)\n"
                  f"W1 = {cmp.distance:.4g}, p = {cmp.p_value:.3g}", fontsize=10)
 

@@ -44,12 +44,14 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..trajectory import Trajectory, as_tensor
@@ -320,24 +322,46 @@ def _check_length(T: int, delays: int, rank: int | None, what: str) -> None:
                      "(or record more steps)")
 
 
-def _double_centre(m: np.ndarray) -> np.ndarray:
+def _double_centre(m: Tensor) -> Tensor:
     """``J m J`` (J = I - 11^T/n on each side): the Gram of the centred vectors from an uncentred one."""
-    return m - m.mean(0, keepdims=True) - m.mean(1, keepdims=True) + m.mean()
+    return m - m.mean(0, keepdim=True) - m.mean(1, keepdim=True) + m.mean()
 
 
-def _coordinates(gram: np.ndarray, n_components: int | None, what: str) -> tuple[np.ndarray, float]:
-    """Principal coordinates ``(T, k)`` of the samples whose Gram matrix is ``gram``, and the share
-    of the variance they hold. Directions the Gram cannot resolve (:data:`GRAM_RTOL`) are dropped."""
-    lam, u = np.linalg.eigh(_double_centre(gram))
-    lam, u = np.clip(lam[::-1], 0.0, None), u[:, ::-1]
-    if not lam[0] > 0:
+def _eigh_desc(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending, clipped at 0) and eigenvectors of a symmetric PSD matrix."""
+    lam, u = torch.linalg.eigh(m)
+    return lam.flip(0).clamp_min(0.0), u.flip(1)
+
+
+@contextmanager
+def _one_thread():
+    """Run the ``T x T`` algebra on one thread: these matrices are too small to gain from threads,
+    and multi-threaded LAPACK on them is slow where cores are shared (measured here, 2 shared
+    vCPUs: a 200 x 200 ``eigh`` took 6.5 ms on one thread, 236 ms on two)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _coordinates(gram, n_components: int | None, what: str) -> tuple[Tensor, float]:
+    """Principal coordinates ``(T, k)`` float64 of the samples whose Gram matrix is ``gram``, and
+    the share of the variance they hold. Directions the Gram cannot resolve (:data:`GRAM_RTOL`)
+    are dropped."""
+    lam, u = _eigh_desc(_double_centre(torch.as_tensor(gram, dtype=torch.float64)))
+    if not float(lam[0]) > 0:
         raise ValueError(f"{what}: the observable does not move (zero variance): choose tensors that train, "
                          "or another window of the run")
     live = int((lam > GRAM_RTOL * lam[0]).sum())
     k = live if n_components is None else min(n_components, live)
-    z = u[:, :k] * np.sqrt(lam[:k])
-    z *= np.sign(z[np.abs(z).argmax(0), np.arange(k)])  # deterministic signs: largest entry positive
-    return z, float(lam[:k].sum() / lam.sum())
+    z = u[:, :k] * lam[:k].sqrt()
+    sign = torch.sign(z[z.abs().argmax(0), torch.arange(k)])  # deterministic: largest entry positive
+    return z * torch.where(sign == 0, 1.0, sign), float(lam[:k].sum() / lam.sum())
 
 
 def principal_coordinates(
@@ -362,10 +386,13 @@ def principal_coordinates(
     """
     traj = _as_trajectory(trajectory, progress=progress)
     obs = _resolve_observable(traj, "layer" if layer is not None else "raw", layer, n_components)
-    return _coordinates(observable_gram(traj, obs.ranges, progress=progress), n_components, "the run")
+    gram = observable_gram(traj, obs.ranges, progress=progress)
+    with _one_thread():
+        z, explained = _coordinates(gram, n_components, "the run")
+    return z.numpy(), explained
 
 
-def _spectrum_from_gram(gram: np.ndarray, obs: _Observable, *, delays: int, rank: int | None, energy: float,
+def _spectrum_from_gram(gram, obs: _Observable, *, delays: int, rank: int | None, energy: float,
                         steps: Sequence[int], what: str, details: bool = True) -> KoopmanSpectrum:
     """The spectrum of samples whose (time-centred or not) observable Gram matrix is ``gram`` (T x T).
 
@@ -374,25 +401,32 @@ def _spectrum_from_gram(gram: np.ndarray, obs: _Observable, *, delays: int, rank
     """
     T = gram.shape[0]
     _check_length(T, delays, rank, what)
+    with _one_thread():
+        return _spectrum(gram, obs, delays=delays, rank=rank, energy=energy, steps=steps, what=what,
+                         details=details)
+
+
+def _spectrum(gram, obs: _Observable, *, delays: int, rank: int | None, energy: float, steps: Sequence[int],
+              what: str, details: bool) -> KoopmanSpectrum:
+    T = gram.shape[0]
     z, explained = _coordinates(gram, obs.n_components, what)
     k = z.shape[1]
 
     # Gram of the delay vectors h_t (t < T'): a sum of D shifted diagonal blocks of Z Z^T.
     gz = z @ z.T
     tp = T - delays + 1
-    kh = np.zeros((tp, tp))
+    kh = torch.zeros(tp, tp, dtype=torch.float64)
     for d in range(delays):
         kh += gz[d : d + tp, d : d + tp]
     n = tp - 1  # pairs (h_t, h_t+1)
     kxx = _double_centre(kh[:n, :n])  # X~^T X~, X~ = X - mean: the affine fit
     kxy = _double_centre(kh[:n, 1:])  # X~^T Y~
-    s2, v = np.linalg.eigh(kxx)
-    s2, v = np.clip(s2[::-1], 0.0, None), v[:, ::-1]
-    if not s2[0] > 0:
+    s2, v = _eigh_desc(kxx)
+    if not float(s2[0]) > 0:
         raise ValueError(f"{what}: the delay-embedded observable does not move: choose tensors that train, or "
                          "another window of the run")
     resolved = int((s2 > GRAM_RTOL * s2[0]).sum())
-    cum = np.cumsum(s2) / s2.sum()
+    cum = (torch.cumsum(s2, 0) / s2.sum()).numpy()
     if rank is None:
         r = min(int(np.searchsorted(cum, energy - 1e-12)) + 1, resolved)
     elif rank > resolved:
@@ -401,33 +435,34 @@ def _spectrum_from_gram(gram: np.ndarray, obs: _Observable, *, delays: int, rank
                          f"{resolved}, or more components/delays if the dynamics need more")
     else:
         r = rank
-    sig = np.sqrt(s2[:r])
+    sig = s2[:r].sqrt()
     vr = v[:, :r] / sig  # V S^-1
-    a_tilde = vr.T @ kxy @ v[:, :r]  # U^T Y~ V S^-1 with U = X~ V S^-1, an (r, r) matrix
-    a_tilde /= sig[None, :]
-    ev, w = np.linalg.eig(a_tilde)
+    a_tilde = (vr.T @ kxy @ v[:, :r]) / sig[None, :]  # U^T Y~ V S^-1 with U = X~ V S^-1: (r, r)
+    ev_t, w_t = torch.linalg.eig(a_tilde)
+    ev, w = ev_t.numpy(), w_t.numpy()
     order = np.lexsort((-np.angle(ev), -np.round(np.abs(ev), 12)))
     ev, w = ev[order], w[:, order]
     kyy = _double_centre(kh[1:, 1:])
-    ty = float(np.trace(kyy))
-    one_step = math.sqrt(max(ty - float(np.trace(v[:, :r].T @ kyy @ v[:, :r])), 0.0) / ty) if ty > 0 else 0.0
+    ty = float(torch.trace(kyy))
+    kept = float(torch.trace(v[:, :r].T @ kyy @ v[:, :r]))
+    one_step = math.sqrt(max(ty - kept, 0.0) / ty) if ty > 0 else 0.0
 
     modes = np.zeros((k, r), dtype=np.complex128)
     amps = np.zeros(r, dtype=np.complex128)
     free_run = float("nan")
     if details:
         y0 = z[1 : n + 1] - z[1 : n + 1].mean(0)  # first delay block of Y~ (n, k)
-        modes = (y0.T @ vr).astype(np.complex128) @ w
+        modes = (y0.T @ vr).numpy().astype(np.complex128) @ w
         # q_t = U^T (h_t - x_mean) for every delay vector: from the Gram alone.
         m = kh[:n, :]
-        p = m - m.mean(0, keepdims=True)
-        p = p - p[:, :n].mean(1, keepdims=True)
-        q = vr.T @ p  # (r, T')
-        amps = np.linalg.solve(w, q[:, 0].astype(np.complex128))
-        free_run = _free_run_error(kh, q, a_tilde, n)
+        p = m - m.mean(0, keepdim=True)
+        p = p - p[:, :n].mean(1, keepdim=True)
+        q = (vr.T @ p).numpy()  # (r, T')
+        amps = torch.linalg.solve(torch.from_numpy(w), torch.from_numpy(q[:, 0]).to(torch.complex128)).numpy()
+        free_run = _free_run_error(kh.numpy(), q, a_tilde.numpy(), n)
     return KoopmanSpectrum(
         eigenvalues=ev, modes=modes, amplitudes=amps, rank=r, delays=delays, n_components=k,
-        observable=obs.describe(), singular_values=np.sqrt(s2[:resolved]), energy=float(cum[r - 1]),
+        observable=obs.describe(), singular_values=s2[:resolved].sqrt().numpy(), energy=float(cum[r - 1]),
         explained_variance=explained, reconstruction_error=one_step, free_run_error=free_run, n_steps=T,
         steps=list(steps), signature=obs.signature)
 
@@ -447,7 +482,8 @@ def _free_run_error(kh: np.ndarray, q: np.ndarray, a_tilde: np.ndarray, n: int) 
         h2 = np.diag(kh) - 2 * kh[:n, :].mean(0) + xm
         resid = np.clip(h2 - (q ** 2).sum(0), 0.0, None).sum()
         err = float(((q - qh) ** 2).sum() + resid)
-    den = float(np.trace(_double_centre(kh)))
+    tot = kh - kh.mean(0, keepdims=True) - kh.mean(1, keepdims=True) + kh.mean()
+    den = float(np.trace(tot))
     if not math.isfinite(err):
         return float("inf")
     return math.sqrt(err / den) if den > 0 else 0.0
@@ -753,8 +789,8 @@ def compare_dynamics(
                          f"({t_min} samples): use window <= {t_min // 2}")
     _check_length(window, delays, rank, f"a window of {window} samples (the null's)")
 
-    ga = observable_gram(ta, oa.ranges, progress=progress, what=f"run {la}")
-    gb = observable_gram(tb, ob.ranges, progress=progress, what=f"run {lb}")
+    ga = torch.from_numpy(observable_gram(ta, oa.ranges, progress=progress, what=f"run {la}"))
+    gb = torch.from_numpy(observable_gram(tb, ob.ranges, progress=progress, what=f"run {lb}"))
     notes: list[str] = []
     cap = window - delays - 1  # the largest rank a window supports
     if rank is None:
