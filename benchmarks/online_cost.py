@@ -97,6 +97,7 @@ def main() -> None:
         rows.append({"frozen_fraction": round(c["fraction"], 3), "step_ms": med * 1e3,
                      "ratio_to_unfrozen": med / step_med, **memory(c)})
     n = sum(p.numel() for p in proto.parameters())
+    label_bytes = base_opt.online.labels[0].element_size()
     m = machine()
     lines = [
         f"Online CMD and gradual embedding on resnet18(num_classes=10) ({n:,} weights), batch 64, 32x32, SGD + "
@@ -105,7 +106,8 @@ def main() -> None:
         f"**Running-moment update** (one sample: a pass over every weight): {sample * 1e3:.1f} ms, against a "
         f"training step of {step_med * 1e3:.0f} ms: {sample / step_med:.1%} of a step when sampled every step, "
         f"{sample / step_med / 10:.2%} every 10 steps, {sample / step_med / 62:.2%} once per epoch (62 steps). "
-        "Memory after the fit: 20 bytes per weight (float64 mean and co-moment, int32 mode), nothing that grows.",
+        f"Memory after the fit: {rows[0]['moment_bytes'] / n:.1f} bytes per weight (float64 mean and co-moment, "
+        f"{label_bytes}-byte mode label), nothing that grows.",
         "",
         f"**Gradual embedding, whole tensors frozen** ({args.rounds} interleaved rounds, median step):",
         "",
@@ -118,7 +120,8 @@ def main() -> None:
         lines.append(f"| {r['frozen_fraction']:.2f} | {r['step_ms']:.0f} | {r['ratio_to_unfrozen']:.2f} | "
                      f"{mib(r['grad_bytes'])} | {mib(r['optimizer_state_bytes'])} | {mib(r['moment_bytes'])} | "
                      f"{mib(r['frozen_coef_bytes'])} |")
-    lines += ["", "A frozen tensor costs 12 bytes per weight (float32 a and b, int32 mode) and one pass per step "
+    lines += ["", f"A frozen tensor costs {8 + label_bytes} bytes per weight (float32 a and b, the {label_bytes}-byte "
+              "mode label it keeps) and one pass per step "
               "to follow its references; it saves its weight gradient (4 B), its optimizer state (4 B for "
               "SGD + momentum, 8 for Adam), its moments (16 B) and the weight-gradient half of its layer's backward."]
     md = "\n".join(lines)

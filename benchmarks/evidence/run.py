@@ -98,7 +98,11 @@ def report(cfg: dict) -> None:
         f"Seeds: {sorted({r['seed'] for r in runs})}; {by['plain'][0]['total_steps'] if 'plain' in by else '?'} steps. "
         "Accuracy on held-out data, mean ± standard deviation over seeds. *Share of gain* = "
         "(final - plain's accuracy at the switch) / (plain's final - plain's accuracy at the switch), same seed. "
-        "Step time: median step of the final phase (embedded phase for CMD/DLDR).",
+        "Step time: median step of the final phase (embedded phase for CMD/DLDR). Each run is one process with "
+        f"{os.environ.get('EVIDENCE_THREADS', 'all')} torch thread(s); other jobs may share the machine, so step "
+        "times are indicative only (timing claims: docs/performance.md, measured side by side).",
+        "",
+        f"Machine: {_machine_line()}.",
         "",
         "| method | trainable after switch | final accuracy | best accuracy | share of plain's gain after the switch "
         "| step (ms) | peak RSS (MiB) |",
@@ -119,7 +123,10 @@ def report(cfg: dict) -> None:
                "peak_mib": statistics.median(r["peak_mib"] for r in rs)}
         table[name] = row
         share = f"{statistics.mean(shares):.0%}" if shares else "-"
-        lines.append(f"| {desc[name]} | {row['trainable']:,} | {_ms(row['final'])} | {_ms(row['best'])} | {share} | "
+        trainable = f"{row['trainable']:,}"
+        if rs[0]["kind"] == "gradual":  # it shrinks as tensors freeze: show where it ends
+            trainable += f" → {statistics.mean(r['trainable_end'] for r in rs):,.0f}"
+        lines.append(f"| {desc[name]} | {trainable} | {_ms(row['final'])} | {_ms(row['best'])} | {share} | "
                      f"{row['step_ms']:.1f} | {row['peak_mib']:.0f} |")
     if "plain" in by and "shadows" in by["plain"][0]:
         sh = by["plain"][0]["shadows"]
@@ -186,6 +193,14 @@ def _plot(cfg: dict, by: dict, order: list[str], desc: dict) -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / f"{cfg['name']}.png", dpi=110)
     print(f"wrote {RESULTS / (cfg['name'] + '.png')}")
+
+
+def _machine_line() -> str:
+    from _common import machine, machine_line
+
+    m = machine()
+    m["torch_threads"] = int(os.environ.get("EVIDENCE_THREADS", m["torch_threads"]))  # the runs' setting
+    return machine_line(m)
 
 
 def main() -> None:
