@@ -86,7 +86,7 @@ def run_one(cfg: dict, task: Task, method: dict, seed: int) -> dict:
                           modules_to_save=[task.head] if task.head else None)
         model = get_peft_model(model, lcfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    base = make_optimizer(cfg, params)
+    base = make_optimizer(cfg, params, method.get("lr"))
     opt = base
     if kind == "cmd":
         opt = modeopt.CMDOptimizer(

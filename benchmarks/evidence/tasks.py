@@ -115,8 +115,11 @@ def make_task(cfg: dict) -> Task:
     raise ValueError(f"unknown task {name!r}: cnn_mnist, resnet18_mnist, vit_mnist or minilm_reviews")
 
 
-def make_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: dict, params, lr: float | None = None) -> torch.optim.Optimizer:
+    """The experiment's optimizer; ``lr`` overrides its learning rate (a method's own ``lr``)."""
     o = dict(cfg["optimizer"])
+    if lr is not None:
+        o["lr"] = float(lr)
     kind = o.pop("name").lower()
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
     return cls(params, **o)
