@@ -54,7 +54,6 @@ def batches(x: Tensor, y: Tensor, batch_size: int, *, seed: int, epochs: int | N
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> float:
     """Classification accuracy in [0, 1] (the model is put in eval mode and restored)."""
     was = model.training
