@@ -4,10 +4,9 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from modeopt.baselines import SubspaceOptimizer, pca_basis
-from modeopt.zoo import SmallCNN, batches
+from modeopt.zoo import SmallCNN, batches, train_steps
 
 
 def test_pca_basis_recovers_a_planted_subspace():
@@ -40,17 +39,15 @@ def _run(mnist, steps, opt_state=None, model_state=None, start=0):
     data = batches(xtr, ytr, 32, seed=0)
     for _ in range(start):
         next(data)
-    losses, ckpt = [], None
-    for i in range(start, steps):
-        if i == 35 and start == 0:
-            ckpt = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
-        xb, yb = next(data)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return model, opt, losses, ckpt
+    losses, ckpt = [], []
+
+    def on_step(i: int, loss: float) -> None:
+        losses.append(loss)
+        if start == 0 and i == 34:  # the state after 35 steps
+            ckpt.append((copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())))
+
+    train_steps(model, opt, data, steps - start, on_step=on_step)
+    return model, opt, losses, (ckpt[0] if ckpt else None)
 
 
 def test_training_stays_in_the_subspace_and_resumes_exactly(mnist):

@@ -5,12 +5,11 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import modeopt
 from modeopt import OnlineCMD, OnlineCMDOptimizer, kernels
-from modeopt.zoo import SmallCNN, batches, evaluate
+from modeopt.zoo import SmallCNN, batches, evaluate, train_steps
 
 
 def _planted_run(steps=200, fit_at=60, snapshot_every=3, sample_every=2, seed=0):
@@ -115,13 +114,7 @@ def _train(mnist, steps, opt, model, seed=0, start=0):
     for _ in range(start):
         next(data)
     losses = []
-    for _ in range(start, steps):
-        xb, yb = next(data)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    train_steps(model, opt, data, steps - start, on_step=lambda i, loss: losses.append(loss))
     return losses
 
 
