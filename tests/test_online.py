@@ -210,6 +210,8 @@ def test_a_mode_with_no_other_free_weight_keeps_its_reference_tensor(mnist):
     with pytest.raises(ValueError, match="has no other free weight to carry it"):
         opt.freeze([online._names[t]])
     assert t not in opt.frozen and online._tensors[t].requires_grad  # nothing changed
+    with pytest.raises(ValueError, match=r"hand_off needs a finite, non-zero slope a \(got a=0.0, b=1.0\)"):
+        online.hand_off(0, t, 0, 0.0, 1.0)
     opt.freeze([online._names[t]], allow_references=True)  # asked for: mode 0 stops
     assert t in opt.frozen
 
