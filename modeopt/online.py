@@ -83,30 +83,47 @@ class OnlineCMD:
         max_snapshots: int | None = None,
         record_dtype: torch.dtype = torch.float32,
     ):
-        for label, v, lo in (("n_modes", n_modes, 1), ("fit_at", fit_at, 1), ("snapshot_every", snapshot_every, 1)):
+        # The set-ups CMDOptimizer refuses are refused here too, at once (not warned about at every step).
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        checks = [("n_modes", n_modes, 1), ("fit_at", fit_at, 1), ("snapshot_every", snapshot_every, 1),
+                  ("n_samples", n_samples, 1)]
+        if sample_every is not None:
+            checks.append(("sample_every", sample_every, 1))
+        if max_snapshots is not None:
+            checks.append(("max_snapshots", max_snapshots, 3))
+        for label, v, lo in checks:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{label} must be an integer >= {lo}, got {v!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        if not (isinstance(record_dtype, torch.dtype) and record_dtype.is_floating_point):
+            raise ValueError(f"record_dtype must be a floating-point torch.dtype, got {record_dtype!r}")
         if fit_at // snapshot_every < 3:
             raise ValueError(f"fit_at={fit_at} with snapshot_every={snapshot_every} records {fit_at // snapshot_every} "
                              f"snapshot(s) before the fit; CMD needs at least 3: make fit_at >= {3 * snapshot_every}")
         if n_modes > n_samples:
-            raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more weights")
+            raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more weights "
+                             "(n_samples >= 30 * n_modes is a good rule)")
         self.model = model
         self.n_modes = n_modes
         self.fit_at = fit_at
         self.snapshot_every = snapshot_every
-        self.sample_every = snapshot_every if sample_every is None else int(sample_every)
-        if self.sample_every < 1:
-            raise ValueError(f"sample_every must be >= 1, got {sample_every!r}")
+        self.sample_every = snapshot_every if sample_every is None else sample_every
         self.n_samples = n_samples
         self.seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
         chosen = select_parameters(model, default_names(model) if names is None else names)
         self._names = [n for n, _ in chosen]
         self._tensors = [t for _, t in chosen]
         self.layout = ParamLayout.from_named_tensors(chosen)
+        if n_modes > self.layout.n:
+            raise ValueError(f"n_modes={n_modes} > the {self.layout.n} weights modelled: ask for fewer modes")
         cap = fit_at // snapshot_every
-        self._buffer: SnapshotBuffer | None = SnapshotBuffer(
-            self.layout.n, dtype=record_dtype, capacity=cap if max_snapshots is None else min(cap, max_snapshots))
+        self._record_dtype = record_dtype
+        self._capacity = cap if max_snapshots is None else min(cap, max_snapshots)
+        self._buffer: SnapshotBuffer | None = SnapshotBuffer(self.layout.n, dtype=record_dtype, capacity=self._capacity)
+        self.skipped_snapshots = 0  # recording-phase snapshots not taken because a tensor held NaN/inf
+        self._record_pending = False
         self.phase = "recording"
         self.calls = 0
         # fitted state (per tensor lists, flat)
@@ -133,9 +150,9 @@ class OnlineCMD:
         cannot be made (NaN/inf weights) is reported with a warning and retried at the next step."""
         self.calls += 1
         if self.phase == "recording":
-            if self.calls % self.snapshot_every == 0:
+            if self.calls % self.snapshot_every == 0 or self._record_pending:
                 self._check_model()
-                self._buffer.append(self.layout, self._tensors, self.calls)
+                self._record()
             if self.calls >= self.fit_at:
                 self._fit()
         elif self.calls % self.sample_every == 0:
@@ -154,6 +171,23 @@ class OnlineCMD:
                 raise ValueError(f"the model changed after the OnlineCMD was built (added: {added}, removed: "
                                  f"{removed}): it models a fixed set of tensors; build a new OnlineCMD for the new model")
             self._model_ids = ids
+
+    def _record(self) -> None:
+        # A snapshot with NaN/inf would block every fit while it stays in the window: skip it and
+        # record the next finite weights instead.
+        bad = next((n for n, t in zip(self._names, self._tensors) if not bool(torch.isfinite(t).all())), None)
+        if bad is None:
+            self._buffer.append(self.layout, self._tensors, self.calls)
+            self._record_pending = False
+            return
+        if self._record_pending:  # still missing from an earlier step: counted once
+            return
+        self._record_pending = True
+        self.skipped_snapshots += 1
+        if self.skipped_snapshots == 1:
+            warnings.warn(f"OnlineCMD: step {self.calls}: {bad!r} holds NaN/inf: this snapshot is not recorded and the "
+                          "next finite weights are recorded instead (online.skipped_snapshots counts the skips; this "
+                          "warning is given once)", RuntimeWarning, stacklevel=4)
 
     def _fit(self) -> None:
         bad = next((n for n, t in zip(self._names, self._tensors) if not bool(torch.isfinite(t).all())), None)
@@ -256,7 +290,7 @@ class OnlineCMD:
         Before the fit the model's own (raw) values are returned.
         """
         if self.phase != "fitted":
-            return {n: t.detach().clone() for n, t in zip(self._names, self._tensors)}
+            return self._with_aliases({n: t.detach().clone() for n, t in zip(self._names, self._tensors)})
         r = self.references_now()
         out = {}
         for i, (name, t, mean, com, lab) in enumerate(zip(self._names, self._tensors, self.mean, self.comoment,
@@ -270,6 +304,18 @@ class OnlineCMD:
             # a r + b = mean + a (r - mean_r): no large terms cancel
             w = mean + slope * (r - self.mode_mean)[idx]
             out[name] = w.to(t.dtype).view_as(t)
+        return self._with_aliases(out)
+
+    def _with_aliases(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Add every other name a modelled tensor is reachable under (tied weights: an embedding that is
+        also the decoder), so that ``model.load_state_dict(..., strict=True)`` finds all its keys."""
+        canonical = {id(t): n for n, t in zip(self._names, self._tensors)}
+        named = list(self.model.named_parameters(remove_duplicate=False))
+        named += list(self.model.named_buffers(remove_duplicate=False))
+        for alias, t in named:
+            name = canonical.get(id(t))
+            if name is not None and alias not in out:
+                out[alias] = out[name]
         return out
 
     def averaged_model(self) -> nn.Module:
@@ -325,17 +371,17 @@ class OnlineCMD:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if list(sd["names"]) != self._names:
-            raise ValueError("this OnlineCMD state models different tensors than the model it was built on "
-                             f"({len(sd['names'])} vs {len(self._names)}): parameters added or removed? Build it "
-                             "with the same names= and model as the saved run")
+        """Resume from :meth:`state_dict`. Everything is checked first (names, shapes, dtypes, label
+        range, finiteness, counts): a state that does not fit raises ``ValueError`` and changes nothing."""
+        self._apply_state(sd, self._checked_state(sd))
+
+    def _apply_state(self, sd: dict[str, Any], buffer: SnapshotBuffer | None) -> None:
+        """Load a state that :meth:`_checked_state` accepted (returning ``buffer``); nothing here raises."""
         self.phase, self.calls, self.seed = sd["phase"], int(sd["calls"]), int(sd["seed"])
         self.n_modes, self.count = int(sd["n_modes"]), int(sd["count"])
         self.history = [dict(h) for h in sd["history"]]
-        if sd["buffer"] is not None:
-            self._buffer.load_state_dict(sd["buffer"])
-        else:
-            self._buffer = None
+        self._buffer = buffer
+        self._record_pending = False
         self.labels = [t.clone() for t in sd["labels"]]
         self.mean = [t.clone() for t in sd["mean"]]
         self.comoment = [t.clone() for t in sd["comoment"]]
@@ -345,7 +391,103 @@ class OnlineCMD:
         self.ref_scale = sd["ref_scale"].clone() if "ref_scale" in sd else torch.ones(m, dtype=torch.float64)
         self.ref_shift = sd["ref_shift"].clone() if "ref_shift" in sd else torch.zeros(m, dtype=torch.float64)
         self.frozen_tensors = {int(t) for t in sd.get("frozen_tensors", [])}
+
+    def _checked_state(self, sd: Any) -> SnapshotBuffer | None:
+        """Validate a :meth:`state_dict` against this model without changing anything; return the
+        recording window loaded into a new buffer (NaN/inf snapshots dropped, with a warning) or None."""
         self.check_layout()
+        keys = ("phase", "calls", "seed", "names", "n_modes", "count", "history", "buffer", "labels", "mean",
+                "comoment", "ref_index", "mode_mean", "mode_m2")
+        if not isinstance(sd, dict) or any(k not in sd for k in keys):
+            missing = [k for k in keys if not isinstance(sd, dict) or k not in sd]
+            raise ValueError(f"not an OnlineCMD state (it lacks {missing}): load what online.state_dict() saved")
+        if not isinstance(sd["names"], (list, tuple)) or list(sd["names"]) != self._names:
+            n = len(sd["names"]) if isinstance(sd["names"], (list, tuple)) else "?"
+            raise ValueError("this OnlineCMD state models different tensors than the model it was built on "
+                             f"({n} vs {len(self._names)}): parameters added or removed? Build it "
+                             "with the same names= and model as the saved run")
+        phase = sd["phase"]
+        if phase not in ("recording", "fitted"):
+            raise ValueError(f"the state's phase {phase!r} is not 'recording' or 'fitted': damaged checkpoint")
+        for k, lo in (("calls", 0), ("seed", None), ("n_modes", 1), ("count", 0)):
+            v = sd[k]
+            if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo):
+                raise ValueError(f"the state's {k!r} must be an integer{'' if lo is None else f' >= {lo}'}, got {v!r}")
+        if not isinstance(sd["history"], (list, tuple)) or not all(isinstance(h, dict) for h in sd["history"]):
+            raise ValueError("the state's 'history' must be a list of dicts: damaged checkpoint")
+        frozen = sd.get("frozen_tensors", [])
+        n_t = len(self._names)
+        if not isinstance(frozen, (list, tuple)) or not all(isinstance(t, int) and 0 <= t < n_t for t in frozen):
+            raise ValueError(f"the state's 'frozen_tensors' must be tensor indices 0..{n_t - 1}, got {frozen!r}")
+        for k in ("labels", "mean", "comoment", "ref_index"):
+            if not isinstance(sd[k], (list, tuple)):
+                raise ValueError(f"the state's {k!r} must be a list: damaged checkpoint")
+        if phase == "recording":
+            if sd["buffer"] is None:
+                raise ValueError("the state is in phase 'recording' but holds no recording: damaged checkpoint")
+            if sd["labels"] or sd["mean"] or sd["comoment"] or sd["ref_index"] or frozen:
+                raise ValueError("the state is in phase 'recording' but holds fitted moments: damaged checkpoint")
+            buffer = SnapshotBuffer(self.layout.n, dtype=self._record_dtype, capacity=self._capacity)
+            try:
+                dropped = buffer.load_state_dict(sd["buffer"])
+            except ValueError as e:
+                raise ValueError(f"the state's recording window does not fit this OnlineCMD: {e}") from None
+            if dropped:
+                warnings.warn(f"OnlineCMD: the state's recording window held {len(dropped)} snapshot(s) with NaN/inf "
+                              f"(steps {dropped[:10]}): dropped on load", RuntimeWarning, stacklevel=3)
+            return buffer
+        if sd["buffer"] is not None:
+            raise ValueError("the state is in phase 'fitted' but still holds a recording window: damaged checkpoint")
+        m = sd["n_modes"]
+        for k in ("mode_mean", "mode_m2", "ref_scale", "ref_shift"):
+            if k not in sd and k in ("ref_scale", "ref_shift"):
+                continue
+            t = sd[k]
+            if not isinstance(t, Tensor) or tuple(t.shape) != (m,) or not t.is_floating_point():
+                got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"the state's {k!r} must be a floating-point tensor of shape ({m},) (n_modes), got "
+                                 f"{got}: damaged checkpoint")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"the state's {k!r} holds NaN/inf: damaged checkpoint")
+        if bool((sd["mode_m2"] < 0).any()) or ("ref_scale" in sd and bool((sd["ref_scale"] == 0).any())):
+            raise ValueError("the state's 'mode_m2' must be >= 0 and its 'ref_scale' non-zero: damaged checkpoint")
+        if len(sd["ref_index"]) != m:
+            raise ValueError(f"the state has {len(sd['ref_index'])} reference weights for {m} modes: damaged checkpoint")
+        for k in ("labels", "mean", "comoment"):
+            if len(sd[k]) != n_t:
+                raise ValueError(f"the state's {k!r} holds {len(sd[k])} tensors, this OnlineCMD models {n_t}: "
+                                 "damaged checkpoint")
+        for t, (name, x) in enumerate(zip(self._names, self._tensors)):
+            lab = sd["labels"][t]
+            if not isinstance(lab, Tensor) or lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+                raise ValueError(f"{name!r}: the state's mode labels must be an integer tensor: damaged checkpoint")
+            if lab.numel() != x.numel():
+                raise ValueError(f"{name!r} has {lab.numel()} mode labels, the model's tensor has {x.numel()} values: "
+                                 "the state is from a different model; build the same model (same layer sizes) as "
+                                 "the saved run")
+            if lab.numel():
+                idx = kernels.as_index(lab)
+                lo, hi = int(idx.min()), int(idx.max())
+                if lo < 0 or hi >= m:
+                    raise ValueError(f"{name!r} has mode labels from {lo} to {hi}, but the state has {m} modes (valid "
+                                     f"labels 0..{m - 1}): the file is damaged or was edited; load an intact one")
+            for k in ("mean", "comoment"):
+                v = sd[k][t]
+                want = 0 if t in frozen else x.numel()
+                if not isinstance(v, Tensor) or not v.is_floating_point() or v.numel() != want:
+                    got = f"{v.numel()} values" if isinstance(v, Tensor) else type(v).__name__
+                    raise ValueError(f"the state's {k!r} of {name!r} has {got}, the model's tensor needs {want}: the "
+                                     "state is from a different model; build the same model as the saved run")
+                if not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"the state's {k!r} of {name!r} holds NaN/inf: damaged checkpoint")
+        for j, ref in enumerate(sd["ref_index"]):
+            ok = isinstance(ref, (list, tuple)) and len(ref) == 2 and all(isinstance(v, int) for v in ref)
+            if not ok or not 0 <= ref[0] < n_t or not 0 <= ref[1] < self._tensors[ref[0]].numel():
+                where = (f"element {ref[1]} of tensor {ref[0]} ({self._names[ref[0]]!r}, "
+                         f"{self._tensors[ref[0]].numel()} values)") if ok and 0 <= ref[0] < n_t else repr(ref)
+                raise ValueError(f"the state's reference {j} points at {where}, which this model lacks: the state is "
+                                 "from a different model; build the same model as the saved run")
+        return None
 
     def check_layout(self) -> None:
         """Raise if a modelled tensor was removed from or replaced in the model since construction."""

@@ -63,12 +63,27 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         embed_fraction: float = 0.1,
         granularity: str = "tensor",
     ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(base_optimizer, OnlineCMDOptimizer):
+            raise TypeError("base_optimizer is already an OnlineCMDOptimizer")
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if granularity not in ("tensor", "weight"):
             raise ValueError(f"granularity must be 'tensor' or 'weight', got {granularity!r}")
-        if embed_every is not None and (not isinstance(embed_every, int) or embed_every < 1):
+        if embed_every is not None and (not isinstance(embed_every, int) or isinstance(embed_every, bool)
+                                        or embed_every < 1):
             raise ValueError(f"embed_every must be an integer >= 1, got {embed_every!r}")
-        if not 0 < embed_fraction <= 1:
+        if isinstance(embed_fraction, bool) or not isinstance(embed_fraction, (int, float)) \
+                or not 0 < embed_fraction <= 1:
             raise ValueError(f"embed_fraction must be in (0, 1], got {embed_fraction!r}")
+        owned = {id(p) for p in model.parameters()}
+        for gi, group in enumerate(base_optimizer.param_groups):
+            for p in group["params"]:
+                if id(p) not in owned:
+                    raise ValueError(
+                        f"the base optimizer's param group {gi} holds a tensor of shape {tuple(p.shape)} that is "
+                        "not a parameter of the model: build the base optimizer on model.parameters()")
         self._init_shared(base_optimizer)
         self.model = model
         self.online = OnlineCMD(model, n_modes=n_modes, fit_at=fit_at, snapshot_every=snapshot_every,
@@ -310,7 +325,11 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
                 "embed_history": [dict(h) for h in self.embed_history]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.online.load_state_dict(sd["online"])
+        """Resume from :meth:`state_dict`. Everything is checked first: a state that does not fit this
+        model and optimizer raises ``ValueError`` and changes nothing."""
+        buffer = self._checked_state(sd)
+        # the checks passed: from here on nothing raises
+        self.online._apply_state(sd["online"], buffer)
         whole = set(sd["frozen_whole"])
         self.frozen = {}
         for key, f in sd["frozen"].items():
@@ -330,3 +349,83 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         self._prev = {int(k): (v[0].clone(), v[1].clone()) for k, v in sd["prev"].items()}
         self.embed_history = [dict(h) for h in sd["embed_history"]]
         self.base.load_state_dict(sd["base"])
+
+    def _checked_state(self, sd: Any):
+        """Validate a :meth:`state_dict` without changing anything (the online part, the frozen tensors,
+        the base optimizer's groups); returns the online recording window, loaded into a new buffer."""
+        keys = ("base", "online", "frozen", "frozen_whole", "prev", "embed_history")
+        if not isinstance(sd, dict) or any(k not in sd for k in keys):
+            missing = [k for k in keys if not isinstance(sd, dict) or k not in sd]
+            raise ValueError(f"not an OnlineCMDOptimizer state dict (it lacks {missing}); to load a plain "
+                             "optimizer's state use opt.base.load_state_dict(...)")
+        buffer = self.online._checked_state(sd["online"])
+        names, tensors = self.online._names, self.online._tensors
+        frozen, whole = sd["frozen"], sd["frozen_whole"]
+        if not isinstance(frozen, dict) or not isinstance(whole, (list, tuple)) or not isinstance(sd["prev"], dict):
+            raise ValueError("the state's 'frozen', 'frozen_whole' and 'prev' must be a dict, a list and a dict: "
+                             "damaged checkpoint")
+
+        def index(key, what):
+            try:
+                t = int(key)
+            except (TypeError, ValueError):
+                t = None
+            if t is None or t not in self._candidates:
+                raise ValueError(f"{what} {key} is not a tensor this optimizer may freeze (a trainable parameter of "
+                                 "the base optimizer): the state is from a different model or set-up")
+            return t
+
+        def sized(name, what, v, n, kind):
+            ok = isinstance(v, Tensor) and (v.dtype == torch.bool if kind == "bool" else v.is_floating_point())
+            if not ok or v.numel() != n:
+                got = f"{v.numel()}" if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"frozen tensor {name!r} has {got} {what}, the model's tensor has {n}: the state is "
+                                 "from a different model; build the same model as the saved run")
+            if kind != "bool" and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"frozen tensor {name!r}: its {what} hold NaN/inf: damaged checkpoint")
+
+        whole_set = {index(t, "frozen tensor") for t in whole}
+        for key, f in frozen.items():
+            t = index(key, "frozen tensor")
+            name, n = names[t], tensors[t].numel()
+            if not isinstance(f, dict) or "a" not in f or "b" not in f:
+                raise ValueError(f"frozen tensor {name!r} lacks its coefficients 'a' and 'b': damaged checkpoint")
+            if t in whole_set:
+                sized(name, "coefficients a", f["a"], n, "float")
+                sized(name, "offsets b", f["b"], n, "float")
+            else:
+                if any(k not in f for k in ("mask", "a_full", "b_full")):
+                    raise ValueError(f"partly frozen tensor {name!r} lacks 'mask', 'a_full' or 'b_full': damaged checkpoint")
+                sized(name, "mask entries", f["mask"], n, "bool")
+                k = int(f["mask"].sum())
+                sized(name, "coefficients a", f["a"], k, "float")
+                sized(name, "offsets b", f["b"], k, "float")
+                sized(name, "coefficients a_full", f["a_full"], n, "float")
+                sized(name, "offsets b_full", f["b_full"], n, "float")
+        if not whole_set <= {int(k) for k in frozen}:
+            raise ValueError("the state lists whole frozen tensors without their coefficients: damaged checkpoint")
+        if whole_set != set(sd["online"].get("frozen_tensors", [])):
+            raise ValueError("the state's whole frozen tensors differ from those its online CMD stopped tracking: "
+                             "damaged checkpoint")
+        for key, v in sd["prev"].items():
+            t = index(key, "tracked tensor")
+            if not isinstance(v, (list, tuple)) or len(v) != 2:
+                raise ValueError(f"the state's 'prev' entry of {names[t]!r} must be [a, mean]: damaged checkpoint")
+            sized(names[t], "previous coefficients", v[0], tensors[t].numel(), "float")
+            sized(names[t], "previous means", v[1], tensors[t].numel(), "float")
+        base = sd["base"]
+        if not isinstance(base, dict) or not isinstance(base.get("param_groups"), (list, tuple)) or "state" not in base:
+            raise ValueError("the state's 'base' entry is not an optimizer state dict: damaged checkpoint")
+        groups = base["param_groups"]
+        if len(groups) != len(self.base.param_groups):
+            raise ValueError(f"the state's base optimizer has {len(groups)} param group(s), this one "
+                             f"{len(self.base.param_groups)}: build the base optimizer with the same param groups as the "
+                             "saved run")
+        leaving = {id(tensors[t]) for t in whole_set}
+        for gi, (g, mine) in enumerate(zip(groups, self.base.param_groups)):
+            want = sum(id(p) not in leaving for p in mine["params"])
+            got = len(g.get("params", ())) if isinstance(g, dict) else -1
+            if got != want:
+                raise ValueError(f"param group {gi} of the state's base optimizer holds {got} tensor(s), this optimizer's "
+                                 f"would hold {want} after the load: the state is from a different model or set-up")
+        return buffer

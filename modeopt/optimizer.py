@@ -21,19 +21,20 @@ import fnmatch
 import logging
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from ._wrapping import SharesBaseOptimizer
 from .decomposition import decompose
 from .layout import ParamLayout
 from .modespace import ModeSpace
 from .trajectory import SnapshotBuffer, Trajectory
 
-__all__ = ["CMDOptimizer"]
+__all__ = ["CMDOptimizer", "NonFiniteWarning"]
 
 logger = logging.getLogger("modeopt")
 
@@ -45,6 +46,10 @@ SCALE_INVARIANT = tuple(
 )
 
 Exclude = Callable[[str, nn.Parameter], bool] | Sequence[str] | None
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A step or a snapshot with NaN/inf was skipped (see ``CMDOptimizer.nan_policy``)."""
 
 
 class CMDOptimizer(SharesBaseOptimizer):
@@ -91,6 +96,23 @@ class CMDOptimizer(SharesBaseOptimizer):
     with the fused CPU kernels, else 2-8) and ``a`` (4 bytes, or 2 in bfloat16), instead of the
     base optimizer's state; no weight gradient outlives its layer's backward.
     """
+
+    #: What a NaN/inf does (docs/optimizer.md, "Non-finite steps"): ``"skip"`` - an embedded step
+    #: whose ``r`` gradient or new ``r`` is non-finite is not applied, a snapshot with NaN/inf weights
+    #: is not recorded, a switch waits up to ``max_switch_delay`` steps for finite weights; each skip
+    #: is counted and warned about once. ``"raise"`` - ``FloatingPointError`` instead, state intact.
+    #: Set it on the instance: ``opt.nan_policy = "raise"``.
+    nan_policy: str = "skip"
+    #: Steps a switch may wait for finite weights (and 3 finite snapshots) before it raises.
+    max_switch_delay: int = 10
+    #: Embedded steps skipped because ``r`` or its gradient was non-finite (not counted in ``_step``).
+    skipped_steps: int = 0
+    #: Warm-up snapshots not recorded at their step because a weight was non-finite.
+    skipped_snapshots: int = 0
+    _switch_delay: int = 0
+    _record_pending: bool = False
+    _warned_nan_step: bool = False
+    _warned_nan_snapshot: bool = False
 
     def __init__(
         self,
@@ -277,6 +299,10 @@ class CMDOptimizer(SharesBaseOptimizer):
                 space.sync()
                 return inner()
 
+        if space is not None and closure is None and not _all_finite(p.grad for p in space.r_params):
+            # Like GradScaler: a non-finite gradient is not stepped on (weights, r and state untouched).
+            self._skip_step(space, "the gradient of the mode scalars r", restore=False)
+            return None
         loss = self.base.step() if closure is None else self.base.step(closure)
         if space is not None:
             if not space.has_grad() and not self._warned_no_grad:
@@ -285,6 +311,9 @@ class CMDOptimizer(SharesBaseOptimizer):
                     "modeopt: no gradient reached the mode scalars r this step. Call the model itself "
                     "(model(x), not model.forward(x)) so its forward hooks run, and backward() before step().",
                     stacklevel=2)
+            if not _all_finite(space.r_params):
+                self._skip_step(space, "the new value of the mode scalars r", restore=True)
+                return loss
             space.sync()
         self._step += 1
         self._phase_step += 1
@@ -293,7 +322,7 @@ class CMDOptimizer(SharesBaseOptimizer):
 
     def _advance(self) -> None:
         if self.phase == "warmup":
-            if self._phase_step % self.snapshot_every == 0:
+            if self._phase_step % self.snapshot_every == 0 or self._record_pending:
                 self._record()
             target = self.warmup_steps if self.cycle == 0 else self.recluster_steps
             if self._phase_step >= target:
@@ -307,12 +336,72 @@ class CMDOptimizer(SharesBaseOptimizer):
                 self._fire("unembedded")
 
     def _record(self) -> None:
+        # Until a snapshot is in, every step tries again: one skipped for NaN/inf weights, or one
+        # whose file could not be allocated (record_dir on a full disk), is taken at the next step.
+        retry, self._record_pending = self._record_pending, True
+        bad = self._first_nonfinite()
+        if bad is not None:
+            self._check_nan_policy()
+            if self.nan_policy == "raise":
+                raise FloatingPointError(
+                    f"modeopt: step {self._step}: parameter {bad!r} holds NaN/inf, so this snapshot was not "
+                    "recorded (nan_policy='raise'); the recording is unchanged. Fix the divergence (lower the "
+                    "learning rate, clip gradients) and resume from a checkpoint")
+            if retry:  # the snapshot missed at an earlier step is still missing: counted once
+                return
+            self.skipped_snapshots += 1
+            if not self._warned_nan_snapshot:
+                self._warned_nan_snapshot = True
+                warnings.warn(
+                    f"modeopt: step {self._step}: parameter {bad!r} holds NaN/inf: this snapshot is not recorded "
+                    "and the next finite weights are recorded instead (opt.skipped_snapshots counts the skips; "
+                    "this warning is given once). The weights are the base optimizer's: if they stay NaN/inf, "
+                    "fix the divergence", NonFiniteWarning, stacklevel=4)
+            return
         if self._buffer is None:
-            steps = (self.warmup_steps if self.cycle == 0 else self.recluster_steps) // self.snapshot_every
-            cap = steps if self.max_snapshots is None else min(steps, self.max_snapshots)
-            self._buffer = SnapshotBuffer(self._layout.n, dtype=self.record_dtype, capacity=cap,
-                                          directory=self.record_dir)
+            self._buffer = self._new_buffer(self.cycle)
         self._buffer.append(self._layout, self._emb_params, self._step)
+        self._record_pending = False
+
+    def _new_buffer(self, cycle: int) -> SnapshotBuffer:
+        steps = (self.warmup_steps if cycle == 0 else self.recluster_steps) // self.snapshot_every
+        cap = steps if self.max_snapshots is None else min(steps, self.max_snapshots)
+        return SnapshotBuffer(self._layout.n, dtype=self.record_dtype, capacity=cap, directory=self.record_dir)
+
+    def _first_nonfinite(self) -> str | None:
+        """Name of the first embeddable parameter holding NaN/inf, or None."""
+        for name, p in zip(self._emb_names, self._emb_params):
+            if not bool(torch.isfinite(p).all()):
+                return name
+        return None
+
+    def _check_nan_policy(self) -> None:
+        if self.nan_policy not in ("skip", "raise"):
+            raise ValueError(f"nan_policy must be 'skip' or 'raise', got {self.nan_policy!r}")
+
+    @torch.no_grad()
+    def _skip_step(self, space: ModeSpace, what: str, *, restore: bool) -> None:
+        """An embedded step with a non-finite r: keep the weights as they are and r at the applied value."""
+        step = self._step + 1
+        if restore:  # the base optimizer already moved r: put it back (and drop state it poisoned)
+            for g, p in zip(space.groups, space.r_params):
+                p.copy_(space.applied[space.r_groups == g].to(device=p.device, dtype=p.dtype))
+                st = self.base.state.get(p)
+                if st and not _all_finite(v for v in st.values() if isinstance(v, Tensor) and v.is_floating_point()):
+                    self.base.state.pop(p)
+        self._check_nan_policy()
+        if self.nan_policy == "raise":
+            raise FloatingPointError(
+                f"modeopt: step {step}: {what} holds NaN/inf (nan_policy='raise'). The step was not applied: the "
+                "weights, r and the step count are as before it. Lower the learning rate or clip gradients, or "
+                "set opt.nan_policy = 'skip' to skip such steps")
+        self.skipped_steps += 1
+        if not self._warned_nan_step:
+            self._warned_nan_step = True
+            warnings.warn(
+                f"modeopt: step {step}: {what} holds NaN/inf: the step is skipped, like GradScaler does (weights "
+                "and r unchanged, the step is not counted). Later skips are counted in opt.skipped_steps "
+                "without a warning", NonFiniteWarning, stacklevel=3)
 
     @property
     def recording_bytes(self) -> int:
@@ -322,12 +411,30 @@ class CMDOptimizer(SharesBaseOptimizer):
     # -------------------------------------------------------------- switch
     @torch.no_grad()
     def _embed(self) -> None:
-        for name, p in zip(self._emb_names, self._emb_params):
-            if not bool(torch.isfinite(p).all()):
+        bad = self._first_nonfinite()
+        have = 0 if self._buffer is None else len(self._buffer)
+        if bad is not None or have < 3:
+            self._check_nan_policy()
+            waited = self._switch_delay
+            if self.nan_policy == "raise" or waited >= self.max_switch_delay:
+                after = f" (the switch waited {waited} step(s) for it)" if waited else ""
+                if bad is not None:
+                    raise ValueError(
+                        f"modeopt refuses to embed at step {self._step}: parameter {bad!r} holds NaN/inf. The "
+                        "training state is unchanged (still in warm-up); fix the divergence (lower the learning "
+                        f"rate, clip gradients) and resume from a checkpoint{after}")
                 raise ValueError(
-                    f"modeopt refuses to embed at step {self._step}: parameter {name!r} holds NaN/inf. The "
-                    "training state is unchanged (still in warm-up); fix the divergence (lower the learning "
-                    "rate, clip gradients) and resume from a checkpoint")
+                    f"modeopt cannot embed at step {self._step}: only {have} finite snapshot(s) were recorded, CMD "
+                    "needs 3. The training state is unchanged (still in warm-up); the next steps record more "
+                    f"if the weights are finite{after}")
+            self._switch_delay += 1
+            self._record_pending = self._record_pending or bad is None  # record the next finite weights
+            why = f"parameter {bad!r} holds NaN/inf" if bad is not None else f"only {have} finite snapshot(s), CMD needs 3"
+            warnings.warn(
+                f"modeopt: step {self._step}: {why}: the switch to mode space waits a step (wait "
+                f"{self._switch_delay} of at most opt.max_switch_delay={self.max_switch_delay}; then it raises)",
+                NonFiniteWarning, stacklevel=4)
+            return
         if not self._phase_hooks and _world_size() > 1:
             warnings.warn(
                 f"modeopt: {_world_size()} processes run torch.distributed, but this CMDOptimizer is not "
@@ -370,6 +477,8 @@ class CMDOptimizer(SharesBaseOptimizer):
             r=(r * scale).to(torch.float32),
         )
         self._buffer = None
+        self._switch_delay = 0
+        self._record_pending = False
         info = {
             "step": self._step, "cycle": self.cycle, "n_modes": m, "sizes": d.sizes.tolist(),
             "constant": int(d.constant.sum()), "scale": scale.tolist(),
@@ -461,15 +570,17 @@ class CMDOptimizer(SharesBaseOptimizer):
         return {"base": self.base.state_dict(), "cmd": cmd}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (a fresh optimizer built with the same arguments)."""
-        if "cmd" not in state_dict or "base" not in state_dict:
+        """Resume from :meth:`state_dict` (a fresh optimizer built with the same arguments).
+
+        Everything is checked against this optimizer and its model first (names, shapes, dtypes,
+        mode labels, finiteness, the recording, the base optimizer's groups): a checkpoint that does
+        not fit raises ``ValueError`` and leaves the optimizer and the model as they were.
+        """
+        if not isinstance(state_dict, Mapping) or "cmd" not in state_dict or "base" not in state_dict:
             raise ValueError("not a CMDOptimizer state dict (expected the keys 'base' and 'cmd'); to load a "
                              "plain optimizer's state use opt.base.load_state_dict(...)")
         cmd = state_dict["cmd"]
-        if list(cmd["names"]) != self._emb_names:
-            raise ValueError("the checkpoint embeds different parameters than this optimizer "
-                             f"({len(cmd['names'])} vs {len(self._emb_names)} tensors): build the model and the "
-                             "CMDOptimizer with the same arguments (exclude=, param groups) as the saved run")
+        buffer = self._checked_load(cmd, state_dict["base"])  # raises before anything changes
         if self.space is not None:
             self._unembed()
         self._buffer = None
@@ -481,14 +592,148 @@ class CMDOptimizer(SharesBaseOptimizer):
         self._step, self._phase_step, self.cycle = int(cmd["step"]), int(cmd["phase_step"]), int(cmd["cycle"])
         self.seed = int(cmd["seed"])
         self.history = [dict(h) for h in cmd["history"]]
-        if cmd["buffer"] is not None:
-            steps = (self.warmup_steps if self.cycle == 0 else self.recluster_steps) // self.snapshot_every
-            cap = steps if self.max_snapshots is None else min(steps, self.max_snapshots)
-            self._buffer = SnapshotBuffer(self._layout.n, dtype=self.record_dtype, capacity=cap,
-                                          directory=self.record_dir)
-            self._buffer.load_state_dict(cmd["buffer"])
+        self._buffer = buffer
+        self._switch_delay, self._record_pending = 0, False
         self.base.load_state_dict(state_dict["base"])
         self._fire("loaded")
+
+    def _checked_load(self, cmd: Any, base: Any) -> SnapshotBuffer | None:
+        """Validate a checkpoint's ``cmd`` and ``base`` entries without changing anything.
+
+        Returns the warm-up recording, already loaded into a new buffer (NaN/inf snapshots dropped
+        with a warning), or None.
+        """
+        keys = ("phase", "step", "phase_step", "cycle", "seed", "names", "history", "buffer", "space")
+        if not isinstance(cmd, Mapping) or any(k not in cmd for k in keys):
+            missing = [k for k in keys if not isinstance(cmd, Mapping) or k not in cmd]
+            raise ValueError(f"the checkpoint's 'cmd' entry lacks {missing}: not a CMDOptimizer state dict, or a "
+                             "damaged one; load the file opt.state_dict() was saved to")
+        if not isinstance(cmd["names"], (list, tuple)) or list(cmd["names"]) != self._emb_names:
+            n = len(cmd["names"]) if isinstance(cmd["names"], (list, tuple)) else "?"
+            raise ValueError("the checkpoint embeds different parameters than this optimizer "
+                             f"({n} vs {len(self._emb_names)} tensors): build the model and the "
+                             "CMDOptimizer with the same arguments (exclude=, param groups) as the saved run")
+        phase = cmd["phase"]
+        if phase not in ("warmup", "embedded", "exported"):
+            raise ValueError(f"the checkpoint's phase {phase!r} is not 'warmup', 'embedded' or 'exported': damaged checkpoint")
+        for k in ("step", "phase_step", "cycle", "seed"):
+            v = cmd[k]
+            if not isinstance(v, int) or isinstance(v, bool) or (k != "seed" and v < 0):
+                raise ValueError(f"the checkpoint's {k!r} must be an integer{'' if k == 'seed' else ' >= 0'}, got {v!r}")
+        if not isinstance(cmd["history"], (list, tuple)) or not all(isinstance(h, Mapping) for h in cmd["history"]):
+            raise ValueError("the checkpoint's 'history' must be a list of dicts: damaged checkpoint")
+        saved = cmd["space"]
+        if (saved is not None) != (phase == "embedded"):
+            raise ValueError(f"the checkpoint's phase is {phase!r} but it {'holds' if saved is not None else 'lacks'} "
+                             "a mode space: damaged checkpoint")
+        if cmd["buffer"] is not None and phase != "warmup":
+            raise ValueError(f"the checkpoint holds a warm-up recording in phase {phase!r}: damaged checkpoint")
+        r_groups = self._check_saved_space(saved) if saved is not None else None
+        self._check_saved_base(base, r_groups)
+        if cmd["buffer"] is None:
+            return None
+        try:
+            buffer = self._new_buffer(cmd["cycle"])  # a record_dir file is reserved here: may raise OSError
+        except ValueError as e:
+            raise ValueError(f"cannot rebuild the checkpoint's warm-up recording: {e}") from None
+        try:
+            dropped = buffer.load_state_dict(cmd["buffer"])
+        except ValueError as e:
+            raise ValueError(f"the checkpoint's warm-up recording does not fit this optimizer: {e}") from None
+        if dropped:
+            warnings.warn(
+                f"modeopt: the checkpoint's warm-up recording held {len(dropped)} snapshot(s) with NaN/inf (steps "
+                f"{_short([str(s) for s in dropped])}): dropped on load, {len(buffer)} finite snapshot(s) kept "
+                "(the switch waits for 3 finite ones if fewer remain)", NonFiniteWarning, stacklevel=3)
+        return buffer
+
+    def _check_saved_space(self, saved: Any) -> set[int]:
+        """Validate a checkpoint's mode space; return the param groups that hold mode scalars."""
+        keys = ("labels", "a", "r_groups", "r", "applied")
+        if not isinstance(saved, Mapping) or any(k not in saved for k in keys):
+            raise ValueError(f"the checkpoint's mode space must hold {list(keys)}: damaged checkpoint")
+        r, applied, r_groups = saved["r"], saved["applied"], saved["r_groups"]
+        if not isinstance(r, Tensor) or r.dim() != 1 or r.numel() < 1 or not r.is_floating_point():
+            raise ValueError(f"the checkpoint's mode scalars r must be a 1-D floating-point tensor, got "
+                             f"{_describe(r)}: damaged checkpoint")
+        m = r.numel()
+        if not isinstance(applied, Tensor) or tuple(applied.shape) != (m,) or not applied.is_floating_point():
+            raise ValueError(f"the checkpoint's applied r must be a floating-point tensor of shape ({m},) like r, got "
+                             f"{_describe(applied)}: damaged checkpoint")
+        n_groups = len(self.base.param_groups)
+        if (not isinstance(r_groups, Tensor) or tuple(r_groups.shape) != (m,) or r_groups.is_floating_point()
+                or r_groups.is_complex() or r_groups.dtype == torch.bool):
+            raise ValueError(f"the checkpoint's r_groups must be an integer tensor of shape ({m},), got "
+                             f"{_describe(r_groups)}: damaged checkpoint")
+        bad_groups = sorted({int(g) for g in r_groups.tolist() if not 0 <= int(g) < n_groups})
+        if bad_groups:
+            raise ValueError(f"the checkpoint puts mode scalars into param group(s) {bad_groups}, this optimizer has "
+                             f"{n_groups} param group(s): build the base optimizer with the same param groups as the "
+                             "saved run")
+        for what, t in (("r", r), ("applied r", applied)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"the checkpoint's {what} holds NaN/inf: it was saved from a diverged run; resume "
+                                 "from an earlier checkpoint")
+        labels, a = saved["labels"], saved["a"]
+        n = len(self._emb_names)
+        if not isinstance(labels, (list, tuple)) or not isinstance(a, (list, tuple)) or len(labels) != n or len(a) != n:
+            raise ValueError(f"the checkpoint's mode space must hold {n} label and {n} coefficient tensors, one per "
+                             "embedded parameter: damaged checkpoint")
+        for name, p, lab, x in zip(self._emb_names, self._emb_params, labels, a):
+            if not isinstance(lab, Tensor) or lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+                raise ValueError(f"checkpoint tensor {name!r}: its mode labels must be an integer tensor, got "
+                                 f"{_describe(lab)}: damaged checkpoint")
+            if not isinstance(x, Tensor) or not x.is_floating_point():
+                raise ValueError(f"checkpoint tensor {name!r}: its coefficients a must be a floating-point tensor, "
+                                 f"got {_describe(x)}: damaged checkpoint")
+            for what, t in (("mode labels", lab), ("coefficients", x)):
+                if t.numel() != p.numel():
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} has {t.numel()} {what}, the model's parameter has {p.numel()} "
+                        f"weights (shape {tuple(p.shape)}): the checkpoint is from a different model; build the same "
+                        "model (same layer sizes) as the saved run, or start this optimizer afresh")
+            if lab.numel():
+                idx = kernels.as_index(lab)
+                lo, hi = int(idx.min()), int(idx.max())
+                if lo < 0 or hi >= m:
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} has mode labels from {lo} to {hi}, but the checkpoint has {m} "
+                        f"modes (valid labels 0..{m - 1}): the file is damaged or was edited; resume from an intact "
+                        "checkpoint")
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"checkpoint tensor {name!r}: its coefficients a hold NaN/inf: damaged checkpoint; "
+                                 "resume from an intact one")
+        return {int(g) for g in r_groups.tolist()}
+
+    def _check_saved_base(self, base: Any, r_groups: set[int] | None) -> None:
+        """The base optimizer's state must have this optimizer's param groups, as they will be after the load."""
+        if not isinstance(base, Mapping) or not isinstance(base.get("param_groups"), (list, tuple)) \
+                or "state" not in base:
+            raise ValueError("the checkpoint's 'base' entry is not an optimizer state dict (keys 'state' and "
+                             "'param_groups'): damaged checkpoint")
+        groups = base["param_groups"]
+        if len(groups) != len(self._orig_params):
+            raise ValueError(f"the checkpoint's base optimizer has {len(groups)} param group(s), this one "
+                             f"{len(self._orig_params)}: build the base optimizer with the same param groups as the "
+                             "saved run")
+        emb = {id(p) for p in self._emb_params}
+        for gi, (g, orig) in enumerate(zip(groups, self._orig_params)):
+            want = len(orig) if r_groups is None else sum(id(p) not in emb for p in orig) + (gi in r_groups)
+            got = len(g.get("params", ())) if isinstance(g, Mapping) else -1
+            if got != want:
+                raise ValueError(f"param group {gi} of the checkpoint's base optimizer holds {got} tensor(s), this "
+                                 f"optimizer's would hold {want} after the load: the checkpoint is from a different "
+                                 "model or set-up; build both as in the saved run")
+
+
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
 
 
 def _world_size() -> int:

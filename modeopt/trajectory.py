@@ -312,9 +312,19 @@ class SnapshotBuffer:
 
         Path(self.directory).mkdir(parents=True, exist_ok=True)
         fd, path = tempfile.mkstemp(prefix="snapshots-", suffix=".bin", dir=self.directory)
+        try:
+            # A sparse file would get its blocks on first write into the mapping: on a full disk that
+            # write kills the process with SIGBUS. Reserve every block now and fail here instead.
+            _reserve(fd, rows * self.n * self.dtype.itemsize, self.directory)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
         os.close(fd)
-        t = torch.from_file(path, shared=True, size=rows * self.n, dtype=self.dtype).view(rows, self.n)
-        os.unlink(path)  # the mapping keeps the pages; the file vanishes with the process
+        try:
+            t = torch.from_file(path, shared=True, size=rows * self.n, dtype=self.dtype).view(rows, self.n)
+        finally:
+            os.unlink(path)  # the mapping keeps the pages; the file vanishes with the process
         return t
 
     @property
@@ -379,15 +389,61 @@ class SnapshotBuffer:
         data, steps = self.raw()
         return {"data": data, "steps": list(steps), "anchor": self.anchor, "count": self.count}
 
-    def load_state_dict(self, state: Mapping) -> None:
-        data, steps, count = state["data"], list(state["steps"]), int(state["count"])
-        if data.dim() != 2 or data.shape[1] != self.n:
-            raise ValueError(f"snapshot buffer of {self.n} weights cannot load data of shape {tuple(data.shape)}")
+    def checked_state(self, state: Mapping) -> tuple[dict, list[int]]:
+        """Validate a :meth:`state_dict` for this buffer without changing anything.
+
+        Returns the state to load and the steps of the snapshots that hold NaN/inf, which are
+        dropped (the rest keep their time order): such a snapshot cannot be modelled, and kept it
+        would block every decomposition. Raises ``ValueError`` saying what does not fit.
+        """
+        if not isinstance(state, Mapping) or not {"data", "steps", "count"} <= set(state):
+            raise ValueError("the saved snapshot recording is not a SnapshotBuffer state (expected the keys "
+                             "'data', 'steps', 'count', 'anchor'): the checkpoint is damaged or from another program")
+        data, steps, count, anchor = state["data"], state["steps"], state["count"], state.get("anchor")
+        if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[1] != self.n:
+            shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+            raise ValueError(f"the saved recording holds snapshots of shape {shape}, this one records {self.n} "
+                             "weights per snapshot: the checkpoint is from a different model; build the same model "
+                             "(same layer sizes) as the saved run")
         if data.dtype != self.dtype:
-            raise ValueError(f"saved snapshots are {data.dtype}, this buffer stores {self.dtype}")
+            raise ValueError(f"the saved snapshots are {data.dtype}, this recording stores {self.dtype}: build it "
+                             f"with record_dtype={data.dtype} as the saved run")
         k = data.shape[0]
-        if self.capacity is not None and k > self.capacity:
-            raise ValueError(f"{k} saved snapshots exceed the capacity {self.capacity}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < k:
+            raise ValueError(f"the saved recording's count {count!r} is not an integer >= its {k} rows: damaged checkpoint")
+        if self.capacity is not None and k != min(count, self.capacity):
+            raise ValueError(f"the saved recording holds {k} snapshots of {count} taken, but a recording of capacity "
+                             f"{self.capacity} keeps {min(count, self.capacity)}: build it with the same warm-up "
+                             "length, snapshot_every and max_snapshots as the saved run")
+        if self.capacity is None and k != count:
+            raise ValueError(f"the saved recording holds {k} snapshots but says {count} were taken: damaged checkpoint")
+        if not isinstance(steps, (list, tuple)) or len(steps) != k or not all(
+                isinstance(s, int) and not isinstance(s, bool) for s in steps):
+            raise ValueError(f"the saved recording's steps must be {k} integers, one per snapshot: damaged checkpoint")
+        if self.relative and k > 0:
+            if not isinstance(anchor, Tensor) or anchor.dtype != torch.float32 or tuple(anchor.shape) != (self.n,):
+                raise ValueError(f"a {self.dtype} recording needs its float32 baseline of shape ({self.n},) (the "
+                                 "'anchor'); the checkpoint's is missing or of another shape: damaged checkpoint")
+        elif not self.relative and anchor is not None:
+            raise ValueError("a float32/float64 recording has no baseline ('anchor'), but the checkpoint holds one: "
+                             f"it was recorded in low precision; build it with that record_dtype")
+        finite = torch.isfinite(data).all(dim=1) if k else torch.ones(0, dtype=torch.bool)
+        if self.relative and k > 0 and not bool(torch.isfinite(anchor).all()):
+            finite = torch.zeros(k, dtype=torch.bool)  # every stored row is relative to a poisoned baseline
+        if bool(finite.all()):
+            return {"data": data, "steps": list(steps), "count": count, "anchor": anchor}, []
+        keep = sorted((int(steps[j]), j) for j in range(k) if bool(finite[j]))
+        dropped = sorted(int(steps[j]) for j in range(k) if not bool(finite[j]))
+        rows = [j for _, j in keep]
+        return {"data": data[rows], "steps": [s for s, _ in keep], "count": len(rows),
+                "anchor": anchor if rows else None}, dropped
+
+    def load_state_dict(self, state: Mapping) -> list[int]:
+        """Load :meth:`state_dict` (validated by :meth:`checked_state`). Returns the steps of the
+        snapshots dropped because they held NaN/inf."""
+        state, dropped = self.checked_state(state)
+        data, steps, count = state["data"], state["steps"], state["count"]
+        k = data.shape[0]
         if self.capacity is None and self.data.shape[0] < k:
             self.data = self._alloc(max(4, k))
             self.steps = [0] * self.data.shape[0]
@@ -396,9 +452,53 @@ class SnapshotBuffer:
         self.count = count
         anchor = state.get("anchor")
         self.anchor = None if anchor is None else anchor.clone()
+        return dropped
 
 
 # ---------------------------------------------------------------- helpers
+_ZERO_CHUNK = 1 << 24  # bytes written at a time where posix_fallocate is not supported
+
+
+def _reserve(fd: int, nbytes: int, directory) -> None:
+    """Give the file ``fd`` ``nbytes`` of allocated blocks, or raise an ``OSError`` that says what to do."""
+    import errno
+    import shutil
+
+    def full(e: OSError) -> OSError:
+        try:
+            free = f"{shutil.disk_usage(directory).free:,}"
+        except OSError:
+            free = "an unknown number of"
+        return OSError(
+            e.errno, f"the memory-mapped snapshot file needs {nbytes:,} bytes in {str(directory)!r}, but only {free} "
+            f"bytes are free there ({os.strerror(e.errno or errno.ENOSPC)}). Free space there, choose another "
+            "record_dir (TrajectoryRecorder: directory) on a larger disk, or record less: "
+            "record_dtype=torch.bfloat16 halves the file, a smaller max_snapshots keeps fewer rows")
+
+    if nbytes <= 0:
+        return
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is not None:
+        try:
+            fallocate(fd, 0, nbytes)
+            return
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise full(e) from None
+            # EOPNOTSUPP/EINVAL: the file system cannot reserve blocks; write zeros instead
+    zeros = bytes(min(_ZERO_CHUNK, nbytes))
+    done = 0
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while done < nbytes:
+            done += os.write(fd, zeros[: min(len(zeros), nbytes - done)])
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise full(e) from None
+        raise
+
+
 def as_tensor(x) -> Tensor:
     """A tensor view of an array-like (numpy arrays and memmaps are not copied)."""
     if isinstance(x, Tensor):
