@@ -452,7 +452,8 @@ class OnlineCMD:
         if bool((sd["mode_m2"] < 0).any()) or ("ref_scale" in sd and bool((sd["ref_scale"] == 0).any())):
             raise ValueError("the state's 'mode_m2' must be >= 0 and its 'ref_scale' non-zero: damaged checkpoint")
         if len(sd["ref_index"]) != m:
-            raise ValueError(f"the state has {len(sd['ref_index'])} reference weights for {m} modes: damaged checkpoint")
+            raise ValueError(f"the state has {len(sd['ref_index'])} reference weights for {m} modes: "
+                             "damaged checkpoint")
         for k in ("labels", "mean", "comoment"):
             if len(sd[k]) != n_t:
                 raise ValueError(f"the state's {k!r} holds {len(sd[k])} tensors, this OnlineCMD models {n_t}: "

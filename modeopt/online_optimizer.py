@@ -395,7 +395,8 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
                 sized(name, "offsets b", f["b"], n, "float")
             else:
                 if any(k not in f for k in ("mask", "a_full", "b_full")):
-                    raise ValueError(f"partly frozen tensor {name!r} lacks 'mask', 'a_full' or 'b_full': damaged checkpoint")
+                    raise ValueError(f"partly frozen tensor {name!r} lacks 'mask', 'a_full' or 'b_full': "
+                                     "damaged checkpoint")
                 sized(name, "mask entries", f["mask"], n, "bool")
                 k = int(f["mask"].sum())
                 sized(name, "coefficients a", f["a"], k, "float")
@@ -419,13 +420,14 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         groups = base["param_groups"]
         if len(groups) != len(self.base.param_groups):
             raise ValueError(f"the state's base optimizer has {len(groups)} param group(s), this one "
-                             f"{len(self.base.param_groups)}: build the base optimizer with the same param groups as the "
-                             "saved run")
+                             f"{len(self.base.param_groups)}: build the base optimizer with the same param groups "
+                             "as the saved run")
         leaving = {id(tensors[t]) for t in whole_set}
         for gi, (g, mine) in enumerate(zip(groups, self.base.param_groups)):
             want = sum(id(p) not in leaving for p in mine["params"])
             got = len(g.get("params", ())) if isinstance(g, dict) else -1
             if got != want:
-                raise ValueError(f"param group {gi} of the state's base optimizer holds {got} tensor(s), this optimizer's "
-                                 f"would hold {want} after the load: the state is from a different model or set-up")
+                raise ValueError(f"param group {gi} of the state's base optimizer holds {got} tensor(s), this "
+                                 f"optimizer's would hold {want} after the load: the state is from a different model "
+                                 "or set-up")
         return buffer

@@ -429,7 +429,8 @@ class CMDOptimizer(SharesBaseOptimizer):
                     f"if the weights are finite{after}")
             self._switch_delay += 1
             self._record_pending = self._record_pending or bad is None  # record the next finite weights
-            why = f"parameter {bad!r} holds NaN/inf" if bad is not None else f"only {have} finite snapshot(s), CMD needs 3"
+            why = (f"parameter {bad!r} holds NaN/inf" if bad is not None
+                   else f"only {have} finite snapshot(s), CMD needs 3")
             warnings.warn(
                 f"modeopt: step {self._step}: {why}: the switch to mode space waits a step (wait "
                 f"{self._switch_delay} of at most opt.max_switch_delay={self.max_switch_delay}; then it raises)",
@@ -615,11 +616,13 @@ class CMDOptimizer(SharesBaseOptimizer):
                              "CMDOptimizer with the same arguments (exclude=, param groups) as the saved run")
         phase = cmd["phase"]
         if phase not in ("warmup", "embedded", "exported"):
-            raise ValueError(f"the checkpoint's phase {phase!r} is not 'warmup', 'embedded' or 'exported': damaged checkpoint")
+            raise ValueError(f"the checkpoint's phase {phase!r} is not 'warmup', 'embedded' or 'exported': "
+                             "damaged checkpoint")
         for k in ("step", "phase_step", "cycle", "seed"):
             v = cmd[k]
             if not isinstance(v, int) or isinstance(v, bool) or (k != "seed" and v < 0):
-                raise ValueError(f"the checkpoint's {k!r} must be an integer{'' if k == 'seed' else ' >= 0'}, got {v!r}")
+                at_least = "" if k == "seed" else " >= 0"
+                raise ValueError(f"the checkpoint's {k!r} must be an integer{at_least}, got {v!r}")
         if not isinstance(cmd["history"], (list, tuple)) or not all(isinstance(h, Mapping) for h in cmd["history"]):
             raise ValueError("the checkpoint's 'history' must be a list of dicts: damaged checkpoint")
         saved = cmd["space"]

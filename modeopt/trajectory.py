@@ -410,7 +410,8 @@ class SnapshotBuffer:
                              f"with record_dtype={data.dtype} as the saved run")
         k = data.shape[0]
         if not isinstance(count, int) or isinstance(count, bool) or count < k:
-            raise ValueError(f"the saved recording's count {count!r} is not an integer >= its {k} rows: damaged checkpoint")
+            raise ValueError(f"the saved recording's count {count!r} is not an integer >= its {k} rows: "
+                             "damaged checkpoint")
         if self.capacity is not None and k != min(count, self.capacity):
             raise ValueError(f"the saved recording holds {k} snapshots of {count} taken, but a recording of capacity "
                              f"{self.capacity} keeps {min(count, self.capacity)}: build it with the same warm-up "
