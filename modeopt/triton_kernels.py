@@ -27,11 +27,16 @@ this module; set it before importing to be safe) - Triton's interpreter, used by
 Labels must lie in ``[0, n_modes)``. Out-of-range labels are not checked (that would cost a pass);
 they are masked so that they never read out of bounds: they contribute to no mode in :func:`reduce`
 and read ``delta``/``dr``/``r`` as 0 in the other passes.
+
+Behind ``torch.library.custom_op``: the functions launch on the tensors' device and current stream,
+never synchronise with the host and allocate only with torch (the partials of :func:`reduce`, a
+one-element ``1/n`` of :func:`welford`), so they can be a CUDA impl as they are. Fake impls:
+:func:`reduce` returns ``torch.empty(n_modes, dtype=float64, device=...)``; the others return None
+and mutate their weights (welford: ``mean`` and ``comoment``).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 
@@ -208,7 +213,8 @@ def _build():
             welford = _welford_kernel
             assign = _assign_kernel
 
-        _interpret = bool(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False"))
+        # Triton itself decided, from TRITON_INTERPRET, at decoration time just above.
+        _interpret = type(_update_kernel).__name__ == "InterpretedFunction"
         _k = _K
         return _k
 
