@@ -9,6 +9,10 @@ Importable: ``measure_switch(n_weights, t, n_modes, device) -> dict``. The traje
 is pinned), so the timed call streams it up exactly as ``CMDOptimizer``'s switch does. The result
 says seconds per call and per 100 M weights (linear scaling assumed: it is measured linear on
 the CPU, see docs/performance.md), and on CUDA the peak device memory of the call.
+
+The seconds include the fixed cost of sampling and clustering K = 1000 weights on the CPU
+(scipy, O(K^2 T), about a second on this 2-core machine). At small N that cost dominates and
+``seconds_per_100M`` overstates the linear part: use N >= 10 M for a per-100 M figure.
 """
 
 from __future__ import annotations
