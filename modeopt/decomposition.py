@@ -5,6 +5,11 @@ per mode, assigns every other weight to its most correlated reference and fits
 ``w_i(t) ~= a_i * w_ref(t) + b_i`` by least squares. The full pass over the N weights is
 chunked: it costs O(N * M * T) time and never more than a few chunk-sized float64 buffers
 beside the input and the ``(N,)`` outputs.
+
+With ``device="cuda"`` (or weights already on a GPU) the two full passes run on that device:
+chunks of a host-resident trajectory are streamed up through :func:`stream_cols` (pinned
+memory, ``non_blocking`` copies on a side stream, double buffered), and the ``(N,)`` results are
+returned there. Sampling and clustering the K weights stay on the CPU (scipy).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ __all__ = ["decompose", "Decomposition"]
 
 #: float64 elements per chunk of the full pass (16 MiB per temporary).
 CHUNK_ELEMENTS = 1 << 21
+#: the same on a GPU: larger chunks amortise kernel launches (128 MiB per float64 temporary).
+DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -82,6 +89,11 @@ class Decomposition:
             f"constant={int(self.constant.sum())})"
         )
 
+    def to(self, device: torch.device | str) -> Decomposition:
+        """A copy with every tensor on ``device`` (``decompose`` returns them on its ``device``)."""
+        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        return type(self)(**moved)
+
     # ------------------------------------------------------- reconstruction
     def reconstruct(self, t: int | None = None) -> Tensor:
         """The modelled weights: ``(N, T)`` float32, or ``(N,)`` at sample ``t`` only."""
@@ -130,6 +142,8 @@ def decompose(
     n_samples: int = 1000,
     seed: int | None = None,
     progress: bool | None = None,
+    device: torch.device | str | None = None,
+    chunk_rows: int | None = None,
 ) -> Decomposition:
     """Correlation Mode Decomposition of a weight trajectory.
 
@@ -143,9 +157,17 @@ def decompose(
         n_samples: K, the number of weights clustered (the paper uses 1000; ~30*M is enough).
         seed: seed of the sampling; ``None`` draws a fresh one.
         progress: show a progress bar (``None``: only on a terminal).
+        device: where the two full passes (scan, assignment and fit) run and where the
+            result's tensors live. ``None``: the device of the trajectory's data (the CPU for
+            host data, arrays and memory maps). A CUDA device with host data streams chunks up
+            (the recording is never copied whole to the GPU). Results on the CPU do not depend
+            on this argument's presence.
+        chunk_rows: weights per chunk of the full passes; ``None`` sizes chunks to
+            :data:`CHUNK_ELEMENTS` (CPU) or :data:`DEVICE_CHUNK_ELEMENTS` (GPU) values. Only
+            memory and speed depend on it.
 
     Returns:
-        A :class:`Decomposition`.
+        A :class:`Decomposition` whose tensors are on ``device``.
 
     Raises:
         ValueError: with what to change, for bad arguments, fewer than 3 samples, NaN/inf
@@ -179,24 +201,37 @@ def decompose(
                          "floating-point parameters?)")
     if t < 3:
         raise ValueError(f"trajectory has T={t} time samples; CMD needs at least 3: record more snapshots")
+    if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be an integer >= 1, got {chunk_rows!r}")
+    dev = _resolve_device(device, trajectory.data)
+    on_host = dev.type == "cpu"
+    budget = CHUNK_ELEMENTS if on_host else DEVICE_CHUNK_ELEMENTS
 
-    chunk = max(1024, CHUNK_ELEMENTS // t)
+    chunk = chunk_rows or max(1024, budget // t)
     bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
     show = None if progress is None else not progress
     eps = torch.finfo(trajectory.value_dtype).eps
 
     # Pass 1: finiteness and which weights move (time-major chunks: no transposing copies).
-    moving = torch.empty(n, dtype=torch.bool)
-    for i0, i1 in tqdm(bounds, desc="CMD scan", disable=show or len(bounds) < 4, leave=False):
-        x = trajectory.cols(i0, i1)
+    # On a GPU the finiteness verdict is accumulated on the device (no host sync per chunk) and
+    # the offending value is located on the host only if there is one.
+    moving = torch.empty(n, dtype=torch.bool, device=dev)
+    nonfinite = None if on_host else torch.zeros((), dtype=torch.bool, device=dev)
+    chunks = stream_cols(trajectory, bounds, dev)
+    for i0, i1, x in tqdm(chunks, total=len(bounds), desc="CMD scan", disable=show or len(bounds) < 4, leave=False):
         hi, lo = x.amax(dim=0), x.amin(dim=0)  # NaN and inf show up here: no full isfinite pass
-        if not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all()):
-            bad = torch.nonzero(~torch.isfinite(x))[0]
-            row, col = i0 + int(bad[1]), int(bad[0])
-            where = f"row {row}" if layout is None else "parameter {!r} at index {}".format(*layout.locate(row))
-            raise ValueError(f"trajectory has NaN/inf in {where}, sample {col} (step {steps[col]}): "
-                             "CMD cannot model diverged weights; drop that snapshot or fix the training")
+        if nonfinite is None:
+            if not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all()):
+                _raise_nonfinite(x, i0, layout, steps)
+        else:
+            nonfinite |= ~(torch.isfinite(hi).all() & torch.isfinite(lo).all())
         moving[i0:i1] = (hi - lo) > 4 * eps * torch.maximum(hi.abs(), lo.abs())
+    if nonfinite is not None and bool(nonfinite):
+        for i0, i1 in bounds:
+            x = trajectory.cols(i0, i1)
+            if not bool(torch.isfinite(x).all()):
+                _raise_nonfinite(x, i0, layout, steps)
+    moving_dev, moving = moving, moving.cpu()
     n_moving = int(moving.sum())
     if n_moving == 0:
         raise ValueError("every weight is constant over the trajectory: nothing moved between the samples "
@@ -215,27 +250,149 @@ def decompose(
     reference = samples[clustering.reference]
     profiles = sample_prof[clustering.reference]  # (M, T)
 
-    chunk = max(1024, CHUNK_ELEMENTS // (t + m))  # the (M, chunk) scores count too
+    chunk = chunk_rows or max(1024, budget // (t + m))  # the (M, chunk) scores count too
     bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
     labels, a, b, score = assign_and_fit(
-        trajectory, profiles, samples, clustering.labels, moving, bounds, progress=show
+        trajectory, profiles, samples, clustering.labels, moving_dev, bounds, progress=show, device=dev
     )
     # Number modes by their final size, largest first.
-    sizes = torch.bincount(labels[moving], minlength=m)
-    order = sorted(range(m), key=lambda j: (-int(sizes[j]), int(reference[j])))
+    sizes = torch.bincount(labels[moving_dev], minlength=m).tolist()
+    order = sorted(range(m), key=lambda j: (-sizes[j], int(reference[j])))
     order_t = torch.tensor(order, dtype=torch.int64)
     relabel = torch.empty(m, dtype=torch.int64)
     relabel[order_t] = torch.arange(m)
-    labels = relabel[labels]
-    labels[~moving] = 0
+    labels = relabel.to(dev)[labels]
+    labels.masked_fill_(~moving_dev, 0)
     reference, profiles = reference[order_t], profiles[order_t]
-    a[reference], b[reference], score[reference] = 1.0, 0.0, 1.0
+    ref_dev = reference.to(dev)
+    a[ref_dev], b[ref_dev], score[ref_dev] = 1.0, 0.0, 1.0
     return Decomposition(
-        labels=labels, reference=reference, a=a, b=b, profiles=profiles, score=score,
-        constant=~moving, samples=samples, sample_labels=relabel[clustering.labels],
-        sample_corr=clustering.corr.to(torch.float32), linkage=clustering.linkage,
+        labels=labels, reference=ref_dev, a=a, b=b, profiles=profiles.to(dev), score=score,
+        constant=~moving_dev, samples=samples.to(dev), sample_labels=relabel[clustering.labels].to(dev),
+        sample_corr=clustering.corr.to(device=dev, dtype=torch.float32), linkage=clustering.linkage,
         layout=layout, steps=steps,
     )
+
+
+def _resolve_device(device, data: Tensor) -> torch.device:
+    dev = data.device if device is None else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _raise_nonfinite(x: Tensor, i0: int, layout: ParamLayout | None, steps: list[int]) -> None:
+    """Name the first NaN/inf of the time-major chunk ``x`` whose first column is row ``i0``."""
+    bad = torch.nonzero(~torch.isfinite(x))[0]
+    row, col = i0 + int(bad[1]), int(bad[0])
+    where = f"row {row}" if layout is None else "parameter {!r} at index {}".format(*layout.locate(row))
+    raise ValueError(f"trajectory has NaN/inf in {where}, sample {col} (step {steps[col]}): "
+                     "CMD cannot model diverged weights; drop that snapshot or fix the training")
+
+
+#: Route host chunks through the staging path even for the CPU (tests exercise it this way).
+_FORCE_STAGING = False
+
+
+def stream_cols(trajectory: Trajectory, bounds: list[tuple[int, int]], device: torch.device,
+                *, staged: bool | None = None, n_buffers: int = 2):
+    """Yield ``(i0, i1, x)``: the values of weights ``i0:i1`` time-major, ``(T, i1 - i0)``, on ``device``.
+
+    Host data decomposed on a GPU is *staged*: each chunk is copied up on a side stream into one
+    of ``n_buffers`` device buffers while the caller computes on the previous one (double
+    buffering; events order the copy after the last use of its buffer, and the compute after
+    the copy). A pinned trajectory (a recording of CUDA tensors) is copied row by row straight
+    from its storage; pageable data (RAM, memory maps, numpy) goes through pinned host staging
+    buffers first. Everything else (data already on ``device``) yields :meth:`Trajectory.cols`.
+
+    ``x`` may be a view of a reused buffer: consume it before asking for the next chunk. The
+    values are exactly :meth:`Trajectory.cols`'s (a bf16/fp16 trajectory's offset is added on
+    ``device`` in float32, the same IEEE operation).
+    """
+    data = trajectory.data
+    if staged is None:
+        staged = (data.device.type == "cpu" and device.type != "cpu") or (_FORCE_STAGING and device.type == "cpu")
+    if not staged or not bounds:
+        for i0, i1 in bounds:
+            x = trajectory.cols(i0, i1)
+            yield i0, i1, (x if x.device == device else x.to(device))
+        return
+    if data.device.type != "cpu":
+        raise ValueError("staging streams host data; this trajectory is on " + str(data.device))
+    offset, t = trajectory.offset, data.shape[0]
+    width = max(i1 - i0 for i0, i1 in bounds)
+    n_buffers = max(1, min(n_buffers, len(bounds)))
+    cuda = device.type == "cuda"
+    direct = cuda and data.is_pinned() and (offset is None or offset.is_pinned())
+    pin = cuda and not direct
+    bufs = [torch.empty(t * width, dtype=data.dtype, device=device) for _ in range(n_buffers)]
+    obufs = [torch.empty(width, dtype=torch.float32, device=device) for _ in range(n_buffers)] if offset is not None else None
+    stages = ostages = None
+    if not direct:
+        stages = [torch.empty(t * width, dtype=data.dtype, pin_memory=pin) for _ in range(n_buffers)]
+        if offset is not None:
+            ostages = [torch.empty(width, dtype=torch.float32, pin_memory=pin) for _ in range(n_buffers)]
+    if cuda:
+        compute = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+    copied: list = [None] * n_buffers  # upload into buffer k done (recorded on the side stream)
+    used: list = [None] * n_buffers  # the caller's work on buffer k enqueued (compute stream)
+
+    def upload(j: int) -> None:
+        k = j % n_buffers
+        i0, i1 = bounds[j]
+        c = i1 - i0
+        dst = bufs[k][: t * c].view(t, c)
+        odst = None if offset is None else obufs[k][:c]
+        if not cuda:  # the CPU rehearsal of the same path: stage, then copy
+            stages[k][: t * c].view(t, c).copy_(data[:, i0:i1])
+            dst.copy_(stages[k][: t * c].view(t, c))
+            if odst is not None:
+                ostages[k][:c].copy_(offset[i0:i1])
+                odst.copy_(ostages[k][:c])
+            return
+        with torch.cuda.stream(side):
+            if used[k] is not None:
+                side.wait_event(used[k])  # the device buffer is free
+            if direct:
+                for r in range(t):  # each time row of a chunk is contiguous in the recording
+                    dst[r].copy_(data[r, i0:i1], non_blocking=True)
+                if odst is not None:
+                    odst.copy_(offset[i0:i1], non_blocking=True)
+            else:
+                if copied[k] is not None:
+                    copied[k].synchronize()  # the host stage is free (its last upload finished)
+                stage = stages[k][: t * c].view(t, c)
+                stage.copy_(data[:, i0:i1])
+                dst.copy_(stage, non_blocking=True)
+                if odst is not None:
+                    ostages[k][:c].copy_(offset[i0:i1])
+                    odst.copy_(ostages[k][:c], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(side)
+            copied[k] = event
+
+    try:
+        for j in range(n_buffers - 1):
+            upload(j)
+        for j, (i0, i1) in enumerate(bounds):
+            if j + n_buffers - 1 < len(bounds):
+                upload(j + n_buffers - 1)
+            k = j % n_buffers
+            c = i1 - i0
+            if cuda:
+                compute.wait_event(copied[k])
+            x = bufs[k][: t * c].view(t, c)
+            if offset is not None:
+                x = x.to(torch.float32) + obufs[k][:c]
+            yield i0, i1, x
+            if cuda:
+                event = torch.cuda.Event()
+                event.record(compute)
+                used[k] = event
+    finally:
+        if cuda:  # an abandoned stream (an exception in the caller) may still be copying into bufs:
+            compute.wait_stream(side)  # their memory is reused on the compute stream only after it
 
 
 def assign_and_fit(
@@ -247,27 +404,38 @@ def assign_and_fit(
     bounds: list[tuple[int, int]],
     *,
     progress: bool | None = None,
+    device: torch.device | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Assign each weight to its most ``|corr|``-related reference and fit ``a, b`` (Algorithm 2).
 
     Sampled weights keep the mode they were clustered into. Constant weights get
     ``a = 0``, ``b = value``. Works on time-major ``(T, chunk)`` blocks in float64, centred before
-    any product (no large sums are subtracted).
+    any product (no large sums are subtracted), on ``device`` (default: the data's; host data
+    is streamed to a GPU by :func:`stream_cols`). No host synchronisation per chunk.
 
     Returns:
-        ``labels`` (N,) int64, ``a`` (N,) float32, ``b`` (N,) float32, ``score`` (N,) float32.
+        ``labels`` (N,) int64, ``a`` (N,) float32, ``b`` (N,) float32, ``score`` (N,) float32,
+        on ``device``.
     """
     n = trajectory.n_weights
+    dev = _resolve_device(device, trajectory.data)
+    samples_host = samples.cpu()
+    samples_dev, sample_labels = samples_host.to(dev), sample_labels.to(dev)
+    moving = moving.to(dev)
+    profiles = profiles.to(dev)
     ref_mean = profiles.mean(dim=1)
     ref_c = profiles - ref_mean[:, None]  # (M, T)
     ref_var = (ref_c * ref_c).sum(dim=1)  # (M,), > 0: references move
     ref_norm = ref_var.sqrt()
-    labels = torch.empty(n, dtype=torch.int64)
-    a = torch.empty(n, dtype=torch.float32)
-    b = torch.empty(n, dtype=torch.float32)
-    score = torch.empty(n, dtype=torch.float32)
-    for i0, i1 in tqdm(bounds, desc="CMD assign", disable=progress or len(bounds) < 4, leave=False):
-        x = trajectory.cols(i0, i1, torch.float64)  # (T, c), contiguous
+    labels = torch.empty(n, dtype=torch.int64, device=dev)
+    a = torch.empty(n, dtype=torch.float32, device=dev)
+    b = torch.empty(n, dtype=torch.float32, device=dev)
+    score = torch.empty(n, dtype=torch.float32, device=dev)
+    chunks = stream_cols(trajectory, bounds, dev)
+    for i0, i1, x in tqdm(chunks, total=len(bounds), desc="CMD assign", disable=progress or len(bounds) < 4, leave=False):
+        # (T, c), contiguous float64, always a copy: the input is never written (a float64 view
+        # of the caller's data was centred in place here before).
+        x = x.to(torch.float64, copy=True)
         mean = x.mean(dim=0)
         x -= mean
         # (c, M) = T * cov(w_i, w_ref_m); x.T is a view, BLAS reads it transposed. Row-major scores
@@ -275,18 +443,18 @@ def assign_and_fit(
         dots = x.T @ ref_c.T
         # |corr_m| = |dots_m| / (|x| |ref_m|): the argmax over m does not need |x|
         lab = (dots.abs() / ref_norm).argmax(dim=1)
-        lo, hi = torch.searchsorted(samples, torch.tensor([i0, i1]))
+        lo, hi = (int(v) for v in torch.searchsorted(samples_host, torch.tensor([i0, i1])))  # host only
         if hi > lo:
-            lab[samples[lo:hi] - i0] = sample_labels[lo:hi]
+            lab[samples_dev[lo:hi] - i0] = sample_labels[lo:hi]
         d = dots.gather(1, lab[:, None])[:, 0]
         ai = d / ref_var[lab]
         bi = mean - ai * ref_mean[lab]
         xnorm = x.mul(x).sum(dim=0).sqrt_()
         sc = d.abs() / (torch.where(xnorm > 0, xnorm, torch.ones_like(xnorm)) * ref_norm[lab])
-        still = ~moving[i0:i1]
-        ai[still] = 0.0
-        bi[still] = mean[still]
-        sc[still] = 0.0
+        still = ~moving[i0:i1]  # where(), not mask assignment: no nonzero() and no device sync
+        ai = torch.where(still, 0.0, ai)
+        bi = torch.where(still, mean, bi)
+        sc = torch.where(still, 0.0, sc)
         labels[i0:i1] = lab
         a[i0:i1] = ai
         b[i0:i1] = bi

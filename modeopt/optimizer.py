@@ -445,8 +445,9 @@ class CMDOptimizer(SharesBaseOptimizer):
         self._fire("pre_embed")
         data, steps = self._buffer.raw()
         traj = Trajectory(data, self._layout, steps, self._buffer.anchor)
+        # Issue #16: the full passes run where the weights are (the result, too); see _switch_device.
         d = decompose(traj, n_modes=self.n_modes, n_samples=self.n_samples, seed=self.seed + self.cycle,
-                      progress=self.progress)
+                      progress=self.progress, device=_switch_device(self._emb_params))
         m = d.n_modes
         by_name = dict(zip(self._emb_names, self._emb_params))
         r = torch.tensor([float(by_name[name][idx]) for name, idx in map(self._layout.locate, d.reference.tolist())],
@@ -456,8 +457,9 @@ class CMDOptimizer(SharesBaseOptimizer):
         count = torch.bincount(d.labels[~d.constant], minlength=m).clamp(min=1).to(torch.float64)
         scale = (sq / count).sqrt() if self.mode_scale == "rms" else sq.sqrt()  # > 0: a_ref = 1
         a_scaled = d.a / scale.to(torch.float32)[d.labels]
+        scale = scale.cpu()  # (M,): on the host with r and r_groups; labels and a stay on d's device
         if self.init == "fit":
-            ref_now = r.to(torch.float32)
+            ref_now = r.to(device=d.a.device, dtype=torch.float32)
             for spec, p in zip(self._layout.specs, self._emb_params):
                 sl = slice(spec.offset, spec.stop)
                 p.copy_(torch.addcmul(d.b[sl], d.a[sl], ref_now[d.labels[sl]]).view_as(p))
@@ -467,13 +469,13 @@ class CMDOptimizer(SharesBaseOptimizer):
             r_groups = torch.full((m,), self._emb_group[0], dtype=torch.int64)
         else:
             row_group = torch.tensor(self._emb_group, dtype=torch.int64).repeat_interleave(
-                torch.tensor(self._layout.numels, dtype=torch.int64))
+                torch.tensor(self._layout.numels, dtype=torch.int64)).to(d.labels.device)
             moving = ~d.constant
             votes = torch.bincount(d.labels[moving] * n_groups + row_group[moving], minlength=m * n_groups)
-            r_groups = votes.view(m, n_groups).argmax(dim=1)
-        self._enter(
-            labels=[d.labels[s.offset : s.stop] for s in self._layout.specs],
-            a=[a_scaled[s.offset : s.stop] for s in self._layout.specs],
+            r_groups = votes.view(m, n_groups).argmax(dim=1).cpu()
+        self._enter(  # each tensor's labels and a on that tensor's device (no-op on one device)
+            labels=[d.labels[s.offset : s.stop].to(p.device) for s, p in zip(self._layout.specs, self._emb_params)],
+            a=[a_scaled[s.offset : s.stop].to(p.device) for s, p in zip(self._layout.specs, self._emb_params)],
             r_groups=r_groups,
             r=(r * scale).to(torch.float32),
         )
@@ -742,6 +744,13 @@ def _describe(x: Any) -> str:
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _switch_device(params: Sequence[Tensor]) -> torch.device:
+    """Where the switch decomposes: the weights' CUDA device (the first one when they are spread
+    over several; the results then move per tensor), else the CPU as before (#16)."""
+    cuda = sorted({p.device for p in params if p.device.type == "cuda"}, key=lambda d: d.index or 0)
+    return cuda[0] if cuda else torch.device("cpu")
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -288,7 +288,18 @@ class SnapshotBuffer:
     each snapshot's movement from the first one (:attr:`anchor`, float32), because half
     precision cannot resolve a small movement of a large weight.
 
-    Memory: ``rows * N * itemsize`` (+ ``4 * N`` for the anchor).
+    Memory: ``rows * N * itemsize`` (+ ``4 * N`` for the anchor), always on the host.
+
+    **Tensors on a GPU.** The rows stay in host memory: page-locked (pinned) when the buffer
+    lives in RAM and CUDA is available, so that :meth:`append` copies each tensor from its own
+    device with ``copy_(non_blocking=True)`` on that device's current stream (ordered after the
+    step that produced the values, and before any later in-place update of them) and records one
+    CUDA event per device. Nothing waits on the host per snapshot; :meth:`synchronize` waits for
+    the events and every reader (:meth:`raw`, :meth:`ordered`, :meth:`state_dict`, growing the
+    storage) calls it first. GPU memory used by a float32 recording: none. A bf16/fp16 recording
+    subtracts the anchor on the GPU, one tensor at a time: the anchor slice is copied up (4 B
+    per weight of that tensor) and the movement is cast before it is copied down, so GPU memory
+    holds ~10 B per weight of the tensor being copied, transiently, and no resident anchor.
     """
 
     def __init__(self, n: int, *, dtype: torch.dtype = torch.float32, capacity: int | None = None,
@@ -304,6 +315,11 @@ class SnapshotBuffer:
         self.data = self._alloc(capacity if capacity is not None else 4)
         self.steps: list[int] = [0] * self.data.shape[0]
         self.count = 0  # snapshots committed so far (may exceed capacity)
+        # Recording from CUDA tensors: storage re-allocated in pinned memory on the first such
+        # append (RAM buffers only), and the latest event of the copies still in flight on each
+        # (device, stream): a stream runs in order, so the latest one covers the earlier ones.
+        self._pin = False
+        self._pending: dict = {}
 
     def _alloc(self, rows: int) -> Tensor:
         if self.directory is None:
@@ -339,26 +355,89 @@ class SnapshotBuffer:
     def _slot(self) -> int:
         if self.capacity is None:
             if self.count == self.data.shape[0]:
-                grown = self._alloc(2 * self.data.shape[0])
+                self.synchronize()  # the old rows are read: copies into them must have landed
+                grown = self._rows(2 * self.data.shape[0])
                 grown[: self.count].copy_(self.data)
                 self.data = grown
                 self.steps += [0] * self.count
             return self.count
         return self.count % self.capacity
 
+    def _rows(self, rows: int) -> Tensor:
+        """New row storage: pinned when recording from CUDA into RAM, else :meth:`_alloc`'s."""
+        if self._pin:
+            return torch.empty(rows, self.n, dtype=self.dtype, pin_memory=True)
+        return self._alloc(rows)
+
+    def _pin_storage(self) -> None:
+        """First append from a CUDA tensor: move the RAM storage (and anchor) to pinned memory.
+
+        A ``directory`` (memory-mapped) buffer stays where it is: copies into it are then
+        synchronous (CUDA stages pageable destinations), which is correct, only slower.
+        """
+        if self.directory is not None or not torch.cuda.is_available():
+            return
+        self._pin = True
+        if not self.data.is_pinned():
+            pinned = torch.empty(self.data.shape, dtype=self.dtype, pin_memory=True)
+            used = min(self.count, self.data.shape[0])
+            if used:
+                pinned[:used].copy_(self.data[:used])
+            self.data = pinned
+        if self.anchor is not None and not self.anchor.is_pinned():
+            self.anchor = self.anchor.pin_memory()
+
+    def synchronize(self) -> None:
+        """Wait until every snapshot copied from a GPU has landed in host memory."""
+        pending, self._pending = self._pending, {}
+        for event in pending.values():
+            event.synchronize()
+
     @torch.no_grad()
     def append(self, layout: ParamLayout, tensors: Sequence[Tensor], step: int) -> None:
-        """Record one snapshot of ``tensors`` (laid out by ``layout``) taken at ``step``."""
+        """Record one snapshot of ``tensors`` (laid out by ``layout``) taken at ``step``.
+
+        CPU tensors are copied at once. CUDA tensors are copied asynchronously, each from its
+        own device (see the class notes): the host does not wait, and the values are those the
+        tensors hold when the device reaches this point of its current stream.
+        """
+        devices = {t.device for t in tensors if t.device.type == "cuda"}
+        if devices and not self._pin:
+            self._pin_storage()
         slot = self._slot()
         row = self.data[slot]
         if self.relative and self.anchor is None:
-            self.anchor = torch.empty(self.n, dtype=torch.float32)
-            layout.flatten({s.name: t for s, t in zip(layout.specs, tensors)}, out=self.anchor)
+            self.anchor = torch.empty(self.n, dtype=torch.float32, pin_memory=self._pin)
+            if devices:
+                for spec, t in zip(layout.specs, tensors):
+                    _check_shape(spec, t)
+                    src = t.detach().reshape(-1)
+                    if src.is_cuda:
+                        src = src.to(torch.float32)  # cast on the device: 4 B/weight come down
+                    self.anchor[spec.offset : spec.stop].copy_(src, non_blocking=True)
+            else:
+                layout.flatten({s.name: t for s, t in zip(layout.specs, tensors)}, out=self.anchor)
         for spec, t in zip(layout.specs, tensors):
             src = t.detach().reshape(-1)
-            if self.relative:
-                src = src.to(torch.float32) - self.anchor[spec.offset : spec.stop]
-            row[spec.offset : spec.stop].copy_(src)
+            if src.is_cuda:
+                if self.relative:
+                    # Movement from the anchor, formed on the device and cast there: the anchor
+                    # slice goes up (ordered after its own download on this stream), the
+                    # half-precision movement comes down. Transient GPU memory: this tensor only.
+                    up = self.anchor[spec.offset : spec.stop].to(src.device, non_blocking=True)
+                    src = src.to(torch.float32) - up
+                    del up
+                    src = src.to(self.dtype)
+                row[spec.offset : spec.stop].copy_(src, non_blocking=True)
+            else:
+                if self.relative:
+                    src = src.to(torch.float32) - self.anchor[spec.offset : spec.stop]
+                row[spec.offset : spec.stop].copy_(src)
+        for device in devices:
+            stream = torch.cuda.current_stream(device)
+            event = torch.cuda.Event()
+            event.record(stream)
+            self._pending[(stream.device_index, stream.stream_id)] = event
         self.steps[slot] = int(step)
         self.count += 1
 
@@ -368,11 +447,13 @@ class SnapshotBuffer:
         Time order does not matter to CMD (correlations and least squares are invariant to a
         common permutation of the samples), so the switch can decompose these directly.
         """
+        self.synchronize()
         k = len(self)
         return self.data[:k], self.steps[:k]
 
     def ordered(self) -> tuple[Tensor, list[int]]:
         """(len, N) rows oldest first (a copy), and their steps."""
+        self.synchronize()
         k = len(self)
         if self.capacity is None or self.count <= self.capacity:
             return self.data[:k].clone(), self.steps[:k]
@@ -381,6 +462,7 @@ class SnapshotBuffer:
         return self.data[order], [self.steps[i] for i in order]
 
     def clear(self) -> None:
+        self.synchronize()
         self.count = 0
         self.anchor = None
 
@@ -446,7 +528,7 @@ class SnapshotBuffer:
         data, steps, count = state["data"], state["steps"], state["count"]
         k = data.shape[0]
         if self.capacity is None and self.data.shape[0] < k:
-            self.data = self._alloc(max(4, k))
+            self.data = self._rows(max(4, k))
             self.steps = [0] * self.data.shape[0]
         self.data[:k].copy_(data)
         self.steps[:k] = steps
@@ -498,6 +580,11 @@ def _reserve(fd: int, nbytes: int, directory) -> None:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise full(e) from None
         raise
+
+
+def _check_shape(spec, t: Tensor) -> None:
+    if tuple(t.shape) != tuple(spec.shape):
+        raise ValueError(f"tensor {spec.name!r} has shape {tuple(t.shape)}, the layout expects {spec.shape}")
 
 
 def as_tensor(x) -> Tensor:
