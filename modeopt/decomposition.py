@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import _progress
 from .clustering import cluster_samples
 from .layout import ParamLayout
 from .sampling import sample_weights
@@ -182,12 +183,11 @@ def decompose(
 
     chunk = max(1024, CHUNK_ELEMENTS // t)
     bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
-    show = None if progress is None else not progress
     eps = torch.finfo(trajectory.value_dtype).eps
 
     # Pass 1: finiteness and which weights move (time-major chunks: no transposing copies).
     moving = torch.empty(n, dtype=torch.bool)
-    for i0, i1 in tqdm(bounds, desc="CMD scan", disable=show or len(bounds) < 4, leave=False):
+    for i0, i1 in tqdm(bounds, desc="CMD scan", disable=_progress.disable(progress, len(bounds), 4), leave=False):
         x = trajectory.cols(i0, i1)
         hi, lo = x.amax(dim=0), x.amin(dim=0)  # NaN and inf show up here: no full isfinite pass
         if not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all()):
@@ -218,7 +218,7 @@ def decompose(
     chunk = max(1024, CHUNK_ELEMENTS // (t + m))  # the (M, chunk) scores count too
     bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
     labels, a, b, score = assign_and_fit(
-        trajectory, profiles, samples, clustering.labels, moving, bounds, progress=show
+        trajectory, profiles, samples, clustering.labels, moving, bounds, progress=progress
     )
     # Number modes by their final size, largest first.
     sizes = torch.bincount(labels[moving], minlength=m)
@@ -266,7 +266,7 @@ def assign_and_fit(
     a = torch.empty(n, dtype=torch.float32)
     b = torch.empty(n, dtype=torch.float32)
     score = torch.empty(n, dtype=torch.float32)
-    for i0, i1 in tqdm(bounds, desc="CMD assign", disable=progress or len(bounds) < 4, leave=False):
+    for i0, i1 in tqdm(bounds, desc="CMD assign", disable=_progress.disable(progress, len(bounds), 4), leave=False):
         x = trajectory.cols(i0, i1, torch.float64)  # (T, c), contiguous
         mean = x.mean(dim=0)
         x -= mean
