@@ -125,6 +125,7 @@ class CMDOptimizer(SharesBaseOptimizer):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         _check_base_class(base_optimizer)
+        _check_no_duplicates(model, base_optimizer)  # before Optimizer.__init__, whose message names none
         _check_int("n_modes", n_modes, 1)
         _check_int("warmup_steps", warmup_steps, 1)
         _check_int("snapshot_every", snapshot_every, 1)
@@ -229,7 +230,6 @@ class CMDOptimizer(SharesBaseOptimizer):
         emb: list[tuple[str, nn.Parameter]] = []
         self._emb_group: list[int] = []
         frozen, nonfloat = [], []
-        group_of: dict[int, int] = {}
         for gi, group in enumerate(self.base.param_groups):
             self._orig_params.append(list(group["params"]))
             for p in group["params"]:
@@ -238,12 +238,6 @@ class CMDOptimizer(SharesBaseOptimizer):
                         f"the base optimizer's param group {gi} holds a tensor of shape {tuple(p.shape)} that is "
                         "not a parameter of the model: build the base optimizer on model.parameters()")
                 name = names[id(p)]
-                if id(p) in group_of:
-                    where = (f"param group {gi}" if group_of[id(p)] == gi
-                             else f"param groups {group_of[id(p)]} and {gi}")
-                    raise ValueError(f"the base optimizer lists the parameter {name!r} twice ({where}): give each "
-                                     "parameter to the base optimizer once")
-                group_of[id(p)] = gi
                 if not p.is_floating_point():
                     nonfloat.append(name)
                 elif not p.requires_grad:
@@ -547,6 +541,19 @@ def _check_base_class(base: torch.optim.Optimizer) -> None:
             "torch.optim.SparseAdam takes only sparse gradients, but the gradient of the mode scalars r is dense: "
             "use Adam/AdamW (with nn.Embedding(sparse=False)), or SGD/Adagrad, which take the embedding's sparse "
             "gradients in warm-up and r's dense ones after the switch")
+
+
+def _check_no_duplicates(model: nn.Module, base: torch.optim.Optimizer) -> None:
+    names = {id(p): n for n, p in model.named_parameters()}
+    group_of: dict[int, int] = {}
+    for gi, group in enumerate(base.param_groups):
+        for p in group["params"]:
+            if id(p) in group_of:
+                where = f"param group {gi}" if group_of[id(p)] == gi else f"param groups {group_of[id(p)]} and {gi}"
+                name = names.get(id(p), f"of shape {tuple(p.shape)}")
+                raise ValueError(f"the base optimizer lists the parameter {name!r} twice ({where}): give each "
+                                 "parameter to the base optimizer once")
+            group_of[id(p)] = gi
 
 
 def _world_size() -> int:

@@ -144,7 +144,7 @@ def _why_unreadable(path: Path, e: BaseException) -> str:
         head, size = b"", -1
     if size == 0:
         return "the file is empty"
-    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
+    if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
         return ("it holds pickled Python objects (e.g. a model or optimizer saved whole), not tensors; "
                 "modeopt reads only tensors (save state dicts: torch.save(model.state_dict(), path))")
     if head.startswith(b"PK"):
