@@ -4,10 +4,25 @@
 The base's ``load_state_dict`` replaces its group dicts; a copy held by the wrapper would then go
 stale silently (the SAM-wrapper bug), so these are properties that read through to the base.
 ``Optimizer.__init__`` assigns them before the base is known: until then they live on the instance.
+
+The wrapper also keeps torch's hook contract, which its own ``state_dict`` / ``step`` would
+otherwise break:
+
+* ``register_state_dict_pre_hook`` / ``..._post_hook`` / ``register_load_state_dict_pre_hook`` /
+  ``..._post_hook`` registered on the wrapper fire around the wrapper's ``state_dict()`` and
+  ``load_state_dict()`` with torch's semantics (a subclass's own ``state_dict`` / ``load_state_dict``
+  are wrapped once, in ``__init_subclass__``; a nested ``super()`` call does not fire them twice).
+  Hooks registered on the base fire when the base's part is saved or loaded, with the base.
+* Step hooks: ``opt.step()`` fires the global hooks (``register_optimizer_step_pre_hook``) and the
+  wrapper's own step hooks exactly once, with the wrapper as the optimizer; the base's step then
+  runs without torch's hook wrapper, so the global hooks do not fire a second time with the base.
+  Hooks registered on the base itself still fire once, with the base. ``base.step()`` called
+  directly is untouched (its hooks fire as usual, with the base).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -15,8 +30,63 @@ import torch
 __all__ = ["SharesBaseOptimizer"]
 
 
+def _with_state_dict_hooks(fn):
+    @functools.wraps(fn)
+    def state_dict(self):
+        if self.__dict__.get("_modeopt_in_state_dict"):  # a subclass's super().state_dict()
+            return fn(self)
+        self.__dict__["_modeopt_in_state_dict"] = True
+        try:
+            for hook in self._optimizer_state_dict_pre_hooks.values():
+                hook(self)
+            sd = fn(self)
+            for hook in self._optimizer_state_dict_post_hooks.values():
+                result = hook(self, sd)
+                if result is not None:
+                    sd = result
+            return sd
+        finally:
+            self.__dict__["_modeopt_in_state_dict"] = False
+
+    state_dict._modeopt_hooked = True
+    return state_dict
+
+
+def _with_load_state_dict_hooks(fn):
+    @functools.wraps(fn)
+    def load_state_dict(self, state_dict):
+        if self.__dict__.get("_modeopt_in_load_state_dict"):
+            return fn(self, state_dict)
+        self.__dict__["_modeopt_in_load_state_dict"] = True
+        try:
+            state_dict = state_dict.copy()  # shallow, as torch does: a hook may edit its top level
+            for hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+            out = fn(self, state_dict)
+            for hook in self._optimizer_load_state_dict_post_hooks.values():
+                hook(self)
+            return out
+        finally:
+            self.__dict__["_modeopt_in_load_state_dict"] = False
+
+    load_state_dict._modeopt_hooked = True
+    return load_state_dict
+
+
 class SharesBaseOptimizer(torch.optim.Optimizer):
-    """Subclass this, and call :meth:`_init_shared` instead of ``Optimizer.__init__``."""
+    """Subclass this, and call :meth:`_init_shared` instead of ``Optimizer.__init__``.
+
+    In ``step``, call :meth:`_base_step` (not ``self.base.step``) so that step hooks fire once.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, wrap in (("state_dict", _with_state_dict_hooks), ("load_state_dict", _with_load_state_dict_hooks)):
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_modeopt_hooked", False):
+                setattr(cls, name, wrap(fn))
 
     def _init_shared(self, base: torch.optim.Optimizer) -> None:
         self.__dict__["base"] = None
@@ -46,3 +116,35 @@ class SharesBaseOptimizer(torch.optim.Optimizer):
             return super().add_param_group(param_group)
         raise RuntimeError(f"add param groups to the base optimizer before wrapping it in {type(self).__name__}: "
                            "the wrapper plans its work from the groups it sees at construction")
+
+    def _base_step(self, closure=None):
+        """The base optimizer's step, called from the wrapper's (already hooked) ``step``.
+
+        torch wraps every optimizer class's ``step`` in a function that fires the global step hooks
+        and the instance's; the wrapper's ``step`` has fired the global ones (with the wrapper), so
+        here the base's unwrapped step runs between the base's *own* instance hooks.
+        """
+        base = self.base
+        fn = type(base).step
+        inner = getattr(fn, "__wrapped__", None) if getattr(fn, "hooked", False) else None
+        own = base.__dict__.get("step")
+        if own is not None and not getattr(own, "_wrapped_by_lr_sched", False):
+            inner = None  # someone patched base.step on the instance: respect it (hooks may fire twice)
+        if inner is None:
+            return base.step() if closure is None else base.step(closure)
+        args: tuple = () if closure is None else (closure,)
+        kwargs: dict[str, Any] = {}
+        for hook in base._optimizer_step_pre_hooks.values():
+            result = hook(base, args, kwargs)
+            if result is not None:
+                if isinstance(result, tuple) and len(result) == 2:
+                    args, kwargs = result
+                else:
+                    raise RuntimeError(f"{fn} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
+        out = inner(base, *args, **kwargs)
+        base._optimizer_step_code()
+        for hook in base._optimizer_step_post_hooks.values():
+            hook(base, args, kwargs)
+        if own is not None:  # an LR scheduler built on the base checks that the base stepped
+            base._opt_called = True
+        return out

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import _progress
 from .clustering import cluster_samples
 from .layout import ParamLayout
 from .sampling import sample_weights
@@ -209,7 +210,6 @@ def decompose(
 
     chunk = chunk_rows or max(1024, budget // t)
     bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
-    show = None if progress is None else not progress
     eps = torch.finfo(trajectory.value_dtype).eps
 
     # Pass 1: finiteness and which weights move (time-major chunks: no transposing copies).
@@ -218,7 +218,7 @@ def decompose(
     moving = torch.empty(n, dtype=torch.bool, device=dev)
     nonfinite = None if on_host else torch.zeros((), dtype=torch.bool, device=dev)
     chunks = stream_cols(trajectory, bounds, dev)
-    for i0, i1, x in tqdm(chunks, total=len(bounds), desc="CMD scan", disable=show or len(bounds) < 4, leave=False):
+    for i0, i1, x in tqdm(chunks, total=len(bounds), desc="CMD scan", disable=_progress.disable(progress, len(bounds), 4), leave=False):
         hi, lo = x.amax(dim=0), x.amin(dim=0)  # NaN and inf show up here: no full isfinite pass
         if nonfinite is None:
             if not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all()):
@@ -253,7 +253,7 @@ def decompose(
     chunk = chunk_rows or max(1024, budget // (t + m))  # the (M, chunk) scores count too
     bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
     labels, a, b, score = assign_and_fit(
-        trajectory, profiles, samples, clustering.labels, moving_dev, bounds, progress=show, device=dev
+        trajectory, profiles, samples, clustering.labels, moving_dev, bounds, progress=progress, device=dev
     )
     # Number modes by their final size, largest first.
     sizes = torch.bincount(labels[moving_dev], minlength=m).tolist()
@@ -432,7 +432,7 @@ def assign_and_fit(
     b = torch.empty(n, dtype=torch.float32, device=dev)
     score = torch.empty(n, dtype=torch.float32, device=dev)
     chunks = stream_cols(trajectory, bounds, dev)
-    for i0, i1, x in tqdm(chunks, total=len(bounds), desc="CMD assign", disable=progress or len(bounds) < 4, leave=False):
+    for i0, i1, x in tqdm(chunks, total=len(bounds), desc="CMD assign", disable=_progress.disable(progress, len(bounds), 4), leave=False):
         # (T, c), contiguous float64, always a copy: the input is never written (a float64 view
         # of the caller's data was centred in place here before).
         x = x.to(torch.float64, copy=True)

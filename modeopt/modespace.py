@@ -52,6 +52,8 @@ class _ReadThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
         space = ctx.space
+        # A sparse gradient (nn.Embedding(sparse=True)) is densified: the reduction reads every row.
+        grads = tuple(g.to_dense() if g is not None and g.layout != torch.strided else g for g in grads)
         g_r = kernels.reduce(grads, [space.a[i] for i in ctx.index], [space.labels[i] for i in ctx.index],
                              space.n_modes)
         return (g_r.to(device=space.applied.device, dtype=ctx.r_dtype), None, None) + (None,) * len(grads)

@@ -106,7 +106,7 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         if self._swapped is not None:
             raise RuntimeError("the CMD weights are swapped into the model (opt.eval()): call opt.train() before "
                                "training steps")
-        loss = self.base.step() if closure is None else self.base.step(closure)
+        loss = self._base_step(closure)
         if self.frozen:
             self._apply_frozen()
         self.online.update()

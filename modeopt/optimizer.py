@@ -146,6 +146,8 @@ class CMDOptimizer(SharesBaseOptimizer):
             raise TypeError("base_optimizer is already a CMDOptimizer")
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        _check_base_class(base_optimizer)
+        _check_no_duplicates(model, base_optimizer)  # before Optimizer.__init__, whose message names none
         _check_int("n_modes", n_modes, 1)
         _check_int("warmup_steps", warmup_steps, 1)
         _check_int("snapshot_every", snapshot_every, 1)
@@ -202,6 +204,7 @@ class CMDOptimizer(SharesBaseOptimizer):
         self.space: ModeSpace | None = None
         self.history: list[dict[str, Any]] = []
         self._warned_no_grad = False
+        self._group_sizes = self._current_group_sizes()
         if ddp is not None:
             from .distributed import attach
 
@@ -291,6 +294,7 @@ class CMDOptimizer(SharesBaseOptimizer):
         With a closure (e.g. LBFGS), the weights are brought up to date with ``r`` before
         every evaluation.
         """
+        self._check_groups()
         space = self.space
         if closure is not None and space is not None:
             inner = closure
@@ -303,7 +307,7 @@ class CMDOptimizer(SharesBaseOptimizer):
             # Like GradScaler: a non-finite gradient is not stepped on (weights, r and state untouched).
             self._skip_step(space, "the gradient of the mode scalars r", restore=False)
             return None
-        loss = self.base.step() if closure is None else self.base.step(closure)
+        loss = self._base_step(closure)
         if space is not None:
             if not space.has_grad() and not self._warned_no_grad:
                 self._warned_no_grad = True
@@ -319,6 +323,31 @@ class CMDOptimizer(SharesBaseOptimizer):
         self._phase_step += 1
         self._advance()
         return loss
+
+    def _current_group_sizes(self) -> list[int]:
+        return [len(g["params"]) for g in self.base.param_groups]
+
+    def _check_groups(self) -> None:
+        """Refuse, before any work, param groups changed behind the wrapper's back (base.add_param_group).
+
+        The switch, re-clustering and export rebuild every group from the groups seen at construction;
+        a group added later would make the switch fail half-way.
+        """
+        if self.phase == "exported":
+            return  # a plain optimizer now: nothing is planned from the groups any more
+        sizes = self._current_group_sizes()
+        if sizes == self._group_sizes:
+            return
+        if len(sizes) != len(self._group_sizes):
+            what = f"{len(sizes)} param groups now, {len(self._group_sizes)} when it was wrapped (base.add_param_group?)"
+        else:
+            gi = next(i for i, (a, b) in enumerate(zip(sizes, self._group_sizes)) if a != b)
+            what = f"param group {gi} holds {sizes[gi]} tensors now, {self._group_sizes[gi]} expected"
+        raise RuntimeError(
+            f"the base optimizer's param groups changed after it was wrapped in CMDOptimizer ({what}). The switch to "
+            "mode space is planned from the groups seen at construction, so this step was refused and nothing was "
+            "changed. Give the base optimizer every param group before wrapping it (a group with 'cmd': False "
+            "stays out of mode space), or call opt.export() first and go on with a plain optimizer")
 
     def _advance(self) -> None:
         if self.phase == "warmup":
@@ -458,11 +487,6 @@ class CMDOptimizer(SharesBaseOptimizer):
         scale = (sq / count).sqrt() if self.mode_scale == "rms" else sq.sqrt()  # > 0: a_ref = 1
         a_scaled = d.a / scale.to(torch.float32)[d.labels]
         scale = scale.cpu()  # (M,): on the host with r and r_groups; labels and a stay on d's device
-        if self.init == "fit":
-            ref_now = r.to(device=d.a.device, dtype=torch.float32)
-            for spec, p in zip(self._layout.specs, self._emb_params):
-                sl = slice(spec.offset, spec.stop)
-                p.copy_(torch.addcmul(d.b[sl], d.a[sl], ref_now[d.labels[sl]]).view_as(p))
         # Each mode's scalar joins the param group that holds most of its weights.
         n_groups = len(self.base.param_groups)
         if len(set(self._emb_group)) == 1:
@@ -479,6 +503,11 @@ class CMDOptimizer(SharesBaseOptimizer):
             r_groups=r_groups,
             r=(r * scale).to(torch.float32),
         )
+        if self.init == "fit":  # after _enter, which validates before it changes anything
+            ref_now = r.to(device=d.a.device, dtype=torch.float32)
+            for spec, p in zip(self._layout.specs, self._emb_params):
+                sl = slice(spec.offset, spec.stop)
+                p.copy_(torch.addcmul(d.b[sl], d.a[sl], ref_now[d.labels[sl]]).view_as(p))
         self._buffer = None
         self._switch_delay = 0
         self._record_pending = False
@@ -524,6 +553,7 @@ class CMDOptimizer(SharesBaseOptimizer):
 
     def _params_changed(self) -> None:
         """Tell optimizers that keep whole-parameter-set state that the set changed."""
+        self._group_sizes = self._current_group_sizes()
         if isinstance(self.base, torch.optim.LBFGS):
             # LBFGS caches the total size and keeps its curvature history (vectors over all
             # params) under the first parameter: both describe the old parameter set.
@@ -558,7 +588,7 @@ class CMDOptimizer(SharesBaseOptimizer):
         """
         cmd: dict[str, Any] = {
             "version": 1, "phase": self.phase, "step": self._step, "phase_step": self._phase_step,
-            "cycle": self.cycle, "seed": self.seed, "names": list(self._emb_names),
+            "cycle": self.cycle, "seed": self.seed, "n_modes": self.n_modes, "names": list(self._emb_names),
             "history": [dict(h) for h in self.history], "buffer": None, "space": None,
         }
         if self._buffer is not None:
@@ -594,6 +624,13 @@ class CMDOptimizer(SharesBaseOptimizer):
         self.phase = cmd["phase"]
         self._step, self._phase_step, self.cycle = int(cmd["step"]), int(cmd["phase_step"]), int(cmd["cycle"])
         self.seed = int(cmd["seed"])
+        # The run's M comes with it, like its seed (older checkpoints: the size of the saved space).
+        n_modes = cmd.get("n_modes", None if saved is None else int(saved["r"].numel()))
+        if n_modes is not None and int(n_modes) != self.n_modes:
+            warnings.warn(f"modeopt: the checkpoint was trained with n_modes={int(n_modes)}; this CMDOptimizer was "
+                          f"built with n_modes={self.n_modes}: opt.n_modes is now {int(n_modes)}, as in the "
+                          "checkpoint", stacklevel=3)
+            self.n_modes = int(n_modes)
         self.history = [dict(h) for h in cmd["history"]]
         self._buffer = buffer
         self._switch_delay, self._record_pending = 0, False
@@ -739,6 +776,34 @@ def _describe(x: Any) -> str:
     if isinstance(x, Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
     return f"a {type(x).__name__}"
+
+
+def _check_base_class(base: torch.optim.Optimizer) -> None:
+    """Refuse at construction the base optimizers that cannot train the mode scalars r (a 1-D dense vector)."""
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is not None and isinstance(base, muon):
+        raise TypeError(
+            "torch.optim.Muon updates only 2-D matrices, but in mode space the trainable parameters are the mode "
+            "scalars r, a vector: wrap an element-wise optimizer (AdamW, SGD, ...) in CMDOptimizer for the "
+            "parameters you put in mode space, and train the matrices you keep out of it with a separate Muon")
+    if isinstance(base, torch.optim.SparseAdam):
+        raise TypeError(
+            "torch.optim.SparseAdam takes only sparse gradients, but the gradient of the mode scalars r is dense: "
+            "use Adam/AdamW (with nn.Embedding(sparse=False)), or SGD/Adagrad, which take the embedding's sparse "
+            "gradients in warm-up and r's dense ones after the switch")
+
+
+def _check_no_duplicates(model: nn.Module, base: torch.optim.Optimizer) -> None:
+    names = {id(p): n for n, p in model.named_parameters()}
+    group_of: dict[int, int] = {}
+    for gi, group in enumerate(base.param_groups):
+        for p in group["params"]:
+            if id(p) in group_of:
+                where = f"param group {gi}" if group_of[id(p)] == gi else f"param groups {group_of[id(p)]} and {gi}"
+                name = names.get(id(p), f"of shape {tuple(p.shape)}")
+                raise ValueError(f"the base optimizer lists the parameter {name!r} twice ({where}): give each "
+                                 "parameter to the base optimizer once")
+            group_of[id(p)] = gi
 
 
 def _world_size() -> int:

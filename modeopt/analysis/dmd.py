@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import _progress
 from ..layout import ParamLayout
 from ..trajectory import Trajectory, as_tensor, load_named_into
 
@@ -136,7 +137,7 @@ def dmd(trajectory, rank: int, *, progress: bool | None = None, rtol: float = 1e
     # Tall-skinny QR of W (N x T): R is T x T, W = Q R with orthonormal Q (never formed).
     chunk = max(1024, CHUNK_ELEMENTS // T)
     bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
-    hide = (len(bounds) < 4) if progress is None else not progress
+    hide = _progress.disable(progress, len(bounds), 4)
     r_fac = torch.zeros(0, T, dtype=torch.float64)
     for i0, i1 in tqdm(bounds, desc="DMD factor", disable=hide, leave=False):
         x = trajectory.cols(i0, i1, torch.float64).T  # (c, T), weights as rows

@@ -54,6 +54,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import _progress
 from ..trajectory import Trajectory, as_tensor
 
 __all__ = ["KoopmanSpectrum", "DynamicsComparison", "koopman_spectrum", "compare_dynamics", "spectrum_distance",
@@ -180,7 +181,7 @@ def observable_gram(trajectory: Trajectory, ranges: Sequence[tuple[int, int]] | 
     ranges = [(0, n)] if ranges is None else list(ranges)
     chunk = max(256, CHUNK_ELEMENTS // max(T, 1))
     bounds = [(i, min(i + chunk, b)) for a, b in ranges for i in range(a, b, chunk)]
-    hide = (len(bounds) < 8) if progress is None else not progress
+    hide = _progress.disable(progress, len(bounds), 8)
     gram = torch.zeros(T, T, dtype=torch.float64)
     total_sq = 0.0  # sum of squared values: the scale a "constant" movement is judged against
     bad: tuple[int, int] | None = None  # (first non-finite step index, its column)

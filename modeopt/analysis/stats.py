@@ -14,6 +14,7 @@ from scipy.cluster.hierarchy import leaves_list
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import _progress
 from ..decomposition import Decomposition
 from ..trajectory import Trajectory
 from .dmd import DMD
@@ -238,7 +239,7 @@ def reconstruction_errors(trajectory: Trajectory, model, *, name: str = "", prog
     time_sq = torch.zeros(T, dtype=torch.float64)
     chunk = max(1024, CHUNK_ELEMENTS // T)
     bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
-    hide = (len(bounds) < 4) if progress is None else not progress
+    hide = _progress.disable(progress, len(bounds), 4)
     for i0, i1 in tqdm(bounds, desc=f"errors {name}".strip(), disable=hide, leave=False):
         x = trajectory.cols(i0, i1, torch.float64)
         e = model_cols(model, i0, i1) - x
