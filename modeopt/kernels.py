@@ -71,12 +71,35 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+#: Bumped when the cache layout changes (v2: a digest file beside every library).
+_CACHE_FORMAT = "v2"
+
+
 def _library_path(cc: str | None = None, cache: Path | None = None) -> Path:
     """Where the compiled library for this source, compiler, flags and CPU is cached."""
     cc = cc or _compiler() or "cc"
     key = hashlib.sha256(_SOURCE.read_bytes()
                          + " ".join([cc, *_FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-    return (cache or _cache_dir()) / f"kernels-{key}.so"
+    return (cache or _cache_dir()) / f"kernels-{_CACHE_FORMAT}-{key}.so"
+
+
+def _digest_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class _KernelError(Exception):
@@ -176,11 +199,16 @@ class KernelWarning(RuntimeWarning):
 def _build() -> tuple[ctypes.CDLL | None, str | None]:
     """Build (or reuse from the cache) and load the library: ``(library or None, warning or None)``.
 
-    ``None`` means the torch path. Raises nothing for a failure of building or loading: a cached
-    file that cannot be loaded, lacks an entry point or fails the self-test is deleted and rebuilt
-    once; an unwritable cache builds into a temporary directory (removed once the library is
-    loaded); whatever still fails gives the torch path. Every such event is described in the
-    returned warning.
+    ``None`` means the torch path. Raises nothing for a failure of building or loading:
+
+    * a cached library is loaded only if it matches the SHA-256 recorded beside it when it was
+      built (a truncated library can crash the dynamic loader with SIGBUS, which no ``try`` catches);
+    * one that does not, cannot be loaded, lacks an entry point or fails the self-test is deleted
+      and rebuilt once, under a fresh name (the dynamic loader caches libraries by path);
+    * an unwritable cache builds into a temporary directory (removed once the library is loaded);
+    * whatever still fails gives the torch path.
+
+    Every such event is described in the returned warning.
     """
     cc = _compiler()
     if cc is None:
@@ -188,14 +216,29 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         return None, None
     problems: list[str] = []
     out = _library_path(cc)
+    digest = _digest_path(out)
     use_temp = False
     if out.exists():
         try:
-            return _load(out), None
-        except _KernelError as e:
-            problems.append(f"the cached library {out} is unusable: {e}")
+            recorded = digest.read_text().strip()
+        except OSError:
+            recorded = None
+        try:
+            actual = _sha256(out)
+        except OSError as e:
+            actual = f"unreadable ({e})"
+        if recorded is None:
+            problems.append(f"the cached library {out} has no recorded digest ({digest.name})")
+        elif recorded != actual:
+            problems.append(f"the cached library {out} does not match its recorded digest (truncated or modified)")
+        else:
+            try:
+                return _load(out), None
+            except _KernelError as e:
+                problems.append(f"the cached library {out} is unusable: {e}")
         try:
             out.unlink()  # never loaded again; rebuilt below
+            digest.unlink(missing_ok=True)
         except OSError as e:
             problems.append(f"it cannot be removed ({e}), so it is rebuilt into a temporary directory")
             use_temp = True
@@ -211,24 +254,24 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib = None
     try:
         tmp = _compile(cc, temporary or out.parent)
-        if temporary is not None:
-            out = tmp
-        elif out.exists() and not problems:
-            tmp.unlink(missing_ok=True)  # another process has just built it
-        else:
-            os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
         try:
-            lib = _load(out)
+            lib = _load(tmp)  # under its fresh name; a loaded library stays mapped when renamed
         except _KernelError as e:
-            problems.append(f"the freshly built library {out} is unusable: {e}")
-            out.unlink(missing_ok=True)
+            problems.append(f"the freshly built library is unusable: {e}")
+        if lib is not None and temporary is None:
+            try:
+                _write_atomic(digest, _sha256(tmp))  # digest first: a library without one is never loaded
+                os.replace(tmp, out)  # atomic: concurrent builders never see a half-written file
+            except OSError as e:
+                problems.append(f"caching the built library failed ({e})")
+        Path(tmp).unlink(missing_ok=True)
     except _KernelError as e:
         problems.append(str(e))
     except OSError as e:
         problems.append(f"building the library failed: {e}")
     finally:
         if temporary is not None:
-            shutil.rmtree(temporary, ignore_errors=True)  # a loaded library stays mapped
+            shutil.rmtree(temporary, ignore_errors=True)
     if lib is None:
         if not problems:  # pragma: no cover - every failure above records its cause
             problems.append("the library could not be built")
