@@ -5,7 +5,9 @@
 
 On CPU the fused versions are a small C library (``_kernels.c``), compiled on first use with the
 system C compiler (about a second) into ``$MODEOPT_CACHE`` (default ``~/.cache/modeopt``) and
-called through ``ctypes``. ``ctypes`` releases the GIL, so a few Python threads run the pieces in
+called through ``ctypes``. The cache is trusted code (a ``.so`` loaded into the process); every
+failure to build or load it ends in the torch path with one :class:`KernelWarning` (see
+:func:`_build`), and a bad cached file is rebuilt. ``ctypes`` releases the GIL, so a few Python threads run the pieces in
 parallel. Work is cut into pieces of fixed size and every piece reduces into its own accumulator,
 folded in piece order: results do not depend on the number of threads or on timing.
 
