@@ -147,8 +147,9 @@ def test_a_bad_cached_library_is_rebuilt_with_one_warning(kind, tmp_path, real_s
     assert res["fused"] and res["err"] < 1e-6 and res["phase"] == "embedded"
     _assert_repaired(path)
     assert sorted(p.name for p in cache.iterdir()) == [path.name, path.name + ".sha256"]  # no temporaries
-    res, err = _probe(cache)  # the next process uses the repaired file silently
-    assert res["fused"] and not _warnings(err), err[-3000:]
+    if kind == "truncated":  # the next process uses the repaired file silently (once: each probe costs seconds)
+        res, err = _probe(cache)
+        assert res["fused"] and not _warnings(err), err[-3000:]
 
 
 @needs_cc
