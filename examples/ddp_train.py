@@ -58,7 +58,7 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
     if rank == 0:
         same = all(torch.equal(e.cpu(), every[0].cpu()) for e in every)
         print(f"{world} ranks, identical weights: {same}; trainable now {opt.trainable_parameters():,} "
-              f"scalars for {sum(p.numel() for n, p in model.named_parameters() if not n.startswith('modeopt_r')):,} weights")
+              f"scalars for {sum(p.numel() for n, p in model.named_parameters() if 'modeopt_r' not in n):,} weights")
 
 
 def main() -> None:

@@ -5,7 +5,9 @@
 
 On CPU the fused versions are a small C library (``_kernels.c``), compiled on first use with the
 system C compiler (about a second) into ``$MODEOPT_CACHE`` (default ``~/.cache/modeopt``) and
-called through ``ctypes``. ``ctypes`` releases the GIL, so a few Python threads run the pieces in
+called through ``ctypes``. The cache is trusted code (a ``.so`` loaded into the process); every
+failure to build or load it ends in the torch path with one :class:`KernelWarning` (see
+:func:`_build`), and a bad cached file is rebuilt. ``ctypes`` releases the GIL, so a few Python threads run the pieces in
 parallel. Work is cut into pieces of fixed size and every piece reduces into its own accumulator,
 folded in piece order: results do not depend on the number of threads or on timing.
 
@@ -25,6 +27,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["reduce", "update", "welford", "assign", "fused_available", "use_fused", "label_dtype", "as_index"]
+__all__ = ["reduce", "update", "welford", "assign", "fused_available", "use_fused", "label_dtype", "as_index",
+           "check_labels", "KernelWarning"]
 
 logger = logging.getLogger("modeopt")
 
@@ -61,39 +66,221 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MODEOPT_CACHE", Path.home() / ".cache" / "modeopt"))
 
 
-def _build() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99"]
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+#: Bumped when the cache layout changes (v2: a digest file beside every library).
+_CACHE_FORMAT = "v2"
+
+
+def _library_path(cc: str | None = None, cache: Path | None = None) -> Path:
+    """Where the compiled library for this source, compiler, flags and CPU is cached."""
+    cc = cc or _compiler() or "cc"
+    key = hashlib.sha256(_SOURCE.read_bytes()
+                         + " ".join([cc, *_FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    return (cache or _cache_dir()) / f"kernels-{_CACHE_FORMAT}-{key}.so"
+
+
+def _digest_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _KernelError(Exception):
+    """Why a compiled library cannot be used (a short, user-facing cause)."""
+
+
+def _compile(cc: str, directory: Path) -> Path:
+    """Compile the source into a fresh temporary name in ``directory``; returns its path."""
+    fd, tmp = tempfile.mkstemp(prefix="kernels-", suffix=".so.tmp", dir=directory)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+    except subprocess.CalledProcessError as e:
+        Path(tmp).unlink(missing_ok=True)
+        detail = (e.stderr or b"").decode(errors="replace").strip()[:300]
+        raise _KernelError(f"compiling with {cc} failed: {detail}") from None
+    except (subprocess.SubprocessError, OSError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _KernelError(f"running the compiler {cc} failed: {e}") from None
+    return Path(tmp)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    """Load ``path``, declare every entry point and check each against the torch reference."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise _KernelError(f"it cannot be loaded ({e})") from None
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    try:
+        for an in _A_NAMES.values():
+            for ln in _L_NAMES.values():
+                getattr(lib, f"reduce_{an}_{ln}").argtypes = [vp, vp, vp, i64, vp, i64]
+                getattr(lib, f"update_{an}_{ln}").argtypes = [vp, vp, vp, vp, i64]
+        lib.fold_banks.argtypes = [vp, i64, vp]
+        for ln in _L_NAMES.values():
+            getattr(lib, f"welford_{ln}").argtypes = [vp, vp, vp, vp, vp, ctypes.c_double, i64]
+            getattr(lib, f"assign_{ln}").argtypes = [vp, vp, vp, vp, vp, i64]
+    except AttributeError as e:
+        raise _KernelError(f"it lacks an entry point ({e})") from None
+    _self_test(lib)
+    return lib
+
+
+def _self_test(lib: ctypes.CDLL) -> None:
+    """Run every entry point once on a small input against the torch reference."""
+    g = torch.Generator().manual_seed(0)
+    n, m = 37, 5  # not a multiple of the unroll or the label load width: the tails run too
+    w = torch.randn(n, generator=g)
+    x32 = torch.randn(n, generator=g)
+    lab = torch.randint(0, m, (n,), generator=g)
+    delta = torch.randn(m, generator=g)
+    with torch.no_grad():
+        for adt, an in _A_NAMES.items():
+            x = x32.to(adt)
+            xf = x.to(torch.float32)
+            for ldt, ln in _L_NAMES.items():
+                lt = lab.to(ldt)
+                acc = torch.zeros(UNROLL * m, dtype=torch.float64)
+                out = torch.zeros(m, dtype=torch.float64)
+                getattr(lib, f"reduce_{an}_{ln}")(w.data_ptr(), x.data_ptr(), lt.data_ptr(), n, acc.data_ptr(), m)
+                lib.fold_banks(acc.data_ptr(), m, out.data_ptr())
+                ref = torch.bincount(lab, weights=(xf * w).to(torch.float64), minlength=m)
+                if not torch.allclose(out, ref, rtol=1e-12, atol=1e-12):
+                    raise _KernelError(f"its reduce_{an}_{ln} disagrees with the torch reference")
+                y = w.clone()
+                getattr(lib, f"update_{an}_{ln}")(y.data_ptr(), x.data_ptr(), lt.data_ptr(), delta.data_ptr(), n)
+                if not torch.allclose(y, w + xf * delta[lab], rtol=1e-6, atol=1e-6):
+                    raise _KernelError(f"its update_{an}_{ln} disagrees with the torch reference")
+        for ldt, ln in _L_NAMES.items():
+            lt = lab.to(ldt)
+            mean = torch.randn(n, generator=g, dtype=torch.float64)
+            com = torch.randn(n, generator=g, dtype=torch.float64)
+            dr = torch.randn(m, generator=g, dtype=torch.float64)
+            mu, c = mean.clone(), com.clone()
+            getattr(lib, f"welford_{ln}")(w.data_ptr(), mu.data_ptr(), c.data_ptr(), lt.data_ptr(), dr.data_ptr(),
+                                          0.25, n)
+            dw = w.to(torch.float64) - mean
+            if not (torch.allclose(mu, mean + 0.25 * dw, rtol=1e-12, atol=1e-12)
+                    and torch.allclose(c, com + dw * dr[lab], rtol=1e-12, atol=1e-12)):
+                raise _KernelError(f"its welford_{ln} disagrees with the torch reference")
+            y = torch.empty(n)
+            getattr(lib, f"assign_{ln}")(y.data_ptr(), x32.data_ptr(), w.data_ptr(), lt.data_ptr(), delta.data_ptr(), n)
+            if not torch.allclose(y, x32 * delta[lab] + w, rtol=1e-6, atol=1e-6):
+                raise _KernelError(f"its assign_{ln} disagrees with the torch reference")
+
+
+_FIX = ("To fix: make MODEOPT_CACHE (default ~/.cache/modeopt) a writable directory, or clear it "
+        "(rm -rf ~/.cache/modeopt, or $MODEOPT_CACHE); MODEOPT_KERNELS=torch turns the fused kernels off "
+        "and silences this")
+
+
+class KernelWarning(RuntimeWarning):
+    """The fused CPU kernels could not be built or loaded as cached (issued at most once per process)."""
+
+
+def _build() -> tuple[ctypes.CDLL | None, str | None]:
+    """Build (or reuse from the cache) and load the library: ``(library or None, warning or None)``.
+
+    ``None`` means the torch path. Raises nothing for a failure of building or loading:
+
+    * a cached library is loaded only if it matches the SHA-256 recorded beside it when it was
+      built (a truncated library can crash the dynamic loader with SIGBUS, which no ``try`` catches);
+    * one that does not, cannot be loaded, lacks an entry point or fails the self-test is deleted
+      and rebuilt once, under a fresh name (the dynamic loader caches libraries by path);
+    * an unwritable cache builds into a temporary directory (removed once the library is loaded);
+    * whatever still fails gives the torch path.
+
+    Every such event is described in the returned warning.
+    """
+    cc = _compiler()
     if cc is None:
         logger.info("modeopt: no C compiler found; mode-space steps use the torch fallback")
-        return None
-    src = _SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99"]
-    key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"kernels-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
+        return None, None
+    problems: list[str] = []
+    out = _library_path(cc)
+    digest = _digest_path(out)
+    use_temp = False
+    if out.exists():
         try:
-            subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
-        except (subprocess.SubprocessError, OSError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            logger.info("modeopt: building the fused kernels failed (%s %s); using the torch fallback",
-                        e, detail.decode(errors="replace")[:500])
-            Path(tmp).unlink(missing_ok=True)
-            return None
-    lib = ctypes.CDLL(str(out))
-    vp, i64 = ctypes.c_void_p, ctypes.c_int64
-    for an in _A_NAMES.values():
-        for ln in _L_NAMES.values():
-            getattr(lib, f"reduce_{an}_{ln}").argtypes = [vp, vp, vp, i64, vp, i64]
-            getattr(lib, f"update_{an}_{ln}").argtypes = [vp, vp, vp, vp, i64]
-    lib.fold_banks.argtypes = [vp, i64, vp]
-    for ln in _L_NAMES.values():
-        getattr(lib, f"welford_{ln}").argtypes = [vp, vp, vp, vp, vp, ctypes.c_double, i64]
-        getattr(lib, f"assign_{ln}").argtypes = [vp, vp, vp, vp, vp, i64]
-    return lib
+            recorded = digest.read_text().strip()
+        except OSError:
+            recorded = None
+        try:
+            actual = _sha256(out)
+        except OSError as e:
+            actual = f"unreadable ({e})"
+        if recorded is None:
+            problems.append(f"the cached library {out} has no recorded digest ({digest.name})")
+        elif recorded != actual:
+            problems.append(f"the cached library {out} does not match its recorded digest (truncated or modified)")
+        else:
+            try:
+                return _load(out), None
+            except _KernelError as e:
+                problems.append(f"the cached library {out} is unusable: {e}")
+        try:
+            out.unlink()  # never loaded again; rebuilt below
+            digest.unlink(missing_ok=True)
+        except OSError as e:
+            problems.append(f"it cannot be removed ({e}), so it is rebuilt into a temporary directory")
+            use_temp = True
+    if not use_temp:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.NamedTemporaryFile(dir=out.parent, prefix=".probe-").close()  # writable?
+        except OSError as e:
+            problems.append(f"the cache directory {out.parent} is not writable ({e}), so the library is built "
+                            "into a temporary directory for this process")
+            use_temp = True
+    temporary = Path(tempfile.mkdtemp(prefix="modeopt-kernels-")) if use_temp else None
+    lib = None
+    try:
+        tmp = _compile(cc, temporary or out.parent)
+        try:
+            lib = _load(tmp)  # under its fresh name; a loaded library stays mapped when renamed
+        except _KernelError as e:
+            problems.append(f"the freshly built library is unusable: {e}")
+        if lib is not None and temporary is None:
+            try:
+                _write_atomic(digest, _sha256(tmp))  # digest first: a library without one is never loaded
+                os.replace(tmp, out)  # atomic: concurrent builders never see a half-written file
+            except OSError as e:
+                problems.append(f"caching the built library failed ({e})")
+        Path(tmp).unlink(missing_ok=True)
+    except _KernelError as e:
+        problems.append(str(e))
+    except OSError as e:
+        problems.append(f"building the library failed: {e}")
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+    if lib is None:
+        if not problems:  # pragma: no cover - every failure above records its cause
+            problems.append("the library could not be built")
+        return None, "; ".join(problems) + ". Mode-space steps use the (slower) torch path. " + _FIX
+    if problems:
+        return lib, "; ".join(problems) + ". The fused kernels are in use. " + _FIX
+    return lib, None
 
 
 def _cpu_flags() -> str:
@@ -110,10 +297,17 @@ def _get_lib() -> ctypes.CDLL | None:
     global _lib, _lib_tried
     if _lib_tried:
         return _lib
+    message = None
     with _lock:
         if not _lib_tried:
-            _lib = None if os.environ.get("MODEOPT_KERNELS", "auto") == "torch" else _build()
+            if os.environ.get("MODEOPT_KERNELS", "auto") != "torch":
+                try:
+                    _lib, message = _build()
+                except Exception as e:  # noqa: BLE001 - the torch path always works
+                    _lib, message = None, f"unexpected failure ({e!r}). Mode-space steps use the torch path. {_FIX}"
             _lib_tried = True
+    if message is not None:  # outside the lock, state settled: a filter that raises leaves it consistent
+        warnings.warn(f"modeopt: fused CPU kernels: {message}", KernelWarning, stacklevel=3)
     return _lib
 
 
@@ -147,6 +341,65 @@ def _workers() -> ThreadPoolExecutor:
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(1, THREADS - 1), thread_name_prefix="modeopt")
     return _pool
+
+
+#: id(label tensor) -> (weakref, version, data_ptr, numel, 1 + largest label): label tensors already
+#: checked, so that a check costs a host sync once per tensor, not once per step.
+_checked: dict[int, tuple] = {}
+
+
+def _check_sizes(what: str, *lists: Sequence[Tensor]) -> None:
+    """Every list has one tensor per weight tensor, of the weight's number of elements."""
+    if len({len(x) for x in lists}) != 1:
+        raise ValueError(f"{what}: got {[len(x) for x in lists]} tensors per argument; they must agree")
+    for j, ts in enumerate(zip(*lists)):
+        sizes = [t.numel() for t in ts]
+        if len(set(sizes)) != 1:
+            raise ValueError(f"{what}: tensor {j} has arguments of {sizes} elements; they must agree")
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
+
+
+def check_labels(labels: Sequence[Tensor], n_modes: int, what: str = "labels") -> None:
+    """Raise ``ValueError`` unless every label lies in ``[0, n_modes)``.
+
+    The fused kernels index per-mode arrays by label without a bound check, so an out-of-range
+    label would read or write outside them. A tensor is checked once (all new tensors together:
+    one host sync); later calls with the same, unmodified tensor cost a dictionary look-up.
+    """
+
+    def known(lab: Tensor):
+        entry = _checked.get(id(lab))
+        if (entry is None or entry[0]() is not lab or entry[1] != _version(lab) or entry[2] != lab.data_ptr()
+                or entry[3] != lab.numel()):
+            return None
+        return entry
+
+    fresh = [(j, lab) for j, lab in enumerate(labels) if known(lab) is None]
+    for j, lab in fresh:
+        if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+            raise ValueError(f"{what}[{j}] must be an integer tensor, got {lab.dtype}")
+    stats = [(idx.min(), idx.max()) if idx.numel() else (idx.new_zeros(()), idx.new_full((), -1))
+             for idx in (as_index(lab) for _, lab in fresh)]
+    if stats:
+        dev = stats[0][0].device
+        values = torch.stack([torch.stack([lo.to(torch.int64), hi.to(torch.int64)]).to(dev) for lo, hi in stats])
+        for (j, lab), (low, top) in zip(fresh, values.tolist()):
+            if low < 0:
+                raise ValueError(f"{what}[{j}] holds a negative mode label ({low})")
+            key = id(lab)
+            _checked[key] = (weakref.ref(lab, lambda _, k=key: _checked.pop(k, None)), _version(lab),
+                             lab.data_ptr(), lab.numel(), top + 1)
+    for j, lab in enumerate(labels):
+        top = _checked[id(lab)][4]
+        if top > n_modes:
+            raise ValueError(f"{what}[{j}] holds mode label {top - 1}, but there are only {n_modes} modes "
+                             f"(labels must lie in [0, {n_modes}))")
 
 
 def _fusable(tensors: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor]) -> bool:
@@ -209,6 +462,7 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
         for g, x, lab in items:
             out += _segment_sum_torch(g * x, lab, n_modes)
         return out
+    _check_sizes("reduce", gs, xs, ls)
     lib = _get_lib()
     gs = [g.contiguous() for g in gs]
     pieces = _pieces([g.numel() for g in gs])
@@ -250,6 +504,7 @@ def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tens
             else:  # e.g. channels_last: labels follow the logical (row-major) order
                 w.add_((buf * x.to(w.dtype)).view(w.shape))
         return
+    _check_sizes("update", weights, a, labels)
     lib = _get_lib()
     d = delta.to(torch.float32).contiguous()
     fns = [getattr(lib, f"update_{_A_NAMES[x.dtype]}_{_L_NAMES[lab.dtype]}") for x, lab in zip(a, labels)]
@@ -274,9 +529,12 @@ def welford(weights: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequenc
         labels: flat mode labels; dr: ``(M,)`` float64, references minus their updated means.
     """
     flat = [w.detach().reshape(-1) for w in weights]
+    _check_sizes("welford", flat, mean, comoment, labels)
+    check_labels(labels, dr.numel())
     ok = (fused_available() and all(w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
                                      for w in flat)
-          and all(lab.dtype in _L_NAMES for lab in labels))
+          and all(t.dtype == torch.float64 and t.device.type == "cpu" and t.is_contiguous() for t in (*mean, *comoment))
+          and all(lab.dtype in _L_NAMES and lab.is_contiguous() for lab in labels))
     if not ok:
         for w, mu, com, lab in zip(flat, mean, comoment, labels):
             dw = w.to(torch.float64) - mu
@@ -300,9 +558,12 @@ def welford(weights: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequenc
 def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], labels: Sequence[Tensor],
            r: Tensor) -> None:
     """``w = a * r[label] + b`` for every tensor, in place (float32 a and b, flat)."""
+    _check_sizes("assign", weights, a, b, labels)
+    check_labels(labels, r.numel())
     ok = (fused_available() and all(w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
                                     for w in weights)
-          and all(lab.dtype in _L_NAMES for lab in labels))
+          and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in (*a, *b))
+          and all(lab.dtype in _L_NAMES and lab.is_contiguous() for lab in labels))
     if not ok:
         rr = r.to(torch.float32)
         for w, x, y, lab in zip(weights, a, b, labels):

@@ -15,16 +15,28 @@ Which tensor a module's forward reads is switched by forward hooks: while a modu
 embedded weights (or the root model) runs, its ``_parameters[name]`` entry holds the function's
 output instead of the bare parameter, and it is restored afterwards (also when forward raises).
 
-The mode scalars are registered as parameters of the root model (``modeopt_r0``, one per param
-group), not as a child module: containers such as ``nn.Sequential`` run every child in their
-forward. They appear in ``model.parameters()`` (so ``model.zero_grad()``, gradient clipping and
-trainable-parameter counts see them) but never in ``model.state_dict()``: a state-dict hook drops
-them, so the model's checkpoints keep exactly the keys of the original model class, and the
-optimizer's ``state_dict`` carries ``r``.
+The mode scalars are registered as parameters of the model (``modeopt_r0``, one per param group) on
+the *last* module in ``model.modules()`` order (the root itself for a model without children), not
+as a new child module (containers such as ``nn.Sequential`` run every child in their forward) and
+not on the root (the root's own parameters come first in ``model.parameters()``). So they come
+after every original parameter: what pairs parameters by position (``AveragedModel`` built before
+the switch, EMA helpers zipping two parameter lists) or reads the first one (HF ``model.dtype``)
+sees the original parameters first, while ``model.zero_grad()``, gradient clipping over
+``model.parameters()``, DDP's reducer and trainable-parameter counts still see them. They never
+appear in ``model.state_dict()``: a state-dict hook drops them, so the model's checkpoints keep
+exactly the keys of the original model class, and the optimizer's ``state_dict`` carries ``r``.
+
+``r`` keeps the dtype it is given (float32 from :class:`~modeopt.CMDOptimizer`) whatever the
+weights' dtype: it is the only trained state, like an fp32 master copy, and a bf16 ``r`` could not
+resolve an Adam step of ``lr = 1e-3`` on a scalar of size ~1 (bf16 spacing there is 2^-7 ~ 0.008).
+
+Hooks are bound methods of the ModeSpace and ``functools.partial`` objects of module-level
+functions, so a model in mode space pickles (``torch.save(model)``) and deep-copies as a whole.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -63,9 +75,9 @@ class ModeSpace:
     """The model in mode space: which weights are embedded, their ``a`` and modes, and ``r``.
 
     Args:
-        model: the model (its modules get forward hooks; it gets ``modeopt_r*`` parameters).
+        model: the model (its modules get forward hooks; its last module gets ``modeopt_r*`` parameters).
         params: the embedded parameters, ``(name, param)``.
-        labels: per parameter, the mode of each element (any integer dtype, flat).
+        labels: per parameter, the mode of each element (any integer dtype, flat), in ``[0, M)``.
         a: per parameter, the coefficient of each element (flat).
         r_groups: which param group each mode's scalar belongs to: ``(M,)`` int.
         r_init: ``(M,)`` initial mode values.
@@ -90,12 +102,23 @@ class ModeSpace:
     ):
         # coef_dtype: storage of a; bf16 halves it. The rounded a is used both by the backward and
         # by the weight update, so the model stays exactly w = a_rounded * r + b.
-        if any(n.startswith(self.PREFIX) for n, _ in model.named_parameters(recurse=False)):
+        if any(n.rsplit(".", 1)[-1].startswith(self.PREFIX) for n, _ in model.named_parameters()):
             raise RuntimeError("the model is already in mode space (it has modeopt_r* parameters)")
         self.model = model
         self.names = [n for n, _ in params]
         self.params = [p for _, p in params]
         self.n_modes = int(r_init.numel())
+        if not (len(labels) == len(a) == len(self.params)):
+            raise ValueError(f"ModeSpace: {len(self.params)} parameters, {len(labels)} label tensors and {len(a)} "
+                             "coefficient tensors; they must agree")
+        for name, p, lab, x in zip(self.names, self.params, labels, a):
+            if not (lab.numel() == x.numel() == p.numel()):
+                raise ValueError(f"ModeSpace: {name} has {p.numel()} elements but {lab.numel()} labels and "
+                                 f"{x.numel()} coefficients")
+        if r_groups.numel() != self.n_modes:
+            raise ValueError(f"ModeSpace: r_groups has {r_groups.numel()} entries for {self.n_modes} modes")
+        # Once, here (one host sync): the fused kernels index per-mode arrays by label unchecked.
+        kernels.check_labels([lab.reshape(-1) for lab in labels], self.n_modes, what="ModeSpace labels")
         # The fused CPU kernels read compact labels (1 byte for M <= 256); the torch fallback
         # indexes with int64 directly, so it never converts labels per step.
         fused = kernels.fused_available() and all(p.device.type == "cpu" and p.dtype == torch.float32
@@ -114,6 +137,8 @@ class ModeSpace:
             nn.Parameter(r_init[self.r_groups == g].detach().clone().to(device)) for g in self.groups
         ]
         self.r_names = [f"{self.PREFIX}{j}" for j in range(len(self.r_params))]
+        # The last module in named_modules() order: its parameters come last in model.parameters().
+        self.r_owner_name, self.r_owner = list(model.named_modules())[-1]
         self.applied = self.r_full().detach().clone()  # the r the weights currently reflect
         self._scratch: Tensor | None = None
         self.requires_grad_before = [p.requires_grad for p in self.params]
@@ -155,13 +180,19 @@ class ModeSpace:
         return groups
 
     def _install(self) -> None:
-        for name, r in zip(self.r_names, self.r_params):
-            self.model.register_parameter(name, r)
-        # Plain functions: torch tags state-dict hooks with attributes, which bound methods refuse.
-        self._handles.append(self.model.register_state_dict_post_hook(
-            lambda mod, sd, prefix, meta: self._drop_from_state_dict(sd, prefix)))
-        self._handles.append(self.model.register_load_state_dict_post_hook(
-            lambda mod, keys: self._not_missing(keys)))
+        try:
+            for name, r in zip(self.r_names, self.r_params):
+                self.r_owner.register_parameter(name, r)
+        except Exception:  # noqa: BLE001 - a module refusing new parameters (e.g. scripted): use the root
+            for name in self.r_names:
+                self.r_owner._parameters.pop(name, None)
+            self.r_owner_name, self.r_owner = "", self.model
+            for name, r in zip(self.r_names, self.r_params):
+                self.model.register_parameter(name, r)
+        # functools.partial of module-level functions: picklable (torch.save(model)), deep-copyable,
+        # and torch may tag them with attributes (``_from_public_api``), which bound methods refuse.
+        self._handles.append(self.r_owner.register_state_dict_post_hook(functools.partial(_drop_r, self)))
+        self._handles.append(self.r_owner.register_load_state_dict_post_hook(functools.partial(_r_not_missing, self)))
         for p in self.params:
             p.requires_grad_(False)
             p.grad = None
@@ -180,21 +211,16 @@ class ModeSpace:
             h.remove()
         self._handles.clear()
         for name in self.r_names:
-            if self.model._parameters.get(name) is not None:
-                del self.model._parameters[name]
+            if self.r_owner._parameters.get(name) is not None:
+                del self.r_owner._parameters[name]
         for p, rg in zip(self.params, self.requires_grad_before):
             p.requires_grad_(rg)
 
     # -------------------------------------------------------------- hooks
-    def _drop_from_state_dict(self, state_dict, prefix: str) -> None:
-        for name in self.r_names:
-            state_dict.pop(prefix + name, None)
-
-    def _not_missing(self, incompatible_keys) -> None:
-        # Checkpoints never hold r (see _drop_from_state_dict): a strict load must not ask for it.
-        keep = [k for k in incompatible_keys.missing_keys
-                if not any(k == n or k.endswith("." + n) for n in self.r_names)]
-        incompatible_keys.missing_keys[:] = keep
+    @property
+    def r_qualified_names(self) -> list[str]:
+        """The names of the mode scalars in ``model.named_parameters()`` (e.g. ``fc2.modeopt_r0``)."""
+        return [f"{self.r_owner_name}.{n}" if self.r_owner_name else n for n in self.r_names]
 
     def r_full(self) -> Tensor:
         """``(M,)`` the mode scalars in mode order (differentiable w.r.t. the group tensors)."""
@@ -267,3 +293,17 @@ class ModeSpace:
 
     def has_grad(self) -> bool:
         return any(p.grad is not None for p in self.r_params)
+
+
+def _drop_r(space: ModeSpace, module, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook of the module that holds ``r``: checkpoints never hold it."""
+    for name in space.r_names:
+        state_dict.pop(prefix + name, None)
+
+
+def _r_not_missing(space: ModeSpace, module, incompatible_keys) -> None:
+    """Load-state-dict post-hook: checkpoints never hold ``r`` (see :func:`_drop_r`), so a strict load
+    must not ask for it."""
+    keep = [k for k in incompatible_keys.missing_keys
+            if not any(k == n or k.endswith("." + n) for n in space.r_names)]
+    incompatible_keys.missing_keys[:] = keep

@@ -307,7 +307,7 @@ def scenario_trainer(rank: int, world: int) -> dict:
     att = attach(opt)  # the attachment the callback made (attach is idempotent)
     return {"weights": weights(model), "log": meter.log, "phase": opt.phase, "loss": out.training_loss,
             "switches": att.switches, "rebuilds": att.rebuilds, "wrapper": wrapped, "n_modes": opt.space.n_modes,
-            "n_classifier": sum(p.numel() for p in model.classifier.parameters()), "world": trainer.args.world_size}
+            "n_classifier": sum(p.numel() for n, p in model.classifier.named_parameters() if "modeopt_r" not in n), "world": trainer.args.world_size}
 
 
 SCENARIOS = {

@@ -50,4 +50,4 @@ def test_fedavg_rounds_warmup_then_mode_space(mnist):
         for k, w in glob.state_dict().items():
             mean = sum(c[k] for c in client_weights) / len(client_weights)
             torch.testing.assert_close(w, mean, rtol=0, atol=2e-6)
-    assert server.phase == "embedded" and set(states[0]) == {"modeopt_r0", "fc2.bias"}
+    assert server.phase == "embedded" and set(states[0]) == {"fc2.modeopt_r0", "fc2.bias"}

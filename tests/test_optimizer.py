@@ -50,7 +50,10 @@ def test_real_models_warmup_embed_step_export_resume(arch, mnist32):
         phases.append(opt.phase)
     assert phases == ["warmup"] * 5 + ["embedded"]
     assert opt.trainable_parameters() == 5
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f"modeopt_r{i}" for i in range(len(opt.space.r_params))]
+    # the mode scalars sit on the last module, after every original parameter
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == opt.space.r_qualified_names
+    assert [n for n, _ in model.named_parameters()][-len(opt.space.r_params):] == opt.space.r_qualified_names
+    assert all(n.rsplit(".", 1)[-1] == f"modeopt_r{i}" for i, n in enumerate(opt.space.r_qualified_names))
     assert not any(k.startswith("modeopt") for k in model.state_dict())
     assert opt.history[0]["n_modes"] == 5 and sum(opt.history[0]["sizes"]) + opt.history[0]["constant"] == n_weights
     assert opt.recording_bytes == 0  # the warm-up recording is freed at the switch
@@ -239,9 +242,12 @@ def test_exclude_patterns_groups_and_frozen_parameters(mnist):
     assert opt.embedded_names == ["conv1.weight", "conv2.weight", "fc1.weight"]
     xtr, ytr, *_ = mnist
     train_steps(model, opt, batches(xtr, ytr, 32, seed=0), 9)
-    free = model.conv2.bias.numel() + model.fc1.bias.numel() + sum(p.numel() for p in model.fc2.parameters())
+    head = [model.fc2.weight, model.fc2.bias]
+    free = model.conv2.bias.numel() + model.fc1.bias.numel() + sum(p.numel() for p in head)
     assert opt.trainable_parameters() == 3 + free
-    assert opt.param_groups[1]["params"] == list(model.fc2.parameters())  # untouched group
+    assert opt.param_groups[1]["params"] == head  # untouched group
+    # r lives on the last module (fc2), after its own parameters, though not in fc2's param group
+    assert list(model.fc2.parameters()) == head + opt.space.r_params
     assert opt.param_groups[0]["params"][-1] is opt.space.r_params[0]
     fc2_before = model.fc2.weight.detach().clone()
     train_steps(model, opt, batches(xtr, ytr, 32, seed=1), 2)
