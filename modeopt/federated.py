@@ -99,8 +99,9 @@ def pull(space: ModeSpace | None, opt: CMDOptimizer, model: nn.Module) -> None:
     global weights here is the same, up to float rounding, without simulating each client's state.
     """
     glob = dict(opt.model.named_parameters())
+    scalars = set(opt.space.r_qualified_names) if opt.space is not None else set()
     for n, p in model.named_parameters():
-        if n in glob and not n.startswith(ModeSpace.PREFIX):
+        if n in glob and n not in scalars:
             p.copy_(glob[n])
     for n, b in opt.model.named_buffers():
         model.get_buffer(n).copy_(b)

@@ -6,8 +6,8 @@ Phases (``opt.phase``):
   embeddable parameters are recorded (bounded memory, see :class:`~modeopt.trajectory.SnapshotBuffer`).
 * ``"embedded"`` - after ``warmup_steps`` steps the recording is decomposed (:func:`~modeopt.decompose`)
   and every embedded weight becomes ``a_i * r[m(i)] + b_i``; the model's trainable parameters are
-  the ``n_modes`` scalars ``r`` (registered on the model as ``modeopt_r0``, ``modeopt_r1``, ...,
-  one per param group; never in ``model.state_dict()``) plus what was kept out of the embedding, trained through
+  the ``n_modes`` scalars ``r`` (registered as ``modeopt_r0``, ``modeopt_r1``, ... on the model's last module, after every
+  original parameter, one per param group; never in ``model.state_dict()``) plus what was kept out of the embedding, trained through
   autograd by the base optimizer with its hyper-parameters and LR schedule.
 * With ``recluster_every=R``: after R embedded steps it returns to full training
   (``"warmup"`` again, ``opt.cycle`` counts the embeddings) for ``recluster_steps`` recorded

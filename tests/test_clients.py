@@ -174,7 +174,8 @@ def test_base_add_param_group_is_refused_at_the_next_step_before_any_work(at):
     phase, step = opt.phase, opt._step
     params = list(model.named_parameters())
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    base.add_param_group({"params": list(extra.parameters()), "lr": 0.01})
+    # named, not extra.parameters(): in mode space the last module (extra) also carries r (docs/optimizer.md)
+    base.add_param_group({"params": [extra.weight, extra.bias], "lr": 0.01})
     x, y = _batch(99)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
