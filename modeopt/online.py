@@ -13,10 +13,17 @@ brief measured NaN with naive float64 sums), so the moments are kept with Welfor
 in float64: per weight its mean and its co-moment with its reference; per mode the reference's
 mean and second moment. ``a = C_i / M2_m``, ``b = mean_i - a * mean_r``.
 
-Memory after the fit point, per modelled weight: mean (8 bytes) + co-moment (8) + mode index
-(1 byte for M <= 256 with the fused CPU kernels, else 8) = 17 bytes, and nothing that grows with
-time. Before it: the recording window, as in
-:class:`~modeopt.TrajectoryRecorder`.
+Memory after the fit point, per modelled weight: mean (8 bytes) + co-moment (8) + mode label
+(1 byte for M <= 256, 2 up to 65,536: :func:`~modeopt.kernels.label_dtype`) = 17 bytes, on every
+device, and nothing that grows with time. Before it: the recording window, as in
+:class:`~modeopt.TrajectoryRecorder` (always in host memory).
+
+Devices: every fitted tensor lives where the weights are. Per weight (labels, mean, co-moment) on
+its own tensor's device; per mode (``mode_mean``, ``mode_m2``, ``ref_scale``, ``ref_shift``) on the
+*reference device*, the device of the first modelled tensor. The fit decomposes on the reference
+device and replays the window into the moments on each tensor's device. After the fit,
+:meth:`OnlineCMD.update` never synchronises with the host: the references are gathered with
+precomputed index tensors, and the Welford updates stay on the devices.
 """
 
 from __future__ import annotations
@@ -44,6 +51,13 @@ def default_names(model: nn.Module) -> list[str]:
     names = [n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
     names += [n for n, b in model.named_buffers() if b.is_floating_point()]
     return names
+
+
+def _to(x: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """``x`` on ``device`` (and ``dtype``) without a host sync where that is safe: copies to an
+    accelerator are ``non_blocking`` (ordered on its stream); a copy to the CPU blocks, since a CPU
+    op would otherwise read it before it landed."""
+    return x.to(device=device, dtype=dtype, non_blocking=device.type != "cpu")
 
 
 def _float_names(model: nn.Module) -> set[str]:
@@ -138,6 +152,7 @@ class OnlineCMD:
         self.mode_mean = torch.zeros(0, dtype=torch.float64)
         self.mode_m2 = torch.zeros(0, dtype=torch.float64)
         self.count = 0
+        self._ref_plan: tuple | None = None  # how references_now() gathers (built from ref_index)
         self.history: list[dict[str, Any]] = []
         self.frozen_tensors: set[int] = set()  # tensors that follow their references exactly (gradual embedding)
         self._model_ids = tuple(id(t) for t in model.parameters()) + tuple(id(t) for t in model.buffers())
@@ -175,7 +190,7 @@ class OnlineCMD:
     def _record(self) -> None:
         # A snapshot with NaN/inf would block every fit while it stays in the window: skip it and
         # record the next finite weights instead.
-        bad = next((n for n, t in zip(self._names, self._tensors) if not bool(torch.isfinite(t).all())), None)
+        bad = self._first_nonfinite()
         if bad is None:
             self._buffer.append(self.layout, self._tensors, self.calls)
             self._record_pending = False
@@ -189,55 +204,147 @@ class OnlineCMD:
                           "next finite weights are recorded instead (online.skipped_snapshots counts the skips; this "
                           "warning is given once)", RuntimeWarning, stacklevel=4)
 
+    def _first_nonfinite(self) -> str | None:
+        """Name of the first modelled tensor holding NaN/inf, or None (one host sync per device)."""
+        flags: dict[torch.device, list[Tensor]] = {}
+        for t in self._tensors:
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+        finite: dict[torch.device, list[bool]] = {dev: torch.stack(f).tolist() for dev, f in flags.items()}
+        seen: dict[torch.device, int] = {}
+        for name, t in zip(self._names, self._tensors):
+            k = seen.get(t.device, 0)
+            seen[t.device] = k + 1
+            if not finite[t.device][k]:
+                return name
+        return None
+
+    @property
+    def reference_device(self) -> torch.device:
+        """Where the per-mode state lives: the device of the first modelled tensor."""
+        return self._tensors[0].device
+
     def _fit(self) -> None:
-        bad = next((n for n, t in zip(self._names, self._tensors) if not bool(torch.isfinite(t).all())), None)
+        bad = self._first_nonfinite()
         if bad is not None:
             warnings.warn(f"OnlineCMD cannot fit at step {self.calls}: {bad!r} holds NaN/inf. Training goes on "
                           "(this is a shadow model); the fit is retried at the next step", stacklevel=3)
             return
         data, steps = self._buffer.raw()
         traj = Trajectory(data, self.layout, steps, self._buffer.anchor)
+        rdev = self.reference_device
         try:
-            d = decompose(traj, n_modes=self.n_modes, n_samples=self.n_samples, seed=self.seed)
+            d = decompose(traj, n_modes=self.n_modes, n_samples=self.n_samples, seed=self.seed, device=rdev)
         except ValueError as e:  # e.g. NaN/inf in a recorded snapshot: wait for a clean window
             warnings.warn(f"OnlineCMD cannot fit at step {self.calls}: {e}. Training goes on; the fit is retried "
                           "at the next step", stacklevel=3)
             return
         specs = self.layout.specs
-        ldt = kernels.label_dtype(d.n_modes) if kernels.fused_available() else torch.int64
-        self.labels = [d.labels[s.offset : s.stop].to(ldt).contiguous() for s in specs]
+        rows, sizes, labels = d.reference.tolist(), d.sizes.tolist(), d.labels
+        del d  # the other (N,) results (a, b, score): not kept, freed before the moments are allocated
+        # Compact labels on every device (uint8 for M <= 256, uint16 in int16 up to 65,536).
+        ldt = kernels.label_dtype(len(rows))
+        self.labels = [labels[s.offset : s.stop].to(device=t.device, dtype=ldt).contiguous()
+                       for s, t in zip(specs, self._tensors)]
+        del labels
         self.ref_index = []
-        for row in d.reference.tolist():
+        for row in rows:
             name, idx = self.layout.locate(row)
             t = self._names.index(name)
             self.ref_index.append((t, row - specs[t].offset))
-        self.n_modes = d.n_modes
-        self.ref_scale = torch.ones(self.n_modes, dtype=torch.float64)
-        self.ref_shift = torch.zeros(self.n_modes, dtype=torch.float64)
-        self.mean = [torch.zeros(s.numel, dtype=torch.float64) for s in specs]
-        self.comoment = [torch.zeros(s.numel, dtype=torch.float64) for s in specs]
-        self.mode_mean = torch.zeros(self.n_modes, dtype=torch.float64)
-        self.mode_m2 = torch.zeros(self.n_modes, dtype=torch.float64)
+        self._ref_plan = None
+        self.n_modes = len(rows)
+        f64 = dict(dtype=torch.float64, device=rdev)
+        self.ref_scale = torch.ones(self.n_modes, **f64)
+        self.ref_shift = torch.zeros(self.n_modes, **f64)
+        self.mean = [torch.zeros(s.numel, dtype=torch.float64, device=t.device) for s, t in zip(specs, self._tensors)]
+        self.comoment = [torch.zeros(s.numel, dtype=torch.float64, device=t.device)
+                         for s, t in zip(specs, self._tensors)]
+        self.mode_mean = torch.zeros(self.n_modes, **f64)
+        self.mode_m2 = torch.zeros(self.n_modes, **f64)
         self.count = 0
         # The window's samples go through the same updates: at the fit point the moments are
         # exactly the batch least-squares over the window, and later samples extend them.
-        order = sorted(range(len(steps)), key=lambda j: steps[j])
-        for j in order:
-            row = traj.data[j].to(torch.float32)
-            if traj.offset is not None:
-                row = row + traj.offset
-            flat = [row[s.offset : s.stop] for s in specs]
-            self._add_sample(flat, torch.stack([flat[t][i] for t, i in self.ref_index]).to(torch.float64))
+        self._replay(traj, sorted(range(len(steps)), key=lambda j: steps[j]), torch.tensor(rows, dtype=torch.long))
         self._buffer = None
         self.phase = "fitted"
-        self.history.append({"step": self.calls, "n_modes": self.n_modes, "sizes": d.sizes.tolist(),
-                             "window": len(steps)})
+        self.history.append({"step": self.calls, "n_modes": self.n_modes, "sizes": sizes, "window": len(steps)})
+
+    #: float32 elements of the window uploaded at once per group of tensors during the replay.
+    REPLAY_GROUP = 1 << 24
+
+    def _replay(self, traj: Trajectory, order: list[int], ref_rows: Tensor) -> None:
+        """Add the window's samples (rows ``order`` of the host recording, oldest first) to the moments.
+
+        The per-mode moments go first, for every sample (the references are a few values per row);
+        then, per group of consecutive tensors on one device (at most :attr:`REPLAY_GROUP` values),
+        each sample's slice of the row is uploaded once and folded in with the sample's ``dr``. Each
+        weight sees the same sequence of operations as in :meth:`_add_sample`, so the result is the
+        same as adding the samples one by one; device memory holds one group's slice at a time.
+        """
+        data, offset = traj.data, traj.offset
+        rdev = self.reference_device
+        drs = []
+        for j in order:
+            r = data[j].index_select(0, ref_rows).to(torch.float32)
+            if offset is not None:
+                r = r + offset.index_select(0, ref_rows)
+            drs.append(self._mode_sample(_to(r, rdev, torch.float64)))
+        specs = self.layout.specs
+        groups: list[list[int]] = []
+        for t, x in enumerate(self._tensors):
+            g = groups[-1] if groups else None
+            if (g and self._tensors[g[0]].device == x.device
+                    and specs[t].stop - specs[g[0]].offset <= self.REPLAY_GROUP):
+                g.append(t)
+            else:
+                groups.append([t])
+        for g in groups:
+            dev = self._tensors[g[0]].device
+            lo, hi = specs[g[0]].offset, specs[g[-1]].stop
+            off = None if offset is None else _to(offset[lo:hi], dev)
+            dr_dev = [_to(dr, dev) for dr in drs]
+            for k, j in enumerate(order):
+                row = _to(data[j, lo:hi], dev).to(torch.float32)
+                if off is not None:
+                    row = row + off
+                flat = [row[specs[t].offset - lo : specs[t].stop - lo] for t in g]
+                kernels.welford(flat, [self.mean[t] for t in g], [self.comoment[t] for t in g],
+                                [self.labels[t] for t in g], dr_dev[k], k + 1)
+
+    def _gather_plan(self) -> tuple:
+        """``(pieces, position)``: per tensor holding references, its index tensor (on its device) of
+        the reference elements; ``position`` (on the reference device) puts the concatenated values
+        in mode order. Built once per change of ``ref_index`` (fit, hand-off, load)."""
+        if self._ref_plan is None:
+            by_tensor: dict[int, list[tuple[int, int]]] = {}
+            for m, (t, i) in enumerate(self.ref_index):
+                by_tensor.setdefault(t, []).append((m, i))
+            pieces, where = [], [0] * len(self.ref_index)
+            k = 0
+            for t, members in by_tensor.items():
+                idx = torch.tensor([i for _, i in members], dtype=torch.long, device=self._tensors[t].device)
+                pieces.append((t, idx))
+                for m, _ in members:
+                    where[m] = k
+                    k += 1
+            position = None if where == list(range(len(where))) else torch.tensor(
+                where, dtype=torch.long, device=self.reference_device)
+            self._ref_plan = (pieces, position)
+        return self._ref_plan
+
+    def _gather(self, flat: Sequence[Tensor]) -> Tensor:
+        """``(M,)`` float64 on the reference device: the reference elements of the flat tensors
+        (one ``index_select`` per tensor holding references; no host sync)."""
+        pieces, position = self._gather_plan()
+        rdev = self.reference_device
+        vals = [_to(flat[t].index_select(0, idx), rdev, torch.float64) for t, idx in pieces]
+        raw = vals[0] if len(vals) == 1 else torch.cat(vals)
+        return raw if position is None else raw.index_select(0, position)
 
     def references_now(self) -> Tensor:
-        """``(M,)`` float64: the modes' reference profiles now (the reference weights' values, in the
-        units of the original references after a :meth:`hand_off`)."""
-        flat = [t.detach().reshape(-1) for t in self._tensors]
-        raw = torch.stack([flat[t][i] for t, i in self.ref_index]).to(torch.float64)
+        """``(M,)`` float64 on the reference device: the modes' reference profiles now (the reference
+        weights' values, in the units of the original references after a :meth:`hand_off`)."""
+        raw = self._gather([t.detach().reshape(-1) for t in self._tensors])
         return (raw - self.ref_shift) / self.ref_scale
 
     def hand_off(self, mode: int, tensor: int, index: int, a: float, b: float) -> None:
@@ -252,37 +359,63 @@ class OnlineCMD:
         if not (math.isfinite(a) and math.isfinite(b)) or a == 0.0:
             raise ValueError(f"hand_off needs a finite, non-zero slope a (got a={a}, b={b})")
         self.ref_index[mode] = (int(tensor), int(index))
+        self._ref_plan = None
         self.ref_scale[mode] = float(a)
         self.ref_shift[mode] = float(b)
 
-    def _add_sample(self, flat: Sequence[Tensor], r: Tensor) -> None:
-        """One Welford/Chan step: n += 1; mean_r, M2_r per mode; mean_i, C_i per weight."""
+    def _mode_sample(self, r: Tensor) -> Tensor:
+        """The per-mode half of a Welford/Chan step: n += 1; mean_r, M2_r. Returns ``r - mean_r`` after."""
         self.count += 1
         n = self.count
         dr = r - self.mode_mean
         self.mode_mean += dr / n
         dr_after = r - self.mode_mean
         self.mode_m2 += dr * dr_after
-        live = [t for t in range(len(flat)) if t not in self.frozen_tensors]
-        kernels.welford([flat[t] for t in live], [self.mean[t] for t in live], [self.comoment[t] for t in live],
-                        [self.labels[t] for t in live], dr_after, n)
+        return dr_after
+
+    def _add_sample(self, flat: Sequence[Tensor], r: Tensor) -> None:
+        """One Welford/Chan step: n += 1; mean_r, M2_r per mode; mean_i, C_i per weight (one
+        ``kernels.welford`` call per device, with ``dr`` copied there without a host sync)."""
+        dr_after = self._mode_sample(r)
+        n = self.count
+        by_device: dict[torch.device, list[int]] = {}
+        for t in range(len(flat)):
+            if t not in self.frozen_tensors:
+                by_device.setdefault(flat[t].device, []).append(t)
+        for dev, live in by_device.items():
+            kernels.welford([flat[t] for t in live], [self.mean[t] for t in live], [self.comoment[t] for t in live],
+                            [self.labels[t] for t in live], _to(dr_after, dev), n)
 
     # -------------------------------------------------------------- results
     def coefficients(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Per tensor: ``labels`` (compact ints: index with ``kernels.as_index``), ``a`` and ``b`` (float64) of
         the current fit (empty for frozen tensors)."""
         self._need_fit()
-        var = self.mode_m2
+        per_mode = self._per_mode(self.mode_m2, self.mode_mean)
         a, b = [], []
         for t, (mean, com, lab) in enumerate(zip(self.mean, self.comoment, self.labels)):
             if t in self.frozen_tensors:  # moments freed: the caller holds the frozen coefficients
                 a.append(com)
                 b.append(mean)
                 continue
+            var_m, mean_m = per_mode(lab.device)
             idx = kernels.as_index(lab)
-            a.append(torch.where(var[idx] > 0, com / var[idx].clamp(min=1e-300), torch.zeros_like(com)))
-            b.append(mean - a[-1] * self.mode_mean[idx])
+            var = var_m[idx]
+            a.append(torch.where(var > 0, com / var.clamp(min=1e-300), torch.zeros_like(com)))
+            b.append(mean - a[-1] * mean_m[idx])
         return self.labels, a, b
+
+    @staticmethod
+    def _per_mode(*values: Tensor):
+        """``get(device)``: the per-mode tensors ``values`` on ``device`` (copied once per device)."""
+        cache: dict[torch.device, tuple[Tensor, ...]] = {}
+
+        def get(device: torch.device) -> tuple[Tensor, ...]:
+            if device not in cache:
+                cache[device] = tuple(_to(v, device) for v in values)
+            return cache[device]
+
+        return get
 
     def cmd_state_dict(self) -> dict[str, Tensor]:
         """The CMD weights ``a_i * r_now[m(i)] + b_i``, named like the model's tensors.
@@ -292,17 +425,19 @@ class OnlineCMD:
         if self.phase != "fitted":
             return self._with_aliases({n: t.detach().clone() for n, t in zip(self._names, self._tensors)})
         r = self.references_now()
+        per_mode = self._per_mode(self.mode_m2, r - self.mode_mean)
         out = {}
         for i, (name, t, mean, com, lab) in enumerate(zip(self._names, self._tensors, self.mean, self.comoment,
                                                           self.labels)):
             if i in self.frozen_tensors:  # it is exactly a r_now + b already
                 out[name] = t.detach().clone()
                 continue
+            var_m, dr_m = per_mode(lab.device)
             idx = kernels.as_index(lab)
-            var = self.mode_m2[idx]
+            var = var_m[idx]
             slope = torch.where(var > 0, com / var.clamp(min=1e-300), torch.zeros_like(com))
             # a r + b = mean + a (r - mean_r): no large terms cancel
-            w = mean + slope * (r - self.mode_mean)[idx]
+            w = mean + slope * dr_m[idx]
             out[name] = w.to(t.dtype).view_as(t)
         return self._with_aliases(out)
 
@@ -359,7 +494,9 @@ class OnlineCMD:
 
     # --------------------------------------------------------- state dicts
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain values only (``torch.load(weights_only=True)`` reads it)."""
+        """Tensors and plain values only (``torch.load(weights_only=True)`` reads it). The tensors are
+        the live ones, on their devices: load with ``map_location`` to read them elsewhere; any
+        device's state loads on any other (:meth:`load_state_dict` moves them)."""
         return {
             "version": 1, "phase": self.phase, "calls": self.calls, "seed": self.seed, "names": list(self._names),
             "n_modes": self.n_modes, "count": self.count, "history": [dict(h) for h in self.history],
@@ -372,7 +509,9 @@ class OnlineCMD:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`. Everything is checked first (names, shapes, dtypes, label
-        range, finiteness, counts): a state that does not fit raises ``ValueError`` and changes nothing."""
+        range, finiteness, counts): a state that does not fit raises ``ValueError`` and changes nothing.
+        Then the tensors are copied to where this model's tensors are (labels in the compact dtype),
+        whatever device they were saved or mapped to."""
         self._apply_state(sd, self._checked_state(sd))
 
     def _apply_state(self, sd: dict[str, Any], buffer: SnapshotBuffer | None) -> None:
@@ -382,15 +521,25 @@ class OnlineCMD:
         self.history = [dict(h) for h in sd["history"]]
         self._buffer = buffer
         self._record_pending = False
-        self.labels = [t.clone() for t in sd["labels"]]
-        self.mean = [t.clone() for t in sd["mean"]]
-        self.comoment = [t.clone() for t in sd["comoment"]]
+        devs = [t.device for t in self._tensors]
+        ldt = kernels.label_dtype(self.n_modes)
+        f64 = dict(dtype=torch.float64, copy=True)
+        self.labels = [t.to(device=d, dtype=ldt, copy=True) for t, d in zip(sd["labels"], devs)]
+        self.mean = [t.to(device=d, **f64) for t, d in zip(sd["mean"], devs)]
+        self.comoment = [t.to(device=d, **f64) for t, d in zip(sd["comoment"], devs)]
         self.ref_index = [tuple(int(v) for v in x) for x in sd["ref_index"]]
-        self.mode_mean, self.mode_m2 = sd["mode_mean"].clone(), sd["mode_m2"].clone()
+        self._ref_plan = None
+        rdev = self.reference_device
+        self.mode_mean, self.mode_m2 = sd["mode_mean"].to(rdev, **f64), sd["mode_m2"].to(rdev, **f64)
         m = len(self.ref_index)
-        self.ref_scale = sd["ref_scale"].clone() if "ref_scale" in sd else torch.ones(m, dtype=torch.float64)
-        self.ref_shift = sd["ref_shift"].clone() if "ref_shift" in sd else torch.zeros(m, dtype=torch.float64)
+        self.ref_scale = sd["ref_scale"].to(rdev, **f64) if "ref_scale" in sd else torch.ones(m, dtype=torch.float64,
+                                                                                              device=rdev)
+        self.ref_shift = sd["ref_shift"].to(rdev, **f64) if "ref_shift" in sd else torch.zeros(m, dtype=torch.float64,
+                                                                                               device=rdev)
         self.frozen_tensors = {int(t) for t in sd.get("frozen_tensors", [])}
+        if self.phase == "fitted":
+            # validated above; registered now (one sync) so that the first update() after the load needs none
+            kernels.check_labels(self.labels, self.n_modes)
 
     def _checked_state(self, sd: Any) -> SnapshotBuffer | None:
         """Validate a :meth:`state_dict` against this model without changing anything; return the

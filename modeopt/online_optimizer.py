@@ -12,6 +12,11 @@
   weight gradient), the optimizer (no state, no update) and the running moments. That is where
   the work saving comes from. ``granularity="weight"`` freezes single weights, as in the paper;
   it saves little, since a tensor still computes its gradient until every element is frozen.
+
+Devices: the frozen coefficients live on their tensor's device, like the online moments. A step
+synchronises with the host only at an embedding check (every ``embed_every`` steps after the fit:
+ranking the weights reads values back); the other steps - the base step, the frozen weights'
+assignment and the online update - do not.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from ._wrapping import SharesBaseOptimizer
-from .online import OnlineCMD, default_names
+from .online import OnlineCMD, _to, default_names
 
 __all__ = ["OnlineCMDOptimizer"]
 
@@ -97,6 +102,9 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
                             if isinstance(t, nn.Parameter) and t.requires_grad and id(t) in in_opt]
         self._orig_groups = [list(g["params"]) for g in base_optimizer.param_groups]
         self.frozen: dict[int, dict[str, Tensor]] = {}  # tensor -> {"mask", "a", "b"} (mask None: whole tensor)
+        # partly frozen tensor -> positions of its frozen weights (int64, on its device): the per-step
+        # assignment indexes with them (a boolean mask would need a host sync to count its entries)
+        self._positions: dict[int, Tensor] = {}
         self._prev: dict[int, tuple[Tensor, Tensor]] = {}  # tensor -> (a, mean) at the last check
         self._swapped: dict[str, Tensor] | None = None
         self.embed_history: list[dict[str, Any]] = []
@@ -120,21 +128,30 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
     def _apply_frozen(self) -> None:
         """Frozen weights follow their references: w = a * r_now[m] + b (whole tensors: one fused pass)."""
         r = self.online.references_now()
-        whole = [t for t, f in self.frozen.items() if f["mask"] is None]
-        if whole:
-            kernels.assign([self.online._tensors[t] for t in whole], [self.frozen[t]["a"] for t in whole],
-                           [self.frozen[t]["b"] for t in whole], [self.online.labels[t] for t in whole], r)
+        tensors, labels = self.online._tensors, self.online.labels
+        by_device: dict[torch.device, list[int]] = {}
+        for t, f in self.frozen.items():
+            if f["mask"] is None:
+                by_device.setdefault(tensors[t].device, []).append(t)
+        for dev, whole in by_device.items():
+            kernels.assign([tensors[t] for t in whole], [self.frozen[t]["a"] for t in whole],
+                           [self.frozen[t]["b"] for t in whole], [labels[t] for t in whole], _to(r, dev))
+        r32: dict[torch.device, Tensor] = {}
         for t, f in self.frozen.items():
             if f["mask"] is not None:
-                lab = kernels.as_index(self.online.labels[t])[f["mask"]]
-                self.online._tensors[t].view(-1)[f["mask"]] = torch.addcmul(f["b"], f["a"], r.to(torch.float32)[lab])
+                w, pos = tensors[t], self._positions[t]
+                if w.device not in r32:
+                    r32[w.device] = _to(r, w.device, torch.float32)
+                lab = kernels.as_index(labels[t].index_select(0, pos))
+                value = torch.addcmul(f["b"], f["a"], r32[w.device][lab])
+                w.view(-1).index_copy_(0, pos, value.to(w.dtype))
 
     # --------------------------------------------------- gradual embedding
     def _relative_change(self, t: int, a: Tensor, mean: Tensor) -> Tensor:
         """How much a weight's fitted trajectory moved since the last check, relative to its own
         movement: (|da| sd_r + |d mean|) / (|a| sd_r)."""
         lab = kernels.as_index(self.online.labels[t])
-        sd = (self.online.mode_m2 / max(self.online.count, 1)).sqrt()[lab]
+        sd = _to(self.online.mode_m2 / max(self.online.count, 1), lab.device).sqrt()[lab]
         prev = self._prev.get(t)
         if prev is None:
             return torch.full_like(a, float("inf"))
@@ -150,7 +167,7 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
             if f is not None and f["mask"] is None:
                 continue
             change = self._relative_change(t, a_all[t], self.online.mean[t])
-            change[torch.tensor(refs.get(t, []), dtype=torch.long)] = float("inf")  # references never freeze
+            change[torch.tensor(refs.get(t, []), dtype=torch.long, device=change.device)] = float("inf")  # refs stay
             if f is not None:
                 change[f["mask"]] = float("inf")
             changes[t] = change
@@ -179,11 +196,12 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
                 self._freeze_tensor(t, a_all[t], b_all[t])
                 newly += a_all[t].numel()
         else:
-            flat = torch.cat([changes[t] for t in changes])
+            rdev = self.online.reference_device
+            flat = torch.cat([_to(changes[t], rdev) for t in changes])
             k = min(target, int(torch.isfinite(flat).sum()))
             if k == 0:
                 return
-            cut = torch.kthvalue(flat[torch.isfinite(flat)], k).values
+            cut = float(torch.kthvalue(flat[torch.isfinite(flat)], k).values)  # a plain number: any device
             for t, c in changes.items():
                 pick = c <= cut
                 if bool(pick.any()):
@@ -260,6 +278,7 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
     def _freeze_tensor(self, t: int, a: Tensor, b: Tensor) -> None:
         p = self.online._tensors[t]
         self.frozen[t] = {"mask": None, "a": a.to(torch.float32), "b": b.to(torch.float32)}
+        self._positions.pop(t, None)
         self._detach(t, p)
 
     def _detach(self, t: int, p: nn.Parameter) -> None:
@@ -275,18 +294,20 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
     def _freeze_weights(self, t: int, pick: Tensor, a: Tensor, b: Tensor) -> None:
         f = self.frozen.get(t)
         if f is None:
-            full_a = torch.zeros(a.numel(), dtype=torch.float32)
-            full_b = torch.zeros(a.numel(), dtype=torch.float32)
-            mask = torch.zeros(a.numel(), dtype=torch.bool)
+            full_a = torch.zeros(a.numel(), dtype=torch.float32, device=a.device)
+            full_b = torch.zeros(a.numel(), dtype=torch.float32, device=a.device)
+            mask = torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
         else:
             mask, full_a, full_b = f["mask"], f["a_full"], f["b_full"]
         mask = mask | pick
         full_a[pick], full_b[pick] = a[pick].to(torch.float32), b[pick].to(torch.float32)
         if bool(mask.all()):  # the whole tensor is frozen now: stop its gradient and state too
             self.frozen[t] = {"mask": None, "a": full_a, "b": full_b}
+            self._positions.pop(t, None)
             self._detach(t, self.online._tensors[t])
         else:
             self.frozen[t] = {"mask": mask, "a": full_a[mask], "b": full_b[mask], "a_full": full_a, "b_full": full_b}
+            self._positions[t] = mask.nonzero().view(-1)
 
     def frozen_fraction(self) -> float:
         """Fraction of the embeddable weights that are frozen now."""
@@ -331,10 +352,11 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         # the checks passed: from here on nothing raises
         self.online._apply_state(sd["online"], buffer)
         whole = set(sd["frozen_whole"])
-        self.frozen = {}
+        self.frozen, self._positions = {}, {}
+        devs = [t.device for t in self.online._tensors]
         for key, f in sd["frozen"].items():
             t = int(key)
-            entry = {k: v.clone() for k, v in f.items()}
+            entry = {k: v.to(devs[t], copy=True) for k, v in f.items()}  # on the frozen tensor's device
             entry.setdefault("mask", None)
             if t in whole:
                 entry["mask"] = None
@@ -346,7 +368,9 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
                     group["params"][:] = [q for q in group["params"] if q is not p]
             else:
                 self.frozen[t] = entry
-        self._prev = {int(k): (v[0].clone(), v[1].clone()) for k, v in sd["prev"].items()}
+                self._positions[t] = entry["mask"].nonzero().view(-1)
+        self._prev = {int(k): (v[0].to(devs[int(k)], copy=True), v[1].to(devs[int(k)], copy=True))
+                      for k, v in sd["prev"].items()}
         self.embed_history = [dict(h) for h in sd["embed_history"]]
         self.base.load_state_dict(sd["base"])
 

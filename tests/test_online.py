@@ -54,10 +54,9 @@ def test_running_moments_equal_the_batch_least_squares_fit():
     cmd = online.layout.flatten(online.cmd_state_dict(), dtype=torch.float64)
     expect = a_batch * samples[-1].double()[refs][labels] + b_batch
     assert float((cmd - expect).abs().max() / expect.abs().max()) < 1e-6
-    # memory: 8 (mean) + 8 (co-moment) + the mode (1 byte with the fused kernels) per weight, 16 per mode
-    per_mode_index = online.labels[0].element_size()
-    assert per_mode_index == (1 if kernels.fused_available() else 8)
-    assert online.state_bytes == (16 + per_mode_index) * online.layout.n + 16 * 3
+    # memory: 8 (mean) + 8 (co-moment) + the mode (1 byte: uint8 labels on every path) per weight, 16 per mode
+    assert all(lab.dtype == torch.uint8 for lab in online.labels)
+    assert online.state_bytes == 17 * online.layout.n + 16 * 3
 
 
 def test_applied_averaged_model_and_load_into_leave_the_training_untouched():
@@ -274,3 +273,115 @@ def test_bad_optimizer_arguments():
         OnlineCMDOptimizer(model, base, fit_at=30, granularity="layer")
     with pytest.raises(ValueError, match=r"embed_fraction must be in \(0, 1\]"):
         OnlineCMDOptimizer(model, base, fit_at=30, embed_every=5, embed_fraction=0)
+
+
+# ------------------------------------------------------------------ devices, memory, host syncs
+def test_compact_labels_and_17_bytes_per_weight_without_the_fused_kernels():
+    """The labels are uint8 (M <= 256) on the torch path too, and the results are those of the fused path."""
+    fused, _, _ = _planted_run()
+    with kernels.use_fused(False):
+        online, _, _ = _planted_run()
+        assert all(lab.dtype == torch.uint8 for lab in online.labels)
+        assert online.state_bytes == 17 * online.layout.n + 16 * online.n_modes
+        cmd = online.cmd_state_dict()
+    for k, v in fused.cmd_state_dict().items():
+        torch.testing.assert_close(cmd[k], v, rtol=1e-6, atol=1e-6)
+    assert kernels.label_dtype(300) == torch.int16 and kernels.label_dtype(256) == torch.uint8
+
+
+class _HostSync(AssertionError):
+    pass
+
+
+def _no_host_sync(monkeypatch):
+    """Make every way of reading a tensor's value on the host raise."""
+    def refuse(name):
+        def f(*args, **kwargs):
+            raise _HostSync(f"host sync: Tensor.{name}")
+        return f
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+
+
+def test_update_after_the_fit_never_synchronises_with_the_host(mnist, monkeypatch):
+    """update() (and the frozen weights' assignment) read no tensor value on the host after the fit:
+    the references are gathered on the device and the moments stay there. Checked by making
+    .item(), bool(), float(), int(), .tolist() raise inside those calls."""
+    model, opt = _build("weight", embed_every=None)
+    opt.online.sample_every = 1
+    _train(mnist, 14, opt, model)
+    online = opt.online
+    labels, a, b = online.coefficients()
+    refs = {t for t, _ in online.ref_index}
+    t_whole = next(t for t in opt._candidates if t not in refs)
+    t_part = next(t for t in opt._candidates if t != t_whole and online._tensors[t].numel() > 4)
+    pick = torch.zeros(a[t_part].numel(), dtype=torch.bool)
+    pick[1::3] = True
+    pick[[i for tt, i in online.ref_index if tt == t_part]] = False
+    opt._freeze_tensor(t_whole, a[t_whole], b[t_whole])
+    opt._freeze_weights(t_part, pick, a[t_part], b[t_part])
+    count = online.count
+    with monkeypatch.context() as m:
+        _no_host_sync(m)
+        for _ in range(3):
+            with torch.no_grad():
+                for x in online._tensors:
+                    if x.is_floating_point():
+                        x.add_(1e-3)
+            opt._apply_frozen()
+            online.update()
+        with pytest.raises(_HostSync):  # the patch is live
+            bool(torch.ones(()))
+    assert online.count == count + 3
+    # after a load, too: the loaded labels are checked at the load, not at the first update
+    sd = online.state_dict()
+    online.load_state_dict(sd)
+    with monkeypatch.context() as m:
+        _no_host_sync(m)
+        online.update()
+    assert online.count == count + 4
+
+
+def test_a_state_saved_on_cuda_resumes_on_the_cpu_via_map_location(mnist, monkeypatch, tmp_path):
+    """Simulated device move: the checkpoint's storages are tagged 'cuda:0' as a GPU run's would be;
+    it loads with map_location='cpu' into a CPU model, the state follows the model's tensors, and
+    the resumed run equals the uninterrupted one bit for bit."""
+    model, opt = _build("weight")
+    _train(mnist, 26, opt, model)  # fitted and partly frozen (the check at step 24 froze weights)
+    assert opt.frozen
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    rest = _train(mnist, 32, opt, model, start=26)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):  # the file really says 'cuda'
+            torch.load(tmp_path / "ck.pt", weights_only=True)
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True, map_location="cpu")
+    model2, opt2 = _build("weight")
+    model2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    online = opt2.online
+    for t, x in enumerate(online._tensors):
+        assert online.labels[t].device == x.device and online.labels[t].dtype == torch.uint8
+        assert online.mean[t].device == x.device and online.comoment[t].device == x.device
+    for v in (online.mode_mean, online.mode_m2, online.ref_scale, online.ref_shift):
+        assert v.device == online.reference_device
+    rest2 = _train(mnist, 32, opt2, model2, start=26)
+    assert rest2 == rest
+    for (k, v), v2 in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(v, v2), k
+    for k, v in opt.cmd_state_dict().items():
+        assert torch.equal(opt2.cmd_state_dict()[k], v), k
+
+
+def test_int64_labels_of_an_older_checkpoint_load_compact():
+    online, _, _ = _planted_run()
+    sd = online.state_dict()
+    old = dict(sd, labels=[kernels.as_index(lab).long() for lab in sd["labels"]])
+    before = online.cmd_state_dict()
+    online.load_state_dict(old)
+    assert all(lab.dtype == torch.uint8 for lab in online.labels)
+    assert online.state_bytes == 17 * online.layout.n + 16 * online.n_modes
+    for k, v in online.cmd_state_dict().items():
+        assert torch.equal(v, before[k]), k
