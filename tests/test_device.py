@@ -15,7 +15,13 @@ from modeopt import decompose
 from modeopt.layout import ParamLayout
 from modeopt.trajectory import SnapshotBuffer, Trajectory
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda(fn):
+    """A test that needs a CUDA device: marked ``cuda`` (the GPU check selects them) and skipped without one."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
+
+
 FIELDS = ("labels", "reference", "a", "b", "score", "constant", "profiles", "samples", "sample_labels")
 
 
