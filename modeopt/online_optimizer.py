@@ -21,6 +21,7 @@ assignment and the online update - do not.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from . import kernels
 from ._wrapping import SharesBaseOptimizer
 from .online import OnlineCMD, _to, default_names
+from .optimizer import _check_no_duplicates
 
 __all__ = ["OnlineCMDOptimizer"]
 
@@ -82,6 +84,7 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         if isinstance(embed_fraction, bool) or not isinstance(embed_fraction, (int, float)) \
                 or not 0 < embed_fraction <= 1:
             raise ValueError(f"embed_fraction must be in (0, 1], got {embed_fraction!r}")
+        _check_no_duplicates(model, base_optimizer)  # torch only warns, and would step such a tensor twice
         owned = {id(p) for p in model.parameters()}
         for gi, group in enumerate(base_optimizer.param_groups):
             for p in group["params"]:
@@ -107,6 +110,7 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         self._positions: dict[int, Tensor] = {}
         self._prev: dict[int, tuple[Tensor, Tensor]] = {}  # tensor -> (a, mean) at the last check
         self._swapped: dict[str, Tensor] | None = None
+        self._swap_hook = None  # the model's state-dict hook while swapped (see eval())
         self.embed_history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------- stepping
@@ -318,10 +322,17 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
 
     # ------------------------------------------------------- eval / train
     def eval(self) -> None:
-        """Put the CMD weights into the model (for evaluation); raw weights are kept aside."""
+        """Put the CMD weights into the model (for evaluation); raw weights are kept aside.
+
+        While they are swapped in, ``model.state_dict()`` still reports the raw weights (a model
+        state-dict hook puts them in): a checkpoint taken then (the HF ``Trainer`` saves right after
+        an evaluation, before it calls ``train()``) resumes the training exactly. The CMD weights
+        are :meth:`cmd_state_dict`; ``model.state_dict(keep_vars=True)`` gives the live tensors.
+        """
         if self._swapped is None and self.online.phase == "fitted":
             self._swapped = {n: t.detach().clone() for n, t in zip(self.online._names, self.online._tensors)}
             self.online.load_into(self.model)
+            self._swap_hook = self.model.register_state_dict_post_hook(_RawWhileSwapped(self))
 
     def train(self) -> None:
         """Restore the raw weights (exactly) for training."""
@@ -330,6 +341,19 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
 
             load_named_into(self.model, self._swapped)
             self._swapped = None
+        if self._swap_hook is not None:
+            self._swap_hook.remove()
+            self._swap_hook = None
+
+    def _raw_entries(self) -> list[tuple[str, Tensor, Tensor]]:
+        """While swapped: ``(key, live tensor, raw value)`` for every name of every modelled tensor
+        (a tied weight under each of its names)."""
+        if self._swapped is None:
+            return []
+        raw = {id(t): self._swapped[n] for n, t in zip(self.online._names, self.online._tensors)}
+        named = list(self.model.named_parameters(remove_duplicate=False))
+        named += list(self.model.named_buffers(remove_duplicate=False))
+        return [(k, t, raw[id(t)]) for k, t in named if id(t) in raw]
 
     def cmd_state_dict(self) -> dict[str, Tensor]:
         """The CMD weights as a plain ``{name: tensor}`` (the model's own values before the fit)."""
@@ -337,8 +361,8 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
 
     # ---------------------------------------------------------- state dicts
     def state_dict(self) -> dict[str, Any]:
-        if self._swapped is not None:
-            raise RuntimeError("call opt.train() before state_dict(): the model holds the CMD weights now")
+        # Nothing in it depends on the eval()/train() swap (no weights: those are the model's, and the
+        # model's state dict holds the raw ones while swapped), so it may be taken in either mode.
         frozen = {str(t): {k: v for k, v in f.items() if v is not None} for t, f in self.frozen.items()}
         return {"base": self.base.state_dict(), "online": self.online.state_dict(), "frozen": frozen,
                 "frozen_whole": [t for t, f in self.frozen.items() if f["mask"] is None],
@@ -348,10 +372,26 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`. Everything is checked first: a state that does not fit this
         model and optimizer raises ``ValueError`` and changes nothing."""
+        if self._swapped is not None:
+            raise RuntimeError("the CMD weights are swapped into the model (opt.eval()): call opt.train() before "
+                               "load_state_dict(), or train() would put the old raw weights back afterwards")
         buffer = self._checked_state(sd)
-        # the checks passed: from here on nothing raises
-        self.online._apply_state(sd["online"], buffer)
         whole = set(sd["frozen_whole"])
+        leaving = {id(self.online._tensors[t]) for t in whole}
+        # The base optimizer's load is the one step that may still raise (torch's own checks of its
+        # state): it goes first, with its param groups as they will be, and they are put back if it fails.
+        before = [list(g["params"]) for g in self.base.param_groups]
+        for group in self.base.param_groups:
+            group["params"][:] = [q for q in group["params"] if id(q) not in leaving]
+        try:
+            self.base.load_state_dict(sd["base"])
+        except Exception as e:
+            for group, params in zip(self.base.param_groups, before):
+                group["params"][:] = params
+            raise ValueError(f"the state's base optimizer does not load into this one ({type(e).__name__}: {e}): "
+                             "nothing was changed; build the base optimizer as in the saved run") from e
+        # from here on nothing raises
+        self.online._apply_state(sd["online"], buffer)
         self.frozen, self._positions = {}, {}
         devs = [t.device for t in self.online._tensors]
         for key, f in sd["frozen"].items():
@@ -364,15 +404,12 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
                 p = self.online._tensors[t]
                 p.requires_grad_(False)
                 p.grad = None
-                for group in self.base.param_groups:
-                    group["params"][:] = [q for q in group["params"] if q is not p]
             else:
                 self.frozen[t] = entry
                 self._positions[t] = entry["mask"].nonzero().view(-1)
         self._prev = {int(k): (v[0].to(devs[int(k)], copy=True), v[1].to(devs[int(k)], copy=True))
                       for k, v in sd["prev"].items()}
         self.embed_history = [dict(h) for h in sd["embed_history"]]
-        self.base.load_state_dict(sd["base"])
 
     def _checked_state(self, sd: Any):
         """Validate a :meth:`state_dict` without changing anything (the online part, the frozen tensors,
@@ -399,14 +436,23 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
                                  "the base optimizer): the state is from a different model or set-up")
             return t
 
-        def sized(name, what, v, n, kind):
-            ok = isinstance(v, Tensor) and (v.dtype == torch.bool if kind == "bool" else v.is_floating_point())
-            if not ok or v.numel() != n:
-                got = f"{v.numel()}" if isinstance(v, Tensor) else type(v).__name__
-                raise ValueError(f"frozen tensor {name!r} has {got} {what}, the model's tensor has {n}: the state is "
-                                 "from a different model; build the same model as the saved run")
-            if kind != "bool" and not bool(torch.isfinite(v).all()):
-                raise ValueError(f"frozen tensor {name!r}: its {what} hold NaN/inf: damaged checkpoint")
+        def sized(name, what, v, n, dtype, owner="frozen tensor"):
+            # exactly what state_dict() saves: 1-D, of the dtype the per-step code computes in
+            if not isinstance(v, Tensor) or v.dtype != dtype or v.dim() != 1:
+                got = f"a {v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"{owner} {name!r}: the state's {what} must be a 1-D {dtype} tensor, got {got}: "
+                                 "damaged or edited checkpoint; load an intact one")
+            if v.numel() != n:
+                raise ValueError(f"{owner} {name!r} has {v.numel()} {what}, the model's tensor has {n}: the state "
+                                 "is from a different model; build the same model as the saved run")
+            if dtype != torch.bool and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{owner} {name!r}: its {what} hold NaN/inf: damaged checkpoint")
+
+        f32, f64 = torch.float32, torch.float64
+        history = sd["embed_history"]
+        if not isinstance(history, (list, tuple)) or not all(isinstance(h, dict) for h in history):
+            raise ValueError(f"the state's 'embed_history' must be a list of dicts, got {history!r:.80}: damaged "
+                             "checkpoint")
 
         whole_set = {index(t, "frozen tensor") for t in whole}
         for key, f in frozen.items():
@@ -415,18 +461,18 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
             if not isinstance(f, dict) or "a" not in f or "b" not in f:
                 raise ValueError(f"frozen tensor {name!r} lacks its coefficients 'a' and 'b': damaged checkpoint")
             if t in whole_set:
-                sized(name, "coefficients a", f["a"], n, "float")
-                sized(name, "offsets b", f["b"], n, "float")
+                sized(name, "coefficients a", f["a"], n, f32)
+                sized(name, "offsets b", f["b"], n, f32)
             else:
                 if any(k not in f for k in ("mask", "a_full", "b_full")):
                     raise ValueError(f"partly frozen tensor {name!r} lacks 'mask', 'a_full' or 'b_full': "
                                      "damaged checkpoint")
-                sized(name, "mask entries", f["mask"], n, "bool")
+                sized(name, "mask entries", f["mask"], n, torch.bool)
                 k = int(f["mask"].sum())
-                sized(name, "coefficients a", f["a"], k, "float")
-                sized(name, "offsets b", f["b"], k, "float")
-                sized(name, "coefficients a_full", f["a_full"], n, "float")
-                sized(name, "offsets b_full", f["b_full"], n, "float")
+                sized(name, "coefficients a", f["a"], k, f32)
+                sized(name, "offsets b", f["b"], k, f32)
+                sized(name, "coefficients a_full", f["a_full"], n, f32)
+                sized(name, "offsets b_full", f["b_full"], n, f32)
         if not whole_set <= {int(k) for k in frozen}:
             raise ValueError("the state lists whole frozen tensors without their coefficients: damaged checkpoint")
         if whole_set != set(sd["online"].get("frozen_tensors", [])):
@@ -436,8 +482,8 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
             t = index(key, "tracked tensor")
             if not isinstance(v, (list, tuple)) or len(v) != 2:
                 raise ValueError(f"the state's 'prev' entry of {names[t]!r} must be [a, mean]: damaged checkpoint")
-            sized(names[t], "previous coefficients", v[0], tensors[t].numel(), "float")
-            sized(names[t], "previous means", v[1], tensors[t].numel(), "float")
+            sized(names[t], "previous coefficients", v[0], tensors[t].numel(), f64, "tracked tensor")
+            sized(names[t], "previous means", v[1], tensors[t].numel(), f64, "tracked tensor")
         base = sd["base"]
         if not isinstance(base, dict) or not isinstance(base.get("param_groups"), (list, tuple)) or "state" not in base:
             raise ValueError("the state's 'base' entry is not an optimizer state dict: damaged checkpoint")
@@ -455,3 +501,29 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
                                  f"optimizer's would hold {want} after the load: the state is from a different model "
                                  "or set-up")
         return buffer
+
+
+class _RawWhileSwapped:
+    """State-dict post-hook of the model while :meth:`OnlineCMDOptimizer.eval` has the CMD weights in
+    it: the state dict gets the raw weights set aside, so that a checkpoint taken then (the HF
+    ``Trainer`` saves after evaluating, before its next ``train()``) resumes the training exactly.
+
+    ``keep_vars=True`` (the live tensors themselves) is left alone. The hook holds the optimizer
+    weakly and acts only on that optimizer's model: a ``copy.deepcopy`` of the model carries an
+    inert copy, a pickled one an inert hook (no optimizer is pickled with it).
+    """
+
+    def __init__(self, opt: OnlineCMDOptimizer | None = None):
+        self._opt = None if opt is None else weakref.ref(opt)
+
+    def __reduce__(self):
+        return (_RawWhileSwapped, ())
+
+    def __call__(self, module, state_dict, prefix, local_metadata) -> None:
+        opt = None if self._opt is None else self._opt()
+        if opt is None or module is not opt.model:
+            return
+        for key, live, raw in opt._raw_entries():
+            key = prefix + key
+            if key in state_dict and state_dict[key] is not live:
+                state_dict[key] = raw
