@@ -269,6 +269,9 @@ class OnlineCMD:
         self.phase = "fitted"
         self.history.append({"step": self.calls, "n_modes": self.n_modes, "sizes": sizes, "window": len(steps)})
 
+    #: Largest ``calls`` / ``count`` a loaded state may hold: float64 counts are exact up to 2**53.
+    MAX_COUNT = 2**53
+
     #: float32 elements of the window uploaded at once per group of tensors during the replay.
     REPLAY_GROUP = 1 << 24
 
@@ -516,6 +519,11 @@ class OnlineCMD:
 
     def _apply_state(self, sd: dict[str, Any], buffer: SnapshotBuffer | None) -> None:
         """Load a state that :meth:`_checked_state` accepted (returning ``buffer``); nothing here raises."""
+        if sd["phase"] == "recording" and int(sd["n_modes"]) != self.n_modes:
+            # the fit to come uses the saved run's M, like its seed (after the fit M is the fit's own)
+            warnings.warn(f"OnlineCMD: the state was recorded for n_modes={int(sd['n_modes'])}; this OnlineCMD was "
+                          f"built with n_modes={self.n_modes}: online.n_modes is now {int(sd['n_modes'])}, as in the "
+                          "state", stacklevel=3)
         self.phase, self.calls, self.seed = sd["phase"], int(sd["calls"]), int(sd["seed"])
         self.n_modes, self.count = int(sd["n_modes"]), int(sd["count"])
         self.history = [dict(h) for h in sd["history"]]
@@ -551,17 +559,39 @@ class OnlineCMD:
             missing = [k for k in keys if not isinstance(sd, dict) or k not in sd]
             raise ValueError(f"not an OnlineCMD state (it lacks {missing}): load what online.state_dict() saved")
         if not isinstance(sd["names"], (list, tuple)) or list(sd["names"]) != self._names:
-            n = len(sd["names"]) if isinstance(sd["names"], (list, tuple)) else "?"
-            raise ValueError("this OnlineCMD state models different tensors than the model it was built on "
-                             f"({n} vs {len(self._names)}): parameters added or removed? Build it "
-                             "with the same names= and model as the saved run")
+            saved = list(sd["names"]) if isinstance(sd["names"], (list, tuple)) else None
+            if saved is not None and len(saved) == len(self._names) and sorted(map(str, saved)) == sorted(self._names):
+                k = next(i for i, (a, b) in enumerate(zip(saved, self._names)) if a != b)
+                raise ValueError(f"this OnlineCMD state models the same tensors in a different order (position {k}: "
+                                 f"{saved[k]!r} in the state, {self._names[k]!r} here): build it with names= in the "
+                                 "saved run's order (state['names'])")
+            if saved is None:
+                what = f"its 'names' is a {type(sd['names']).__name__}, not a list: damaged checkpoint"
+            else:
+                added = sorted(set(self._names) - set(map(str, saved)))
+                removed = sorted(set(map(str, saved)) - set(self._names))
+                what = (f"{len(saved)} tensors in the state, {len(self._names)} here; only here: {added[:5]}, only "
+                        f"in the state: {removed[:5]}")
+            raise ValueError(f"this OnlineCMD state models different tensors than the model it was built on ({what}): "
+                             "build it with the same names= and model as the saved run")
         phase = sd["phase"]
         if phase not in ("recording", "fitted"):
             raise ValueError(f"the state's phase {phase!r} is not 'recording' or 'fitted': damaged checkpoint")
-        for k, lo in (("calls", 0), ("seed", None), ("n_modes", 1), ("count", 0)):
+        top = self.MAX_COUNT
+        for k, lo, hi in (("calls", 0, top), ("seed", None, None), ("n_modes", 1, None), ("count", 0, top)):
             v = sd[k]
-            if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo):
-                raise ValueError(f"the state's {k!r} must be an integer{'' if lo is None else f' >= {lo}'}, got {v!r}")
+            if (not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo)
+                    or (hi is not None and v > hi)):
+                big = hi is not None and isinstance(v, int) and v > hi
+                rng = ("" if lo is None else f" >= {lo}") + (" and <= 2**53" if big else "")
+                raise ValueError(f"the state's {k!r} must be an integer{rng}, got {v!r}: damaged checkpoint")
+        if sd["n_modes"] > self.layout.n:
+            raise ValueError(f"the state's n_modes={sd['n_modes']} exceeds the {self.layout.n} weights modelled: "
+                             "damaged checkpoint, or one of another model")
+        if phase == "recording" and sd["n_modes"] > self.n_samples:
+            raise ValueError(f"the state's n_modes={sd['n_modes']} > n_samples={self.n_samples}: the fit could never "
+                             "be made; build the OnlineCMD with the saved run's n_samples")
+
         if not isinstance(sd["history"], (list, tuple)) or not all(isinstance(h, dict) for h in sd["history"]):
             raise ValueError("the state's 'history' must be a list of dicts: damaged checkpoint")
         frozen = sd.get("frozen_tensors", [])
@@ -611,6 +641,9 @@ class OnlineCMD:
             lab = sd["labels"][t]
             if not isinstance(lab, Tensor) or lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
                 raise ValueError(f"{name!r}: the state's mode labels must be an integer tensor: damaged checkpoint")
+            if lab.dim() != 1:
+                raise ValueError(f"{name!r}: the state's mode labels must be a 1-D tensor, got shape "
+                                 f"{tuple(lab.shape)}: damaged checkpoint")
             if lab.numel() != x.numel():
                 raise ValueError(f"{name!r} has {lab.numel()} mode labels, the model's tensor has {x.numel()} values: "
                                  "the state is from a different model; build the same model (same layer sizes) as "
@@ -624,8 +657,12 @@ class OnlineCMD:
             for k in ("mean", "comoment"):
                 v = sd[k][t]
                 want = 0 if t in frozen else x.numel()
-                if not isinstance(v, Tensor) or not v.is_floating_point() or v.numel() != want:
-                    got = f"{v.numel()} values" if isinstance(v, Tensor) else type(v).__name__
+                if not isinstance(v, Tensor) or v.dtype != torch.float64 or v.dim() != 1:
+                    got = f"a {v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+                    raise ValueError(f"the state's {k!r} of {name!r} must be a 1-D float64 tensor, got {got}: "
+                                     "damaged or edited checkpoint; load an intact one")
+                if v.numel() != want:
+                    got = f"{v.numel()} values"
                     raise ValueError(f"the state's {k!r} of {name!r} has {got}, the model's tensor needs {want}: the "
                                      "state is from a different model; build the same model as the saved run")
                 if not bool(torch.isfinite(v).all()):
