@@ -47,8 +47,10 @@ class ParamLayout:
         if len(names) != len(shapes):
             raise ValueError(f"got {len(names)} names but {len(shapes)} shapes")
         if len(set(names)) != len(names):
-            dup = sorted({n for n in names if list(names).count(n) > 1})
-            raise ValueError(f"duplicate tensor names in layout: {dup}")
+            seen: set[str] = set()
+            dup = next(n for n in names if n in seen or seen.add(n))
+            raise ValueError(f"the tensor {dup!r} is listed twice: list each tensor once (a names= list that "
+                             "repeats a name?)")
         specs = []
         offset = 0
         for name, shape in zip(names, shapes):

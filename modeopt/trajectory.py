@@ -8,6 +8,7 @@ because snapshots arrive one at a time and each is written as one contiguous row
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -200,7 +201,18 @@ class Trajectory:
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = False) -> Trajectory:
         """Load a trajectory written by :meth:`save` (``mmap=True`` maps it instead of reading it)."""
-        d = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            # torch's weights-only refusal spans many lines and advises weights_only=False: wrong here
+            # (modeopt never unpickles code). One line, as the CLI's loader says it.
+            try:
+                from .analysis.io import _why_unreadable
+            except ImportError:  # the analysis layer's optional dependencies are missing
+                why = str(e).strip().splitlines()[0]
+            else:
+                why = _why_unreadable(Path(path), e)
+            raise ValueError(f"cannot read {path}: {why}; expected a trajectory saved by Trajectory.save") from None
         if not isinstance(d, dict) or d.get("format") != "modeopt.trajectory/1":
             raise ValueError(f"{path} is not a trajectory saved by modeopt (Trajectory.save)")
         layout = None if d["layout"] is None else ParamLayout.from_dict(d["layout"])
