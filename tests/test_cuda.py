@@ -275,7 +275,9 @@ def test_online_cmd_optimizer(case):
     opt.eval()
     with torch.no_grad():
         shadow_out = outputs(model)
-    shadow_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    # the live (CMD) tensors: model.state_dict() reports the raw weights while swapped (issue #15)
+    shadow_sd = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
     opt.train()
     for k, v in model.state_dict().items():
         assert torch.equal(v, raw[k]), f"opt.train() did not restore {k} exactly"
