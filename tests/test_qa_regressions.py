@@ -305,7 +305,8 @@ def test_f8_online_state_count_and_moment_shapes():
         online.update()
     sd = online.state_dict()
     for edit, msg in [
-        (lambda s: s.update(count=10**20), r"the state's 'count' must be an integer >= 0 and <= 2\*\*53, got 100000000000000000000"),
+        (lambda s: s.update(count=10**20),
+         r"the state's 'count' must be an integer >= 0 and <= 2\*\*53, got 100000000000000000000"),
         (lambda s: s.update(calls=2**60), r"the state's 'calls' must be an integer >= 0 and <= 2\*\*53"),
         (lambda s: s["mean"].__setitem__(0, s["mean"][0].view(16, 8)),
          r"'mean' of '0.weight' must be a 1-D float64 tensor, got a torch.float64 tensor of shape \(16, 8\)"),
@@ -450,7 +451,8 @@ def test_f13_reordered_names_say_the_order_differs():
                                          r"'0.weight' here\): build it with names= in the saved run's order"):
         fresh.load_state_dict(sd)
     other = OnlineCMD(model, n_modes=3, fit_at=6, snapshot_every=2, names=names[:2])
-    with pytest.raises(ValueError, match=r"4 tensors in the state, 2 here; only here: \[\], only in the state: \['2.bias', '2.weight'\]"):
+    with pytest.raises(ValueError, match=r"4 tensors in the state, 2 here; only here: \[\], only in the state: "
+                                         r"\['2.bias', '2.weight'\]"):
         other.load_state_dict(fresh.state_dict())
     # CMDOptimizer: the same for a reordered checkpoint
     m1, o1 = cmd()
