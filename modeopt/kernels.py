@@ -11,9 +11,15 @@ failure to build or load it ends in the torch path with one :class:`KernelWarnin
 parallel. Work is cut into pieces of fixed size and every piece reduces into its own accumulator,
 folded in piece order: results do not depend on the number of threads or on timing.
 
-Where no compiler is found, on accelerators, for dtypes the C code does not cover, or with
-``MODEOPT_KERNELS=torch``, the same passes run as torch operations (``bincount`` in float64,
-``index_select`` + ``addcmul_``) - the reference the fused code is tested against.
+Where no compiler is found, for dtypes the C code does not cover, or with ``MODEOPT_KERNELS=torch``,
+the same passes run as torch operations (``bincount`` in float64, ``index_select`` + ``addcmul_``) -
+the reference the fused code is tested against. On CUDA they run as the Triton kernels of
+:mod:`modeopt.triton_kernels` where those cover the case, else as the torch reference.
+
+Every public pass calls one ``torch.library`` operator (``torch.ops.modeopt.*``, registered by
+:mod:`modeopt.ops` when this module is imported); the dispatcher picks the implementation for the
+tensors' device. Labels are compact on every path (:func:`label_dtype`); the torch path reads them
+through :func:`as_index` (on CPU into a reused int32 buffer).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def label_dtype(n_modes: int) -> torch.dtype:
-    """The smallest label dtype the fused kernels read for ``n_modes`` modes."""
+    """The label dtype of a mode space with ``n_modes`` modes, on every device and path."""
     if n_modes <= 256:
         return torch.uint8
     if n_modes <= 65536:
@@ -321,7 +327,8 @@ def fused_available() -> bool:
 
 class use_fused:
     """Context manager: turn the fused kernels off (``use_fused(False)``) in a block, e.g. to time
-    or test the torch path beside them. Mode spaces built inside keep int64 labels."""
+    or test the torch path beside them: the operators then run the torch reference on every device
+    (the Triton kernels too). Labels stay compact either way."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled

@@ -7,9 +7,16 @@ tensors. Gradients reach ``r`` through a custom autograd function:
 
 * forward - returns the stored weight itself (a view, no copy, no arithmetic);
 * backward - reduces the weight's gradient to ``dL/dr_m = sum_{i in m} a_i dL/dw_i`` with a
-  deterministic float64 segment sum, so no N-sized gradient outlives the layer's backward.
+  deterministic float64 segment sum (``torch.ops.modeopt.mode_reduce``), so no N-sized gradient
+  outlives the layer's backward.
 
-After the optimizer changes ``r``, :meth:`ModeSpace.sync` writes ``w += a * dr[m]`` in place.
+After the optimizer changes ``r``, :meth:`ModeSpace.sync` writes ``w += a * dr[m]`` in place
+(``torch.ops.modeopt.mode_update``), without a host synchronisation.
+
+Device-generic: ``a`` (``coef_dtype``) and the compact labels (:func:`modeopt.kernels.label_dtype`)
+live on each weight's device; ``r`` and the applied ``r`` on the first embedded weight's device.
+The autograd function takes only tensors and ints, so ``torch.compile(model, fullgraph=True)``
+traces the hooks, the swap and the backward (the operator is opaque to it).
 
 Which tensor a module's forward reads is switched by forward hooks: while a module that owns
 embedded weights (or the root model) runs, its ``_parameters[name]`` entry holds the function's
@@ -62,7 +69,14 @@ class _ReadThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r: Tensor, n_modes: int, n: int, *tensors: Tensor):  # noqa: D401
         weights, coef, labels = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
-        ctx.save_for_backward(*coef, *labels)
+        if torch.compiler.is_compiling():  # what Dynamo traces into the backward graph
+            ctx.save_for_backward(*coef, *labels)
+            ctx.stash = None
+        else:
+            # Eager: a and the labels are long-lived (never modified), so plain references do. Saved
+            # tensors would go through saved-tensor hooks: non-reentrant activation checkpointing
+            # re-runs a submodule's swap in backward and would count them as extra saved tensors.
+            ctx.stash = (coef, labels)
         ctx.n_modes, ctx.n, ctx.r_dtype, ctx.r_device = n_modes, n, r.dtype, r.device
         ctx.set_materialize_grads(False)  # a weight the forward did not use gets None, not zeros
         return tuple(w.view_as(w) for w in weights)
@@ -70,7 +84,7 @@ class _ReadThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
         n = ctx.n
-        saved = ctx.saved_tensors
+        saved = ctx.saved_tensors if ctx.stash is None else (*ctx.stash[0], *ctx.stash[1])
         # A sparse gradient (nn.Embedding(sparse=True)) is densified: the reduction reads every row.
         # (Compiled graphs have dense gradients; Dynamo refuses to read .layout in a backward.)
         if not torch.compiler.is_compiling():

@@ -92,9 +92,9 @@ class CMDOptimizer(SharesBaseOptimizer):
 
     Warm-up memory: ``min(T, max_snapshots) * N * itemsize(record_dtype)`` bytes (+ ``4 N`` for
     the baseline of a bf16/fp16 recording), ``T = warmup_steps // snapshot_every``, N the number
-    of embedded weights. Embedded-phase memory per embedded weight: its mode (1 byte for M <= 256
-    with the fused CPU kernels, else 2-8) and ``a`` (4 bytes, or 2 in bfloat16), instead of the
-    base optimizer's state; no weight gradient outlives its layer's backward.
+    of embedded weights. Embedded-phase memory per embedded weight, on every device: its mode
+    (1 byte for M <= 256, 2 up to 65,536, else 4) and ``a`` (4 bytes, or 2 in bfloat16), instead of
+    the base optimizer's state; no weight gradient outlives its layer's backward.
     """
 
     #: What a NaN/inf does (docs/optimizer.md, "Non-finite steps"): ``"skip"`` - an embedded step
