@@ -471,6 +471,8 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
     grads, a, labels = list(grads), list(a), list(labels)
     if not any(g is not None for g in grads):
         return torch.zeros(n_modes, dtype=torch.float64, device=a[0].device if a else "cpu")
+    if _direct(a[0]):
+        return _reduce_cpu(grads, a, labels, int(n_modes))
     return torch.ops.modeopt.mode_reduce(grads, a, labels, int(n_modes))
 
 
@@ -485,7 +487,11 @@ def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tens
         delta: ``(n_modes,)`` change of the mode scalars, on the weights' device.
         scratch: unused (kept for compatibility): the torch path keeps its own reusable buffers.
     """
-    if len(weights):
+    if not len(weights):
+        return
+    if _direct(delta):
+        _update_cpu(list(weights), list(a), list(labels), delta)
+    else:
         torch.ops.modeopt.mode_update(list(weights), list(a), list(labels), delta)
 
 
@@ -502,7 +508,11 @@ def welford(weights: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequenc
     flat = [w.detach().reshape(-1) for w in weights]
     _check_sizes("welford", flat, mean, comoment, labels)
     check_labels(labels, dr.numel())
-    if flat:
+    if not flat:
+        return
+    if _direct(dr):
+        _welford_cpu(flat, list(mean), list(comoment), list(labels), dr, int(n))
+    else:
         torch.ops.modeopt.welford_sample(flat, list(mean), list(comoment), list(labels), dr, int(n))
 
 
@@ -512,8 +522,23 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
     """``w = a * r[label] + b`` for every tensor, in place (float32 a and b, flat)."""
     _check_sizes("assign", weights, a, b, labels)
     check_labels(labels, r.numel())
-    if len(weights):
+    if not len(weights):
+        return
+    if _direct(r):
+        _assign_cpu(list(weights), list(a), list(b), list(labels), r)
+    else:
         torch.ops.modeopt.mode_assign(list(weights), list(a), list(b), list(labels), r)
+
+
+#: Eager calls on CPU tensors run the operator's CPU implementation directly: the dispatcher adds
+#: ~20-60 us of Python per call (lists of tensors are converted for the schema), measurable on a CPU
+#: step (docs/performance.md). Under torch.compile, and on every other device, the operator is called.
+#: False: always through the operator (tests).
+CPU_DIRECT = True
+
+
+def _direct(t: Tensor) -> bool:
+    return CPU_DIRECT and t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,10 +551,18 @@ def _torch_only() -> bool:
 
 
 _triton_state: bool | None = None
+#: CUDA device index -> whether the Triton kernels passed their self-test there
+_triton_device_ok: dict = {}
 
 
-def _triton_ok() -> bool:
-    """Whether the CUDA implementations may use the Triton kernels."""
+def _triton_ok(device: torch.device | None = None) -> bool:
+    """Whether the CUDA implementations may use the Triton kernels (on ``device``).
+
+    The first use on a CUDA device runs every kernel once on a small input against the torch
+    reference (one host sync, once per device and process); a kernel that fails to compile or
+    disagrees turns Triton off for that device with one :class:`KernelWarning`: the torch path
+    runs instead. (Skipped, and trusted, while a CUDA graph is being captured.)
+    """
     global _triton_state
     if _torch_only():
         return False
@@ -537,7 +570,55 @@ def _triton_ok() -> bool:
         from . import triton_kernels
 
         _triton_state = triton_kernels.available()
-    return _triton_state
+    if not _triton_state or device is None or device.type != "cuda":
+        return _triton_state
+    ok = _triton_device_ok.get(device.index)
+    if ok is None:
+        if torch.cuda.is_current_stream_capturing():
+            return True
+        ok = _triton_device_ok[device.index] = _triton_self_test(device)
+    return ok
+
+
+def _triton_self_test(device: torch.device) -> bool:
+    """Every Triton kernel once on ``device`` against the torch reference; False (and a warning) on failure."""
+    tk = _tri()
+    try:
+        g = torch.Generator().manual_seed(0)
+        n, m = 37, 5
+        w = torch.randn(n, generator=g).to(device)
+        x = torch.randn(n, generator=g).to(device)
+        b = torch.randn(n, generator=g).to(device)
+        lab = torch.randint(0, m, (n,), generator=g).to(torch.uint8).to(device)
+        d = torch.randn(m, generator=g).to(device)
+        out = tk.reduce([w], [x], [lab], m)
+        if not torch.allclose(out, _reduce_torch([w], [x], [lab], m), rtol=1e-5, atol=1e-6):
+            raise _KernelError("reduce disagrees with the torch reference")
+        y1, y2 = w.clone(), w.clone()
+        tk.update([y1], [x], [lab], d)
+        _update_torch([y2], [x], [lab], d)
+        if not torch.allclose(y1, y2, rtol=1e-6, atol=1e-6):
+            raise _KernelError("update disagrees with the torch reference")
+        mu = [torch.randn(n, generator=g, dtype=torch.float64).to(device)] * 2
+        com = [torch.randn(n, generator=g, dtype=torch.float64).to(device)] * 2
+        mu, com = [t.clone() for t in mu], [t.clone() for t in com]
+        dr = d.double()
+        tk.welford([w], mu[:1], com[:1], [lab], dr, 3)
+        _welford_torch([w], mu[1:], com[1:], [lab], dr, 3)
+        if not (torch.allclose(mu[0], mu[1], rtol=1e-12, atol=1e-12)
+                and torch.allclose(com[0], com[1], rtol=1e-12, atol=1e-12)):
+            raise _KernelError("welford disagrees with the torch reference")
+        y1, y2 = torch.empty_like(w), torch.empty_like(w)
+        tk.assign([y1], [x], [b], [lab], d)
+        _assign_torch([y2], [x], [b], [lab], d)
+        if not torch.allclose(y1, y2, rtol=1e-6, atol=1e-6):
+            raise _KernelError("assign disagrees with the torch reference")
+    except Exception as e:  # noqa: BLE001 - a Triton that cannot compile here: the torch path works
+        warnings.warn(f"modeopt: the Triton kernels failed their self-test on {device} ({e!r}); mode-space "
+                      "passes there use the (slower) torch path. MODEOPT_KERNELS=torch silences this",
+                      KernelWarning, stacklevel=2)
+        return False
+    return True
 
 
 def _tri():
@@ -608,7 +689,7 @@ def _reduce_cpu(grads, a, labels, n_modes: int) -> Tensor:
 
 
 def _reduce_cuda(grads, a, labels, n_modes: int) -> Tensor:
-    if _triton_ok() and _tri().supports(n_modes):
+    if _triton_ok(a[0].device) and _tri().supports(n_modes):
         items = [(g, x, lab) for g, x, lab in zip(grads, a, labels) if g is not None]
         if all(g.dtype in _TRI_W and x.dtype in _TRI_A and x.is_contiguous() and _tri_labels_ok(lab, n_modes)
                for g, x, lab in items):
@@ -664,13 +745,14 @@ def _update_cpu(weights, a, labels, delta: Tensor) -> None:
 
 def _update_cuda(weights, a, labels, delta: Tensor) -> None:
     rest = list(range(len(weights)))
-    if _triton_ok():
+    if _triton_ok(delta.device):
         m = delta.numel()
         fast = [j for j in rest if weights[j].is_contiguous() and weights[j].dtype in _TRI_W
                 and a[j].dtype in _TRI_A and a[j].is_contiguous() and _tri_labels_ok(labels[j], m)]
         if fast:
             _tri().update([weights[j] for j in fast], [a[j] for j in fast], [labels[j] for j in fast], delta)
-            rest = [j for j in rest if j not in set(fast)]
+            done = set(fast)
+            rest = [j for j in rest if j not in done]
     if rest:
         _update_torch([weights[j] for j in rest], [a[j] for j in rest], [labels[j] for j in rest], delta)
 
@@ -723,7 +805,7 @@ def _welford_cpu(flat, mean, comoment, labels, dr: Tensor, n: int) -> None:
 
 def _welford_cuda(flat, mean, comoment, labels, dr: Tensor, n: int) -> None:
     m = dr.numel()
-    if (_triton_ok() and n >= 1
+    if (_triton_ok(dr.device) and n >= 1
             and all(w.dtype in _TRI_W and w.is_contiguous() for w in flat)
             and all(t.dtype == torch.float64 and t.is_contiguous() for t in (*mean, *comoment))
             and all(_tri_labels_ok(lab, m) for lab in labels)):
@@ -760,7 +842,7 @@ def _assign_cpu(weights, a, b, labels, r: Tensor) -> None:
 
 def _assign_cuda(weights, a, b, labels, r: Tensor) -> None:
     m = r.numel()
-    if (_triton_ok() and all(w.dtype in _TRI_W and w.is_contiguous() for w in weights)
+    if (_triton_ok(r.device) and all(w.dtype in _TRI_W and w.is_contiguous() for w in weights)
             and all(x.dtype in _TRI_A and x.is_contiguous() for x in a)
             and all(y.dtype == torch.float32 and y.is_contiguous() for y in b)
             and all(_tri_labels_ok(lab, m) for lab in labels)):

@@ -61,38 +61,42 @@ class _ReadThrough(torch.autograd.Function):
     one fused reduction call per group rather than per tensor, while at most one group's weight
     gradients wait for their reduction at any time.
 
-    Inputs are tensors and ints only (``r, n_modes, n, *weights, *a, *labels``) and the backward is
-    one call of the ``modeopt::mode_reduce`` operator, so ``torch.compile`` traces it (the operator
-    is opaque to the compiler, with a fake implementation for shapes).
+    Under ``torch.compile`` the inputs are tensors and ints only (``r, n_modes, None, *weights, *a,
+    *labels``) and the backward is one call of the ``modeopt::mode_reduce`` operator, so Dynamo traces
+    it (the operator is opaque to the compiler, with a fake implementation for shapes). In eager
+    mode ``a`` and the labels come as one non-tensor argument (``stash``): fewer inputs, a cheaper
+    ``apply``; the backward then calls :func:`modeopt.kernels.reduce` (the same implementations).
     """
 
     @staticmethod
-    def forward(ctx, r: Tensor, n_modes: int, n: int, *tensors: Tensor):  # noqa: D401
-        weights, coef, labels = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
-        if torch.compiler.is_compiling():  # what Dynamo traces into the backward graph
-            ctx.save_for_backward(*coef, *labels)
-            ctx.stash = None
+    def forward(ctx, r: Tensor, n_modes: int, stash: tuple | None, *tensors: Tensor):  # noqa: D401
+        if stash is None:  # traced by torch.compile: tensors = weights, a, labels (n each)
+            n = len(tensors) // 3
+            weights = tensors[:n]
+            ctx.save_for_backward(*tensors[n:])
         else:
-            # Eager: a and the labels are long-lived (never modified), so plain references do. Saved
-            # tensors would go through saved-tensor hooks: non-reentrant activation checkpointing
-            # re-runs a submodule's swap in backward and would count them as extra saved tensors.
-            ctx.stash = (coef, labels)
-        ctx.n_modes, ctx.n, ctx.r_dtype, ctx.r_device = n_modes, n, r.dtype, r.device
+            # Eager: ``stash = (a, labels)`` of the group, long-lived tensors that are never modified,
+            # so plain references do; fewer inputs keep apply() cheap. (Saved tensors would also go
+            # through saved-tensor hooks: non-reentrant activation checkpointing re-runs a
+            # submodule's swap in backward and would count them as extra saved tensors.)
+            weights = tensors
+        ctx.stash, ctx.n_inputs = stash, len(tensors)
+        ctx.n_modes, ctx.r_dtype, ctx.r_device = n_modes, r.dtype, r.device
         ctx.set_materialize_grads(False)  # a weight the forward did not use gets None, not zeros
         return tuple(w.view_as(w) for w in weights)
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
-        n = ctx.n
-        saved = ctx.saved_tensors if ctx.stash is None else (*ctx.stash[0], *ctx.stash[1])
+        none = (None,) * ctx.n_inputs
+        if ctx.stash is None:  # compiled: dense gradients (Dynamo refuses to read .layout here)
+            saved = ctx.saved_tensors
+            n = len(saved) // 2
+            g_r = torch.ops.modeopt.mode_reduce(list(grads), list(saved[:n]), list(saved[n:]), ctx.n_modes)
+            return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + none
         # A sparse gradient (nn.Embedding(sparse=True)) is densified: the reduction reads every row.
-        # (Compiled graphs have dense gradients; Dynamo refuses to read .layout in a backward.)
-        if not torch.compiler.is_compiling():
-            grads = [g.to_dense() if g is not None and g.layout != torch.strided else g for g in grads]
-        else:
-            grads = list(grads)
-        g_r = torch.ops.modeopt.mode_reduce(grads, list(saved[:n]), list(saved[n:]), ctx.n_modes)
-        return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + (None,) * (3 * n)
+        grads = [g.to_dense() if g is not None and g.layout != torch.strided else g for g in grads]
+        g_r = kernels.reduce(grads, ctx.stash[0], ctx.stash[1], ctx.n_modes)
+        return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + none
 
 
 class ModeSpace:
@@ -264,9 +268,14 @@ class ModeSpace:
             groups = self._group(sorted({i for mod in modules for _, i in self._owners[mod]}))
         r = self.r_full()
         out_of: dict[int, Tensor] = {}  # a shared parameter gets one output, read by all its owners
+        compiling = torch.compiler.is_compiling()
         for index in groups:
-            outs = _ReadThrough.apply(r, self.n_modes, len(index), *(self.params[i] for i in index),
-                                      *(self.a[i] for i in index), *(self.labels[i] for i in index))
+            if compiling:  # tensors only, for Dynamo
+                outs = _ReadThrough.apply(r, self.n_modes, None, *(self.params[i] for i in index),
+                                          *(self.a[i] for i in index), *(self.labels[i] for i in index))
+            else:
+                stash = ([self.a[i] for i in index], [self.labels[i] for i in index])
+                outs = _ReadThrough.apply(r, self.n_modes, stash, *(self.params[i] for i in index))
             out_of.update(zip(index, outs))
         for mod in modules:
             for attr, i in self._owners[mod]:

@@ -144,6 +144,17 @@ def test_cuda_routing_runs_triton_where_covered_in_the_interpreter():
         kernels._assign_cuda(w1, af, b, lab[:2], d)
         kernels._assign_torch(w2, af, b, lab[:2], d)
         out["assign"] = max(float((x - y).abs().max()) for x, y in zip(w1, w2))
+        # the per-device self-test of the first CUDA use, here on the interpreter's CPU tensors
+        out["self_test"] = kernels._triton_self_test(torch.device("cpu"))
+        import warnings
+        from modeopt import triton_kernels
+        good = triton_kernels.update
+        triton_kernels.update = lambda *args: None  # a kernel that "runs" but writes nothing
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            out["broken_self_test"] = kernels._triton_self_test(torch.device("cpu"))
+        triton_kernels.update = good
+        out["warned"] = [str(w.message)[:80] for w in rec if issubclass(w.category, kernels.KernelWarning)]
         print(json.dumps(out))
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
@@ -152,6 +163,8 @@ def test_cuda_routing_runs_triton_where_covered_in_the_interpreter():
     err = json.loads(proc.stdout.strip().splitlines()[-1])
     assert err["reduce"] < 1e-6 and err["welford"] < 1e-12, err
     assert err["update"] < 1e-6 and err["assign"] < 1e-6, err
+    assert err["self_test"] is True and err["broken_self_test"] is False, err
+    assert len(err["warned"]) == 1 and "failed their self-test" in err["warned"][0], err
 
 
 # --------------------------------------------------------------------------- compact, device-generic mode space
@@ -359,3 +372,20 @@ def test_compile_fullgraph_forward_backward():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     # the hooks restored the bare parameters after the compiled call
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_eager_calls_through_the_operators_equal_the_direct_cpu_path(monkeypatch, fused):
+    """On CPU, eager calls skip the dispatcher (kernels.CPU_DIRECT); through it they are bit-identical."""
+    results = []
+    for direct in (True, False):
+        monkeypatch.setattr(kernels, "CPU_DIRECT", direct)
+        with kernels.use_fused(fused):
+            model, opt, x, y = _embedded()
+            for _ in range(3):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+    for k, v in results[0].items():
+        assert torch.equal(v, results[1][k]), k
