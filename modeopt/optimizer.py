@@ -304,8 +304,9 @@ class CMDOptimizer(SharesBaseOptimizer):
         """One base-optimizer step (of every parameter in warm-up, of ``r`` when embedded).
 
         With a closure (e.g. LBFGS), the weights are brought up to date with ``r`` before
-        every evaluation. In mode space with r on an accelerator the step never synchronises
-        with the host (see ``nonfinite_check``).
+        every evaluation. In mode space with r on an accelerator, the wrapper adds no host
+        synchronisation to the step (see ``nonfinite_check``; the base optimizer may read its own
+        host-side state, e.g. torch's non-fused Adam its step counter).
         """
         self._check_groups()
         space = self.space
@@ -382,7 +383,8 @@ class CMDOptimizer(SharesBaseOptimizer):
         loss = self._base_step(closure)
         with torch.no_grad():
             checks = [torch.isfinite(p).all() for p in rs]
-            checks += [torch.isfinite(p.grad).all() for p in rs if p.grad is not None and p.grad.layout == torch.strided]
+            checks += [torch.isfinite(p.grad).all() for p in rs
+                       if p.grad is not None and p.grad.layout == torch.strided]
             finite = torch.stack(checks).all()
             for p, old in zip(rs, old_r):
                 p.copy_(torch.where(finite, p, old))
