@@ -11,9 +11,15 @@ failure to build or load it ends in the torch path with one :class:`KernelWarnin
 parallel. Work is cut into pieces of fixed size and every piece reduces into its own accumulator,
 folded in piece order: results do not depend on the number of threads or on timing.
 
-Where no compiler is found, on accelerators, for dtypes the C code does not cover, or with
-``MODEOPT_KERNELS=torch``, the same passes run as torch operations (``bincount`` in float64,
-``index_select`` + ``addcmul_``) - the reference the fused code is tested against.
+Where no compiler is found, for dtypes the C code does not cover, or with ``MODEOPT_KERNELS=torch``,
+the same passes run as torch operations (``bincount`` in float64, ``index_select`` + ``addcmul_``) -
+the reference the fused code is tested against. On CUDA they run as the Triton kernels of
+:mod:`modeopt.triton_kernels` where those cover the case, else as the torch reference.
+
+Every public pass calls one ``torch.library`` operator (``torch.ops.modeopt.*``, registered by
+:mod:`modeopt.ops` when this module is imported); the dispatcher picks the implementation for the
+tensors' device. Labels are compact on every path (:func:`label_dtype`); the torch path reads them
+through :func:`as_index` (on CPU into a reused int32 buffer).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def label_dtype(n_modes: int) -> torch.dtype:
-    """The smallest label dtype the fused kernels read for ``n_modes`` modes."""
+    """The label dtype of a mode space with ``n_modes`` modes, on every device and path."""
     if n_modes <= 256:
         return torch.uint8
     if n_modes <= 65536:
@@ -321,7 +327,8 @@ def fused_available() -> bool:
 
 class use_fused:
     """Context manager: turn the fused kernels off (``use_fused(False)``) in a block, e.g. to time
-    or test the torch path beside them. Mode spaces built inside keep int64 labels."""
+    or test the torch path beside them: the operators then run the torch reference on every device
+    (the Triton kernels too). Labels stay compact either way."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -446,22 +453,251 @@ def _run_split(fn, pieces: list) -> None:
         f.result()
 
 
+# ----------------------------------------------------------------------------------------------
+# The public passes. Each one calls its operator (``torch.ops.modeopt.*``, see modeopt/ops.py): the
+# dispatcher picks the implementation for the tensors' device - on CPU the fused C kernels (or the
+# torch reference), on CUDA the Triton kernels (or the torch reference), elsewhere the reference.
+
+
 def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int) -> Tensor:
     """``(n_modes,)`` float64: ``sum_i a_i * g_i`` per mode over all tensors (``None`` grads skipped).
+
+    The result lives on the tensors' device (on ``a[0]``'s when every grad is None).
 
     Args:
         grads: per tensor, the gradient of the loss w.r.t. the weight (any shape, ``numel`` elements).
         a, labels: per tensor, flat coefficients and mode labels of the same ``numel``.
     """
-    items = [(g.reshape(-1), x, lab) for g, x, lab in zip(grads, a, labels) if g is not None]
+    grads, a, labels = list(grads), list(a), list(labels)
+    if not any(g is not None for g in grads):
+        return torch.zeros(n_modes, dtype=torch.float64, device=a[0].device if a else "cpu")
+    if _direct(a[0]):
+        return _reduce_cpu(grads, a, labels, int(n_modes))
+    return torch.ops.modeopt.mode_reduce(grads, a, labels, int(n_modes))
+
+
+@torch.no_grad()
+def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+           scratch: Tensor | None = None) -> None:
+    """``w += a * delta[label]`` for every tensor, in place.
+
+    Args:
+        weights: the tensors to update (any layout; contiguous ones take the fused kernels).
+        a, labels: per tensor, flat coefficients and labels.
+        delta: ``(n_modes,)`` change of the mode scalars, on the weights' device.
+        scratch: unused (kept for compatibility): the torch path keeps its own reusable buffers.
+    """
+    if not len(weights):
+        return
+    if _direct(delta):
+        _update_cpu(list(weights), list(a), list(labels), delta)
+    else:
+        torch.ops.modeopt.mode_update(list(weights), list(a), list(labels), delta)
+
+
+@torch.no_grad()
+def welford(weights: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequence[Tensor],
+            labels: Sequence[Tensor], dr: Tensor, n: int) -> None:
+    """One Welford/Chan sample for every tensor, in place: ``mean += (w - mean) / n`` and
+    ``comoment += (w - mean_before) * dr[label]``.
+
+    Args:
+        weights: float tensors (any shape); mean, comoment: flat float64 of the same sizes;
+        labels: flat mode labels; dr: ``(M,)`` float64, references minus their updated means.
+    """
+    flat = [w.detach().reshape(-1) for w in weights]
+    _check_sizes("welford", flat, mean, comoment, labels)
+    check_labels(labels, dr.numel())
+    if not flat:
+        return
+    if _direct(dr):
+        _welford_cpu(flat, list(mean), list(comoment), list(labels), dr, int(n))
+    else:
+        torch.ops.modeopt.welford_sample(flat, list(mean), list(comoment), list(labels), dr, int(n))
+
+
+@torch.no_grad()
+def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], labels: Sequence[Tensor],
+           r: Tensor) -> None:
+    """``w = a * r[label] + b`` for every tensor, in place (float32 a and b, flat)."""
+    _check_sizes("assign", weights, a, b, labels)
+    check_labels(labels, r.numel())
+    if not len(weights):
+        return
+    if _direct(r):
+        _assign_cpu(list(weights), list(a), list(b), list(labels), r)
+    else:
+        torch.ops.modeopt.mode_assign(list(weights), list(a), list(b), list(labels), r)
+
+
+#: Eager calls on CPU tensors run the operator's CPU implementation directly: the dispatcher adds
+#: ~20-60 us of Python per call (lists of tensors are converted for the schema), measurable on a CPU
+#: step (docs/performance.md). Under torch.compile, and on every other device, the operator is called.
+#: False: always through the operator (tests).
+CPU_DIRECT = True
+
+
+def _direct(t: Tensor) -> bool:
+    return CPU_DIRECT and t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementations (called by the operators in modeopt/ops.py; never host-synchronising).
+
+
+def _torch_only() -> bool:
+    """The torch reference on every device: ``use_fused(False)`` or ``MODEOPT_KERNELS=torch``."""
+    return not _enabled or os.environ.get("MODEOPT_KERNELS", "auto") == "torch"
+
+
+_triton_state: bool | None = None
+#: CUDA device index -> whether the Triton kernels passed their self-test there
+_triton_device_ok: dict = {}
+
+
+def _triton_ok(device: torch.device | None = None) -> bool:
+    """Whether the CUDA implementations may use the Triton kernels (on ``device``).
+
+    The first use on a CUDA device runs every kernel once on a small input against the torch
+    reference (one host sync, once per device and process); a kernel that fails to compile or
+    disagrees turns Triton off for that device with one :class:`KernelWarning`: the torch path
+    runs instead. (Skipped, and trusted, while a CUDA graph is being captured.)
+    """
+    global _triton_state
+    if _torch_only():
+        return False
+    if _triton_state is None:
+        from . import triton_kernels
+
+        _triton_state = triton_kernels.available()
+    if not _triton_state or device is None or device.type != "cuda":
+        return _triton_state
+    ok = _triton_device_ok.get(device.index)
+    if ok is None:
+        if torch.cuda.is_current_stream_capturing():
+            return True
+        ok = _triton_device_ok[device.index] = _triton_self_test(device)
+    return ok
+
+
+def _triton_self_test(device: torch.device) -> bool:
+    """Every Triton kernel once on ``device`` against the torch reference; False (and a warning) on failure."""
+    tk = _tri()
+    try:
+        g = torch.Generator().manual_seed(0)
+        n, m = 37, 5
+        w = torch.randn(n, generator=g).to(device)
+        x = torch.randn(n, generator=g).to(device)
+        b = torch.randn(n, generator=g).to(device)
+        lab = torch.randint(0, m, (n,), generator=g).to(torch.uint8).to(device)
+        d = torch.randn(m, generator=g).to(device)
+        out = tk.reduce([w], [x], [lab], m)
+        if not torch.allclose(out, _reduce_torch([w], [x], [lab], m), rtol=1e-5, atol=1e-6):
+            raise _KernelError("reduce disagrees with the torch reference")
+        y1, y2 = w.clone(), w.clone()
+        tk.update([y1], [x], [lab], d)
+        _update_torch([y2], [x], [lab], d)
+        if not torch.allclose(y1, y2, rtol=1e-6, atol=1e-6):
+            raise _KernelError("update disagrees with the torch reference")
+        mu = [torch.randn(n, generator=g, dtype=torch.float64).to(device)] * 2
+        com = [torch.randn(n, generator=g, dtype=torch.float64).to(device)] * 2
+        mu, com = [t.clone() for t in mu], [t.clone() for t in com]
+        dr = d.double()
+        tk.welford([w], mu[:1], com[:1], [lab], dr, 3)
+        _welford_torch([w], mu[1:], com[1:], [lab], dr, 3)
+        if not (torch.allclose(mu[0], mu[1], rtol=1e-12, atol=1e-12)
+                and torch.allclose(com[0], com[1], rtol=1e-12, atol=1e-12)):
+            raise _KernelError("welford disagrees with the torch reference")
+        y1, y2 = torch.empty_like(w), torch.empty_like(w)
+        tk.assign([y1], [x], [b], [lab], d)
+        _assign_torch([y2], [x], [b], [lab], d)
+        if not torch.allclose(y1, y2, rtol=1e-6, atol=1e-6):
+            raise _KernelError("assign disagrees with the torch reference")
+    except Exception as e:  # noqa: BLE001 - a Triton that cannot compile here: the torch path works
+        warnings.warn(f"modeopt: the Triton kernels failed their self-test on {device} ({e!r}); mode-space "
+                      "passes there use the (slower) torch path. MODEOPT_KERNELS=torch silences this",
+                      KernelWarning, stacklevel=2)
+        return False
+    return True
+
+
+def _tri():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+_TRI_W = (torch.float32, torch.bfloat16, torch.float16)
+_TRI_A = (torch.float32, torch.bfloat16)
+_TRI_L_MAX = {torch.uint8: 256, torch.int16: 65536, torch.int32: 2**31 - 1, torch.int64: 2**31 - 1}
+
+
+def _tri_labels_ok(lab: Tensor, n_modes: int) -> bool:
+    return lab.is_contiguous() and n_modes <= _TRI_L_MAX.get(lab.dtype, 0)
+
+
+#: (device, dtype) -> a reusable CPU buffer of the torch path (large allocations page-fault on
+#: every step otherwise). Only CPU: on accelerators the caching allocator reuses memory anyway.
+_scratch: dict[tuple, Tensor] = {}
+
+
+def _buffer(kind: str, like: Tensor, dtype: torch.dtype, n: int) -> Tensor | None:
+    if like.device.type != "cpu":
+        return None
+    key = (kind, dtype)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _scratch[key] = torch.empty(n, dtype=dtype)
+    return buf[:n]
+
+
+def _index(lab: Tensor) -> Tensor:
+    """int32/int64 indices of compact labels, in a reusable buffer on CPU (one conversion pass)."""
+    if lab.dtype in (torch.int32, torch.int64):
+        return lab
+    buf = _buffer("index", lab, torch.int32, lab.numel())
+    if buf is None:
+        return as_index(lab)
+    buf.copy_(lab)
+    if lab.dtype == torch.int16:
+        buf.bitwise_and_(0xFFFF)
+    return buf
+
+
+def _items(grads, a, labels):
+    return [(g.reshape(-1), x, lab) for g, x, lab in zip(grads, a, labels) if g is not None]
+
+
+def _reduce_torch(grads, a, labels, n_modes: int) -> Tensor:
+    items = _items(grads, a, labels)
     if not items:
-        return torch.zeros(n_modes, dtype=torch.float64)
-    gs, xs, ls = zip(*items)
-    if not _fusable(gs, xs, ls):
-        out = torch.zeros(n_modes, dtype=torch.float64, device=gs[0].device)
-        for g, x, lab in items:
-            out += _segment_sum_torch(g * x, lab, n_modes)
-        return out
+        return torch.zeros(n_modes, dtype=torch.float64, device=a[0].device)
+    out = torch.zeros(n_modes, dtype=torch.float64, device=items[0][0].device)
+    for g, x, lab in items:
+        # a * g rounded once to float32 (as the fused kernels do), whatever the dtypes of g and a
+        out += _segment_sum_torch(g.to(torch.float32) * x, lab, n_modes)
+    return out
+
+
+def _reduce_cpu(grads, a, labels, n_modes: int) -> Tensor:
+    items = _items(grads, a, labels)
+    if items:
+        gs, xs, ls = zip(*items)
+        if _fusable(gs, xs, ls):
+            return _reduce_fused(gs, xs, ls, n_modes)
+    return _reduce_torch(grads, a, labels, n_modes)
+
+
+def _reduce_cuda(grads, a, labels, n_modes: int) -> Tensor:
+    if _triton_ok(a[0].device) and _tri().supports(n_modes):
+        items = [(g, x, lab) for g, x, lab in zip(grads, a, labels) if g is not None]
+        if all(g.dtype in _TRI_W and x.dtype in _TRI_A and x.is_contiguous() and _tri_labels_ok(lab, n_modes)
+               for g, x, lab in items):
+            return _tri().reduce([g if g is None else g.contiguous() for g in grads], a, labels, n_modes)
+    return _reduce_torch(grads, a, labels, n_modes)
+
+
+def _reduce_fused(gs, xs, ls, n_modes: int) -> Tensor:
     _check_sizes("reduce", gs, xs, ls)
     lib = _get_lib()
     gs = [g.contiguous() for g in gs]
@@ -482,28 +718,46 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
     return out
 
 
-@torch.no_grad()
-def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
-           scratch: Tensor | None = None) -> None:
-    """``w += a * delta[label]`` for every tensor, in place.
-
-    Args:
-        weights: the tensors to update (contiguous).
-        a, labels: per tensor, flat coefficients and labels.
-        delta: ``(n_modes,)`` change of the mode scalars.
-        scratch: a reusable buffer of at least the largest tensor's size for the torch fallback.
-    """
-    if not _fusable(weights, a, labels):
-        d = delta.to(weights[0].dtype)
-        for w, x, lab in zip(weights, a, labels):
-            idx = as_index(lab)
-            buf = torch.index_select(d, 0, idx) if scratch is None else torch.index_select(
-                d, 0, idx, out=scratch[: w.numel()])
+def _update_torch(weights, a, labels, delta: Tensor) -> None:
+    d32 = None
+    for w, x, lab in zip(weights, a, labels):
+        idx = _index(lab)
+        if w.dtype == torch.float32:
+            d32 = delta.to(torch.float32) if d32 is None else d32
+            buf = _buffer("values", w, torch.float32, w.numel())
+            buf = torch.index_select(d32, 0, idx) if buf is None else torch.index_select(d32, 0, idx, out=buf)
             if w.is_contiguous():
-                w.view(-1).addcmul_(buf, x.to(w.dtype))
+                w.view(-1).addcmul_(buf, x.to(torch.float32))
             else:  # e.g. channels_last: labels follow the logical (row-major) order
-                w.add_((buf * x.to(w.dtype)).view(w.shape))
-        return
+                w.add_((buf * x.to(torch.float32)).view(w.shape))
+        else:  # bf16/fp16 weights: computed in float32, rounded once (as the Triton kernels do)
+            d = delta.to(torch.float32)
+            new = w.reshape(-1).to(torch.float32) + x.to(torch.float32) * d[idx]
+            w.copy_(new.view(w.shape))
+
+
+def _update_cpu(weights, a, labels, delta: Tensor) -> None:
+    if _fusable(weights, a, labels):
+        _update_fused(weights, a, labels, delta)
+    else:
+        _update_torch(weights, a, labels, delta)
+
+
+def _update_cuda(weights, a, labels, delta: Tensor) -> None:
+    rest = list(range(len(weights)))
+    if _triton_ok(delta.device):
+        m = delta.numel()
+        fast = [j for j in rest if weights[j].is_contiguous() and weights[j].dtype in _TRI_W
+                and a[j].dtype in _TRI_A and a[j].is_contiguous() and _tri_labels_ok(labels[j], m)]
+        if fast:
+            _tri().update([weights[j] for j in fast], [a[j] for j in fast], [labels[j] for j in fast], delta)
+            done = set(fast)
+            rest = [j for j in rest if j not in done]
+    if rest:
+        _update_torch([weights[j] for j in rest], [a[j] for j in rest], [labels[j] for j in rest], delta)
+
+
+def _update_fused(weights, a, labels, delta: Tensor) -> None:
     _check_sizes("update", weights, a, labels)
     lib = _get_lib()
     d = delta.to(torch.float32).contiguous()
@@ -518,29 +772,24 @@ def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tens
     _run_split(one, _pieces([w.numel() for w in weights]))
 
 
-@torch.no_grad()
-def welford(weights: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequence[Tensor],
-            labels: Sequence[Tensor], dr: Tensor, n: int) -> None:
-    """One Welford/Chan sample for every tensor, in place: ``mean += (w - mean) / n`` and
-    ``comoment += (w - mean_before) * dr[label]``.
+def _welford_torch(flat, mean, comoment, labels, dr: Tensor, n: int) -> None:
+    for w, mu, com, lab in zip(flat, mean, comoment, labels):
+        dw = w.reshape(-1).to(torch.float64) - mu
+        mu.add_(dw, alpha=1.0 / n)
+        com.addcmul_(dw, dr[as_index(lab)])
 
-    Args:
-        weights: float tensors (any shape); mean, comoment: flat float64 of the same sizes;
-        labels: flat mode labels; dr: ``(M,)`` float64, references minus their updated means.
-    """
-    flat = [w.detach().reshape(-1) for w in weights]
-    _check_sizes("welford", flat, mean, comoment, labels)
-    check_labels(labels, dr.numel())
-    ok = (fused_available() and all(w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
-                                     for w in flat)
-          and all(t.dtype == torch.float64 and t.device.type == "cpu" and t.is_contiguous() for t in (*mean, *comoment))
-          and all(lab.dtype in _L_NAMES and lab.is_contiguous() for lab in labels))
-    if not ok:
-        for w, mu, com, lab in zip(flat, mean, comoment, labels):
-            dw = w.to(torch.float64) - mu
-            mu.add_(dw, alpha=1.0 / n)
-            com.addcmul_(dw, dr[as_index(lab)])
-        return
+
+def _welford_fusable(flat, mean, comoment, labels) -> bool:
+    return (fused_available()
+            and all(w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous() for w in flat)
+            and all(t.dtype == torch.float64 and t.device.type == "cpu" and t.is_contiguous()
+                    for t in (*mean, *comoment))
+            and all(lab.dtype in _L_NAMES and lab.is_contiguous() for lab in labels))
+
+
+def _welford_cpu(flat, mean, comoment, labels, dr: Tensor, n: int) -> None:
+    if not _welford_fusable(flat, mean, comoment, labels):
+        return _welford_torch(flat, mean, comoment, labels, dr, n)
     lib = _get_lib()
     d = dr.to(torch.float64).contiguous()
     fns = [getattr(lib, f"welford_{_L_NAMES[lab.dtype]}") for lab in labels]
@@ -554,21 +803,30 @@ def welford(weights: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequenc
     _run_split(one, _pieces([w.numel() for w in flat]))
 
 
-@torch.no_grad()
-def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], labels: Sequence[Tensor],
-           r: Tensor) -> None:
-    """``w = a * r[label] + b`` for every tensor, in place (float32 a and b, flat)."""
-    _check_sizes("assign", weights, a, b, labels)
-    check_labels(labels, r.numel())
+def _welford_cuda(flat, mean, comoment, labels, dr: Tensor, n: int) -> None:
+    m = dr.numel()
+    if (_triton_ok(dr.device) and n >= 1
+            and all(w.dtype in _TRI_W and w.is_contiguous() for w in flat)
+            and all(t.dtype == torch.float64 and t.is_contiguous() for t in (*mean, *comoment))
+            and all(_tri_labels_ok(lab, m) for lab in labels)):
+        return _tri().welford(flat, mean, comoment, labels, dr, n)
+    return _welford_torch(flat, mean, comoment, labels, dr, n)
+
+
+def _assign_torch(weights, a, b, labels, r: Tensor) -> None:
+    rr = r.to(torch.float32)
+    for w, x, y, lab in zip(weights, a, b, labels):
+        new = torch.addcmul(y.to(torch.float32), x.to(torch.float32), rr[as_index(lab)])
+        w.copy_(new.view(w.shape))
+
+
+def _assign_cpu(weights, a, b, labels, r: Tensor) -> None:
     ok = (fused_available() and all(w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
                                     for w in weights)
           and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in (*a, *b))
           and all(lab.dtype in _L_NAMES and lab.is_contiguous() for lab in labels))
     if not ok:
-        rr = r.to(torch.float32)
-        for w, x, y, lab in zip(weights, a, b, labels):
-            w.copy_(torch.addcmul(y, x, rr[as_index(lab)]).view(w.shape))
-        return
+        return _assign_torch(weights, a, b, labels, r)
     lib = _get_lib()
     rr = r.to(torch.float32).contiguous()
     fns = [getattr(lib, f"assign_{_L_NAMES[lab.dtype]}") for lab in labels]
@@ -582,6 +840,16 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
     _run_split(one, _pieces([w.numel() for w in weights]))
 
 
+def _assign_cuda(weights, a, b, labels, r: Tensor) -> None:
+    m = r.numel()
+    if (_triton_ok(r.device) and all(w.dtype in _TRI_W and w.is_contiguous() for w in weights)
+            and all(x.dtype in _TRI_A and x.is_contiguous() for x in a)
+            and all(y.dtype == torch.float32 and y.is_contiguous() for y in b)
+            and all(_tri_labels_ok(lab, m) for lab in labels)):
+        return _tri().assign(weights, a, b, labels, r)
+    return _assign_torch(weights, a, b, labels, r)
+
+
 def as_index(labels: Tensor) -> Tensor:
     """Labels as an index tensor (int16 labels hold uint16 values: modes up to 65535)."""
     if labels.dtype in (torch.int32, torch.int64):
@@ -593,12 +861,16 @@ def as_index(labels: Tensor) -> Tensor:
 
 def _segment_sum_torch(values: Tensor, labels: Tensor, n: int) -> Tensor:
     """float64 ``out[m] = sum(values[labels == m])``, deterministic."""
-    labels = as_index(labels)
     if values.device.type == "cpu":
         # A sequential loop on CPU: deterministic; float64 weights make it accumulate in float64.
+        # bincount reads uint8/int32/int64 labels as they are; int16 (holding uint16) is converted.
+        labels = _index(labels) if labels.dtype == torch.int16 else labels
         return torch.bincount(labels, weights=values.to(torch.float64), minlength=n)
     # Scatter-add is atomic (order-dependent) on accelerators; a stable sort fixes the order.
-    labels = labels.to(torch.int64)
+    labels = as_index(labels).to(torch.int64)
     order = torch.argsort(labels, stable=True)
     counts = torch.bincount(labels, minlength=n)
     return torch.segment_reduce(values.to(torch.float64)[order], "sum", lengths=counts)
+
+
+from . import ops as _ops  # noqa: E402,F401 - registers torch.ops.modeopt.* (its implementations are above)

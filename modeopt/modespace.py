@@ -7,9 +7,16 @@ tensors. Gradients reach ``r`` through a custom autograd function:
 
 * forward - returns the stored weight itself (a view, no copy, no arithmetic);
 * backward - reduces the weight's gradient to ``dL/dr_m = sum_{i in m} a_i dL/dw_i`` with a
-  deterministic float64 segment sum, so no N-sized gradient outlives the layer's backward.
+  deterministic float64 segment sum (``torch.ops.modeopt.mode_reduce``), so no N-sized gradient
+  outlives the layer's backward.
 
-After the optimizer changes ``r``, :meth:`ModeSpace.sync` writes ``w += a * dr[m]`` in place.
+After the optimizer changes ``r``, :meth:`ModeSpace.sync` writes ``w += a * dr[m]`` in place
+(``torch.ops.modeopt.mode_update``), without a host synchronisation.
+
+Device-generic: ``a`` (``coef_dtype``) and the compact labels (:func:`modeopt.kernels.label_dtype`)
+live on each weight's device; ``r`` and the applied ``r`` on the first embedded weight's device.
+The autograd function takes only tensors and ints, so ``torch.compile(model, fullgraph=True)``
+traces the hooks, the swap and the backward (the operator is opaque to it).
 
 Which tensor a module's forward reads is switched by forward hooks: while a module that owns
 embedded weights (or the root model) runs, its ``_parameters[name]`` entry holds the function's
@@ -50,25 +57,46 @@ __all__ = ["ModeSpace"]
 class _ReadThrough(torch.autograd.Function):
     """Forward: the stored weights themselves. Backward: their gradients reduced onto the modes.
 
-    One node serves a group of consecutive weights (see ``ModeSpace.GROUP_ELEMENTS``): one fused
-    reduction call per group rather than per tensor, while at most one group's weight gradients
-    wait for their reduction at any time.
+    One node serves a group of consecutive weights on one device (see ``ModeSpace.GROUP_ELEMENTS``):
+    one fused reduction call per group rather than per tensor, while at most one group's weight
+    gradients wait for their reduction at any time.
+
+    Under ``torch.compile`` the inputs are tensors and ints only (``r, n_modes, None, *weights, *a,
+    *labels``) and the backward is one call of the ``modeopt::mode_reduce`` operator, so Dynamo traces
+    it (the operator is opaque to the compiler, with a fake implementation for shapes). In eager
+    mode ``a`` and the labels come as one non-tensor argument (``stash``): fewer inputs, a cheaper
+    ``apply``; the backward then calls :func:`modeopt.kernels.reduce` (the same implementations).
     """
 
     @staticmethod
-    def forward(ctx, r: Tensor, space: "ModeSpace", index: tuple[int, ...], *weights: Tensor):  # noqa: D401
-        ctx.space, ctx.index, ctx.r_dtype = space, index, r.dtype
+    def forward(ctx, r: Tensor, n_modes: int, stash: tuple | None, *tensors: Tensor):  # noqa: D401
+        if stash is None:  # traced by torch.compile: tensors = weights, a, labels (n each)
+            n = len(tensors) // 3
+            weights = tensors[:n]
+            ctx.save_for_backward(*tensors[n:])
+        else:
+            # Eager: ``stash = (a, labels)`` of the group, long-lived tensors that are never modified,
+            # so plain references do; fewer inputs keep apply() cheap. (Saved tensors would also go
+            # through saved-tensor hooks: non-reentrant activation checkpointing re-runs a
+            # submodule's swap in backward and would count them as extra saved tensors.)
+            weights = tensors
+        ctx.stash, ctx.n_inputs = stash, len(tensors)
+        ctx.n_modes, ctx.r_dtype, ctx.r_device = n_modes, r.dtype, r.device
         ctx.set_materialize_grads(False)  # a weight the forward did not use gets None, not zeros
         return tuple(w.view_as(w) for w in weights)
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):
-        space = ctx.space
+        none = (None,) * ctx.n_inputs
+        if ctx.stash is None:  # compiled: dense gradients (Dynamo refuses to read .layout here)
+            saved = ctx.saved_tensors
+            n = len(saved) // 2
+            g_r = torch.ops.modeopt.mode_reduce(list(grads), list(saved[:n]), list(saved[n:]), ctx.n_modes)
+            return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + none
         # A sparse gradient (nn.Embedding(sparse=True)) is densified: the reduction reads every row.
-        grads = tuple(g.to_dense() if g is not None and g.layout != torch.strided else g for g in grads)
-        g_r = kernels.reduce(grads, [space.a[i] for i in ctx.index], [space.labels[i] for i in ctx.index],
-                             space.n_modes)
-        return (g_r.to(device=space.applied.device, dtype=ctx.r_dtype), None, None) + (None,) * len(grads)
+        grads = [g.to_dense() if g is not None and g.layout != torch.strided else g for g in grads]
+        g_r = kernels.reduce(grads, ctx.stash[0], ctx.stash[1], ctx.n_modes)
+        return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + none
 
 
 class ModeSpace:
@@ -119,20 +147,22 @@ class ModeSpace:
             raise ValueError(f"ModeSpace: r_groups has {r_groups.numel()} entries for {self.n_modes} modes")
         # Once, here (one host sync): the fused kernels index per-mode arrays by label unchecked.
         kernels.check_labels([lab.reshape(-1) for lab in labels], self.n_modes, what="ModeSpace labels")
-        # The fused CPU kernels read compact labels (1 byte for M <= 256); the torch fallback
-        # indexes with int64 directly, so it never converts labels per step.
-        fused = kernels.fused_available() and all(p.device.type == "cpu" and p.dtype == torch.float32
-                                                  for p in self.params)
-        ldt = kernels.label_dtype(self.n_modes) if fused else torch.int64
-        self.labels = [lab.reshape(-1).to(ldt).contiguous() for lab in labels]
-        self.a = [x.reshape(-1).to(coef_dtype).contiguous() for x in a]
-        self.r_groups = r_groups.to(torch.int64)
+        # Compact labels on every device and path (1 byte for M <= 256, 2 up to 65,536; see
+        # kernels.label_dtype), and a in coef_dtype, each on its weight's device.
+        ldt = kernels.label_dtype(self.n_modes)
+        self.labels = [lab.reshape(-1).to(ldt).to(p.device).contiguous() for lab, p in zip(labels, self.params)]
+        self.a = [x.reshape(-1).to(device=p.device, dtype=coef_dtype).contiguous() for x, p in zip(a, self.params)]
+        self.r_groups = r_groups.detach().to(device="cpu", dtype=torch.int64)
         self.groups = sorted(set(self.r_groups.tolist()))
+        # r (and the applied r) live on the first embedded weight's device; deltas are copied per device.
+        device = self.params[0].device
         # position of mode m inside the concatenation of the group tensors
         order = torch.cat([torch.nonzero(self.r_groups == g).flatten() for g in self.groups])
-        self._gather = torch.empty_like(order)
-        self._gather[order] = torch.arange(self.n_modes)
-        device = self.params[0].device
+        gather = torch.empty_like(order)
+        gather[order] = torch.arange(self.n_modes)
+        self._gather = gather.to(device)
+        #: per group (in ``groups`` order), the modes it holds, on r's device
+        self._group_modes = [torch.nonzero(self.r_groups == g).flatten().to(device) for g in self.groups]
         self.r_params: list[nn.Parameter] = [
             nn.Parameter(r_init[self.r_groups == g].detach().clone().to(device)) for g in self.groups
         ]
@@ -140,7 +170,11 @@ class ModeSpace:
         # The last module in named_modules() order: its parameters come last in model.parameters().
         self.r_owner_name, self.r_owner = list(model.named_modules())[-1]
         self.applied = self.r_full().detach().clone()  # the r the weights currently reflect
-        self._scratch: Tensor | None = None
+        # the embedded tensors by device (update calls, one per device)
+        by_dev: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(self.params):
+            by_dev.setdefault(p.device, []).append(i)
+        self._by_device = list(by_dev.items())
         self.requires_grad_before = [p.requires_grad for p in self.params]
         self._owners = self._find_owners(model)
         self._groups = self._group(range(len(self.params)))
@@ -166,11 +200,12 @@ class ModeSpace:
         return owners
 
     def _group(self, index) -> list[tuple[int, ...]]:
-        """Consecutive tensors (registration order ~ forward order) packed up to GROUP_ELEMENTS."""
+        """Consecutive tensors (registration order ~ forward order) packed up to GROUP_ELEMENTS, one
+        device per group (one reduction call per group, on that device)."""
         groups, cur, size = [], [], 0
         for i in index:
             n = self.params[i].numel()
-            if cur and size + n > self.GROUP_ELEMENTS:
+            if cur and (size + n > self.GROUP_ELEMENTS or self.params[i].device != self.params[cur[0]].device):
                 groups.append(tuple(cur))
                 cur, size = [], 0
             cur.append(i)
@@ -233,8 +268,14 @@ class ModeSpace:
             groups = self._group(sorted({i for mod in modules for _, i in self._owners[mod]}))
         r = self.r_full()
         out_of: dict[int, Tensor] = {}  # a shared parameter gets one output, read by all its owners
+        compiling = torch.compiler.is_compiling()
         for index in groups:
-            outs = _ReadThrough.apply(r, self, index, *(self.params[i] for i in index))
+            if compiling:  # tensors only, for Dynamo
+                outs = _ReadThrough.apply(r, self.n_modes, None, *(self.params[i] for i in index),
+                                          *(self.a[i] for i in index), *(self.labels[i] for i in index))
+            else:
+                stash = ([self.a[i] for i in index], [self.labels[i] for i in index])
+                outs = _ReadThrough.apply(r, self.n_modes, stash, *(self.params[i] for i in index))
             out_of.update(zip(index, outs))
         for mod in modules:
             for attr, i in self._owners[mod]:
@@ -274,17 +315,24 @@ class ModeSpace:
     # ------------------------------------------------------------- update
     @torch.no_grad()
     def sync(self) -> bool:
-        """Write ``w += a * (r - r_applied)[m]`` into every embedded weight. Returns whether r moved."""
+        """Write ``w += a * (r - r_applied)[m]`` into every embedded weight (one pass per device).
+
+        Never synchronises with the host: it does not test whether ``r`` moved (a zero change is a
+        pass that writes the values the weights already hold). Returns True (a pass ran).
+        """
         r = self.r_full().detach()
         delta = r - self.applied
-        if not bool(delta.any()):
-            return False
-        if self._scratch is None and not kernels.fused_available():
-            biggest = max(p.numel() for p in self.params)
-            self._scratch = torch.empty(biggest, dtype=self.params[0].dtype, device=delta.device)
-        kernels.update(self.params, self.a, self.labels, delta, scratch=self._scratch)
+        for device, index in self._by_device:
+            # non_blocking only towards an accelerator: a CPU kernel must not read a copy in flight
+            d = delta if device == delta.device else delta.to(device, non_blocking=device.type != "cpu")
+            kernels.update([self.params[i] for i in index], [self.a[i] for i in index],
+                           [self.labels[i] for i in index], d)
         self.applied.copy_(r)
         return True
+
+    def group_values(self, full: Tensor) -> list[Tensor]:
+        """Split an ``(M,)`` tensor in mode order into the group tensors' order (like ``r_params``)."""
+        return [full[idx] for idx in self._group_modes]
 
     @torch.no_grad()
     def set_weights(self, values: Sequence[Tensor]) -> None:

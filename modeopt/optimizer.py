@@ -92,9 +92,9 @@ class CMDOptimizer(SharesBaseOptimizer):
 
     Warm-up memory: ``min(T, max_snapshots) * N * itemsize(record_dtype)`` bytes (+ ``4 N`` for
     the baseline of a bf16/fp16 recording), ``T = warmup_steps // snapshot_every``, N the number
-    of embedded weights. Embedded-phase memory per embedded weight: its mode (1 byte for M <= 256
-    with the fused CPU kernels, else 2-8) and ``a`` (4 bytes, or 2 in bfloat16), instead of the
-    base optimizer's state; no weight gradient outlives its layer's backward.
+    of embedded weights. Embedded-phase memory per embedded weight, on every device: its mode
+    (1 byte for M <= 256, 2 up to 65,536, else 4) and ``a`` (4 bytes, or 2 in bfloat16), instead of
+    the base optimizer's state; no weight gradient outlives its layer's backward.
     """
 
     #: What a NaN/inf does (docs/optimizer.md, "Non-finite steps"): ``"skip"`` - an embedded step
@@ -105,8 +105,20 @@ class CMDOptimizer(SharesBaseOptimizer):
     nan_policy: str = "skip"
     #: Steps a switch may wait for finite weights (and 3 finite snapshots) before it raises.
     max_switch_delay: int = 10
-    #: Embedded steps skipped because ``r`` or its gradient was non-finite (not counted in ``_step``).
-    skipped_steps: int = 0
+    #: Where an embedded step's NaN/inf check runs (docs/optimizer.md, "Non-finite values"):
+    #: ``"host"`` - read on the host before the step is applied (immediate: a skipped step is not
+    #: counted); ``"device"`` - decided on r's device with ``torch.where``, no host synchronisation
+    #: (a skipped step still counts toward the schedule; skips are counted in a device tensor and
+    #: reported lazily); ``"auto"`` - ``"host"`` when r lives on the CPU, else ``"device"``.
+    #: ``nan_policy="raise"`` always checks on the host (raising needs the answer at once).
+    nonfinite_check: str = "auto"
+    #: With the device-side check, read its skip counter (one host synchronisation) every this many
+    #: embedded steps to give the warning; 0: only at ``opt.skipped_steps``, ``state_dict()`` and
+    #: phase changes. Never while a CUDA graph is being captured.
+    nonfinite_poll_every: int = 100
+    _skipped_host: int = 0
+    _skipped_dev: Tensor | None = None  # device-side count of skipped steps, folded in by _poll_skips
+    _skipped_dev_seen: int = 0
     #: Warm-up snapshots not recorded at their step because a weight was non-finite.
     skipped_snapshots: int = 0
     _switch_delay: int = 0
@@ -292,7 +304,9 @@ class CMDOptimizer(SharesBaseOptimizer):
         """One base-optimizer step (of every parameter in warm-up, of ``r`` when embedded).
 
         With a closure (e.g. LBFGS), the weights are brought up to date with ``r`` before
-        every evaluation.
+        every evaluation. In mode space with r on an accelerator, the wrapper adds no host
+        synchronisation to the step (see ``nonfinite_check``; the base optimizer may read its own
+        host-side state, e.g. torch's non-fused Adam its step counter).
         """
         self._check_groups()
         space = self.space
@@ -303,18 +317,24 @@ class CMDOptimizer(SharesBaseOptimizer):
                 space.sync()
                 return inner()
 
+        if space is not None and self._device_check(space):
+            loss = self._guarded_base_step(space, closure)
+            self._warn_if_no_grad(space)
+            space.sync()
+            self._step += 1
+            self._phase_step += 1
+            every = self.nonfinite_poll_every
+            if every and self._phase_step % every == 0:
+                self._poll_skips(stacklevel=3)
+            self._advance()
+            return loss
         if space is not None and closure is None and not _all_finite(p.grad for p in space.r_params):
             # Like GradScaler: a non-finite gradient is not stepped on (weights, r and state untouched).
             self._skip_step(space, "the gradient of the mode scalars r", restore=False)
             return None
         loss = self._base_step(closure)
         if space is not None:
-            if not space.has_grad() and not self._warned_no_grad:
-                self._warned_no_grad = True
-                warnings.warn(
-                    "modeopt: no gradient reached the mode scalars r this step. Call the model itself "
-                    "(model(x), not model.forward(x)) so its forward hooks run, and backward() before step().",
-                    stacklevel=2)
+            self._warn_if_no_grad(space)
             if not _all_finite(space.r_params):
                 self._skip_step(space, "the new value of the mode scalars r", restore=True)
                 return loss
@@ -323,6 +343,97 @@ class CMDOptimizer(SharesBaseOptimizer):
         self._phase_step += 1
         self._advance()
         return loss
+
+    def _warn_if_no_grad(self, space: ModeSpace) -> None:
+        if not space.has_grad() and not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn(
+                "modeopt: no gradient reached the mode scalars r this step. Call the model itself "
+                "(model(x), not model.forward(x)) so its forward hooks run, and backward() before step().",
+                stacklevel=3)
+
+    # ------------------------------------------------ non-finite steps
+    def _device_check(self, space: ModeSpace) -> bool:
+        """Whether this embedded step checks NaN/inf on r's device (no host sync), see ``nonfinite_check``."""
+        mode = self.nonfinite_check
+        if mode not in ("auto", "host", "device"):
+            raise ValueError(f"nonfinite_check must be 'auto', 'host' or 'device', got {mode!r}")
+        if self.nan_policy == "raise":
+            return False
+        self._check_nan_policy()
+        if mode == "auto":
+            return space.applied.device.type != "cpu"
+        return mode == "device"
+
+    def _guarded_base_step(self, space: ModeSpace, closure):
+        """The base step on ``r``, undone on the device where it was not finite: no host sync.
+
+        Before the step, ``r`` and the tensors of its optimizer state (M-sized) are copied; after it,
+        ``finite`` (r's gradient and new value) selects per element between the new and the old values
+        (``torch.where``), state the step created is reset to zeros where not finite (a fresh state for
+        Adam's moments and SGD's momentum), and a device counter counts the skips. Optimizer state
+        held on another device than r (Adam's ``step`` counter on the host when r is on a GPU, unless
+        ``fused``/``capturable``) is not undone: reading the answer there would synchronise.
+        """
+        rs = space.r_params
+        state = self.base.state
+        with torch.no_grad():
+            old_r = [p.detach().clone() for p in rs]
+            old_state = [{k: v.clone() for k, v in state.get(p, {}).items() if _undoable(v, p)} for p in rs]
+        loss = self._base_step(closure)
+        with torch.no_grad():
+            checks = [torch.isfinite(p).all() for p in rs]
+            checks += [torch.isfinite(p.grad).all() for p in rs
+                       if p.grad is not None and p.grad.layout == torch.strided]
+            finite = torch.stack(checks).all()
+            for p, old in zip(rs, old_r):
+                p.copy_(torch.where(finite, p, old))
+            for p, old in zip(rs, old_state):
+                for k, v in state.get(p, {}).items():
+                    if _undoable(v, p):
+                        prev = old.get(k)
+                        prev = torch.zeros_like(v) if prev is None or prev.shape != v.shape else prev
+                        v.copy_(torch.where(finite, v, prev))
+            if self._skipped_dev is not None and self._skipped_dev.device != finite.device:
+                self._poll_skips(stacklevel=4)  # r moved to another device (a load): fold the old counter in
+                self._skipped_dev = None
+            if self._skipped_dev is None:
+                self._skipped_dev, self._skipped_dev_seen = torch.zeros((), dtype=torch.int64, device=finite.device), 0
+            self._skipped_dev.add_(finite.logical_not())
+        return loss
+
+    def _poll_skips(self, stacklevel: int = 2) -> None:
+        """Fold the device-side skip count into ``skipped_steps`` (one host sync) and warn once."""
+        dev = self._skipped_dev
+        if dev is None:
+            return
+        if dev.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return
+        total = int(dev)
+        new, self._skipped_dev_seen = total - self._skipped_dev_seen, total
+        if new <= 0:
+            return
+        self._skipped_host += new
+        if not self._warned_nan_step:
+            self._warned_nan_step = True
+            warnings.warn(
+                f"modeopt: by step {self._step}, {new} embedded step(s) had NaN/inf in the gradient or the new value "
+                f"of the mode scalars r: they were skipped on {dev.device} (weights, r and its optimizer state as "
+                "before each such step), checked on the device without a host synchronisation, so the skipped "
+                "steps still counted toward the warm-up/re-clustering schedule. Later skips are counted in "
+                "opt.skipped_steps without a warning", NonFiniteWarning, stacklevel=stacklevel + 1)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Embedded steps skipped because ``r`` or its gradient was non-finite (reading it folds in the
+        device-side count: one host synchronisation when that check is in use)."""
+        self._poll_skips(stacklevel=3)
+        return self._skipped_host
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._poll_skips(stacklevel=3)
+        self._skipped_host = int(value)
 
     def _current_group_sizes(self) -> list[int]:
         return [len(g["params"]) for g in self.base.param_groups]
@@ -450,8 +561,8 @@ class CMDOptimizer(SharesBaseOptimizer):
         """An embedded step with a non-finite r: keep the weights as they are and r at the applied value."""
         step = self._step + 1
         if restore:  # the base optimizer already moved r: put it back (and drop state it poisoned)
-            for g, p in zip(space.groups, space.r_params):
-                p.copy_(space.applied[space.r_groups == g].to(device=p.device, dtype=p.dtype))
+            for value, p in zip(space.group_values(space.applied), space.r_params):
+                p.copy_(value.to(device=p.device, dtype=p.dtype))
                 st = self.base.state.get(p)
                 if st and not _all_finite(v for v in st.values() if isinstance(v, Tensor) and v.is_floating_point()):
                     self.base.state.pop(p)
@@ -461,7 +572,7 @@ class CMDOptimizer(SharesBaseOptimizer):
                 f"modeopt: step {step}: {what} holds NaN/inf (nan_policy='raise'). The step was not applied: the "
                 "weights, r and the step count are as before it. Lower the learning rate or clip gradients, or "
                 "set opt.nan_policy = 'skip' to skip such steps")
-        self.skipped_steps += 1
+        self._skipped_host += 1
         if not self._warned_nan_step:
             self._warned_nan_step = True
             warnings.warn(
@@ -579,6 +690,7 @@ class CMDOptimizer(SharesBaseOptimizer):
 
     def _unembed(self) -> None:
         space = self.space
+        self._poll_skips(stacklevel=4)
         space.sync()
         space.remove()
         for gi, group in enumerate(self.base.param_groups):
@@ -609,6 +721,7 @@ class CMDOptimizer(SharesBaseOptimizer):
         of the embedded one, with the original parameter names and shapes. Afterwards this
         optimizer behaves like the plain base optimizer (fresh state for the weights).
         """
+        self._poll_skips(stacklevel=3)
         if self.space is not None:
             self._unembed()
         self._buffer = None
@@ -628,13 +741,14 @@ class CMDOptimizer(SharesBaseOptimizer):
             "cycle": self.cycle, "seed": self.seed, "n_modes": self.n_modes, "names": list(self._emb_names),
             "history": [dict(h) for h in self.history], "buffer": None, "space": None,
         }
+        self._poll_skips(stacklevel=4)
         if self._buffer is not None:
             cmd["buffer"] = self._buffer.state_dict()
         if self.space is not None:
             s = self.space
-            small = torch.uint8 if s.n_modes <= 256 else torch.int16 if s.n_modes <= 32767 else torch.int32
+            # labels as stored (kernels.label_dtype: int16 holds uint16 values, read by kernels.as_index)
             cmd["space"] = {
-                "labels": [lab.to(small) for lab in s.labels], "a": [x.clone() for x in s.a],
+                "labels": [lab.clone() for lab in s.labels], "a": [x.clone() for x in s.a],
                 "r_groups": s.r_groups.clone(), "r": s.r_full().detach().clone(), "applied": s.applied.clone(),
             }
         return {"base": self.base.state_dict(), "cmd": cmd}
@@ -832,6 +946,11 @@ class CMDOptimizer(SharesBaseOptimizer):
 
 def _all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+
+
+def _undoable(v: Any, p: Tensor) -> bool:
+    """Optimizer state the device-side NaN/inf check restores: tensors on the parameter's device."""
+    return isinstance(v, Tensor) and v.device == p.device and v.layout == torch.strided
 
 
 def _describe(x: Any) -> str:

@@ -101,7 +101,7 @@ def test_fused_and_torch_paths_train_the_same(mnist):
     assert fused_opt.space.labels[0].dtype == torch.uint8  # compact labels with the fused kernels
     with kernels.use_fused(False):
         ref_model, ref_opt = _train(mnist, 25)
-        assert ref_opt.space.labels[0].dtype == torch.int64  # the fallback never converts per step
+        assert ref_opt.space.labels[0].dtype == torch.uint8  # compact labels on the torch path too (#16)
     for p, q in zip(fused_model.parameters(), ref_model.parameters()):
         if p.requires_grad or q.requires_grad:
             continue
