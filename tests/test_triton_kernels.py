@@ -66,10 +66,10 @@ def test_cpu_tensors_need_the_interpreter():
 
 
 @needs_triton
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 class TestCuda:
-    """The same checks, compiled for the GPU, on CUDA tensors (a ``cuda`` marker is not registered in
-    pyproject.toml, hence skipif)."""
+    """The same checks, compiled for the GPU, on CUDA tensors."""
 
     @pytest.mark.parametrize("name", list(check.CHECKS))
     def test_native(self, name):
