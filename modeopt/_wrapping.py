@@ -95,6 +95,14 @@ class SharesBaseOptimizer(torch.optim.Optimizer):
         torch.optim.Optimizer.__init__(self, [dict(g) for g in base.param_groups], base.defaults)
         self.__dict__["base"] = base
 
+    # torch's Optimizer pickles only defaults/state/param_groups: a copy of a wrapper would lose its base
+    # and everything it planned. The whole instance is its state.
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def _shared(self, name: str):
         base = self.__dict__.get("base")
         return self.__dict__[f"_init_{name}"] if base is None else getattr(base, name)

@@ -195,7 +195,8 @@ def _self_test(lib: ctypes.CDLL) -> None:
                 raise _KernelError(f"its assign_{ln} disagrees with the torch reference")
 
 
-_FIX = ("To fix: make MODEOPT_CACHE (default ~/.cache/modeopt) a writable directory, or clear it "
+_FIX = ("To fix: make CC (or cc/gcc/clang on the PATH) a working C compiler (unset a CC that points "
+        "nowhere), make MODEOPT_CACHE (default ~/.cache/modeopt) a writable directory, or clear it "
         "(rm -rf ~/.cache/modeopt, or $MODEOPT_CACHE); MODEOPT_KERNELS=torch turns the fused kernels off "
         "and silences this")
 

@@ -44,6 +44,7 @@ functions, so a model in mode space pickles (``torch.save(model)``) and deep-cop
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -95,6 +96,7 @@ class _ReadThrough(torch.autograd.Function):
             return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + none
         # A sparse gradient (nn.Embedding(sparse=True)) is densified: the reduction reads every row.
         grads = [g.to_dense() if g is not None and g.layout != torch.strided else g for g in grads]
+        ctx.stash[2]._notice_copy_trained()
         g_r = kernels.reduce(grads, ctx.stash[0], ctx.stash[1], ctx.n_modes)
         return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + none
 
@@ -274,7 +276,7 @@ class ModeSpace:
                 outs = _ReadThrough.apply(r, self.n_modes, None, *(self.params[i] for i in index),
                                           *(self.a[i] for i in index), *(self.labels[i] for i in index))
             else:
-                stash = ([self.a[i] for i in index], [self.labels[i] for i in index])
+                stash = ([self.a[i] for i in index], [self.labels[i] for i in index], self)
                 outs = _ReadThrough.apply(r, self.n_modes, stash, *(self.params[i] for i in index))
             out_of.update(zip(index, outs))
         for mod in modules:
@@ -314,13 +316,22 @@ class ModeSpace:
 
     # ------------------------------------------------------------- update
     @torch.no_grad()
-    def sync(self) -> bool:
+    def sync(self, finite_only: bool = False) -> bool:
         """Write ``w += a * (r - r_applied)[m]`` into every embedded weight (one pass per device).
 
         Never synchronises with the host: it does not test whether ``r`` moved (a zero change is a
         pass that writes the values the weights already hold). Returns True (a pass ran).
+
+        Args:
+            finite_only: apply the change only if every element of ``r`` is finite, decided on r's
+                device (M-sized ``torch.where``, no host sync): otherwise the weights and the applied
+                ``r`` stay as they are. Used before each closure evaluation of a step, where a
+                non-finite ``r`` is only undone after the base step returns.
         """
         r = self.r_full().detach()
+        if finite_only:
+            ok = torch.isfinite(r).all()
+            r = torch.where(ok, r, self.applied)
         delta = r - self.applied
         for device, index in self._by_device:
             # non_blocking only towards an accelerator: a CPU kernel must not read a copy in flight
@@ -340,7 +351,26 @@ class ModeSpace:
             p.copy_(v.reshape(p.shape))
 
     def has_grad(self) -> bool:
+        """Whether any of the mode scalars ``r`` holds a gradient now."""
         return any(p.grad is not None for p in self.r_params)
+
+    # A copy of a model in mode space (copy.deepcopy, torch.save + torch.load of the whole module)
+    # carries a copy of its mode space: same weights, same function. Nothing drives it, though: only
+    # CMDOptimizer.step() writes a change of r into the weights, so another optimizer training the
+    # copy's r would move nothing. Say so once, at the first backward that reaches the copy's r.
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__["_copied"] = True
+
+    def _notice_copy_trained(self) -> None:
+        if self.__dict__.get("_copied") and not self.__dict__.get("_warned_copy"):
+            self._warned_copy = True
+            warnings.warn(
+                "modeopt: a gradient reached the mode scalars r of a *copy* of a model in mode space "
+                "(copy.deepcopy or a pickled module). The copy computes the same function, but its weights "
+                "follow r only through CMDOptimizer.step() of the optimizer that embedded them: training the "
+                "copy's r with another optimizer changes nothing. To train a copy, call opt.export() first (or "
+                "load the copy's state_dict() into a fresh model) and give it its own optimizer", stacklevel=2)
 
 
 def _drop_r(space: ModeSpace, module, state_dict, prefix: str, local_metadata) -> None:

@@ -314,7 +314,9 @@ class CMDOptimizer(SharesBaseOptimizer):
             inner = closure
 
             def closure():
-                space.sync()
+                # Never write a non-finite r into the weights: an LBFGS line search can reach one, and
+                # the step is undone only after the base step returns (issue #15, item 9).
+                space.sync(finite_only=True)
                 return inner()
 
         if space is not None and self._device_check(space):
@@ -343,6 +345,15 @@ class CMDOptimizer(SharesBaseOptimizer):
         self._phase_step += 1
         self._advance()
         return loss
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for cache in ("_orig_ids", "_group_ids_seen"):  # ids of the original's tensors: recomputed lazily
+            self.__dict__.pop(cache, None)
+        # Copied together with its model (copy.deepcopy of both, a pickled training state): this
+        # optimizer drives the copied mode space, which is then no orphan copy (ModeSpace.__setstate__).
+        if self.__dict__.get("space") is not None:
+            self.space.__dict__["_copied"] = False
 
     def _warn_if_no_grad(self, space: ModeSpace) -> None:
         if not space.has_grad() and not self._warned_no_grad:
@@ -460,6 +471,25 @@ class CMDOptimizer(SharesBaseOptimizer):
             "mode space is planned from the groups seen at construction, so this step was refused and nothing was "
             "changed. Give the base optimizer every param group before wrapping it (a group with 'cmd': False "
             "stays out of mode space), or call opt.export() first and go on with a plain optimizer")
+
+    def _check_export_groups(self) -> None:
+        """Export restores the groups seen at construction. Groups appended since (base.add_param_group
+        in mode space, which the next step refuses and points to export) are kept as they are, if they
+        hold none of the model's embedded weights; any other change is refused before anything changes."""
+        sizes, want = self._current_group_sizes(), self._group_sizes
+        if len(sizes) >= len(want) and sizes[: len(want)] == want:
+            own = {id(p) for orig in self._orig_params for p in orig}
+            added = [p for g in self.base.param_groups[len(want):] for p in g["params"]]
+            if not any(id(p) in own for p in added):
+                return
+            what = "a param group added since holds a parameter the wrapper embeds or trains"
+        else:
+            what = (f"the first {len(want)} param groups hold {sizes[: len(want)]} tensors, "
+                    f"{want} when mode space was entered")
+        raise RuntimeError(
+            f"export() cannot restore the base optimizer's param groups: {what}. Nothing was changed (still in mode "
+            "space). Undo the change to the groups (e.g. base.param_groups.pop()), call opt.export(), then add the "
+            "groups to the now plain optimizer")
 
     def _check_group_identity(self) -> None:
         """A tensor replaced inside a param group (same count) would be dropped silently when the switch
@@ -693,8 +723,9 @@ class CMDOptimizer(SharesBaseOptimizer):
         self._poll_skips(stacklevel=4)
         space.sync()
         space.remove()
-        for gi, group in enumerate(self.base.param_groups):
-            group["params"][:] = self._orig_params[gi]
+        # Groups appended after the switch (allowed before export, see _check_export_groups) stay as they are.
+        for group, orig in zip(self.base.param_groups, self._orig_params):
+            group["params"][:] = orig
         for p in space.r_params:
             self.base.state.pop(p, None)
         self._params_changed()
@@ -723,6 +754,7 @@ class CMDOptimizer(SharesBaseOptimizer):
         """
         self._poll_skips(stacklevel=3)
         if self.space is not None:
+            self._check_export_groups()
             self._unembed()
         self._buffer = None
         self.phase = "exported"

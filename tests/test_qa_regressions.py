@@ -522,3 +522,84 @@ def test_f14_identity_check_costs_little():
         opt._check_groups()
     per_call = (time.perf_counter() - t0) / 1000
     assert per_call < 200e-6, per_call  # measured ~10 us; a loose bound for busy CI machines
+
+
+# ----------------------------------------------------------------------------------- F1, F3, F9
+def test_f1_a_nan_closure_loss_in_mode_space_never_reaches_the_weights():
+    """LBFGS evaluates its closure several times per step, with the weights brought up to date with r
+    before each evaluation: a non-finite r of a line search must not be written into the weights."""
+    torch.set_num_threads(1)
+    model = mlp()
+    opt = CMDOptimizer(model, torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=5), n_modes=3,
+                       warmup_steps=6, snapshot_every=2, seed=0)
+
+    def closure(poison=False):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), Y)
+        loss = loss * float("nan") if poison else loss
+        loss.backward()
+        return loss
+
+    for _ in range(7):
+        opt.step(closure)
+    assert opt.phase == "embedded"
+    weights = [p.detach().clone() for p in opt.space.params]
+    r = opt.space.r_full().detach().clone()
+    with pytest.warns(RuntimeWarning, match=r"step \d+: the new value of the mode scalars r holds NaN/inf"):
+        opt.step(lambda: closure(poison=True))
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p, w) for p, w in zip(opt.space.params, weights))
+    assert torch.equal(opt.space.r_full().detach(), r) and torch.equal(opt.space.applied, r)
+    opt.step(closure)  # a good step afterwards trains again, finitely
+    assert all(bool(torch.isfinite(p).all()) for p in opt.space.params)
+    assert not torch.equal(opt.space.r_full().detach(), r)
+
+
+def test_f3_export_keeps_a_group_added_in_mode_space_and_refuses_what_it_cannot_restore():
+    model, opt = cmd()
+    for _ in range(7):
+        step(model, opt)
+    assert opt.phase == "embedded"
+    extra = nn.Parameter(torch.randn(3))
+    opt.base.add_param_group({"params": [extra]})
+    with pytest.raises(RuntimeError, match=r"call opt.export\(\) first"):
+        step(model, opt)
+    model = opt.export()  # what the refusal recommends: it works, and keeps the added group
+    assert opt.phase == "exported" and opt.space is None
+    assert [len(g["params"]) for g in opt.base.param_groups] == [4, 1]
+    assert opt.base.param_groups[1]["params"][0] is extra
+    assert all(p.requires_grad for p in model.parameters())
+    # a group that holds one of the embedded weights cannot be restored: refused, nothing changed
+    model, opt = cmd()
+    for _ in range(7):
+        step(model, opt)
+    opt.base.add_param_group({"params": [model[0].weight]})
+    with pytest.raises(RuntimeError, match=r"export\(\) cannot restore .* holds a parameter the wrapper embeds.*"
+                                           r"Nothing was changed"):
+        opt.export()
+    assert opt.phase == "embedded" and opt.space is not None and not model[0].weight.requires_grad
+    opt.base.param_groups.pop()
+    opt.export()
+    assert opt.phase == "exported"
+
+
+def test_f9_a_copy_trained_by_another_optimizer_warns_and_a_copied_pair_trains():
+    model, opt = cmd()
+    for _ in range(7):
+        step(model, opt)
+    lone = copy.deepcopy(model)
+    torch.testing.assert_close(lone(X), model(X), rtol=0, atol=0)
+    other = torch.optim.SGD(lone.parameters(), lr=0.5)
+    with pytest.warns(UserWarning, match=r"a \*copy\* of a model in mode space.*call opt.export\(\) first"):
+        step(lone, other)
+    # model and optimizer copied together: the copy's optimizer drives the copy's mode space, silently
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.space is not opt.space and opt2.space.params[0] is model2[0].weight
+    before = model2[0].weight.detach().clone()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(model2, opt2)
+    assert not torch.equal(before, model2[0].weight)
+    step(model, opt)  # the original, stepped alike, lands on the same weights
+    torch.testing.assert_close(model2[0].weight, model[0].weight, rtol=0, atol=0)
