@@ -15,26 +15,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import modeopt
 from modeopt import CMDOptimizer, OnlineCMDOptimizer
+from _small import MLP, _one_thread  # noqa: F401  (tests/ is on sys.path; the fixture is autouse)
 
 CMD_KW = dict(n_modes=3, warmup_steps=6, snapshot_every=2, n_samples=100, seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 def _batch(i):

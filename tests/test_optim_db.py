@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeopt import CMDOptimizer
+from _small import MLP, _one_thread  # noqa: F401  (tests/ is on sys.path; the fixture is autouse)
 
 WARMUP, EVERY, MODES = 6, 2, 3
 CMD_KW = dict(n_modes=MODES, warmup_steps=WARMUP, snapshot_every=EVERY, n_samples=100, seed=0)
@@ -120,24 +121,6 @@ for _c in CONFIGS:
     PARAMS.append(pytest.param(_c, False, id=f"{_c['cls']}-{_c['desc']}", marks=marks))
     if _c["foreach"] and _c["cls"] not in REFUSED:
         PARAMS.append(pytest.param(_c, True, id=f"{_c['cls']}-{_c['desc']}-foreach", marks=(pytest.mark.slow,)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 def _batch(i: int):

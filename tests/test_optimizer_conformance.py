@@ -26,6 +26,7 @@ from torch.optim import lr_scheduler as lrs
 
 from modeopt import CMDOptimizer
 from modeopt.zoo import SmallCNN
+from _small import MLP, _one_thread  # noqa: F401  (tests/ is on sys.path; the fixture is autouse)
 
 WARMUP = 8  # warm-up steps: the switch happens inside the WARMUP-th step (index WARMUP - 1)
 EVERY = 2  # snapshot_every
@@ -36,26 +37,7 @@ CMD_KW = dict(n_modes=MODES, warmup_steps=WARMUP, snapshot_every=EVERY, n_sample
 TOTAL = WARMUP + 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster than two on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- models and data
-class MLP(nn.Module):
-    """8 -> 16 -> 4 (212 parameters)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 MODELS = {
