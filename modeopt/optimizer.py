@@ -965,6 +965,14 @@ class CMDOptimizer(SharesBaseOptimizer):
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"checkpoint tensor {name!r}: its coefficients a hold NaN/inf: damaged checkpoint; "
                                  "resume from an intact one")
+            # Each mode is normalised (mode_scale): RMS(a) = 1 over its moving members, or unit norm, so no
+            # |a| exceeds sqrt(number of embedded weights). Larger values cannot come from a switch and would
+            # overflow the weights later (1.01: bf16 rounding of a).
+            bound = 1.01 * math.sqrt(self._layout.n)
+            if x.numel() and float(x.abs().max()) > bound:
+                raise ValueError(f"checkpoint tensor {name!r}: its coefficients a reach |a| = {float(x.abs().max()):.3g}, "
+                                 f"above {bound:.3g}, which no switch produces (each mode's a is normalised): damaged "
+                                 "checkpoint; resume from an intact one")
         return {int(g) for g in r_groups.tolist()}
 
     def _check_saved_base(self, base: Any, r_groups: set[int] | None) -> None:

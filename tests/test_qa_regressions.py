@@ -632,3 +632,18 @@ def test_half_precision_weights_warn_once_at_the_switch_and_float32_does_not():
         for _ in range(8):
             step(model32, opt32)  # float32 weights: no warning at the switch
     assert opt32.phase == "embedded"
+
+
+def test_f15_coefficients_no_switch_can_produce_are_refused_on_load():
+    model, opt = cmd()
+    for _ in range(8):
+        step(model, opt)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["cmd"]["space"]["a"][0][3] = 1e38
+    fresh_model, fresh = cmd()
+    with pytest.raises(ValueError, match=r"'0.weight': its coefficients a reach \|a\| = 1e\+38, above .* which no "
+                                         r"switch produces"):
+        fresh.load_state_dict(sd)
+    assert fresh.phase == "warmup" and fresh.space is None
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))  # the intact one loads
+    assert fresh.phase == "embedded"
