@@ -1,4 +1,7 @@
+import gc
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -42,3 +45,21 @@ def mnist():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 1 MiB tmpfs (a disk that fills up); skipped where mounting is not permitted."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        gc.collect()  # files written there may still be mapped
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=True)

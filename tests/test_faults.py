@@ -6,7 +6,6 @@ end in a clean Python error: exit status 1 and the message on stderr.
 
 import errno
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -365,21 +364,6 @@ def test_without_fallocate_the_file_is_written_with_zeros(tmp_path, monkeypatch)
     with pytest.raises(OSError, match=r"needs 12,000 bytes in .* \(No space left on device\)"):
         SnapshotBuffer(1000, capacity=3, directory=tmp_path)
     assert list(tmp_path.iterdir()) == []  # the half-written file is gone
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {res.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_a_real_full_tmpfs_fails_at_allocation_not_with_sigbus(small_tmpfs):

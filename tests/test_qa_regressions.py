@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import copy
 import errno
-import gc
 import io
-import os
 import shutil
-import subprocess
 import time
 
 import pytest
@@ -389,37 +386,26 @@ def test_f12_full_anchor_write_leaves_no_anchor_in_memory(tmp_path, monkeypatch)
     assert load_snapshots(tmp_path / "run").data.shape[0] == 3
 
 
-def test_f12_real_one_mib_tmpfs(tmp_path):
+def test_f12_real_one_mib_tmpfs(small_tmpfs):
     from modeopt.analysis import Recording, load_snapshots
 
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root to mount a tmpfs")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        model = mlp(h=2000)  # 88 kB per float32 snapshot: about 11 fit
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        rec = Recording(model, every=1, directory=mnt / "run")
-        err = None
-        for _ in range(30):
-            step(model, opt)
-            try:
-                rec.step()
-            except OSError as e:
-                err = e
-                break
-        assert err is not None and err.errno == errno.ENOSPC, err
-        assert "the disk is full" in str(err) and "bytes" in str(err)
-        assert not list((mnt / "run").glob("*.tmp"))
-        n = load_snapshots(mnt / "run").data.shape[0]  # readable up to the last complete snapshot
-        assert n == rec.n_snapshots >= 5
-    finally:
-        gc.collect()  # the snapshot files may still be mapped
-        if subprocess.run(["umount", str(mnt)]).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=True)
+    mnt = small_tmpfs
+    model = mlp(h=2000)  # 88 kB per float32 snapshot: about 11 fit
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = Recording(model, every=1, directory=mnt / "run")
+    err = None
+    for _ in range(30):
+        step(model, opt)
+        try:
+            rec.step()
+        except OSError as e:
+            err = e
+            break
+    assert err is not None and err.errno == errno.ENOSPC, err
+    assert "the disk is full" in str(err) and "bytes" in str(err)
+    assert not list((mnt / "run").glob("*.tmp"))
+    n = load_snapshots(mnt / "run").data.shape[0]  # readable up to the last complete snapshot
+    assert n == rec.n_snapshots >= 5
 
 
 # --------------------------------------------------------------------- F13: messages and consistency
