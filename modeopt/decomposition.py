@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import _progress
+from ._chunking import CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS
 from .clustering import cluster_samples
 from .layout import ParamLayout
 from .sampling import sample_weights
@@ -31,10 +32,6 @@ from .trajectory import Trajectory, as_tensor, load_named_into
 
 __all__ = ["decompose", "Decomposition"]
 
-#: float64 elements per chunk of the full pass (16 MiB per temporary).
-CHUNK_ELEMENTS = 1 << 21
-#: the same on a GPU: larger chunks amortise kernel launches (128 MiB per float64 temporary).
-DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass

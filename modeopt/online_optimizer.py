@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from . import kernels
 from ._wrapping import SharesBaseOptimizer
 from .online import OnlineCMD, _to, default_names
-from .optimizer import _check_no_duplicates
+from ._checks import check_no_duplicates
 
 __all__ = ["OnlineCMDOptimizer"]
 
@@ -84,7 +84,7 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         if isinstance(embed_fraction, bool) or not isinstance(embed_fraction, (int, float)) \
                 or not 0 < embed_fraction <= 1:
             raise ValueError(f"embed_fraction must be in (0, 1], got {embed_fraction!r}")
-        _check_no_duplicates(model, base_optimizer)  # torch only warns, and would step such a tensor twice
+        check_no_duplicates(model, base_optimizer)  # torch only warns, and would step such a tensor twice
         owned = {id(p) for p in model.parameters()}
         for gi, group in enumerate(base_optimizer.param_groups):
             for p in group["params"]:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
+from ._checks import check_base_class, check_int, check_no_duplicates, describe, short_names
 from ._wrapping import SharesBaseOptimizer
 from .decomposition import decompose
 from .layout import ParamLayout
@@ -158,23 +159,23 @@ class CMDOptimizer(SharesBaseOptimizer):
             raise TypeError("base_optimizer is already a CMDOptimizer")
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
-        _check_base_class(base_optimizer)
-        _check_no_duplicates(model, base_optimizer)  # before Optimizer.__init__, whose message names none
-        _check_int("n_modes", n_modes, 1)
-        _check_int("warmup_steps", warmup_steps, 1)
-        _check_int("snapshot_every", snapshot_every, 1)
-        _check_int("n_samples", n_samples, 1)
+        check_base_class(base_optimizer)
+        check_no_duplicates(model, base_optimizer)  # before Optimizer.__init__, whose message names none
+        check_int("n_modes", n_modes, 1)
+        check_int("warmup_steps", warmup_steps, 1)
+        check_int("snapshot_every", snapshot_every, 1)
+        check_int("n_samples", n_samples, 1)
         if n_modes > n_samples:
             raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more "
                              f"weights (n_samples >= 30 * n_modes is a good rule)")
         _check_snapshots("warmup_steps", warmup_steps, snapshot_every)
         if max_snapshots is not None:
-            _check_int("max_snapshots", max_snapshots, 3)
+            check_int("max_snapshots", max_snapshots, 3)
         if recluster_every is not None:
-            _check_int("recluster_every", recluster_every, 1)
+            check_int("recluster_every", recluster_every, 1)
             if recluster_steps is None:
                 recluster_steps = max(recluster_every // 4, 3 * snapshot_every)
-            _check_int("recluster_steps", recluster_steps, 1)
+            check_int("recluster_steps", recluster_steps, 1)
             _check_snapshots("recluster_steps", recluster_steps, snapshot_every)
         elif recluster_steps is not None:
             raise ValueError("recluster_steps needs recluster_every (how many embedded steps per cycle)")
@@ -282,10 +283,10 @@ class CMDOptimizer(SharesBaseOptimizer):
                     self._emb_group.append(gi)
         if frozen:
             warnings.warn(f"modeopt: {len(frozen)} frozen parameter(s) (requires_grad=False) will not be embedded: "
-                          f"{_short(frozen)}", stacklevel=3)
+                          f"{short_names(frozen)}", stacklevel=3)
         if nonfloat:
             warnings.warn(f"modeopt: {len(nonfloat)} non-floating-point parameter(s) will not be embedded: "
-                          f"{_short(nonfloat)}", stacklevel=3)
+                          f"{short_names(nonfloat)}", stacklevel=3)
         if not emb:
             raise ValueError("nothing to embed: every parameter of the base optimizer is frozen, non-float or "
                              "excluded (check exclude= and the param groups' 'cmd' flags)")
@@ -891,7 +892,7 @@ class CMDOptimizer(SharesBaseOptimizer):
         if dropped:
             warnings.warn(
                 f"modeopt: the checkpoint's warm-up recording held {len(dropped)} snapshot(s) with NaN/inf (steps "
-                f"{_short([str(s) for s in dropped])}): dropped on load, {len(buffer)} finite snapshot(s) kept "
+                f"{short_names([str(s) for s in dropped])}): dropped on load, {len(buffer)} finite snapshot(s) kept "
                 "(the switch waits for 3 finite ones if fewer remain)", NonFiniteWarning, stacklevel=3)
         return buffer
 
@@ -917,16 +918,16 @@ class CMDOptimizer(SharesBaseOptimizer):
         r, applied, r_groups = saved["r"], saved["applied"], saved["r_groups"]
         if not isinstance(r, Tensor) or r.dim() != 1 or r.numel() < 1 or not r.is_floating_point():
             raise ValueError(f"the checkpoint's mode scalars r must be a 1-D floating-point tensor, got "
-                             f"{_describe(r)}: damaged checkpoint")
+                             f"{describe(r)}: damaged checkpoint")
         m = r.numel()
         if not isinstance(applied, Tensor) or tuple(applied.shape) != (m,) or not applied.is_floating_point():
             raise ValueError(f"the checkpoint's applied r must be a floating-point tensor of shape ({m},) like r, got "
-                             f"{_describe(applied)}: damaged checkpoint")
+                             f"{describe(applied)}: damaged checkpoint")
         n_groups = len(self.base.param_groups)
         if (not isinstance(r_groups, Tensor) or tuple(r_groups.shape) != (m,) or r_groups.is_floating_point()
                 or r_groups.is_complex() or r_groups.dtype == torch.bool):
             raise ValueError(f"the checkpoint's r_groups must be an integer tensor of shape ({m},), got "
-                             f"{_describe(r_groups)}: damaged checkpoint")
+                             f"{describe(r_groups)}: damaged checkpoint")
         bad_groups = sorted({int(g) for g in r_groups.tolist() if not 0 <= int(g) < n_groups})
         if bad_groups:
             raise ValueError(f"the checkpoint puts mode scalars into param group(s) {bad_groups}, this optimizer has "
@@ -944,10 +945,10 @@ class CMDOptimizer(SharesBaseOptimizer):
         for name, p, lab, x in zip(self._emb_names, self._emb_params, labels, a):
             if not isinstance(lab, Tensor) or lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
                 raise ValueError(f"checkpoint tensor {name!r}: its mode labels must be an integer tensor, got "
-                                 f"{_describe(lab)}: damaged checkpoint")
+                                 f"{describe(lab)}: damaged checkpoint")
             if not isinstance(x, Tensor) or not x.is_floating_point():
                 raise ValueError(f"checkpoint tensor {name!r}: its coefficients a must be a floating-point tensor, "
-                                 f"got {_describe(x)}: damaged checkpoint")
+                                 f"got {describe(x)}: damaged checkpoint")
             for what, t in (("mode labels", lab), ("coefficients", x)):
                 if t.numel() != p.numel():
                     raise ValueError(
@@ -1005,38 +1006,10 @@ def _undoable(v: Any, p: Tensor) -> bool:
     return isinstance(v, Tensor) and v.device == p.device and v.layout == torch.strided
 
 
-def _describe(x: Any) -> str:
-    if isinstance(x, Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return f"a {type(x).__name__}"
 
 
-def _check_base_class(base: torch.optim.Optimizer) -> None:
-    """Refuse at construction the base optimizers that cannot train the mode scalars r (a 1-D dense vector)."""
-    muon = getattr(torch.optim, "Muon", None)
-    if muon is not None and isinstance(base, muon):
-        raise TypeError(
-            "torch.optim.Muon updates only 2-D matrices, but in mode space the trainable parameters are the mode "
-            "scalars r, a vector: wrap an element-wise optimizer (AdamW, SGD, ...) in CMDOptimizer for the "
-            "parameters you put in mode space, and train the matrices you keep out of it with a separate Muon")
-    if isinstance(base, torch.optim.SparseAdam):
-        raise TypeError(
-            "torch.optim.SparseAdam takes only sparse gradients, but the gradient of the mode scalars r is dense: "
-            "use Adam/AdamW (with nn.Embedding(sparse=False)), or SGD/Adagrad, which take the embedding's sparse "
-            "gradients in warm-up and r's dense ones after the switch")
 
 
-def _check_no_duplicates(model: nn.Module, base: torch.optim.Optimizer) -> None:
-    names = {id(p): n for n, p in model.named_parameters()}
-    group_of: dict[int, int] = {}
-    for gi, group in enumerate(base.param_groups):
-        for p in group["params"]:
-            if id(p) in group_of:
-                where = f"param group {gi}" if group_of[id(p)] == gi else f"param groups {group_of[id(p)]} and {gi}"
-                name = names.get(id(p), f"of shape {tuple(p.shape)}")
-                raise ValueError(f"the base optimizer lists the parameter {name!r} twice ({where}): give each "
-                                 "parameter to the base optimizer once")
-            group_of[id(p)] = gi
 
 
 def _world_size() -> int:
@@ -1051,9 +1024,6 @@ def _switch_device(params: Sequence[Tensor]) -> torch.device:
     return cuda[0] if cuda else torch.device("cpu")
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_snapshots(name: str, steps: int, every: int) -> None:
@@ -1062,6 +1032,3 @@ def _check_snapshots(name: str, steps: int, every: int) -> None:
             f"{name}={steps} with snapshot_every={every} records {steps // every} snapshot(s); CMD needs at "
             f"least 3: make {name} >= {3 * every} or snapshot_every <= {max(1, steps // 3)}")
 
-
-def _short(names: Sequence[str], k: int = 5) -> str:
-    return ", ".join(names[:k]) + (f", ... (+{len(names) - k})" if len(names) > k else "")

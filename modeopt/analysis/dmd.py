@@ -24,13 +24,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import _progress
+from .._chunking import CHUNK_ELEMENTS
 from ..layout import ParamLayout
 from ..trajectory import Trajectory, as_tensor, load_named_into
 
 __all__ = ["DMD", "dmd"]
 
-#: float64 elements per chunk of the pass over the weights.
-CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass

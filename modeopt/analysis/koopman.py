@@ -55,13 +55,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import _progress
+from .._chunking import CHUNK_ELEMENTS
 from ..trajectory import Trajectory, as_tensor
 
 __all__ = ["KoopmanSpectrum", "DynamicsComparison", "koopman_spectrum", "compare_dynamics", "spectrum_distance",
            "observable_gram", "principal_coordinates", "OBSERVABLES"]
 
-#: float64 elements per chunk of the pass over the weights.
-CHUNK_ELEMENTS = 1 << 21
 OBSERVABLES = ("pca", "layer", "raw")
 #: principal coordinates kept by ``observable="pca"`` unless ``n_components`` says otherwise.
 DEFAULT_COMPONENTS = 10

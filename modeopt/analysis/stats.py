@@ -15,6 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import _progress
+from .._chunking import CHUNK_ELEMENTS
 from ..decomposition import Decomposition
 from ..trajectory import Trajectory
 from .dmd import DMD
@@ -28,7 +29,6 @@ __all__ = [
     "model_cols",
 ]
 
-CHUNK_ELEMENTS = 1 << 21
 
 
 # ------------------------------------------------------------ correlation
