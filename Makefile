@@ -5,9 +5,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-all bench clean
 
-$(STAMP): pyproject.toml requirements-data.txt Makefile
+$(STAMP): pyproject.toml workloads/pyproject.toml requirements-data.txt Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q -e '.[test,plot]'
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q --no-deps -e ./workloads
 	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-data.txt
 	touch $(STAMP)
 

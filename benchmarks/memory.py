@@ -41,7 +41,7 @@ def child(config: str, batch: int, seq: int, steps: int) -> dict:
     import torch
 
     import modeopt
-    from modeopt.datasets import load_minilm, review_sentiment
+    from workloads import load_minilm, review_sentiment
 
     torch.manual_seed(0)
     model, tok = load_minilm()

@@ -1,6 +1,6 @@
 """Are two training runs the same dynamical system? Koopman spectra of real runs, with p-values.
 
-Trains ``zoo.SmallCNN`` (29,994 weights) on 4,000 real MNIST digits, records the weights at every
+Trains ``workloads.SmallCNN`` (29,994 weights) on 4,000 real MNIST digits, records the weights at every
 step, and compares runs with :func:`modeopt.analysis.compare_dynamics` (the leading 10 principal
 coordinates of the weights, 32 delays, exact DMD at the rank that holds 99 % of the energy; the
 null distribution from windows of the runs - see docs/koopman.md).
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import modeopt
 from modeopt.analysis import Recording, compare_dynamics
 from modeopt.analysis.evaluation import mnist_split
-from modeopt.zoo import SmallCNN, batches, evaluate
+from workloads import SmallCNN, batches, evaluate
 
 
 def make_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import modeopt
-from modeopt.datasets import mnist_subset
+from workloads import mnist_subset
 from modeopt.distributed import CommMeter, launch_local
-from modeopt.zoo import SmallCNN, batches, evaluate
+from workloads import SmallCNN, batches, evaluate
 
 
 def train(rank: int, world: int, args: argparse.Namespace) -> None:

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import modeopt
-from modeopt.datasets import mnist_subset
-from modeopt.zoo import SmallCNN, batches, evaluate
+from workloads import mnist_subset
+from workloads import SmallCNN, batches, evaluate
 
 
 def train(name, model, opt, data, steps, test, eval_every, recorder=None):

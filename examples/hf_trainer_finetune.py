@@ -34,7 +34,7 @@ from transformers import (  # noqa: E402
 )
 
 import modeopt  # noqa: E402
-from modeopt.datasets import load_minilm, review_sentiment  # noqa: E402
+from workloads import load_minilm, review_sentiment  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import modeopt
-from modeopt.datasets import mnist_subset
-from modeopt.zoo import SmallCNN, batches, evaluate
+from workloads import mnist_subset
+from workloads import SmallCNN, batches, evaluate
 
 
 def train(args, data, use_cmd: bool) -> dict:

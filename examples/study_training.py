@@ -1,6 +1,6 @@
 """Study a real training run with modes: record it to a directory, then `modeopt analyze` it.
 
-Trains ``zoo.SmallCNN`` on 4,000 real MNIST digits (plain loop), recording the weights every 4
+Trains ``workloads.SmallCNN`` on 4,000 real MNIST digits (plain loop), recording the weights every 4
 steps into ``OUT/run/`` (one file per snapshot), then runs
 
     modeopt analyze OUT/run --modes 10 --eval mnist-cnn --out OUT/report
@@ -25,7 +25,7 @@ import modeopt
 from modeopt.analysis import Recording, dmd, load_snapshots, reconstruction_errors
 from modeopt.analysis.evaluation import mnist_split
 from modeopt.cli import main as cli
-from modeopt.zoo import SmallCNN, batches, evaluate
+from workloads import SmallCNN, batches, evaluate
 
 
 def shifted(x: torch.Tensor, g: torch.Generator, max_shift: int = 3) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import modeopt
 from modeopt.distributed import CommMeter, attach
-from modeopt.zoo import SmallCNN
+from workloads import SmallCNN
 
 GLOBAL_BATCH = 64
 

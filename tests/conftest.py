@@ -37,7 +37,7 @@ def same_partition(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 @pytest.fixture(scope="session")
 def mnist():
-    from modeopt.datasets import mnist_subset
+    from workloads import mnist_subset
 
     return mnist_subset()
 

@@ -18,7 +18,7 @@ from modeopt.analysis import (
 )
 from modeopt.analysis.evaluation import accuracy_curves, mnist_split
 from modeopt.cli import main as cli
-from modeopt.zoo import SmallCNN, batches
+from workloads import SmallCNN, batches
 
 from conftest import planted_trajectory
 

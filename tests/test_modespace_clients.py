@@ -19,7 +19,7 @@ from torch import nn
 
 import modeopt
 from modeopt.modespace import ModeSpace
-from modeopt.zoo import SmallCNN
+from workloads import SmallCNN
 
 
 def _data(n=8, seed=0, dtype=torch.float32):

@@ -9,7 +9,7 @@ from torch import nn
 
 import modeopt
 from modeopt import OnlineCMD, OnlineCMDOptimizer, kernels
-from modeopt.zoo import SmallCNN, batches, evaluate, train_steps
+from workloads import SmallCNN, batches, evaluate, train_steps
 
 
 def _planted_run(steps=200, fit_at=60, snapshot_every=3, sample_every=2, seed=0):

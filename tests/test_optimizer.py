@@ -11,12 +11,12 @@ from torchvision.models import resnet18
 
 import modeopt
 from modeopt import CMDOptimizer
-from modeopt.zoo import SmallCNN, batches, evaluate, tiny_vit, train_steps
+from workloads import SmallCNN, batches, evaluate, tiny_vit, train_steps
 
 
 @pytest.fixture(scope="module")
 def mnist32():
-    from modeopt.datasets import mnist_subset
+    from workloads import mnist_subset
 
     return mnist_subset(image_size=32, channels=3, n_test=500)
 

@@ -2,7 +2,7 @@
 
 The same checks run over many base optimizers, LR schedulers, AMP, gradient accumulation,
 checkpointing in every phase, export and param-group layouts. Small real models (an MLP and
-``modeopt.zoo.SmallCNN``) learn a fixed random teacher's labels (with 20 % label noise, so the
+``workloads.SmallCNN``) learn a fixed random teacher's labels (with 20 % label noise, so the
 loss never vanishes). Everything is seeded: the checks are equalities, counts and tolerances.
 
 Internals used on purpose (they are the only way to state the contract precisely):
@@ -25,7 +25,7 @@ from torch import nn
 from torch.optim import lr_scheduler as lrs
 
 from modeopt import CMDOptimizer
-from modeopt.zoo import SmallCNN
+from workloads import SmallCNN
 from _small import MLP, _one_thread  # noqa: F401  (tests/ is on sys.path; the fixture is autouse)
 
 WARMUP = 8  # warm-up steps: the switch happens inside the WARMUP-th step (index WARMUP - 1)

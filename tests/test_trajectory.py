@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from modeopt import ParamLayout, Trajectory, TrajectoryRecorder, decompose
-from modeopt.zoo import SmallCNN
+from workloads import SmallCNN
 
 from conftest import same_partition
 

@@ -28,8 +28,8 @@ class Task:
 
 
 def _vision(name: str, make: Callable[[], nn.Module], cfg: dict, size: int, channels: int) -> Task:
-    from modeopt.datasets import mnist_subset
-    from modeopt.zoo import batches, evaluate
+    from workloads import mnist_subset
+    from workloads import batches, evaluate
 
     xtr, ytr, xte, yte = mnist_subset(image_size=size, channels=channels)
     bs = int(cfg.get("batch", 64))
@@ -50,7 +50,7 @@ def _vision(name: str, make: Callable[[], nn.Module], cfg: dict, size: int, chan
 
 
 def _minilm(cfg: dict) -> Task:
-    from modeopt.datasets import load_minilm, review_sentiment
+    from workloads import load_minilm, review_sentiment
 
     n_train, n_test = int(cfg.get("n_train", 1000)), int(cfg.get("n_test", 500))
     max_len, bs = int(cfg.get("max_length", 64)), int(cfg.get("batch", 16))
@@ -96,7 +96,7 @@ def _minilm(cfg: dict) -> Task:
 def make_task(cfg: dict) -> Task:
     name = cfg["task"]
     if name == "cnn_mnist":
-        from modeopt.zoo import SmallCNN
+        from workloads import SmallCNN
 
         return _vision(name, SmallCNN, cfg, 28, 1)
     if name == "resnet18_mnist":
@@ -104,7 +104,7 @@ def make_task(cfg: dict) -> Task:
 
         return _vision(name, lambda: resnet18(num_classes=10), cfg, 32, 3)
     if name == "vit_mnist":
-        from modeopt.zoo import tiny_vit
+        from workloads import tiny_vit
 
         v = cfg.get("vit", {})
         return _vision(name, lambda: tiny_vit(num_layers=v.get("layers", 4), hidden_dim=v.get("dim", 96),

@@ -1,6 +1,6 @@
 """FedAvg in mode space: 8 non-IID MNIST clients send M numbers per round instead of 30 k weights.
 
-Simulated in one process (real MNIST digits, ``modeopt.datasets.mnist_subset``; SmallCNN). Every
+Simulated in one process (real MNIST digits, ``workloads.mnist_subset``; SmallCNN). Every
 method runs the same rounds with the same client data, seeds and local training:
 
 * ``FedAvg`` - clients send all N weights every round (the baseline).
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 import modeopt
 from modeopt import federated
-from modeopt.datasets import mnist_subset
-from modeopt.zoo import SmallCNN, evaluate
+from workloads import mnist_subset
+from workloads import SmallCNN, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -169,8 +169,8 @@ def write(results: dict, cfg, seconds: float) -> None:
             "modes": cfg.modes, "local_epochs": cfg.local_epochs, "batch": cfg.batch, "client_optimizer":
             f"Adam(lr={cfg.lr}), fresh each round", "server": "SGD(lr=1) on the pseudo-gradient (= FedAvg)",
             "seeds": cfg.seeds, "threads": cfg.threads, "seconds": round(seconds, 1), "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "model": "modeopt.zoo.SmallCNN",
-            "data": "modeopt.datasets.mnist_subset(): 4,000 train / 1,000 test real MNIST digits"}
+            "machine": platform.processor() or platform.machine(), "model": "workloads.SmallCNN",
+            "data": "workloads.mnist_subset(): 4,000 train / 1,000 test real MNIST digits"}
     out.with_suffix(".json").write_text(json.dumps({"config": meta, "summary": rows, "runs": results}, indent=1))
     n = rows[0]["n_weights"]
     lines = [

