@@ -288,3 +288,25 @@ def test_importing_changes_no_environment_variable():
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout
+
+
+def test_every_non_python_file_of_the_package_is_shipped():
+    """A file the package reads at run time (the C kernels' source) must be package data, else a
+    wheel install silently loses it (found in a core-only install: the fused CPU kernels fell back)."""
+    import fnmatch
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"].get("package-data", {})
+    missing = []
+    for path in PKG.rglob("*"):
+        if path.is_dir() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts:
+            continue
+        rel = path.relative_to(ROOT)
+        ok = False
+        for package, globs in data.items():
+            base = ROOT / Path(*package.split("."))
+            if base in path.parents:
+                ok |= any(fnmatch.fnmatch(str(path.relative_to(base)), g) for g in globs)
+        if not ok:
+            missing.append(str(rel))
+    assert not missing, f"not listed in [tool.setuptools.package-data] of pyproject.toml: {missing}"
