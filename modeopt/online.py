@@ -40,8 +40,9 @@ from torch import Tensor, nn
 
 from . import kernels
 from .decomposition import decompose
-from .layout import ParamLayout
-from .trajectory import SnapshotBuffer, Trajectory, load_named_into, select_parameters
+from .layout import ParamLayout, select_parameters
+from .snapshots import SnapshotBuffer
+from .trajectory import Trajectory, load_named_into
 
 __all__ = ["OnlineCMD"]
 
