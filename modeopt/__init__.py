@@ -16,8 +16,8 @@ Submodules: ``modeopt.distributed`` (DDP, torchrun, HF Trainer on several proces
 
 from .decomposition import Decomposition, decompose
 from .layout import ParamLayout
-from .online import OnlineCMD
-from .online_optimizer import OnlineCMDOptimizer
+from .shadow import OnlineCMD
+from .shadow_optimizer import OnlineCMDOptimizer
 from .optimizer import CMDOptimizer
 from .snapshots import TrajectoryRecorder
 from .trajectory import Trajectory

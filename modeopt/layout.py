@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamLayout", "ParamSpec", "model_parameters", "select_parameters"]
+__all__ = ["ParamLayout", "ParamSpec", "model_parameters", "named_tensors", "select_parameters"]
 
 
 @dataclass(frozen=True)
@@ -200,3 +200,7 @@ def select_parameters(
                          "(pass names=... to choose some)")
     return params
 
+
+def named_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """Every ``(name, tensor)`` of the model's parameters, then buffers, a tied tensor under each of its names."""
+    return list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))

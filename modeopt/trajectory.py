@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint_files import load_state_dict_file, why_unreadable
-from .layout import ParamLayout
+from .layout import ParamLayout, named_tensors
 
 __all__ = ["Trajectory", "as_tensor", "load_named_into"]
 
@@ -239,8 +239,7 @@ def as_tensor(x) -> Tensor:
 
 def load_named_into(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
     """Copy named tensors into the model's parameters/buffers of the same names, in place."""
-    targets = dict(model.named_parameters(remove_duplicate=False))
-    targets.update(dict(model.named_buffers(remove_duplicate=False)))
+    targets = dict(named_tensors(model))
     with torch.no_grad():
         for name, value in tensors.items():
             if name not in targets:

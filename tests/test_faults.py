@@ -302,7 +302,7 @@ def test_online_optimizer_rejects_a_damaged_frozen_state_unchanged():
 
     model, opt = run()
     good = opt.state_dict()
-    t = [n for n in opt.online._names].index("2.weight")
+    t = [n for n in opt.online.names].index("2.weight")
     bad_a = {**good, "frozen": {**good["frozen"], str(t): {**good["frozen"][str(t)], "a": torch.zeros(5)}}}
     bad_t = {**good, "frozen": {**good["frozen"], "9": good["frozen"][str(t)]}, "frozen_whole": [t, 9]}
     bad_groups = {**good, "base": {**good["base"], "param_groups": good["base"]["param_groups"] * 2}}
