@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import _progress
@@ -30,13 +30,13 @@ from .clustering import cluster_samples
 from .layout import ParamLayout
 from .sampling import sample_weights
 from .streaming import resolve_device, stream_cols
-from .trajectory import Trajectory, as_tensor, load_named_into
+from .trajectory import ModelsTrajectory, Trajectory, as_tensor
 
 __all__ = ["decompose", "Decomposition"]
 
 
 @dataclass
-class Decomposition:
+class Decomposition(ModelsTrajectory):
     """A CMD model of a trajectory: ``w_i(t) ~= a[i] * profiles[labels[i], t] + b[i]``.
 
     Attributes:
@@ -102,17 +102,6 @@ class Decomposition:
         out = prof[self.labels]
         out.mul_(self.a[:, None]).add_(self.b[:, None])
         return out
-
-    def state_dict_at(self, t: int = -1) -> dict[str, Tensor]:
-        """The modelled weights at sample ``t`` as named tensors (needs a layout)."""
-        if self.layout is None:
-            raise ValueError("this decomposition has no layout: decompose a Trajectory (not a bare matrix) "
-                             "to load reconstructions into a model")
-        return self.layout.unflatten(self.reconstruct(t))
-
-    def load_into(self, model: nn.Module, t: int = -1) -> None:
-        """Write the modelled weights at sample ``t`` into the model, in place."""
-        load_named_into(model, self.state_dict_at(t))
 
     # -------------------------------------------------------- persistence
     def state_dict(self) -> dict:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .checkpoint_files import load_state_dict_file, why_unreadable
 from .layout import ParamLayout, named_tensors
 
-__all__ = ["Trajectory", "as_tensor", "load_named_into"]
+__all__ = ["Trajectory", "ModelsTrajectory", "as_tensor", "load_named_into"]
 
 
 class Trajectory:
@@ -246,3 +246,25 @@ def load_named_into(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
                 raise KeyError(f"the model has no parameter or buffer named {name!r}")
             targets[name].copy_(value.reshape(targets[name].shape))
 
+
+class ModelsTrajectory:
+    """Mixin for a model of a trajectory (a CMD or DMD fit): given ``layout`` (a :class:`ParamLayout` or
+    None) and ``reconstruct(t)`` (the ``(N,)`` modelled weights at sample ``t``), it reads them by name
+    and writes them into a model."""
+
+    layout: ParamLayout | None
+
+    def reconstruct(self, t: int | None = None) -> Tensor:
+        """The modelled weights: ``(N, T)``, or ``(N,)`` at sample ``t`` only."""
+        raise NotImplementedError
+
+    def state_dict_at(self, t: int = -1) -> dict[str, Tensor]:
+        """The modelled weights at sample ``t`` as named tensors (needs a layout)."""
+        if self.layout is None:
+            raise ValueError(f"this {type(self).__name__} has no layout: decompose a Trajectory (not a bare matrix) "
+                             "to load reconstructions into a model")
+        return self.layout.unflatten(self.reconstruct(t))
+
+    def load_into(self, model: nn.Module, t: int = -1) -> None:
+        """Write the modelled weights at sample ``t`` into the model, in place."""
+        load_named_into(model, self.state_dict_at(t))
