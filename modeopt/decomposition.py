@@ -71,10 +71,12 @@ class Decomposition(ModelsTrajectory):
 
     @property
     def n_modes(self) -> int:
+        """M, the number of modes."""
         return int(self.reference.numel())
 
     @property
     def n_weights(self) -> int:
+        """N, the number of weights modelled."""
         return int(self.labels.numel())
 
     @property
@@ -116,6 +118,7 @@ class Decomposition(ModelsTrajectory):
 
     @classmethod
     def from_state_dict(cls, d: Mapping) -> Decomposition:
+        """The decomposition :meth:`state_dict` described (tensors as saved, on their devices)."""
         d = dict(d)
         d["linkage"] = d["linkage"].numpy()
         d["layout"] = None if d["layout"] is None else ParamLayout.from_dict(d["layout"])
