@@ -29,7 +29,7 @@ bf16 autocast:
 Internals read on purpose (the only way to state the device contract): ``opt.space`` of a
 ``CMDOptimizer`` (``a``, ``labels``, ``r_params``, ``applied``, ``n_modes``; see
 ``modeopt.modespace.ModeSpace``) and ``opt.online`` of an ``OnlineCMDOptimizer`` (``labels``,
-``mean``, ``comoment``; see ``modeopt.online.OnlineCMD``).
+``mean``, ``comoment``; see ``modeopt.shadow.OnlineCMD``).
 """
 
 from __future__ import annotations
