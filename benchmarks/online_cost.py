@@ -53,7 +53,7 @@ def main() -> None:
             step(model, opt)
         assert opt.online.phase == "fitted"
         if frac > 0:
-            names = sorted(opt.online._names, key=lambda n: -dict(model.named_parameters()).get(n, torch.empty(0)).numel())
+            names = sorted(opt.online.names, key=lambda n: -dict(model.named_parameters()).get(n, torch.empty(0)).numel())
             chosen = []
             for n in names:
                 if opt.frozen_fraction() >= frac:
@@ -69,8 +69,7 @@ def main() -> None:
     sample_times = []
     for _ in range(5):
         t = time.perf_counter()
-        base_opt.online._add_sample([tt.reshape(-1) for tt in base_opt.online._tensors],
-                                    base_opt.online.references_now())
+        base_opt.online.add_sample()
         sample_times.append(time.perf_counter() - t)
 
     # 2. interleaved step times

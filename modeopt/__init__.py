@@ -16,10 +16,11 @@ Submodules: ``modeopt.distributed`` (DDP, torchrun, HF Trainer on several proces
 
 from .decomposition import Decomposition, decompose
 from .layout import ParamLayout
-from .online import OnlineCMD
-from .online_optimizer import OnlineCMDOptimizer
+from .shadow import OnlineCMD
+from .shadow_optimizer import OnlineCMDOptimizer
 from .optimizer import CMDOptimizer
-from .trajectory import Trajectory, TrajectoryRecorder
+from .snapshots import TrajectoryRecorder
+from .trajectory import Trajectory
 
 __all__ = ["CMDOptimizer", "OnlineCMD", "OnlineCMDOptimizer", "decompose", "Decomposition", "Trajectory", "TrajectoryRecorder", "ParamLayout"]
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ._wrapping import SharesBaseOptimizer
 from .layout import ParamLayout
-from .trajectory import SnapshotBuffer
+from .snapshots import SnapshotBuffer
 
 __all__ = ["SubspaceOptimizer", "pca_basis"]
 

@@ -52,6 +52,7 @@ class SampleClustering:
 
     @property
     def n_modes(self) -> int:
+        """M, the number of clusters (one reference each)."""
         return int(self.reference.numel())
 
 

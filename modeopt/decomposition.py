@@ -7,9 +7,9 @@ chunked: it costs O(N * M * T) time and never more than a few chunk-sized float6
 beside the input and the ``(N,)`` outputs.
 
 With ``device="cuda"`` (or weights already on a GPU) the two full passes run on that device:
-chunks of a host-resident trajectory are streamed up through :func:`stream_cols` (pinned
-memory, ``non_blocking`` copies on a side stream, double buffered), and the ``(N,)`` results are
-returned there. Sampling and clustering the K weights stay on the CPU (scipy).
+chunks of a host-resident trajectory are streamed up through
+:func:`~modeopt.streaming.stream_cols` (pinned memory, ``non_blocking`` copies on a side stream,
+double buffered), and the ``(N,)`` results are returned there. Sampling and clustering the K weights stay on the CPU (scipy).
 """
 
 from __future__ import annotations
@@ -20,22 +20,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import _progress
+from ._checks import check_int
 from ._chunking import CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS
 from .clustering import cluster_samples
 from .layout import ParamLayout
 from .sampling import sample_weights
-from .trajectory import Trajectory, as_tensor, load_named_into
+from .streaming import resolve_device, stream_cols
+from .trajectory import ModelsTrajectory, Trajectory, as_tensor
 
 __all__ = ["decompose", "Decomposition"]
 
 
-
 @dataclass
-class Decomposition:
+class Decomposition(ModelsTrajectory):
     """A CMD model of a trajectory: ``w_i(t) ~= a[i] * profiles[labels[i], t] + b[i]``.
 
     Attributes:
@@ -70,10 +71,12 @@ class Decomposition:
 
     @property
     def n_modes(self) -> int:
+        """M, the number of modes."""
         return int(self.reference.numel())
 
     @property
     def n_weights(self) -> int:
+        """N, the number of weights modelled."""
         return int(self.labels.numel())
 
     @property
@@ -102,17 +105,6 @@ class Decomposition:
         out.mul_(self.a[:, None]).add_(self.b[:, None])
         return out
 
-    def state_dict_at(self, t: int = -1) -> dict[str, Tensor]:
-        """The modelled weights at sample ``t`` as named tensors (needs a layout)."""
-        if self.layout is None:
-            raise ValueError("this decomposition has no layout: decompose a Trajectory (not a bare matrix) "
-                             "to load reconstructions into a model")
-        return self.layout.unflatten(self.reconstruct(t))
-
-    def load_into(self, model: nn.Module, t: int = -1) -> None:
-        """Write the modelled weights at sample ``t`` into the model, in place."""
-        load_named_into(model, self.state_dict_at(t))
-
     # -------------------------------------------------------- persistence
     def state_dict(self) -> dict:
         """Tensors and plain values only (loadable with ``torch.load(weights_only=True)``)."""
@@ -126,6 +118,7 @@ class Decomposition:
 
     @classmethod
     def from_state_dict(cls, d: Mapping) -> Decomposition:
+        """The decomposition :meth:`state_dict` described (tensors as saved, on their devices)."""
         d = dict(d)
         d["linkage"] = d["linkage"].numpy()
         d["layout"] = None if d["layout"] is None else ParamLayout.from_dict(d["layout"])
@@ -174,12 +167,13 @@ def decompose(
     if (n_modes is None) == (threshold is None):
         got = "neither" if n_modes is None else f"both (n_modes={n_modes}, threshold={threshold})"
         raise ValueError(f"give exactly one of n_modes=M or threshold=t, got {got}")
-    if n_modes is not None and (not isinstance(n_modes, (int, np.integer)) or isinstance(n_modes, bool) or n_modes < 1):
-        raise ValueError(f"n_modes must be an integer >= 1, got {n_modes!r}")
+    n_modes, n_samples, chunk_rows = (int(v) if isinstance(v, np.integer) else v
+                                      for v in (n_modes, n_samples, chunk_rows))
+    if n_modes is not None:
+        check_int("n_modes", n_modes, 1)
     if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"threshold must be a finite number >= 0 (a distance 1 - |corr|), got {threshold!r}")
-    if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
-        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    check_int("n_samples", n_samples, 1)
     if n_modes is not None and n_modes > n_samples:
         raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more "
                          f"weights (n_samples >= 30 * n_modes is a good rule)")
@@ -199,9 +193,9 @@ def decompose(
                          "floating-point parameters?)")
     if t < 3:
         raise ValueError(f"trajectory has T={t} time samples; CMD needs at least 3: record more snapshots")
-    if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows must be an integer >= 1, got {chunk_rows!r}")
-    dev = _resolve_device(device, trajectory.data)
+    if chunk_rows is not None:
+        check_int("chunk_rows", chunk_rows, 1)
+    dev = resolve_device(device, trajectory.data)
     on_host = dev.type == "cpu"
     budget = CHUNK_ELEMENTS if on_host else DEVICE_CHUNK_ELEMENTS
 
@@ -271,13 +265,6 @@ def decompose(
     )
 
 
-def _resolve_device(device, data: Tensor) -> torch.device:
-    dev = data.device if device is None else torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
 def _raise_nonfinite(x: Tensor, i0: int, layout: ParamLayout | None, steps: list[int]) -> None:
     """Name the first NaN/inf of the time-major chunk ``x`` whose first column is row ``i0``."""
     bad = torch.nonzero(~torch.isfinite(x))[0]
@@ -285,111 +272,6 @@ def _raise_nonfinite(x: Tensor, i0: int, layout: ParamLayout | None, steps: list
     where = f"row {row}" if layout is None else "parameter {!r} at index {}".format(*layout.locate(row))
     raise ValueError(f"trajectory has NaN/inf in {where}, sample {col} (step {steps[col]}): "
                      "CMD cannot model diverged weights; drop that snapshot or fix the training")
-
-
-#: Route host chunks through the staging path even for the CPU (tests exercise it this way).
-_FORCE_STAGING = False
-
-
-def stream_cols(trajectory: Trajectory, bounds: list[tuple[int, int]], device: torch.device,
-                *, staged: bool | None = None, n_buffers: int = 2):
-    """Yield ``(i0, i1, x)``: the values of weights ``i0:i1`` time-major, ``(T, i1 - i0)``, on ``device``.
-
-    Host data decomposed on a GPU is *staged*: each chunk is copied up on a side stream into one
-    of ``n_buffers`` device buffers while the caller computes on the previous one (double
-    buffering; events order the copy after the last use of its buffer, and the compute after
-    the copy). A pinned trajectory (a recording of CUDA tensors) is copied row by row straight
-    from its storage; pageable data (RAM, memory maps, numpy) goes through pinned host staging
-    buffers first. Everything else (data already on ``device``) yields :meth:`Trajectory.cols`.
-
-    ``x`` may be a view of a reused buffer: consume it before asking for the next chunk. The
-    values are exactly :meth:`Trajectory.cols`'s (a bf16/fp16 trajectory's offset is added on
-    ``device`` in float32, the same IEEE operation).
-    """
-    data = trajectory.data
-    if staged is None:
-        staged = (data.device.type == "cpu" and device.type != "cpu") or (_FORCE_STAGING and device.type == "cpu")
-    if not staged or not bounds:
-        for i0, i1 in bounds:
-            x = trajectory.cols(i0, i1)
-            yield i0, i1, (x if x.device == device else x.to(device))
-        return
-    if data.device.type != "cpu":
-        raise ValueError("staging streams host data; this trajectory is on " + str(data.device))
-    offset, t = trajectory.offset, data.shape[0]
-    width = max(i1 - i0 for i0, i1 in bounds)
-    n_buffers = max(1, min(n_buffers, len(bounds)))
-    cuda = device.type == "cuda"
-    direct = cuda and data.is_pinned() and (offset is None or offset.is_pinned())
-    pin = cuda and not direct
-    bufs = [torch.empty(t * width, dtype=data.dtype, device=device) for _ in range(n_buffers)]
-    obufs = [torch.empty(width, dtype=torch.float32, device=device) for _ in range(n_buffers)] if offset is not None else None
-    stages = ostages = None
-    if not direct:
-        stages = [torch.empty(t * width, dtype=data.dtype, pin_memory=pin) for _ in range(n_buffers)]
-        if offset is not None:
-            ostages = [torch.empty(width, dtype=torch.float32, pin_memory=pin) for _ in range(n_buffers)]
-    if cuda:
-        compute = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-    copied: list = [None] * n_buffers  # upload into buffer k done (recorded on the side stream)
-    used: list = [None] * n_buffers  # the caller's work on buffer k enqueued (compute stream)
-
-    def upload(j: int) -> None:
-        k = j % n_buffers
-        i0, i1 = bounds[j]
-        c = i1 - i0
-        dst = bufs[k][: t * c].view(t, c)
-        odst = None if offset is None else obufs[k][:c]
-        if not cuda:  # the CPU rehearsal of the same path: stage, then copy
-            stages[k][: t * c].view(t, c).copy_(data[:, i0:i1])
-            dst.copy_(stages[k][: t * c].view(t, c))
-            if odst is not None:
-                ostages[k][:c].copy_(offset[i0:i1])
-                odst.copy_(ostages[k][:c])
-            return
-        with torch.cuda.stream(side):
-            if used[k] is not None:
-                side.wait_event(used[k])  # the device buffer is free
-            if direct:
-                for r in range(t):  # each time row of a chunk is contiguous in the recording
-                    dst[r].copy_(data[r, i0:i1], non_blocking=True)
-                if odst is not None:
-                    odst.copy_(offset[i0:i1], non_blocking=True)
-            else:
-                if copied[k] is not None:
-                    copied[k].synchronize()  # the host stage is free (its last upload finished)
-                stage = stages[k][: t * c].view(t, c)
-                stage.copy_(data[:, i0:i1])
-                dst.copy_(stage, non_blocking=True)
-                if odst is not None:
-                    ostages[k][:c].copy_(offset[i0:i1])
-                    odst.copy_(ostages[k][:c], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(side)
-            copied[k] = event
-
-    try:
-        for j in range(n_buffers - 1):
-            upload(j)
-        for j, (i0, i1) in enumerate(bounds):
-            if j + n_buffers - 1 < len(bounds):
-                upload(j + n_buffers - 1)
-            k = j % n_buffers
-            c = i1 - i0
-            if cuda:
-                compute.wait_event(copied[k])
-            x = bufs[k][: t * c].view(t, c)
-            if offset is not None:
-                x = x.to(torch.float32) + obufs[k][:c]
-            yield i0, i1, x
-            if cuda:
-                event = torch.cuda.Event()
-                event.record(compute)
-                used[k] = event
-    finally:
-        if cuda:  # an abandoned stream (an exception in the caller) may still be copying into bufs:
-            compute.wait_stream(side)  # their memory is reused on the compute stream only after it
 
 
 def assign_and_fit(
@@ -408,14 +290,14 @@ def assign_and_fit(
     Sampled weights keep the mode they were clustered into. Constant weights get
     ``a = 0``, ``b = value``. Works on time-major ``(T, chunk)`` blocks in float64, centred before
     any product (no large sums are subtracted), on ``device`` (default: the data's; host data
-    is streamed to a GPU by :func:`stream_cols`). No host synchronisation per chunk.
+    is streamed to a GPU by :func:`~modeopt.streaming.stream_cols`). No host synchronisation per chunk.
 
     Returns:
         ``labels`` (N,) int64, ``a`` (N,) float32, ``b`` (N,) float32, ``score`` (N,) float32,
         on ``device``.
     """
     n = trajectory.n_weights
-    dev = _resolve_device(device, trajectory.data)
+    dev = resolve_device(device, trajectory.data)
     samples_host = samples.cpu()
     samples_dev, sample_labels = samples_host.to(dev), sample_labels.to(dev)
     moving = moving.to(dev)

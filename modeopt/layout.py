@@ -9,13 +9,13 @@ names, shapes and offsets, so it is cheap to copy and to checkpoint
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamLayout", "ParamSpec"]
+__all__ = ["ParamLayout", "ParamSpec", "model_parameters", "named_tensors", "select_parameters"]
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,18 @@ class ParamSpec:
 
     @property
     def numel(self) -> int:
+        """Number of values of the tensor."""
         return math.prod(self.shape)
 
     @property
     def stop(self) -> int:
+        """One past the tensor's last row in the flat vector."""
         return self.offset + self.numel
+
+    def check_shape(self, t: Tensor) -> None:
+        """Raise ``ValueError`` unless ``t`` has this spec's shape."""
+        if tuple(t.shape) != self.shape:
+            raise ValueError(f"tensor {self.name!r} has shape {tuple(t.shape)}, the layout expects {self.shape}")
 
 
 class ParamLayout:
@@ -65,6 +72,7 @@ class ParamLayout:
     # ------------------------------------------------------------------ build
     @classmethod
     def from_named_tensors(cls, named: Iterable[tuple[str, Tensor]]) -> ParamLayout:
+        """Layout of ``(name, tensor)`` pairs, in the order given (only names and shapes are kept)."""
         named = list(named)
         return cls([n for n, _ in named], [tuple(t.shape) for _, t in named])
 
@@ -80,10 +88,12 @@ class ParamLayout:
     # ---------------------------------------------------------------- queries
     @property
     def names(self) -> list[str]:
+        """Tensor names, in row order."""
         return [s.name for s in self.specs]
 
     @property
     def numels(self) -> list[int]:
+        """Number of values of each tensor, in row order."""
         return [s.numel for s in self.specs]
 
     def __len__(self) -> int:
@@ -131,10 +141,7 @@ class ParamLayout:
             if spec.name not in tensors:
                 raise KeyError(f"tensor {spec.name!r} of the layout is missing")
             t = tensors[spec.name]
-            if tuple(t.shape) != spec.shape:
-                raise ValueError(
-                    f"tensor {spec.name!r} has shape {tuple(t.shape)}, the layout expects {spec.shape}"
-                )
+            spec.check_shape(t)
             out[spec.offset : spec.stop].copy_(t.detach().reshape(-1))
         return out
 
@@ -145,10 +152,12 @@ class ParamLayout:
         return {s.name: flat[s.offset : s.stop].view(s.shape) for s in self.specs}
 
     def to_dict(self) -> dict:
+        """Plain Python values (``weights_only``-safe): ``{"names": [...], "shapes": [[...], ...]}``."""
         return {"names": self.names, "shapes": [list(s.shape) for s in self.specs]}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ParamLayout:
+        """The layout :meth:`to_dict` described."""
         return cls(d["names"], d["shapes"])
 
 
@@ -162,3 +171,36 @@ def model_parameters(model: nn.Module, *, trainable_only: bool = True) -> list[t
             continue
         out.append((name, p))
     return out
+
+
+def select_parameters(
+    model: nn.Module, names: Sequence[str] | Callable[[str, Tensor], bool] | None
+) -> list[tuple[str, Tensor]]:
+    """Named tensors of ``model`` chosen by a list of names (parameters or buffers) or a predicate
+    ``f(name, param) -> bool`` over its parameters; ``None``: :func:`model_parameters` (trainable floats).
+
+    Raises ``KeyError`` for a name the model lacks, ``ValueError`` for a non-float choice or an empty one.
+    """
+    if names is None:
+        params = model_parameters(model, trainable_only=True)
+    elif callable(names):
+        params = [(n, p) for n, p in model.named_parameters() if names(n, p)]
+    else:
+        all_named = dict(model.named_parameters())
+        all_named.update(dict(model.named_buffers()))
+        missing = [n for n in names if n not in all_named]
+        if missing:
+            raise KeyError(f"not parameters or buffers of the model: {missing}")
+        params = [(n, all_named[n]) for n in names]
+    bad = [n for n, p in params if not p.is_floating_point()]
+    if bad:
+        raise ValueError(f"not floating point, cannot be recorded: {bad}")
+    if not params:
+        raise ValueError("no parameters selected: the model has no trainable floating-point parameters "
+                         "(pass names=... to choose some)")
+    return params
+
+
+def named_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """Every ``(name, tensor)`` of the model's parameters, then buffers, a tied tensor under each of its names."""
+    return list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))

@@ -33,7 +33,8 @@ from ._wrapping import SharesBaseOptimizer
 from .decomposition import decompose
 from .layout import ParamLayout
 from .modespace import ModeSpace
-from .trajectory import SnapshotBuffer, Trajectory
+from .snapshots import SnapshotBuffer
+from .trajectory import Trajectory
 
 __all__ = ["CMDOptimizer", "NonFiniteWarning"]
 

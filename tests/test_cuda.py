@@ -29,7 +29,7 @@ bf16 autocast:
 Internals read on purpose (the only way to state the device contract): ``opt.space`` of a
 ``CMDOptimizer`` (``a``, ``labels``, ``r_params``, ``applied``, ``n_modes``; see
 ``modeopt.modespace.ModeSpace``) and ``opt.online`` of an ``OnlineCMDOptimizer`` (``labels``,
-``mean``, ``comoment``; see ``modeopt.online.OnlineCMD``).
+``mean``, ``comoment``; see ``modeopt.shadow.OnlineCMD``).
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def test_online_cmd_optimizer(case):
     online = opt.online
     assert online.phase == "fitted" and online.n_modes == M
     for t, (lab, mean, com) in enumerate(zip(online.labels, online.mean, online.comoment)):
-        name = online._names[t]
+        name = online.names[t]
         assert_on_device(lab, f"labels of {name}")
         assert lab.dtype == torch.uint8, f"labels of {name} are {lab.dtype}; expected uint8 for M = {M}"
         if t not in online.frozen_tensors:
@@ -265,9 +265,9 @@ def test_online_cmd_optimizer(case):
     assert opt.frozen and opt.frozen_fraction() > 0, opt.embed_history
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     for t in opt.frozen:
-        p = online._tensors[t]
+        p = online.tensors[t]
         assert not p.requires_grad and id(p) not in in_opt
-        assert_on_device(p, f"frozen {online._names[t]}")
+        assert_on_device(p, f"frozen {online.names[t]}")
 
     # the eval()/train() swap: the shadow model loads into a fresh model; raw weights come back exactly
     raw = {k: v.clone() for k, v in model.state_dict().items()}

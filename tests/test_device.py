@@ -10,10 +10,11 @@ import torch
 from conftest import planted_trajectory, same_partition
 
 import modeopt
-import modeopt.decomposition as dec
+import modeopt.streaming as streaming
 from modeopt import decompose
 from modeopt.layout import ParamLayout
-from modeopt.trajectory import SnapshotBuffer, Trajectory
+from modeopt.snapshots import SnapshotBuffer
+from modeopt.trajectory import Trajectory
 
 
 
@@ -55,7 +56,7 @@ def test_tiny_chunks_and_the_staged_stream_equal_the_unchunked_result(monkeypatc
     assert same_partition(whole.labels, labels)
     chunked = decompose(traj, n_modes=4, seed=0, chunk_rows=37)  # 136 chunks, last one partial
     _same(whole, chunked, exact=False, atol=1e-6)
-    monkeypatch.setattr(dec, "_FORCE_STAGING", True)  # stage -> buffer -> compute, 2 rotating buffers
+    monkeypatch.setattr(streaming, "_FORCE_STAGING", True)  # stage -> buffer -> compute, 2 rotating buffers
     staged = decompose(traj, n_modes=4, seed=0, device="cpu", chunk_rows=37)
     _same(chunked, staged)  # same chunks, same values: bit for bit
 
@@ -65,9 +66,9 @@ def test_stream_cols_yields_exactly_the_columns(n_buffers):
     w, *_ = planted_trajectory(n=1_000, t=7, m=2, seed=3)
     for traj in (Trajectory.from_matrix(w), _bf16(w)):
         bounds = [(i, min(i + 64, 1_000)) for i in range(0, 1_000, 64)]
-        got = list(dec.stream_cols(traj, bounds, torch.device("cpu"), staged=True, n_buffers=n_buffers))
+        got = list(streaming.stream_cols(traj, bounds, torch.device("cpu"), staged=True, n_buffers=n_buffers))
         assert [(i0, i1) for i0, i1, _ in got] == bounds  # (copy each x: buffers are reused)
-        for (i0, i1), (_, _, x) in zip(bounds, dec.stream_cols(traj, bounds, torch.device("cpu"), staged=True,
+        for (i0, i1), (_, _, x) in zip(bounds, streaming.stream_cols(traj, bounds, torch.device("cpu"), staged=True,
                                                                   n_buffers=n_buffers)):
             assert torch.equal(x, traj.cols(i0, i1))
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from modeopt import CMDOptimizer, OnlineCMD, OnlineCMDOptimizer
 from modeopt.optimizer import NonFiniteWarning
-from modeopt.trajectory import SnapshotBuffer
+from modeopt.snapshots import SnapshotBuffer
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,7 +302,7 @@ def test_online_optimizer_rejects_a_damaged_frozen_state_unchanged():
 
     model, opt = run()
     good = opt.state_dict()
-    t = [n for n in opt.online._names].index("2.weight")
+    t = [n for n in opt.online.names].index("2.weight")
     bad_a = {**good, "frozen": {**good["frozen"], str(t): {**good["frozen"][str(t)], "a": torch.zeros(5)}}}
     bad_t = {**good, "frozen": {**good["frozen"], "9": good["frozen"][str(t)]}, "frozen_whole": [t, 9]}
     bad_groups = {**good, "base": {**good["base"], "param_groups": good["base"]["param_groups"] * 2}}
@@ -348,7 +348,7 @@ def test_without_fallocate_the_file_is_written_with_zeros(tmp_path, monkeypatch)
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
     monkeypatch.setattr(os, "posix_fallocate", unsupported)
-    monkeypatch.setattr("modeopt.trajectory._ZERO_CHUNK", 1000)  # several chunks
+    monkeypatch.setattr("modeopt.snapshots._ZERO_CHUNK", 1000)  # several chunks
     buf = SnapshotBuffer(1000, capacity=3, directory=tmp_path)
     assert buf.data.shape == (3, 1000) and bool((buf.data == 0).all())
     writes = []
@@ -368,7 +368,7 @@ def test_without_fallocate_the_file_is_written_with_zeros(tmp_path, monkeypatch)
 
 def test_a_real_full_tmpfs_fails_at_allocation_not_with_sigbus(small_tmpfs):
     res = _run_script(f"""
-        from modeopt.trajectory import SnapshotBuffer
+        from modeopt.snapshots import SnapshotBuffer
         buf = SnapshotBuffer(200_000, capacity=3, directory="{small_tmpfs}")  # 2.4 MB > 1 MiB
         buf.data.fill_(1.0)
         print("WROTE")

@@ -28,7 +28,7 @@ def _planted_run(steps=200, fit_at=60, snapshot_every=3, sample_every=2, seed=0)
     for t in range(steps):
         w = a * prof[lab, t] + b + 1e-4 * torch.randn(n, generator=g)
         with torch.no_grad():
-            for spec, tensor in zip(online.layout.specs, online._tensors):
+            for spec, tensor in zip(online.layout.specs, online.tensors):
                 tensor.copy_(w[spec.offset : spec.stop].view_as(tensor))
         samples.append(w.clone())
         online.update()
@@ -135,7 +135,7 @@ def test_gradual_embedding_freezes_and_frozen_weights_follow_their_references(mn
     refs = {(t, i) for t, i in opt.online.ref_index}
     r = opt.online.references_now().to(torch.float32)
     for t, f in opt.frozen.items():
-        p = opt.online._tensors[t]
+        p = opt.online.tensors[t]
         full = kernels.as_index(opt.online.labels[t]).long()
         lab = full if f["mask"] is None else full[f["mask"]]
         value = p.detach().view(-1) if f["mask"] is None else p.detach().view(-1)[f["mask"]]
@@ -155,8 +155,8 @@ def test_tensor_granularity_saves_gradients_and_state(mnist):
     _train(mnist, 14, opt, model)
     labels, a, b = opt.online.coefficients()
     with_refs = {tt for tt, _ in opt.online.ref_index}
-    t = max((i for i in opt._candidates if i not in with_refs), key=lambda i: opt.online._tensors[i].numel())
-    p = opt.online._tensors[t]
+    t = max((i for i in opt.embeddable if i not in with_refs), key=lambda i: opt.online.tensors[i].numel())
+    p = opt.online.tensors[t]
     opt._freeze_tensor(t, a[t], b[t])
     before = p.detach().clone()
     _train(mnist, 20, opt, model, start=14)
@@ -172,22 +172,22 @@ def test_freezing_a_reference_tensor_hands_the_reference_off(mnist):
     model, opt = _build("tensor", embed_every=None)
     _train(mnist, 14, opt, model)
     online = opt.online
-    t = max({tt for tt, _ in online.ref_index}, key=lambda i: online._tensors[i].numel())
+    t = max({tt for tt, _ in online.ref_index}, key=lambda i: online.tensors[i].numel())
     modes = [m for m, (tt, _) in enumerate(online.ref_index) if tt == t]
     r_before = online.references_now()
     cmd_before = opt.cmd_state_dict()
-    opt.freeze([online._names[t]])
+    opt.freeze([online.names[t]])
     assert all(online.ref_index[m][0] != t for m in modes)  # handed off to weights of other tensors
-    assert all(online._tensors[online.ref_index[m][0]].requires_grad for m in modes)
+    assert all(online.tensors[online.ref_index[m][0]].requires_grad for m in modes)
     assert all(float(online.ref_scale[m]) != 1.0 for m in modes)
     # the new references give the same profile, up to their own fit residual
     torch.testing.assert_close(online.references_now(), r_before, rtol=0, atol=0.05 * float(r_before.abs().max()))
     # and the CMD model of the other tensors barely moves
     cmd_after = opt.cmd_state_dict()
-    other = [n for i, n in enumerate(online._names) if i != t and "running" not in n and "num_batches" not in n]
+    other = [n for i, n in enumerate(online.names) if i != t and "running" not in n and "num_batches" not in n]
     drift = max(float((cmd_after[n] - cmd_before[n]).abs().max()) for n in other)
     assert drift < 0.05 * max(float(cmd_before[n].abs().max()) for n in other)
-    p = online._tensors[t]
+    p = online.tensors[t]
     before = p.detach().clone()
     _train(mnist, 30, opt, model, start=14)
     assert not p.requires_grad and not torch.equal(p, before)  # frozen, and it follows the new references
@@ -202,16 +202,16 @@ def test_a_mode_with_no_other_free_weight_keeps_its_reference_tensor(mnist):
     _train(mnist, 14, opt, model)
     online = opt.online
     t, _ = online.ref_index[0]
-    for u in opt._candidates:  # make mode 0 live in tensor t only
+    for u in opt.embeddable:  # make mode 0 live in tensor t only
         if u != t:
             lab = kernels.as_index(online.labels[u])
             online.labels[u] = torch.where(lab == 0, torch.ones_like(lab), lab).to(online.labels[u].dtype)
     with pytest.raises(ValueError, match="has no other free weight to carry it"):
-        opt.freeze([online._names[t]])
-    assert t not in opt.frozen and online._tensors[t].requires_grad  # nothing changed
+        opt.freeze([online.names[t]])
+    assert t not in opt.frozen and online.tensors[t].requires_grad  # nothing changed
     with pytest.raises(ValueError, match=r"hand_off needs a finite, non-zero slope a \(got a=0.0, b=1.0\)"):
         online.hand_off(0, t, 0, 0.0, 1.0)
-    opt.freeze([online._names[t]], allow_references=True)  # asked for: mode 0 stops
+    opt.freeze([online.names[t]], allow_references=True)  # asked for: mode 0 stops
     assert t in opt.frozen
 
 
@@ -315,8 +315,8 @@ def test_update_after_the_fit_never_synchronises_with_the_host(mnist, monkeypatc
     online = opt.online
     labels, a, b = online.coefficients()
     refs = {t for t, _ in online.ref_index}
-    t_whole = next(t for t in opt._candidates if t not in refs)
-    t_part = next(t for t in opt._candidates if t != t_whole and online._tensors[t].numel() > 4)
+    t_whole = next(t for t in opt.embeddable if t not in refs)
+    t_part = next(t for t in opt.embeddable if t != t_whole and online.tensors[t].numel() > 4)
     pick = torch.zeros(a[t_part].numel(), dtype=torch.bool)
     pick[1::3] = True
     pick[[i for tt, i in online.ref_index if tt == t_part]] = False
@@ -327,7 +327,7 @@ def test_update_after_the_fit_never_synchronises_with_the_host(mnist, monkeypatc
         _no_host_sync(m)
         for _ in range(3):
             with torch.no_grad():
-                for x in online._tensors:
+                for x in online.tensors:
                     if x.is_floating_point():
                         x.add_(1e-3)
             opt._apply_frozen()
@@ -363,7 +363,7 @@ def test_a_state_saved_on_cuda_resumes_on_the_cpu_via_map_location(mnist, monkey
     model2.load_state_dict(ck["model"])
     opt2.load_state_dict(ck["opt"])
     online = opt2.online
-    for t, x in enumerate(online._tensors):
+    for t, x in enumerate(online.tensors):
         assert online.labels[t].device == x.device and online.labels[t].dtype == torch.uint8
         assert online.mean[t].device == x.device and online.comoment[t].device == x.device
     for v in (online.mode_mean, online.mode_m2, online.ref_scale, online.ref_shift):

@@ -92,7 +92,7 @@ def resume(blob: bytes, device):
 
 def assert_state_on(opt, device: torch.device):
     online = opt.online
-    for t, x in enumerate(online._tensors):
+    for t, x in enumerate(online.tensors):
         assert x.device.type == device.type
         assert online.labels[t].device.type == device.type and online.labels[t].dtype == torch.uint8
         assert online.mean[t].device.type == device.type and online.comoment[t].device.type == device.type
@@ -113,7 +113,7 @@ def test_online_state_lives_on_the_device_and_update_does_not_sync():
     partly = [t for t, f in opt.frozen.items() if f["mask"] is not None]
     assert partly, "weight-granularity embedding should have frozen part of a tensor"
     whole = {t for t, f in opt.frozen.items() if f["mask"] is None}
-    t = next(t for t in opt._candidates if t not in {u for u, _ in online.ref_index} | whole | {partly[0]})
+    t = next(t for t in opt.embeddable if t not in {u for u, _ in online.ref_index} | whole | {partly[0]})
     opt._freeze_tensor(t, a[t], b[t])  # a whole frozen tensor beside the partly frozen ones
     guard = contextlib.nullcontext()
     if ON_CUDA:

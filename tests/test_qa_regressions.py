@@ -168,7 +168,7 @@ def test_f2_trainer_saves_after_eval_and_resumes_raw_weights(tmp_path):
         return model, opt, trainer
 
     model_a, opt_a, trainer_a = run(tmp_path / "a")
-    assert opt_a.online.phase == "fitted" and opt_a._swapped is not None  # the last eval left the CMD weights in
+    assert opt_a.online.phase == "fitted" and opt_a.swapped  # the last eval left the CMD weights in
     saved = load_file(str(tmp_path / "a" / "checkpoint-8" / "model.safetensors"))
     for k, v in saved.items():
         assert torch.equal(v, RawAt8.raw[k]), k

@@ -113,7 +113,7 @@ def test_recorder_selects_by_name_and_predicate_and_rejects_bad_choices():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable floating-point parameters"):
         TrajectoryRecorder(frozen)
-    with pytest.raises(ValueError, match="max_snapshots must be >= 3"):
+    with pytest.raises(ValueError, match="max_snapshots must be an integer >= 3"):
         TrajectoryRecorder(m, max_snapshots=2)
 
 

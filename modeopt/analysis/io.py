@@ -17,9 +17,7 @@ first one is kept.
 from __future__ import annotations
 
 import os
-import pickle
 import re
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +26,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..layout import ParamLayout
-from ..trajectory import Trajectory, load_state_dict_file
+from ..checkpoint_files import load_state_dict_file
+from ..checkpoint_files import why_unreadable as _why_unreadable
+from ..trajectory import Trajectory
 from .recording import is_snapshot_directory, load_snapshots, snapshot_unit
 
 __all__ = ["load_trajectory", "natural_key"]
@@ -131,31 +131,6 @@ def _load_trajectory_file(path: Path) -> Trajectory:
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"cannot read {path}: {_why_unreadable(path, e)}; expected a trajectory saved by "
                              "Trajectory.save, a snapshot directory or checkpoint files") from None
-
-
-def _why_unreadable(path: Path, e: BaseException) -> str:
-    """One line on why torch could not read ``path`` (torch's own messages span many lines and, for a
-    weights-only refusal, advise ``weights_only=False``: wrong here, modeopt never unpickles code)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        size = path.stat().st_size
-    except OSError:
-        head, size = b"", -1
-    if size == 0:
-        return "the file is empty"
-    if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
-        return ("it holds pickled Python objects (e.g. a model or optimizer saved whole), not tensors; "
-                "modeopt reads only tensors (save state dicts: torch.save(model.state_dict(), path))")
-    if head.startswith(b"PK"):
-        if not zipfile.is_zipfile(path):
-            return "the file is truncated (a torch.save zip archive without its end): copy or save it again"
-        return "the file is damaged (a torch.save zip archive whose contents cannot be read): copy or save it again"
-    if path.suffix == ".safetensors":
-        return "the file is truncated or damaged (not a readable .safetensors file): copy or save it again"
-    if isinstance(e, (OSError, EOFError)):
-        return "the file is truncated or damaged: copy or save it again"
-    return "not a file written by torch.save"
 
 
 def _steps_from_names(paths: Sequence[Path]) -> list[int] | None:

@@ -31,7 +31,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..layout import ParamLayout
-from ..trajectory import Trajectory, TrajectoryRecorder, select_parameters
+from ..layout import select_parameters
+from ..snapshots import TrajectoryRecorder
+from ..trajectory import Trajectory
 
 __all__ = ["Recording", "SnapshotWriter", "load_snapshots", "is_snapshot_directory", "MANIFEST", "FORMAT"]
 

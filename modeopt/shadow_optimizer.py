@@ -1,37 +1,30 @@
-"""``OnlineCMDOptimizer``: online CMD owned by the optimizer, and gradual embedding.
-
-* **Shadow model.** Wraps any torch optimizer and keeps an :class:`~modeopt.OnlineCMD` of the
-  model up to date after every step. ``opt.eval()`` puts the CMD weights into the model and
-  ``opt.train()`` restores the raw weights exactly. This is the schedule-free convention, so the
-  HF ``Trainer``, which calls both around evaluation, evaluates the CMD model.
-* **Gradual embedding** (the follow-up paper's "embedded CMD"), with ``embed_every=L``. Every L
-  steps after the fit, the fraction ``embed_fraction`` of still-free weights whose fit changed
-  least since the last check is frozen to ``a_i * r[m(i)] + b_i``. The references stay free; a
-  frozen weight follows its reference. With ``granularity="tensor"`` (default), freezing happens a
-  whole tensor at a time. Such a tensor leaves the autograd graph (``requires_grad=False``: no
-  weight gradient), the optimizer (no state, no update) and the running moments. That is where
-  the work saving comes from. ``granularity="weight"`` freezes single weights, as in the paper;
-  it saves little, since a tensor still computes its gradient until every element is frozen.
-
-Devices: the frozen coefficients live on their tensor's device, like the online moments. A step
-synchronises with the host only at an embedding check (every ``embed_every`` steps after the fit:
-ranking the weights reads values back); the other steps - the base step, the frozen weights'
-assignment and the online update - do not.
+"""``OnlineCMDOptimizer``: an optimizer wrapper that hosts an :class:`~modeopt.OnlineCMD` (the shadow
+model, swapped in by ``eval()`` and out by ``train()``, the schedule-free convention) and does
+gradual embedding: every ``embed_every`` steps after the fit, the weights whose fit changed least
+are frozen to ``a_i * r[m(i)] + b_i``; a frozen tensor leaves the autograd graph, the optimizer and
+the running moments. A step synchronises with the host only at an embedding check. Details and
+measurements: ``docs/online.md``.
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import kernels
+from ._checks import check_int, check_no_duplicates
+from ._transfer import to_device
 from ._wrapping import SharesBaseOptimizer
-from .online import OnlineCMD, _to, default_names
-from ._checks import check_no_duplicates
+from .gradual_embedding import plan_hand_offs, relative_change
+from .layout import named_tensors
+from .shadow import OnlineCMD
+from .shadow_optimizer_checkpoint import check_embedding_state
+from .trajectory import load_named_into
 
 __all__ = ["OnlineCMDOptimizer"]
 
@@ -41,8 +34,9 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
 
     Args:
         model, base_optimizer: the model and its optimizer (built on ``model.parameters()``).
-        n_modes, fit_at, snapshot_every, sample_every, n_samples, seed, names, max_snapshots,
-            record_dtype: as in :class:`~modeopt.OnlineCMD`.
+        **online_args: ``n_modes``, ``fit_at`` (required), ``snapshot_every``, ``sample_every``,
+            ``n_samples``, ``seed``, ``names``, ``max_snapshots``, ``record_dtype``: the keyword
+            arguments of :class:`~modeopt.OnlineCMD`, passed to it (and checked by it).
         embed_every: if given, gradual embedding: every this many steps after the fit.
         embed_fraction: fraction of the still-free weights frozen at each check (paper: 0.1).
         granularity: ``"tensor"`` (whole tensors; saves gradient, state and update work) or
@@ -57,18 +51,10 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         model: nn.Module,
         base_optimizer: torch.optim.Optimizer,
         *,
-        n_modes: int = 10,
-        fit_at: int,
-        snapshot_every: int = 1,
-        sample_every: int | None = None,
-        n_samples: int = 1000,
-        seed: int | None = None,
-        names: Sequence[str] | Callable[[str, Tensor], bool] | None = None,
-        max_snapshots: int | None = None,
-        record_dtype: torch.dtype = torch.float32,
         embed_every: int | None = None,
         embed_fraction: float = 0.1,
         granularity: str = "tensor",
+        **online_args: Any,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -78,9 +64,8 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if granularity not in ("tensor", "weight"):
             raise ValueError(f"granularity must be 'tensor' or 'weight', got {granularity!r}")
-        if embed_every is not None and (not isinstance(embed_every, int) or isinstance(embed_every, bool)
-                                        or embed_every < 1):
-            raise ValueError(f"embed_every must be an integer >= 1, got {embed_every!r}")
+        if embed_every is not None:
+            check_int("embed_every", embed_every, 1)
         if isinstance(embed_fraction, bool) or not isinstance(embed_fraction, (int, float)) \
                 or not 0 < embed_fraction <= 1:
             raise ValueError(f"embed_fraction must be in (0, 1], got {embed_fraction!r}")
@@ -94,14 +79,11 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
                         "not a parameter of the model: build the base optimizer on model.parameters()")
         self._init_shared(base_optimizer)
         self.model = model
-        self.online = OnlineCMD(model, n_modes=n_modes, fit_at=fit_at, snapshot_every=snapshot_every,
-                                sample_every=sample_every, n_samples=n_samples, seed=seed,
-                                names=default_names(model) if names is None else names,
-                                max_snapshots=max_snapshots, record_dtype=record_dtype)
+        self.online = OnlineCMD(model, **online_args)
         self.embed_every, self.embed_fraction, self.granularity = embed_every, embed_fraction, granularity
         in_opt = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
         # Weights that gradual embedding may freeze: modelled, trainable, owned by the optimizer.
-        self._candidates = [i for i, t in enumerate(self.online._tensors)
+        self._candidates = [i for i, t in enumerate(self.online.tensors)
                             if isinstance(t, nn.Parameter) and t.requires_grad and id(t) in in_opt]
         self._orig_groups = [list(g["params"]) for g in base_optimizer.param_groups]
         self.frozen: dict[int, dict[str, Tensor]] = {}  # tensor -> {"mask", "a", "b"} (mask None: whole tensor)
@@ -115,6 +97,10 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
 
     # ------------------------------------------------------------- stepping
     def step(self, closure=None):
+        """One training step: the base optimizer's step (``closure`` as in torch; its loss is returned),
+        then the frozen weights follow their references, the online CMD is updated, and every
+        ``embed_every`` steps after the fit more weights are frozen. ``RuntimeError`` while
+        :meth:`eval` has the CMD weights in the model."""
         if self._swapped is not None:
             raise RuntimeError("the CMD weights are swapped into the model (opt.eval()): call opt.train() before "
                                "training steps")
@@ -132,35 +118,25 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
     def _apply_frozen(self) -> None:
         """Frozen weights follow their references: w = a * r_now[m] + b (whole tensors: one fused pass)."""
         r = self.online.references_now()
-        tensors, labels = self.online._tensors, self.online.labels
+        tensors, labels = self.online.tensors, self.online.labels
         by_device: dict[torch.device, list[int]] = {}
         for t, f in self.frozen.items():
             if f["mask"] is None:
                 by_device.setdefault(tensors[t].device, []).append(t)
         for dev, whole in by_device.items():
             kernels.assign([tensors[t] for t in whole], [self.frozen[t]["a"] for t in whole],
-                           [self.frozen[t]["b"] for t in whole], [labels[t] for t in whole], _to(r, dev))
+                           [self.frozen[t]["b"] for t in whole], [labels[t] for t in whole], to_device(r, dev))
         r32: dict[torch.device, Tensor] = {}
         for t, f in self.frozen.items():
             if f["mask"] is not None:
                 w, pos = tensors[t], self._positions[t]
                 if w.device not in r32:
-                    r32[w.device] = _to(r, w.device, torch.float32)
+                    r32[w.device] = to_device(r, w.device, torch.float32)
                 lab = kernels.as_index(labels[t].index_select(0, pos))
                 value = torch.addcmul(f["b"], f["a"], r32[w.device][lab])
                 w.view(-1).index_copy_(0, pos, value.to(w.dtype))
 
     # --------------------------------------------------- gradual embedding
-    def _relative_change(self, t: int, a: Tensor, mean: Tensor) -> Tensor:
-        """How much a weight's fitted trajectory moved since the last check, relative to its own
-        movement: (|da| sd_r + |d mean|) / (|a| sd_r)."""
-        lab = kernels.as_index(self.online.labels[t])
-        sd = _to(self.online.mode_m2 / max(self.online.count, 1), lab.device).sqrt()[lab]
-        prev = self._prev.get(t)
-        if prev is None:
-            return torch.full_like(a, float("inf"))
-        return ((a - prev[0]).abs() * sd + (mean - prev[1]).abs()) / (a.abs() * sd).clamp(min=1e-30)
-
     @torch.no_grad()
     def _embed_more(self) -> None:
         labels, a_all, b_all = self.online.coefficients()
@@ -170,7 +146,8 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
             f = self.frozen.get(t)
             if f is not None and f["mask"] is None:
                 continue
-            change = self._relative_change(t, a_all[t], self.online.mean[t])
+            change = relative_change(self.online.labels[t], self.online.reference_variance(), a_all[t],
+                                     self.online.mean[t], self._prev.get(t))
             change[torch.tensor(refs.get(t, []), dtype=torch.long, device=change.device)] = float("inf")  # refs stay
             if f is not None:
                 change[f["mask"]] = float("inf")
@@ -201,7 +178,7 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
                 newly += a_all[t].numel()
         else:
             rdev = self.online.reference_device
-            flat = torch.cat([_to(changes[t], rdev) for t in changes])
+            flat = torch.cat([to_device(changes[t], rdev) for t in changes])
             k = min(target, int(torch.isfinite(flat).sum()))
             if k == 0:
                 return
@@ -221,32 +198,11 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         return refs
 
     def _plan_hand_offs(self, leaving: set[int], labels, a_all, b_all) -> list[tuple] | None:
-        """New reference weights for the modes whose reference lies in the tensors ``leaving``.
-
-        For each such mode: the free weight of the mode, in a trainable tensor that stays free,
-        with the largest ``|a|`` (its profile carries r with the least relative noise). None if a
-        mode has no such weight left (or only ones with a ~ 0).
-        """
-        plan = []
-        for m, (t_ref, _) in enumerate(self.online.ref_index):
-            if t_ref not in leaving:
-                continue
-            best = (0.0, None)
-            for u in self._candidates:
-                f = self.frozen.get(u)
-                if u in leaving or (f is not None and f["mask"] is None):
-                    continue
-                score = a_all[u].abs() * (kernels.as_index(labels[u]) == m)
-                if f is not None:
-                    score = score.masked_fill(f["mask"], 0.0)
-                i = int(score.argmax())
-                if float(score[i]) > best[0]:
-                    best = (float(score[i]), (m, u, i, float(a_all[u][i]), float(b_all[u][i])))
-            # |a| relative to the old reference's own slope (1): a ~ 0 would amplify noise without bound
-            if best[1] is None or best[0] < 1e-3:
-                return None
-            plan.append(best[1])
-        return plan
+        """New reference weights for the modes whose reference lies in the tensors ``leaving`` (see
+        :func:`~modeopt.gradual_embedding.plan_hand_offs`)."""
+        whole = {u for u, f in self.frozen.items() if f["mask"] is None}
+        partly = {u: f["mask"] for u, f in self.frozen.items() if f["mask"] is not None}
+        return plan_hand_offs(self.online.ref_index, self._candidates, leaving, whole, partly, labels, a_all, b_all)
 
     def freeze(self, names: Sequence[str], *, allow_references: bool = False) -> None:
         """Freeze whole tensors now: from here on they follow ``a * r[m] + b`` with their current fit
@@ -257,12 +213,12 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         (:meth:`OnlineCMD.hand_off`). If a mode has no such weight left, the tensor is refused unless
         ``allow_references=True``: freezing it then stops that mode and every frozen weight of it.
         """
-        self.online._need_fit()
+        self.online.check_fitted()
         labels, a, b = self.online.coefficients()
         for name in names:
-            if name not in self.online._names:
+            if name not in self.online.names:
                 raise KeyError(f"{name!r} is not modelled by this OnlineCMDOptimizer")
-            t = self.online._names.index(name)
+            t = self.online.names.index(name)
             if t not in self._candidates:
                 raise ValueError(f"{name!r} is not a trainable parameter of the base optimizer: nothing to freeze")
             f = self.frozen.get(t)
@@ -280,18 +236,14 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
             self._freeze_tensor(t, a[t], b[t])
 
     def _freeze_tensor(self, t: int, a: Tensor, b: Tensor) -> None:
-        p = self.online._tensors[t]
+        p = self.online.tensors[t]
         self.frozen[t] = {"mask": None, "a": a.to(torch.float32), "b": b.to(torch.float32)}
         self._positions.pop(t, None)
         self._detach(t, p)
 
     def _detach(self, t: int, p: nn.Parameter) -> None:
         """The tensor stops costing: no gradient, no optimizer state or update, no running moments."""
-        p.requires_grad_(False)
-        p.grad = None
-        for group in self.base.param_groups:
-            group["params"][:] = [q for q in group["params"] if q is not p]
-        self.base.state.pop(p, None)
+        _stop_training(p, self.base)
         self.online.freeze_tensor(t)
         self._prev.pop(t, None)
 
@@ -308,15 +260,26 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         if bool(mask.all()):  # the whole tensor is frozen now: stop its gradient and state too
             self.frozen[t] = {"mask": None, "a": full_a, "b": full_b}
             self._positions.pop(t, None)
-            self._detach(t, self.online._tensors[t])
+            self._detach(t, self.online.tensors[t])
         else:
             self.frozen[t] = {"mask": mask, "a": full_a[mask], "b": full_b[mask], "a_full": full_a, "b_full": full_b}
             self._positions[t] = mask.nonzero().view(-1)
 
+    @property
+    def embeddable(self) -> list[int]:
+        """Indices (into ``online.tensors``) of the tensors gradual embedding may freeze: modelled,
+        trainable parameters held by the base optimizer."""
+        return self._candidates
+
+    @property
+    def swapped(self) -> bool:
+        """Whether :meth:`eval` has the CMD weights in the model now."""
+        return self._swapped is not None
+
     def frozen_fraction(self) -> float:
         """Fraction of the embeddable weights that are frozen now."""
-        total = sum(self.online._tensors[t].numel() for t in self._candidates)
-        frozen = sum(self.online._tensors[t].numel() if f["mask"] is None else int(f["mask"].sum())
+        total = sum(self.online.tensors[t].numel() for t in self._candidates)
+        frozen = sum(self.online.tensors[t].numel() if f["mask"] is None else int(f["mask"].sum())
                      for t, f in self.frozen.items())
         return frozen / max(total, 1)
 
@@ -330,15 +293,13 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         are :meth:`cmd_state_dict`; ``model.state_dict(keep_vars=True)`` gives the live tensors.
         """
         if self._swapped is None and self.online.phase == "fitted":
-            self._swapped = {n: t.detach().clone() for n, t in zip(self.online._names, self.online._tensors)}
+            self._swapped = {n: t.detach().clone() for n, t in zip(self.online.names, self.online.tensors)}
             self.online.load_into(self.model)
             self._swap_hook = self.model.register_state_dict_post_hook(_RawWhileSwapped(self))
 
     def train(self) -> None:
         """Restore the raw weights (exactly) for training."""
         if self._swapped is not None:
-            from .trajectory import load_named_into
-
             load_named_into(self.model, self._swapped)
             self._swapped = None
         if self._swap_hook is not None:
@@ -350,10 +311,8 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         (a tied weight under each of its names)."""
         if self._swapped is None:
             return []
-        raw = {id(t): self._swapped[n] for n, t in zip(self.online._names, self.online._tensors)}
-        named = list(self.model.named_parameters(remove_duplicate=False))
-        named += list(self.model.named_buffers(remove_duplicate=False))
-        return [(k, t, raw[id(t)]) for k, t in named if id(t) in raw]
+        raw = {id(t): self._swapped[n] for n, t in zip(self.online.names, self.online.tensors)}
+        return [(k, t, raw[id(t)]) for k, t in named_tensors(self.model) if id(t) in raw]
 
     def cmd_state_dict(self) -> dict[str, Tensor]:
         """The CMD weights as a plain ``{name: tensor}`` (the model's own values before the fit)."""
@@ -361,8 +320,10 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
 
     # ---------------------------------------------------------- state dicts
     def state_dict(self) -> dict[str, Any]:
-        # Nothing in it depends on the eval()/train() swap (no weights: those are the model's, and the
-        # model's state dict holds the raw ones while swapped), so it may be taken in either mode.
+        """Tensors and plain values (``weights_only``-loadable): the base optimizer's state, the online
+        CMD's (:meth:`OnlineCMD.state_dict`), the frozen tensors' coefficients and the embedding
+        history. It holds no weights (those are the model's; while swapped, ``model.state_dict()`` holds
+        the raw ones), so it may be taken in either mode of :meth:`eval` / :meth:`train`."""
         frozen = {str(t): {k: v for k, v in f.items() if v is not None} for t, f in self.frozen.items()}
         return {"base": self.base.state_dict(), "online": self.online.state_dict(), "frozen": frozen,
                 "frozen_whole": [t for t, f in self.frozen.items() if f["mask"] is None],
@@ -375,9 +336,9 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         if self._swapped is not None:
             raise RuntimeError("the CMD weights are swapped into the model (opt.eval()): call opt.train() before "
                                "load_state_dict(), or train() would put the old raw weights back afterwards")
-        buffer = self._checked_state(sd)
+        checked = self._checked_state(sd)
         whole = set(sd["frozen_whole"])
-        leaving = {id(self.online._tensors[t]) for t in whole}
+        leaving = {id(self.online.tensors[t]) for t in whole}
         # The base optimizer's load is the one step that may still raise (torch's own checks of its
         # state): it goes first, with its param groups as they will be, and they are put back if it fails.
         before = [list(g["params"]) for g in self.base.param_groups]
@@ -391,9 +352,9 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
             raise ValueError(f"the state's base optimizer does not load into this one ({type(e).__name__}: {e}): "
                              "nothing was changed; build the base optimizer as in the saved run") from e
         # from here on nothing raises
-        self.online._apply_state(sd["online"], buffer)
+        self.online.load_checked_state(checked)
         self.frozen, self._positions = {}, {}
-        devs = [t.device for t in self.online._tensors]
+        devs = [t.device for t in self.online.tensors]
         for key, f in sd["frozen"].items():
             t = int(key)
             entry = {k: v.to(devs[t], copy=True) for k, v in f.items()}  # on the frozen tensor's device
@@ -401,9 +362,7 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
             if t in whole:
                 entry["mask"] = None
                 self.frozen[t] = entry
-                p = self.online._tensors[t]
-                p.requires_grad_(False)
-                p.grad = None
+                _stop_training(self.online.tensors[t], self.base)
             else:
                 self.frozen[t] = entry
                 self._positions[t] = entry["mask"].nonzero().view(-1)
@@ -413,94 +372,16 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
 
     def _checked_state(self, sd: Any):
         """Validate a :meth:`state_dict` without changing anything (the online part, the frozen tensors,
-        the base optimizer's groups); returns the online recording window, loaded into a new buffer."""
+        the base optimizer's groups); returns the online part, checked (:meth:`OnlineCMD.check_state_dict`)."""
         keys = ("base", "online", "frozen", "frozen_whole", "prev", "embed_history")
         if not isinstance(sd, dict) or any(k not in sd for k in keys):
             missing = [k for k in keys if not isinstance(sd, dict) or k not in sd]
             raise ValueError(f"not an OnlineCMDOptimizer state dict (it lacks {missing}); to load a plain "
                              "optimizer's state use opt.base.load_state_dict(...)")
-        buffer = self.online._checked_state(sd["online"])
-        names, tensors = self.online._names, self.online._tensors
-        frozen, whole = sd["frozen"], sd["frozen_whole"]
-        if not isinstance(frozen, dict) or not isinstance(whole, (list, tuple)) or not isinstance(sd["prev"], dict):
-            raise ValueError("the state's 'frozen', 'frozen_whole' and 'prev' must be a dict, a list and a dict: "
-                             "damaged checkpoint")
-
-        def index(key, what):
-            try:
-                t = int(key)
-            except (TypeError, ValueError):
-                t = None
-            if t is None or t not in self._candidates:
-                raise ValueError(f"{what} {key} is not a tensor this optimizer may freeze (a trainable parameter of "
-                                 "the base optimizer): the state is from a different model or set-up")
-            return t
-
-        def sized(name, what, v, n, dtype, owner="frozen tensor"):
-            # exactly what state_dict() saves: 1-D, of the dtype the per-step code computes in
-            if not isinstance(v, Tensor) or v.dtype != dtype or v.dim() != 1:
-                got = f"a {v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
-                raise ValueError(f"{owner} {name!r}: the state's {what} must be a 1-D {dtype} tensor, got {got}: "
-                                 "damaged or edited checkpoint; load an intact one")
-            if v.numel() != n:
-                raise ValueError(f"{owner} {name!r} has {v.numel()} {what}, the model's tensor has {n}: the state "
-                                 "is from a different model; build the same model as the saved run")
-            if dtype != torch.bool and not bool(torch.isfinite(v).all()):
-                raise ValueError(f"{owner} {name!r}: its {what} hold NaN/inf: damaged checkpoint")
-
-        f32, f64 = torch.float32, torch.float64
-        history = sd["embed_history"]
-        if not isinstance(history, (list, tuple)) or not all(isinstance(h, dict) for h in history):
-            raise ValueError(f"the state's 'embed_history' must be a list of dicts, got {history!r:.80}: damaged "
-                             "checkpoint")
-
-        whole_set = {index(t, "frozen tensor") for t in whole}
-        for key, f in frozen.items():
-            t = index(key, "frozen tensor")
-            name, n = names[t], tensors[t].numel()
-            if not isinstance(f, dict) or "a" not in f or "b" not in f:
-                raise ValueError(f"frozen tensor {name!r} lacks its coefficients 'a' and 'b': damaged checkpoint")
-            if t in whole_set:
-                sized(name, "coefficients a", f["a"], n, f32)
-                sized(name, "offsets b", f["b"], n, f32)
-            else:
-                if any(k not in f for k in ("mask", "a_full", "b_full")):
-                    raise ValueError(f"partly frozen tensor {name!r} lacks 'mask', 'a_full' or 'b_full': "
-                                     "damaged checkpoint")
-                sized(name, "mask entries", f["mask"], n, torch.bool)
-                k = int(f["mask"].sum())
-                sized(name, "coefficients a", f["a"], k, f32)
-                sized(name, "offsets b", f["b"], k, f32)
-                sized(name, "coefficients a_full", f["a_full"], n, f32)
-                sized(name, "offsets b_full", f["b_full"], n, f32)
-        if not whole_set <= {int(k) for k in frozen}:
-            raise ValueError("the state lists whole frozen tensors without their coefficients: damaged checkpoint")
-        if whole_set != set(sd["online"].get("frozen_tensors", [])):
-            raise ValueError("the state's whole frozen tensors differ from those its online CMD stopped tracking: "
-                             "damaged checkpoint")
-        for key, v in sd["prev"].items():
-            t = index(key, "tracked tensor")
-            if not isinstance(v, (list, tuple)) or len(v) != 2:
-                raise ValueError(f"the state's 'prev' entry of {names[t]!r} must be [a, mean]: damaged checkpoint")
-            sized(names[t], "previous coefficients", v[0], tensors[t].numel(), f64, "tracked tensor")
-            sized(names[t], "previous means", v[1], tensors[t].numel(), f64, "tracked tensor")
-        base = sd["base"]
-        if not isinstance(base, dict) or not isinstance(base.get("param_groups"), (list, tuple)) or "state" not in base:
-            raise ValueError("the state's 'base' entry is not an optimizer state dict: damaged checkpoint")
-        groups = base["param_groups"]
-        if len(groups) != len(self.base.param_groups):
-            raise ValueError(f"the state's base optimizer has {len(groups)} param group(s), this one "
-                             f"{len(self.base.param_groups)}: build the base optimizer with the same param groups "
-                             "as the saved run")
-        leaving = {id(tensors[t]) for t in whole_set}
-        for gi, (g, mine) in enumerate(zip(groups, self.base.param_groups)):
-            want = sum(id(p) not in leaving for p in mine["params"])
-            got = len(g.get("params", ())) if isinstance(g, dict) else -1
-            if got != want:
-                raise ValueError(f"param group {gi} of the state's base optimizer holds {got} tensor(s), this "
-                                 f"optimizer's would hold {want} after the load: the state is from a different model "
-                                 "or set-up")
-        return buffer
+        checked = self.online.check_state_dict(sd["online"])
+        check_embedding_state(sd, names=self.online.names, tensors=self.online.tensors,
+                              embeddable=self._candidates, param_groups=self.base.param_groups)
+        return checked
 
 
 class _RawWhileSwapped:
@@ -527,3 +408,25 @@ class _RawWhileSwapped:
             key = prefix + key
             if key in state_dict and state_dict[key] is not live:
                 state_dict[key] = raw
+
+
+def _stop_training(p: Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """``p`` leaves training: no gradient (``requires_grad=False``, ``grad`` dropped), and no place in
+    ``optimizer``'s param groups nor state."""
+    p.requires_grad_(False)
+    p.grad = None
+    for group in optimizer.param_groups:
+        group["params"][:] = [q for q in group["params"] if q is not p]
+    optimizer.state.pop(p, None)
+
+
+def _signature_with_online_args(init):
+    """``init``'s signature with ``**online_args`` spelled out as :class:`OnlineCMD`'s keyword arguments
+    (what ``help()`` and IDEs show)."""
+    own = inspect.signature(init)
+    online = [p for p in inspect.signature(OnlineCMD.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    return own.replace(parameters=params + online)
+
+
+OnlineCMDOptimizer.__init__.__signature__ = _signature_with_online_args(OnlineCMDOptimizer.__init__)
