@@ -46,10 +46,17 @@ def fused_available() -> bool:
 def _fusable(*groups: tuple[Sequence[Tensor], tuple], labels: Sequence[Tensor]) -> bool:
     """Whether the C kernels apply: every tensor of each ``(tensors, dtypes)`` group is a contiguous
     CPU tensor of one of ``dtypes``, and every label tensor contiguous of a dtype the C code reads."""
-    return (fused_available()
-            and all(t.device.type == "cpu" and t.dtype in dtypes and t.is_contiguous()
-                    for tensors, dtypes in groups for t in tensors)
-            and all(lab.dtype in L_NAMES and lab.is_contiguous() for lab in labels))
+    if not fused_available():
+        return False
+    # plain loops, not generators: this runs once per tensor on every eager CPU pass (docs/performance.md)
+    for tensors, dtypes in groups:
+        for t in tensors:
+            if not (t.is_cpu and t.dtype in dtypes and t.is_contiguous()):
+                return False
+    for lab in labels:
+        if not (lab.dtype in L_NAMES and lab.is_contiguous()):
+            return False
+    return True
 
 
 def _pieces(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -88,16 +95,19 @@ def _run_split(fn: Callable, pieces: list) -> None:
 
 
 def _run_elementwise(fns: Sequence[Callable], per_tensor: Sequence[Sequence[Tensor]], shared: tuple) -> None:
-    """``fns[t](<ptr of each per_tensor[k][t] at the piece>, *shared, <piece length>)`` over every piece
-    of every tensor ``t`` (``per_tensor[0]`` gives the sizes)."""
-
-    bases = [[(x.data_ptr(), x.element_size()) for x in row] for row in zip(*per_tensor)]
+    """``fns[t](<pointer into each per_tensor[k][t] at the piece>, *shared, <piece length>)`` over
+    every piece of every tensor ``t`` (``per_tensor[0]`` gives the sizes)."""
+    rows = list(zip(*per_tensor))
+    ptrs = [tuple(map(Tensor.data_ptr, row)) for row in rows]
 
     def one(piece):
         t, s, e = piece
-        fns[t](*[ptr + size * s for ptr, size in bases[t]], *shared, e - s)
+        if s:
+            fns[t](*[p + x.element_size() * s for p, x in zip(ptrs[t], rows[t])], *shared, e - s)
+        else:  # the first (for most tensors the only) piece
+            fns[t](*ptrs[t], *shared, e)
 
-    _run_split(one, _pieces([w.numel() for w in per_tensor[0]]))
+    _run_split(one, _pieces(list(map(Tensor.numel, per_tensor[0]))))
 
 
 def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int) -> Tensor:
