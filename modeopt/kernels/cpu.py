@@ -35,6 +35,7 @@ THREADS = int(os.environ.get("MODEOPT_KERNEL_THREADS", "1"))
 _pool: ThreadPoolExecutor | None = None
 _F32 = (torch.float32,)
 _F64 = (torch.float64,)
+_A = tuple(A_NAMES)  # coefficient dtypes the C code reads
 
 
 def fused_available() -> bool:
@@ -84,12 +85,12 @@ def _run_split(fn: Callable, pieces: list) -> None:
         return
     bounds = [len(pieces) * j // k for j in range(k + 1)]
 
-    def run(lo: int, hi: int) -> None:
+    def _run(lo: int, hi: int) -> None:
         for p in pieces[lo:hi]:
             fn(p)
 
-    futures = [_workers().submit(run, bounds[j], bounds[j + 1]) for j in range(1, k)]
-    run(bounds[0], bounds[1])
+    futures = [_workers().submit(_run, bounds[j], bounds[j + 1]) for j in range(1, k)]
+    _run(bounds[0], bounds[1])
     for f in futures:
         f.result()
 
@@ -100,14 +101,14 @@ def _run_elementwise(fns: Sequence[Callable], per_tensor: Sequence[Sequence[Tens
     rows = list(zip(*per_tensor))
     ptrs = [tuple(map(Tensor.data_ptr, row)) for row in rows]
 
-    def one(piece):
+    def _one(piece):
         t, s, e = piece
         if s:
             fns[t](*[p + x.element_size() * s for p, x in zip(ptrs[t], rows[t])], *shared, e - s)
         else:  # the first (for most tensors the only) piece
             fns[t](*ptrs[t], *shared, e)
 
-    _run_split(one, _pieces(list(map(Tensor.numel, per_tensor[0]))))
+    _run_split(_one, _pieces(list(map(Tensor.numel, per_tensor[0]))))
 
 
 def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int) -> Tensor:
@@ -116,7 +117,7 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
     items = [(g.reshape(-1), x, lab) for g, x, lab in zip(grads, a, labels) if g is not None]
     if items:
         gs, xs, ls = zip(*items)
-        if _fusable((gs, _F32), (xs, tuple(A_NAMES)), labels=ls):
+        if _fusable((gs, _F32), (xs, _A), labels=ls):
             return _reduce_fused(gs, xs, ls, n_modes)
     return reference.reduce(grads, a, labels, n_modes)
 
@@ -129,13 +130,13 @@ def _reduce_fused(gs, xs, ls, n_modes: int) -> Tensor:
     acc = torch.zeros(len(pieces), UNROLL * n_modes, dtype=torch.float64)
     fns = [getattr(lib, f"reduce_{A_NAMES[x.dtype]}_{L_NAMES[lab.dtype]}") for x, lab in zip(xs, ls)]
 
-    def one(j_piece):
+    def _one(j_piece):
         j, (t, s, e) = j_piece
         g, x, lab = gs[t], xs[t], ls[t]
         fns[t](g.data_ptr() + 4 * s, x.data_ptr() + x.element_size() * s, lab.data_ptr() + lab.element_size() * s,
                e - s, acc[j].data_ptr(), n_modes)
 
-    _run_split(one, list(enumerate(pieces)))
+    _run_split(_one, list(enumerate(pieces)))
     out = torch.zeros(n_modes, dtype=torch.float64)
     for j in range(len(pieces)):  # fixed order: deterministic
         lib.fold_banks(acc[j].data_ptr(), n_modes, out.data_ptr())
@@ -144,7 +145,7 @@ def _reduce_fused(gs, xs, ls, n_modes: int) -> Tensor:
 
 def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> None:
     """In place: ``w += a * delta[label]``; see :func:`modeopt.kernels.reference.update`."""
-    if not _fusable((weights, _F32), (a, tuple(A_NAMES)), labels=labels):
+    if not _fusable((weights, _F32), (a, _A), labels=labels):
         return reference.update(weights, a, labels, delta)
     check_sizes("update", weights, a, labels)
     lib = library()
