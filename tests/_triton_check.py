@@ -1,4 +1,4 @@
-"""Checks of ``modeopt.triton_kernels`` against torch references, shared by the interpreter run and
+"""Checks of ``modeopt.kernels.triton_kernels`` against torch references, shared by the interpreter run and
 the CUDA run of ``tests/test_triton_kernels.py``.
 
 ``python tests/_triton_check.py [device]`` (run with ``TRITON_INTERPRET=1`` on CPU) prints one JSON
@@ -20,7 +20,7 @@ import traceback
 
 import torch
 
-from modeopt import triton_kernels as tk
+from modeopt.kernels import triton_kernels as tk
 
 SIZES = (1, 7, 1023, 5001)
 
@@ -134,15 +134,24 @@ def check_reduce(device: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------ update
 
 
-def _update_case(sizes, m, w_dtype, a_dtype, l_dtype, device, seed):
+def _elementwise_case(op, sizes, m, w_dtype, a_dtype, l_dtype, device, seed):
+    """``tk.update`` (``w + a * t[label]``) or ``tk.assign`` (``a * t[label] + b``) against the torch
+    expression in float32, rounded once to the weight's dtype: bitwise equal."""
+
     def run():
         gen = torch.Generator().manual_seed(seed)
         ws = [_rand(n, w_dtype, gen, device) for n in sizes]
         a = [_rand(n, a_dtype, gen, device) for n in sizes]
+        b = [_rand(n, torch.float32, gen, device) for n in sizes] if op == "assign" else None
         labels = [_labels(n, m, l_dtype, gen, device, high=True) for n in sizes]
-        delta = torch.randn(m, generator=gen, dtype=torch.float64).to(device)  # rounded to float32 inside
-        refs = [(w.float() + x.float() * delta.float()[_index(lab)]).to(w.dtype) for w, x, lab in zip(ws, a, labels)]
-        tk.update(ws, a, labels, delta)
+        table = torch.randn(m, generator=gen, dtype=torch.float64).to(device)  # rounded to float32 inside
+        t32 = table.float()
+        if op == "assign":
+            refs = [(x.float() * t32[_index(lab)] + y).to(w.dtype) for w, x, y, lab in zip(ws, a, b, labels)]
+            tk.assign(ws, a, b, labels, table)
+        else:
+            refs = [(w.float() + x.float() * t32[_index(lab)]).to(w.dtype) for w, x, lab in zip(ws, a, labels)]
+            tk.update(ws, a, labels, table)
         bad = _mismatches(ws, refs)
         return sum(bad) == 0, f"mismatches per tensor {bad}"
 
@@ -153,12 +162,13 @@ def check_update(device: str) -> list[dict]:
     r = _Results()
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     u8, i16, i32, i64 = torch.uint8, torch.int16, torch.int32, torch.int64
-    r.case("f32 w, f32 a, u8 M=3", _update_case(SIZES, 3, f32, f32, u8, device, 1))
-    r.case("bf16 w, bf16 a, u8 M=256", _update_case(SIZES, 256, bf16, bf16, u8, device, 2))
-    r.case("fp16 w, f32 a, int16 M=257", _update_case(SIZES, 257, f16, f32, i16, device, 3))
-    r.case("f32 w, int16 M=40000 (labels > 32767)", _update_case(SIZES, 40000, f32, bf16, i16, device, 4))
-    r.case("bf16 w, int32 M=70000", _update_case(SIZES, 70000, bf16, f32, i32, device, 5))
-    r.case("f32 w, int64 M=1", _update_case((1, 7, 0), 1, f32, f32, i64, device, 6))
+    r.case("f32 w, f32 a, u8 M=3", _elementwise_case("update", SIZES, 3, f32, f32, u8, device, 1))
+    r.case("bf16 w, bf16 a, u8 M=256", _elementwise_case("update", SIZES, 256, bf16, bf16, u8, device, 2))
+    r.case("fp16 w, f32 a, int16 M=257", _elementwise_case("update", SIZES, 257, f16, f32, i16, device, 3))
+    r.case("f32 w, int16 M=40000 (labels > 32767)",
+           _elementwise_case("update", SIZES, 40000, f32, bf16, i16, device, 4))
+    r.case("bf16 w, int32 M=70000", _elementwise_case("update", SIZES, 70000, bf16, f32, i32, device, 5))
+    r.case("f32 w, int64 M=1", _elementwise_case("update", (1, 7, 0), 1, f32, f32, i64, device, 6))
 
     def shaped():  # weights of any (contiguous) shape, flat a/labels in row-major order
         gen = torch.Generator().manual_seed(7)
@@ -212,29 +222,14 @@ def check_welford(device: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------ assign
 
 
-def _assign_case(sizes, m, w_dtype, a_dtype, l_dtype, device, seed):
-    def run():
-        gen = torch.Generator().manual_seed(seed)
-        ws = [_rand(n, w_dtype, gen, device) for n in sizes]
-        a = [_rand(n, a_dtype, gen, device) for n in sizes]
-        b = [_rand(n, torch.float32, gen, device) for n in sizes]
-        labels = [_labels(n, m, l_dtype, gen, device, high=True) for n in sizes]
-        rr = torch.randn(m, generator=gen, dtype=torch.float64).to(device)
-        refs = [(x.float() * rr.float()[_index(lab)] + y).to(w.dtype) for w, x, y, lab in zip(ws, a, b, labels)]
-        tk.assign(ws, a, b, labels, rr)
-        bad = _mismatches(ws, refs)
-        return sum(bad) == 0, f"mismatches per tensor {bad}"
-
-    return run
-
-
 def check_assign(device: str) -> list[dict]:
     r = _Results()
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-    r.case("f32 w, u8 M=3", _assign_case(SIZES, 3, f32, f32, torch.uint8, device, 1))
-    r.case("bf16 w, bf16 a, int16 M=40000", _assign_case(SIZES, 40000, bf16, bf16, torch.int16, device, 2))
-    r.case("fp16 w, int32 M=257", _assign_case(SIZES, 257, f16, f32, torch.int32, device, 3))
-    r.case("f32 w, int64 M=1", _assign_case((1, 0, 7), 1, f32, f32, torch.int64, device, 4))
+    r.case("f32 w, u8 M=3", _elementwise_case("assign", SIZES, 3, f32, f32, torch.uint8, device, 1))
+    r.case("bf16 w, bf16 a, int16 M=40000",
+           _elementwise_case("assign", SIZES, 40000, bf16, bf16, torch.int16, device, 2))
+    r.case("fp16 w, int32 M=257", _elementwise_case("assign", SIZES, 257, f16, f32, torch.int32, device, 3))
+    r.case("f32 w, int64 M=1", _elementwise_case("assign", (1, 0, 7), 1, f32, f32, torch.int64, device, 4))
 
     def special(w_dtype):
         def run():

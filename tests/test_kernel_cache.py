@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from modeopt import kernels
+from modeopt.kernels import c_library
 
-CC = kernels._compiler()
+CC = c_library.compiler()
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,15 +83,15 @@ def _warnings(stderr: str) -> list[str]:
 def _assert_repaired(path: Path) -> None:
     """The cached file is a good library again (loads, has every entry point, passes the self-test)."""
     assert path.is_file() and path.stat().st_size > 1000
-    assert kernels._digest_path(path).read_text() == kernels._sha256(path)
-    kernels._load(path)
+    assert c_library.digest_path(path).read_text() == c_library.sha256(path)
+    c_library.load(path)
 
 
 @pytest.fixture(scope="module")
 def real_so(tmp_path_factory) -> Path:
     if CC is None:
         pytest.skip("no C compiler")
-    return kernels._compile(CC, tmp_path_factory.mktemp("real"))
+    return c_library.compile_library(CC, tmp_path_factory.mktemp("real"))
 
 
 def _cc(src: str, out: Path, tmp: Path) -> Path:
@@ -104,7 +104,7 @@ def _cc(src: str, out: Path, tmp: Path) -> Path:
 
 def _with_digest(path: Path, digest_of: Path | None = None) -> None:
     """Record a digest beside ``path`` as a build would (of ``digest_of``, default the file itself)."""
-    kernels._digest_path(path).write_text(kernels._sha256(digest_of or path))
+    c_library.digest_path(path).write_text(c_library.sha256(digest_of or path))
 
 
 def _truncated_stale_digest(path, tmp, real):
@@ -124,7 +124,7 @@ SEEDS = {
     "missing_symbols": lambda path, tmp, real: (_cc("int modeopt_nothing(void) { return 1; }\n", path, tmp),
                                                 _with_digest(path)),
     # every entry point present, but update subtracts: only the self-test can tell
-    "wrong_results": lambda path, tmp, real: (_cc(kernels._SOURCE.read_text().replace(
+    "wrong_results": lambda path, tmp, real: (_cc(c_library.SOURCE.read_text().replace(
         "w[i] += ACONV(a[i]) * delta", "w[i] -= ACONV(a[i]) * delta"), path, tmp), _with_digest(path)),
 }
 CAUSES = {"empty": "has no recorded digest", "garbage": "has no recorded digest", "truncated": "has no recorded digest",
@@ -137,7 +137,7 @@ CAUSES = {"empty": "has no recorded digest", "garbage": "has no recorded digest"
 def test_a_bad_cached_library_is_rebuilt_with_one_warning(kind, tmp_path, real_so):
     cache = tmp_path / "cache"
     cache.mkdir()
-    path = kernels._library_path(CC, cache)
+    path = c_library.library_path(CC, cache)
     SEEDS[kind](path, tmp_path, real_so)
     res, err = _probe(cache)
     warns = _warnings(err)
@@ -156,7 +156,7 @@ def test_a_bad_cached_library_is_rebuilt_with_one_warning(kind, tmp_path, real_s
 def test_a_bad_cached_library_that_cannot_be_rebuilt_falls_back_to_torch(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
-    path = kernels._library_path("/bin/false", cache)
+    path = c_library.library_path("/bin/false", cache)
     path.write_bytes(os.urandom(4096))
     res, err = _probe(cache, CC="/bin/false")
     warns = _warnings(err)
@@ -200,7 +200,7 @@ def test_an_unwritable_cache_without_a_working_compiler_falls_back_to_torch(tmp_
 
 @needs_cc
 def test_kernels_disabled_ignore_a_bad_cache_silently(tmp_path):
-    path = kernels._library_path(CC, tmp_path)
+    path = c_library.library_path(CC, tmp_path)
     path.write_bytes(b"")
     res, err = _probe(tmp_path, MODEOPT_KERNELS="torch")
     assert not res["fused"] and not _warnings(err) and res["err"] == 0.0

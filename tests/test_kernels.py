@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import modeopt
 from modeopt import kernels
+from modeopt.kernels import cpu
 from workloads import SmallCNN, batches
 
 needs_fused = pytest.mark.skipif(not kernels.fused_available(), reason="no C compiler: fused kernels unavailable")
@@ -50,7 +51,7 @@ def test_fused_reduce_is_bitwise_deterministic_across_thread_counts(monkeypatch)
     grads, a, _, labels = _data([2_000_000, 700_000], 10, torch.float32)
     out = []
     for threads in (1, 2, 3):
-        monkeypatch.setattr(kernels, "THREADS", threads)
+        monkeypatch.setattr(cpu, "THREADS", threads)
         out.append(kernels.reduce(grads, a, labels, 10))
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
 

@@ -112,6 +112,7 @@ def test_cuda_routing_runs_triton_where_covered_in_the_interpreter():
     code = textwrap.dedent("""
         import json, torch
         from modeopt import kernels
+        from modeopt.kernels import cuda, reference
         torch.manual_seed(0)
         out = {}
         m = 7
@@ -122,37 +123,37 @@ def test_cuda_routing_runs_triton_where_covered_in_the_interpreter():
         lab = [torch.randint(0, m, (x.numel(),)).to(torch.uint8) for x in w]
         grads = [torch.randn_like(x) for x in w]
         grads[1] = None
-        r = kernels._reduce_cuda(grads, a, lab, m)
-        ref = kernels._reduce_torch(grads, a, lab, m)
+        r = cuda.reduce(grads, a, lab, m)
+        ref = reference.reduce(grads, a, lab, m)
         out["reduce"] = float((r - ref).abs().max() / ref.abs().max())  # float32 block sums: relative
         d = torch.randn(m)
         w1, w2 = [x.clone() for x in w], [x.clone() for x in w]
-        kernels._update_cuda(w1, a, lab, d)   # tensor 2 is channels_last: the reference takes it
-        kernels._update_torch(w2, a, lab, d)
+        cuda.update(w1, a, lab, d)   # tensor 2 is channels_last: the reference takes it
+        reference.update(w2, a, lab, d)
         out["update"] = max(float((x - y).abs().max()) for x, y in zip(w1, w2))
         flat = [x.reshape(-1) for x in w[:2]]
         mu1 = [torch.randn(x.numel(), dtype=torch.float64) for x in flat]
         c1 = [torch.randn(x.numel(), dtype=torch.float64) for x in flat]
         mu2, c2 = [x.clone() for x in mu1], [x.clone() for x in c1]
         dr = torch.randn(m, dtype=torch.float64)
-        kernels._welford_cuda(flat, mu1, c1, lab[:2], dr, 4)
-        kernels._welford_torch(flat, mu2, c2, lab[:2], dr, 4)
+        cuda.welford(flat, mu1, c1, lab[:2], dr, 4)
+        reference.welford(flat, mu2, c2, lab[:2], dr, 4)
         out["welford"] = max(float((x - y).abs().max()) for x, y in zip(mu1 + c1, mu2 + c2))
         b = [torch.randn(x.numel()) for x in flat]
         af = [x.float() for x in a[:2]]
         w1, w2 = [x.clone() for x in flat], [x.clone() for x in flat]
-        kernels._assign_cuda(w1, af, b, lab[:2], d)
-        kernels._assign_torch(w2, af, b, lab[:2], d)
+        cuda.assign(w1, af, b, lab[:2], d)
+        reference.assign(w2, af, b, lab[:2], d)
         out["assign"] = max(float((x - y).abs().max()) for x, y in zip(w1, w2))
         # the per-device self-test of the first CUDA use, here on the interpreter's CPU tensors
-        out["self_test"] = kernels._triton_self_test(torch.device("cpu"))
+        out["self_test"] = cuda.triton_self_test(torch.device("cpu"))
         import warnings
-        from modeopt import triton_kernels
+        from modeopt.kernels import triton_kernels
         good = triton_kernels.update
         triton_kernels.update = lambda *args: None  # a kernel that "runs" but writes nothing
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
-            out["broken_self_test"] = kernels._triton_self_test(torch.device("cpu"))
+            out["broken_self_test"] = cuda.triton_self_test(torch.device("cpu"))
         triton_kernels.update = good
         out["warned"] = [str(w.message)[:80] for w in rec if issubclass(w.category, kernels.KernelWarning)]
         print(json.dumps(out))

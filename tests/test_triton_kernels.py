@@ -1,4 +1,4 @@
-"""Tests of the Triton kernels (``modeopt.triton_kernels``) against torch references.
+"""Tests of the Triton kernels (``modeopt.kernels.triton_kernels``) against torch references.
 
 On this CPU-only machine they run in Triton's interpreter: ``TRITON_INTERPRET=1`` must be in the
 environment before the kernels are decorated, so one subprocess runs every case of
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeopt import triton_kernels as tk
+from modeopt.kernels import triton_kernels as tk
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _triton_check as check  # noqa: E402
@@ -103,7 +103,7 @@ def test_compiles_for_sm90_without_a_gpu():
         from triton.compiler import ASTSource
     except ImportError as e:
         pytest.skip(f"this Triton has no ahead-of-time compile API: {e}")
-    k = tk._build()
+    k = tk.compiled()
     lab = {"lab_ptr": "*i16", "n": "i64", "n_modes": "i32"}
     kernels = {
         "update": (k.update, {"w_ptr": "*bf16", "a_ptr": "*bf16", "d_ptr": "*fp32", **lab}),
@@ -113,9 +113,9 @@ def test_compiles_for_sm90_without_a_gpu():
         "reduce": (k.reduce, {"g_ptr": "*fp32", "a_ptr": "*bf16", "lab_ptr": "*u8", "part_ptr": "*fp64", "n": "i32",
                               "row0": "i32", "n_tiles": "i32", "M_PAD": "i32"}),
     }
-    block, mode_tile = tk._reduce_tiles(300)
+    block, mode_tile = tk.reduce_tiles(300)
     for name, (fn, sig) in kernels.items():
-        const = {"LABEL_U16": name != "reduce", "BLOCK": tk._EW_BLOCK}
+        const = {"LABEL_U16": name != "reduce", "BLOCK": tk.ELEMENTWISE_BLOCK}
         if name == "reduce":
             const.update(BLOCK=block, MODE_TILE=mode_tile, ITERS=4)
         src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in const}}, constexprs=const)

@@ -1,6 +1,6 @@
 """Triton GPU kernels for the four memory-bound passes of a mode-space step.
 
-Same semantics as :mod:`modeopt.kernels` (the CPU C kernels and the torch fallback there):
+Same semantics as :mod:`modeopt.kernels.reference` (the torch reference) and the C kernels:
 
 * :func:`reduce`  - ``out[m] = sum_{i: label_i = m} a_i * g_i`` over many tensors, float64, deterministic;
 * :func:`update`  - ``w += a * delta[label]`` in place;
@@ -43,28 +43,33 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["available", "supports", "reduce", "update", "welford", "assign", "MAX_REDUCE_MODES"]
+_WHO = "modeopt.kernels.triton_kernels"
+
+__all__ = ["available", "supports", "compiled", "reduce_tiles", "reduce", "update", "welford", "assign",
+           "MAX_REDUCE_MODES", "REDUCE_CHUNK", "ELEMENTWISE_BLOCK", "WEIGHT_DTYPES", "A_DTYPES", "LABEL_DTYPES",
+           "LABEL_MAX_MODES"]
 
 #: Largest ``n_modes`` :func:`reduce` accepts (cost per element ~ 3 * n_modes simple ops).
 MAX_REDUCE_MODES = 4096
-#: The one-hot tile of :func:`reduce` holds at most this many elements (``BLOCK * MODE_TILE``).
-#: Compiled for sm_90 (Triton 3.8, 4 warps) every tile shape used takes 53-72 registers, no spills;
-#: blocks under 128 rows are avoided: Triton then lays the reduction out along fewer threads
-#: (64 x 128 took 211 registers).
+#: The one-hot tile of :func:`reduce` holds at most this many elements (``BLOCK * MODE_TILE``):
+#: sized so that no tile spills registers (docs/performance.md, "The operators and the CUDA path").
 _TILE_ELEMS = 16384
 #: Elements each :func:`reduce` program reduces into its own row of partials (rounded to a multiple
 #: of its BLOCK). Large enough that the partials (``n / CHUNK`` rows of ``n_modes`` float64) stay
 #: small beside the inputs, small enough for thousands of programs on a big tensor.
 REDUCE_CHUNK = 16384
 #: Elements per program of the element-wise passes.
-_EW_BLOCK = 1024
+ELEMENTWISE_BLOCK = 1024
 
-_W_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_A_DTYPES = (torch.float32, torch.bfloat16)
-_L_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
-_L_MAX_MODES = {torch.uint8: 256, torch.int16: 65536, torch.int32: 2**31 - 1, torch.int64: 2**31 - 1}
+#: dtypes of weights and grads (computed in float32, stored back in the weight's dtype).
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: dtypes of the coefficients ``a``.
+A_DTYPES = (torch.float32, torch.bfloat16)
+#: Label dtypes, and the most modes each holds (int16 holds uint16 values).
+LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+LABEL_MAX_MODES = {torch.uint8: 256, torch.int16: 65536, torch.int32: 2**31 - 1, torch.int64: 2**31 - 1}
 
-triton = tl = _load_labels = _narrow = None  # set by _build() on first use
+triton = tl = _load_labels = _narrow = _block_by_label = None  # set by compiled() on first use
 _k = None  # the built kernels (a namespace), or None before the first use
 _interpret = False
 _lock = threading.Lock()
@@ -89,7 +94,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _reduce_tiles(n_modes: int) -> tuple[int, int]:
+def reduce_tiles(n_modes: int) -> tuple[int, int]:
     """(BLOCK, MODE_TILE) of :func:`reduce` for ``n_modes`` modes: MODE_TILE in [16, 128] (a power of
     two), BLOCK = _TILE_ELEMS / MODE_TILE in [128, 512]. Results depend on these (the order of the
     float32 sums in a block), so they are a function of ``n_modes`` only, never of the device."""
@@ -98,11 +103,12 @@ def _reduce_tiles(n_modes: int) -> tuple[int, int]:
     return block, mode_tile
 
 
-def _build():
-    """Import Triton and define the kernels (once). Returns a namespace of @triton.jit functions."""
+def compiled():
+    """Import Triton and define the kernels (once, thread-safe): a namespace with the ``@triton.jit``
+    kernels ``reduce``, ``update``, ``welford``, ``assign`` and ``cdiv``. Raises ImportError without Triton."""
     # The kernels and what they reference are module globals, not closure variables, so that
     # Triton versions that resolve names only through a kernel's __globals__ compile them too.
-    global _k, _interpret, triton, tl, _load_labels, _narrow
+    global _k, _interpret, triton, tl, _load_labels, _narrow, _block_by_label
     if _k is not None:
         return _k
     with _lock:
@@ -167,12 +173,19 @@ def _build():
             tl.store(part_ptr + row * M_PAD + modes, acc)
 
         @triton.jit
-        def _update_kernel(w_ptr, a_ptr, lab_ptr, d_ptr, n, n_modes,
-                           LABEL_U16: tl.constexpr, BLOCK: tl.constexpr):
+        def _block_by_label(lab_ptr, table_ptr, n, n_modes, LABEL_U16: tl.constexpr, BLOCK: tl.constexpr):
+            # This program's offsets, their mask, and table[label] per element: 0 for masked lanes
+            # and out-of-range labels, which never read out of bounds.
             offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
             mask = offs < n
             lab = _load_labels(lab_ptr, offs, mask, LABEL_U16)
-            d = tl.load(d_ptr + lab, mask=mask & (lab >= 0) & (lab < n_modes), other=0.0)
+            value = tl.load(table_ptr + lab, mask=mask & (lab >= 0) & (lab < n_modes), other=0.0)
+            return offs, mask, value
+
+        @triton.jit
+        def _update_kernel(w_ptr, a_ptr, lab_ptr, d_ptr, n, n_modes,
+                           LABEL_U16: tl.constexpr, BLOCK: tl.constexpr):
+            offs, mask, d = _block_by_label(lab_ptr, d_ptr, n, n_modes, LABEL_U16, BLOCK)
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             out = w + a * d  # launched with enable_fp_fusion=False: a rounded product, then the add
@@ -181,10 +194,7 @@ def _build():
         @triton.jit
         def _welford_kernel(w_ptr, mean_ptr, com_ptr, lab_ptr, dr_ptr, inv_n_ptr, n, n_modes,
                             LABEL_U16: tl.constexpr, BLOCK: tl.constexpr):
-            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n
-            lab = _load_labels(lab_ptr, offs, mask, LABEL_U16)
-            dr = tl.load(dr_ptr + lab, mask=mask & (lab >= 0) & (lab < n_modes), other=0.0)
+            offs, mask, dr = _block_by_label(lab_ptr, dr_ptr, n, n_modes, LABEL_U16, BLOCK)
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float64)
             mu = tl.load(mean_ptr + offs, mask=mask, other=0.0)
             com = tl.load(com_ptr + offs, mask=mask, other=0.0)
@@ -197,10 +207,7 @@ def _build():
         @triton.jit
         def _assign_kernel(w_ptr, a_ptr, b_ptr, lab_ptr, r_ptr, n, n_modes,
                            LABEL_U16: tl.constexpr, BLOCK: tl.constexpr):
-            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n
-            lab = _load_labels(lab_ptr, offs, mask, LABEL_U16)
-            r = tl.load(r_ptr + lab, mask=mask & (lab >= 0) & (lab < n_modes), other=0.0)
+            offs, mask, r = _block_by_label(lab_ptr, r_ptr, n, n_modes, LABEL_U16, BLOCK)
             a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             out = a * r + b  # no FMA (enable_fp_fusion=False): same roundings as the torch reference
@@ -226,35 +233,35 @@ def _build():
 def _device_of(tensors: Sequence[Tensor]) -> torch.device:
     devs = {t.device for t in tensors}
     if len(devs) != 1:
-        raise ValueError(f"modeopt.triton_kernels: all tensors must be on one device, got {sorted(map(str, devs))}")
+        raise ValueError(f"{_WHO}: all tensors must be on one device, got {sorted(map(str, devs))}")
     dev = next(iter(devs))
     if dev.type != "cuda" and not _interpret:
-        raise RuntimeError(f"modeopt.triton_kernels: tensors on {dev} need CUDA, or TRITON_INTERPRET=1 set "
+        raise RuntimeError(f"{_WHO}: tensors on {dev} need CUDA, or TRITON_INTERPRET=1 set "
                            "before the kernels are first built (Triton's CPU interpreter)")
     return dev
 
 
 def _check(name: str, t: Tensor, n: int, dtypes: tuple, what: str) -> None:
     if t.dtype not in dtypes:
-        raise TypeError(f"modeopt.triton_kernels: {what} {name} has dtype {t.dtype}; expected one of "
+        raise TypeError(f"{_WHO}: {what} {name} has dtype {t.dtype}; expected one of "
                         f"{[str(d) for d in dtypes]}")
     if t.numel() != n:
-        raise ValueError(f"modeopt.triton_kernels: {what} {name} has {t.numel()} elements; expected {n}")
+        raise ValueError(f"{_WHO}: {what} {name} has {t.numel()} elements; expected {n}")
     if not t.is_contiguous():
-        raise ValueError(f"modeopt.triton_kernels: {what} {name} must be contiguous (call .contiguous(); "
+        raise ValueError(f"{_WHO}: {what} {name} must be contiguous (call .contiguous(); "
                          "in-place passes need the tensor itself contiguous)")
 
 
 def _check_labels(name: str, lab: Tensor, n: int, n_modes: int) -> None:
-    _check(name, lab, n, _L_DTYPES, "labels")
-    if n_modes > _L_MAX_MODES[lab.dtype]:
-        raise ValueError(f"modeopt.triton_kernels: labels {name} of dtype {lab.dtype} cannot hold {n_modes} modes")
+    _check(name, lab, n, LABEL_DTYPES, "labels")
+    if n_modes > LABEL_MAX_MODES[lab.dtype]:
+        raise ValueError(f"{_WHO}: labels {name} of dtype {lab.dtype} cannot hold {n_modes} modes")
 
 
 def _same_len(**lists) -> int:
     lens = {k: len(v) for k, v in lists.items()}
     if len(set(lens.values())) > 1:
-        raise ValueError(f"modeopt.triton_kernels: per-tensor lists differ in length: {lens}")
+        raise ValueError(f"{_WHO}: per-tensor lists differ in length: {lens}")
     return next(iter(lens.values()))
 
 
@@ -290,21 +297,17 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
             the block). Part of the summation order: keep it fixed for reproducible results.
     """
     if not supports(n_modes):
-        raise NotImplementedError(f"modeopt.triton_kernels.reduce handles 1..{MAX_REDUCE_MODES} modes, "
+        raise NotImplementedError(f"{_WHO}.reduce handles 1..{MAX_REDUCE_MODES} modes, "
                                   f"got {n_modes}: use a sort-based reduction")
     _same_len(grads=grads, a=a, labels=labels)
     items = [(g, x, lab) for g, x, lab in zip(grads, a, labels) if g is not None]
     if not items:
         dev = a[0].device if len(a) else torch.device("cpu")
         return torch.zeros(n_modes, dtype=torch.float64, device=dev)
-    k = _build()
+    k = compiled()
     dev = _device_of([t for item in items for t in item])
-    for t, (g, x, lab) in enumerate(items):
-        n = g.numel()
-        _check(f"[{t}]", g, n, _W_DTYPES, "grad")
-        _check(f"[{t}]", x, n, _A_DTYPES, "a")
-        _check_labels(f"[{t}]", lab, n, n_modes)
-    block, mode_tile = _reduce_tiles(n_modes)
+    _check_rows(items, [("grad", WEIGHT_DTYPES), ("a", A_DTYPES)], n_modes)
+    block, mode_tile = reduce_tiles(n_modes)
     iters = max(1, -(-(chunk or REDUCE_CHUNK) // block))
     span = block * iters
     n_tiles = -(-n_modes // mode_tile)
@@ -327,6 +330,31 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
     return partials.sum(0)[:n_modes].contiguous()
 
 
+def _check_rows(rows: list[tuple[Tensor, ...]], specs: Sequence[tuple[str, tuple]], n_modes: int) -> None:
+    """Every row is one tensor's ``(weight, *others, labels)``; ``specs`` names and types all but the
+    labels: each must have the weight's ``numel``, be contiguous and of a listed dtype."""
+    for t, row in enumerate(rows):
+        n = row[0].numel()
+        for x, (what, dtypes) in zip(row, specs):
+            _check(f"[{t}]", x, n, dtypes, what)
+        _check_labels(f"[{t}]", row[-1], n, n_modes)
+
+
+def _launch_elementwise(kernel, dev: torch.device, rows: list[tuple[Tensor, ...]], shared: tuple,
+                        n_modes: int) -> None:
+    """``kernel(*row, *shared, numel, n_modes)`` over every element of each non-empty row, in blocks
+    of ``ELEMENTWISE_BLOCK`` (the row ends with its labels)."""
+    k = compiled()
+    with _launch(dev):
+        for row in rows:
+            size = row[0].numel()
+            if size:
+                kernel[(k.cdiv(size, ELEMENTWISE_BLOCK),)](*row, *shared, size, n_modes,
+                                                           LABEL_U16=row[-1].dtype == torch.int16,
+                                                           BLOCK=ELEMENTWISE_BLOCK, num_warps=4,
+                                                           enable_fp_fusion=False)
+
+
 @torch.no_grad()
 def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> None:
     """In place, for every tensor: ``w = (float32(w) + float32(a) * float32(delta)[label]).to(w.dtype)``.
@@ -340,20 +368,11 @@ def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tens
     _same_len(weights=weights, a=a, labels=labels)
     if not weights:
         return
-    k = _build()
+    k = compiled()
     dev = _device_of([*weights, *a, *labels, delta])
-    m = delta.numel()
-    d = delta.to(torch.float32).contiguous()
-    for t, (w, x, lab) in enumerate(zip(weights, a, labels)):
-        _check(f"[{t}]", w, w.numel(), _W_DTYPES, "weight")
-        _check(f"[{t}]", x, w.numel(), _A_DTYPES, "a")
-        _check_labels(f"[{t}]", lab, w.numel(), m)
-    with _launch(dev):
-        for w, x, lab in zip(weights, a, labels):
-            n = w.numel()
-            if n:
-                k.update[(k.cdiv(n, _EW_BLOCK),)](w, x, lab, d, n, m, LABEL_U16=lab.dtype == torch.int16,
-                                                  BLOCK=_EW_BLOCK, num_warps=4, enable_fp_fusion=False)
+    rows = list(zip(weights, a, labels))
+    _check_rows(rows, [("weight", WEIGHT_DTYPES), ("a", A_DTYPES)], delta.numel())
+    _launch_elementwise(k.update, dev, rows, (delta.to(torch.float32).contiguous(),), delta.numel())
 
 
 @torch.no_grad()
@@ -362,7 +381,7 @@ def welford(weights: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequenc
     """One Welford/Chan sample for every tensor, in place, in float64:
     ``dw = float64(w) - mean; mean += dw * (1/n); comoment += dw * dr[label]``.
 
-    (Multiplying by ``1/n`` matches the C kernel and the torch fallback of :mod:`modeopt.kernels`.)
+    (Multiplying by ``1/n`` matches the C kernel and the torch reference of :mod:`modeopt.kernels`.)
 
     Args:
         weights: float32/bfloat16/float16 contiguous tensors (any shape); read only.
@@ -375,24 +394,14 @@ def welford(weights: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequenc
     if not weights:
         return
     if n < 1:
-        raise ValueError(f"modeopt.triton_kernels.welford: n must be >= 1, got {n}")
-    k = _build()
+        raise ValueError(f"{_WHO}.welford: n must be >= 1, got {n}")
+    k = compiled()
     dev = _device_of([*weights, *mean, *comoment, *labels, dr])
-    m = dr.numel()
-    d = dr.to(torch.float64).contiguous()
+    rows = list(zip(weights, mean, comoment, labels))
+    _check_rows(rows, [("weight", WEIGHT_DTYPES), ("mean", (torch.float64,)), ("comoment", (torch.float64,))],
+                dr.numel())
     inv_n = torch.full((1,), 1.0 / n, dtype=torch.float64, device=dev)
-    for t, (w, mu, com, lab) in enumerate(zip(weights, mean, comoment, labels)):
-        _check(f"[{t}]", w, w.numel(), _W_DTYPES, "weight")
-        _check(f"[{t}]", mu, w.numel(), (torch.float64,), "mean")
-        _check(f"[{t}]", com, w.numel(), (torch.float64,), "comoment")
-        _check_labels(f"[{t}]", lab, w.numel(), m)
-    with _launch(dev):
-        for w, mu, com, lab in zip(weights, mean, comoment, labels):
-            size = w.numel()
-            if size:
-                k.welford[(k.cdiv(size, _EW_BLOCK),)](w, mu, com, lab, d, inv_n, size, m,
-                                                      LABEL_U16=lab.dtype == torch.int16, BLOCK=_EW_BLOCK,
-                                                      num_warps=4, enable_fp_fusion=False)
+    _launch_elementwise(k.welford, dev, rows, (dr.to(torch.float64).contiguous(), inv_n), dr.numel())
 
 
 @torch.no_grad()
@@ -409,18 +418,8 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
     _same_len(weights=weights, a=a, b=b, labels=labels)
     if not weights:
         return
-    k = _build()
+    k = compiled()
     dev = _device_of([*weights, *a, *b, *labels, r])
-    m = r.numel()
-    rr = r.to(torch.float32).contiguous()
-    for t, (w, x, y, lab) in enumerate(zip(weights, a, b, labels)):
-        _check(f"[{t}]", w, w.numel(), _W_DTYPES, "weight")
-        _check(f"[{t}]", x, w.numel(), _A_DTYPES, "a")
-        _check(f"[{t}]", y, w.numel(), (torch.float32,), "b")
-        _check_labels(f"[{t}]", lab, w.numel(), m)
-    with _launch(dev):
-        for w, x, y, lab in zip(weights, a, b, labels):
-            size = w.numel()
-            if size:
-                k.assign[(k.cdiv(size, _EW_BLOCK),)](w, x, y, lab, rr, size, m, LABEL_U16=lab.dtype == torch.int16,
-                                                     BLOCK=_EW_BLOCK, num_warps=4, enable_fp_fusion=False)
+    rows = list(zip(weights, a, b, labels))
+    _check_rows(rows, [("weight", WEIGHT_DTYPES), ("a", A_DTYPES), ("b", (torch.float32,))], r.numel())
+    _launch_elementwise(k.assign, dev, rows, (r.to(torch.float32).contiguous(),), r.numel())

@@ -1,4 +1,4 @@
-/* Fused CPU kernels of the mode-space step (modeopt/kernels.py builds and loads this file).
+/* Fused CPU kernels of the mode-space step (modeopt/kernels/c_library.py builds and loads this file).
  *
  *   reduce:  acc[bank][lab[i]] += (double)(a[i] * g[i])        over a range of elements
  *   update:  w[i] += a[i] * delta[lab[i]]                       (float32 weights, in place)
