@@ -266,3 +266,17 @@ def test_out_of_range_labels_raise_value_error_not_a_signal(tmp_path):
     assert "welford -5 ValueError: labels[0] holds a negative mode label (-5)" in out.stdout
     assert "modified ValueError: labels[0] holds mode label 9" in out.stdout
     assert "sizes ValueError: welford: tensor 0 has arguments of [1000, 999, 1000, 1000] elements" in out.stdout
+
+
+def test_missing_c_source_falls_back_with_the_reason(tmp_path):
+    """An installation without its package data (the C source) says so, once, and trains on the torch path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEOPT_KERNELS", "CC")}
+    env.update(MODEOPT_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    script = ("from pathlib import Path\nfrom modeopt.kernels import c_library\n"
+              f"c_library.SOURCE = Path({str(tmp_path / 'gone.c')!r})\n" + PROBE)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["fused"] is False and res["err"] == 0.0 and res["phase"] == "embedded"
+    warned = _warnings(out.stderr)
+    assert len(warned) == 1 and "missing from this installation" in warned[0] and "reinstall" in warned[0]

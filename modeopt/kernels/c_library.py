@@ -299,7 +299,10 @@ def library() -> ctypes.CDLL | None:
     message = None
     with _lock:
         if not _lib_tried:
-            if os.environ.get("MODEOPT_KERNELS", "auto") != "torch":
+            if os.environ.get("MODEOPT_KERNELS", "auto") != "torch" and not SOURCE.is_file():
+                message = (f"the C source {SOURCE} is missing from this installation (a build of modeopt without "
+                           "its package data): mode-space steps use the torch path; reinstall modeopt")
+            elif os.environ.get("MODEOPT_KERNELS", "auto") != "torch":
                 try:
                     _lib, message = _build()
                 except Exception as e:  # noqa: BLE001 - the torch path always works
