@@ -3,9 +3,8 @@
 The follow-up CMD paper (Brokman et al., arXiv 2312.13247): during a normal training run,
 record a window of snapshots, decompose it once (modes and reference weights are then fixed),
 and from then on keep every weight's affine fit ``w_i ~= a_i * r_m(i) + b_i`` up to date over *all*
-samples since the window began - without keeping any history. The evaluated model is
-``a_i * r_t[m(i)] + b_i`` with ``r_t`` the references' current values: a shadow model, used like
-EMA or SWA; the training itself is untouched.
+samples since the window began - without keeping any history. The evaluated model is ``a_i * r_t[m(i)] + b_i``
+with ``r_t`` the references' current values: a shadow model, used like EMA or SWA; the training is untouched.
 
 Numerics: Welford/Chan updates in float64 (:mod:`modeopt.running_moments`), since raw sums of
 weights much larger than their movement cancel: per weight its mean and its co-moment with its
@@ -17,9 +16,8 @@ Memory after the fit point, per modelled weight: mean (8 bytes) + co-moment (8) 
 device, and nothing that grows with time. Before it: the recording window, as in
 :class:`~modeopt.TrajectoryRecorder` (always in host memory).
 
-Devices: per weight state on its tensor's device, per mode state on the *reference device* (the
-first modelled tensor's). After the fit, :meth:`OnlineCMD.update` never synchronises with the
-host. Measurements and the device notes in full: ``docs/online.md``.
+Devices: per weight state on its tensor's device, per mode state on the *reference device* (the first
+modelled tensor's); after the fit, :meth:`OnlineCMD.update` never synchronises with the host (docs/online.md).
 """
 
 from __future__ import annotations
