@@ -20,48 +20,47 @@ import torch
 from torch import Tensor, nn
 
 from ._wrapping import SharesBaseOptimizer
+from ._checks import check_int
 from .layout import ParamLayout
+from .time_reduction import column_chunks, read_columns, time_factor
 from .trajectory import SnapshotBuffer
 
 __all__ = ["SubspaceOptimizer", "pca_basis"]
 
 
-def pca_basis(data: Tensor, dim: int, offset: Tensor | None = None, chunk: int = 1 << 20) -> tuple[Tensor, Tensor]:
+def pca_basis(data: Tensor, dim: int, offset: Tensor | None = None, chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """Top-``dim`` principal directions of T samples of N weights, without an N x N matrix.
+
+    Two passes over the columns: :func:`~modeopt.time_reduction.time_factor` of the time-centred
+    samples (``R``, ``T x T``), then the directions ``P = A V S^-1`` from the SVD ``R = U S V^T``.
 
     Args:
         data: ``(T, N)`` samples (rows), values ``data + offset``.
-        dim: number of directions (``<= T - 1``).
+        dim: number of directions (``1 <= dim <= T - 1``).
+        offset: ``(N,)`` baseline, or ``None``.
+        chunk: columns per pass (default from ``CHUNK_ELEMENTS``).
     Returns:
-        ``P`` ``(N, dim)`` float32 with orthonormal columns, and the singular values ``(dim,)``.
+        ``P`` ``(N, dim)`` float32 with orthonormal columns, and the singular values ``(dim,)``
+        (float64) of the centred samples.
+    Raises:
+        ValueError: ``dim`` out of range, a warm-up that spans fewer than ``dim`` directions, NaN/inf
+            samples (:class:`~modeopt.time_reduction.NonFiniteValues`), or samples that do not move.
     """
     t, n = data.shape
-    if not 1 <= dim <= t - 1:
+    check_int("dim", dim, 1)
+    if not dim <= t - 1:
         raise ValueError(f"dim={dim} needs 1 <= dim <= T - 1 = {t - 1} snapshots: record more snapshots or ask "
                          "for fewer directions")
-    # The T x T Gram matrix of the time-centred samples, accumulated over column chunks in float64.
-    gram = torch.zeros(t, t, dtype=torch.float64)
-    for i in range(0, n, chunk):
-        x = data[:, i : i + chunk].to(torch.float64)
-        if offset is not None:
-            x = x + offset[i : i + chunk]
-        x -= x.mean(dim=0)
-        gram += x @ x.T
-    evals, evecs = torch.linalg.eigh(gram)
-    order = torch.argsort(evals, descending=True)[:dim]
-    sv = evals[order].clamp(min=0).sqrt()
+    _, s, vh = torch.linalg.svd(time_factor(data, offset, centre=True, chunk=chunk))
+    sv = s[:dim]
     # Directions below the data's rounding level are noise, not trajectory.
     tol = 100 * torch.finfo(data.dtype if data.is_floating_point() else torch.float32).eps
-    if bool((sv <= tol * sv.max().clamp(min=1e-300)).any()):
+    if bool((sv <= tol * s[0].clamp(min=1e-300)).any()):
         raise ValueError(f"the warm-up trajectory spans fewer than dim={dim} directions: ask for fewer")
-    u = evecs[:, order] / sv  # (T, dim): X^T u / s are the right singular vectors
+    u = vh[:dim].T / sv  # (T, dim): A u are the principal directions
     p = torch.empty(n, dim, dtype=torch.float32)
-    for i in range(0, n, chunk):
-        x = data[:, i : i + chunk].to(torch.float64)
-        if offset is not None:
-            x = x + offset[i : i + chunk]
-        x -= x.mean(dim=0)
-        p[i : i + chunk] = (x.T @ u).to(torch.float32)
+    for i0, i1 in column_chunks(t, [(0, n)], chunk):
+        p[i0:i1] = (read_columns(data, offset, i0, i1, centre=True).T @ u).to(torch.float32)
     return p, sv
 
 
