@@ -27,14 +27,15 @@ Errors: :class:`NonFiniteValues` (NaN/inf, with the first bad sample and its col
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 from ._chunking import CHUNK_ELEMENTS
 
-__all__ = ["time_factor", "read_columns", "column_chunks", "first_nonfinite", "NonFiniteValues", "NotMoving", "CONSTANT_RTOL"]
+__all__ = ["time_factor", "read_columns", "column_chunks", "first_nonfinite", "one_thread", "NonFiniteValues", "NotMoving", "CONSTANT_RTOL"]
 
 #: centred values whose sum of squares is below ``CONSTANT_RTOL**2`` times that of the values are constant.
 CONSTANT_RTOL = 1e-10
@@ -133,8 +134,9 @@ def time_factor(
         if centre:
             total_sq += float(x.square().sum())
             x = x - x.mean(0)
-        r_chunk = torch.linalg.qr(x.T, mode="r").R
-        r_fac = torch.linalg.qr(torch.cat([r_fac, r_chunk]), mode="r").R
+        with one_thread():  # LAPACK's QR of a narrow panel gains little from threads, and loses much when shared
+            r_chunk = torch.linalg.qr(x.T, mode="r").R
+            r_fac = torch.linalg.qr(torch.cat([r_fac, r_chunk]), mode="r").R
     if bad is not None:
         raise NonFiniteValues(*bad)
     if r_fac.shape[0] < T:  # fewer columns than samples
@@ -142,3 +144,18 @@ def time_factor(
     if centre and not float(r_fac.square().sum()) > CONSTANT_RTOL ** 2 * total_sq:
         raise NotMoving(T, sum(b - a for a, b in ranges))
     return r_fac
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the ``T x T`` algebra inside on one thread (restored after): such small matrices gain
+    nothing from threads, and multi-threaded LAPACK on them is slow where cores are shared."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

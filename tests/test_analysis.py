@@ -323,7 +323,7 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert "not allowed with argument" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     assert cli(["analyze", str(tmp_path / "empty"), "-q"]) == 1
-    assert "the report's figures need matplotlib: pip install 'modeopt[plot]'" in capsys.readouterr().err
+    assert "the report's figures need matplotlib: pip install 'modeopt[analysis]'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ Hugging Face Trainer

@@ -15,7 +15,10 @@ The command line ``modeopt analyze RUN --modes 10 --out report/`` wraps :func:`a
 from .dmd import DMD, dmd
 from .evaluation import BUILTIN_EVALS, AccuracyCurves, accuracy_curves, resolve_eval
 from .io import load_trajectory
-from .koopman import DynamicsComparison, KoopmanSpectrum, compare_dynamics, koopman_spectrum, spectrum_distance
+from .comparison import DynamicsComparison
+from .koopman import KoopmanSpectrum, koopman_spectrum
+from .null_test import compare_dynamics
+from .spectrum_matching import spectrum_distance
 from .recording import Recording, SnapshotWriter, is_snapshot_directory, load_snapshots
 from .report import Report, analyze
 from .stats import (

@@ -1,6 +1,6 @@
 """Rendering the report's figures (PNG) from the data of :mod:`modeopt.analysis.stats`.
 
-matplotlib is optional (``pip install 'modeopt[plot]'``); it is imported on first use, through
+matplotlib is optional (``pip install 'modeopt[analysis]'``); it is imported on first use, through
 its object-oriented API only (no pyplot, no change of the user's backend).
 """
 
@@ -14,8 +14,8 @@ import numpy as np
 from .evaluation import AccuracyCurves
 from .stats import CorrelationData, LayerDistribution, ProfileBands, ReconstructionErrors, WeightExamples
 
-if TYPE_CHECKING:  # koopman imports this module lazily (DynamicsComparison.plot)
-    from .koopman import DynamicsComparison
+if TYPE_CHECKING:  # comparison imports this module lazily (DynamicsComparison.plot)
+    from .comparison import DynamicsComparison
 
 __all__ = ["plot_correlation", "plot_profiles", "plot_modes", "plot_errors", "plot_cmd_vs_dmd", "plot_accuracy",
            "plot_comparison", "require_matplotlib"]
@@ -37,7 +37,7 @@ def require_matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError("the report's figures need matplotlib: pip install 'modeopt[plot]' "
+        raise ImportError("the report's figures need matplotlib: pip install 'modeopt[analysis]' "
                           "(or pip install matplotlib)") from e
     del matplotlib
     return Figure, FigureCanvasAgg
