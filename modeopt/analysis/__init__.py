@@ -13,7 +13,7 @@ The command line ``modeopt analyze RUN --modes 10 --out report/`` wraps :func:`a
 """
 
 from .dmd import DMD, dmd
-from .evaluation import BUILTIN_EVALS, AccuracyCurves, accuracy_curves, resolve_eval
+from .evaluation import AccuracyCurves, accuracy_curves, resolve_eval
 from .io import load_trajectory
 from .comparison import DynamicsComparison
 from .koopman import KoopmanSpectrum, koopman_spectrum
@@ -32,7 +32,7 @@ __all__ = [
     "koopman_spectrum", "compare_dynamics", "spectrum_distance", "KoopmanSpectrum", "DynamicsComparison",
     "correlation_data", "profile_bands", "layer_distribution", "reconstruction_errors", "weight_examples",
     "CorrelationData", "ProfileBands", "LayerDistribution", "ReconstructionErrors", "WeightExamples",
-    "accuracy_curves", "AccuracyCurves", "BUILTIN_EVALS", "resolve_eval",
+    "accuracy_curves", "AccuracyCurves", "resolve_eval",
 ]
 
 
