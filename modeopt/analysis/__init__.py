@@ -1,7 +1,8 @@
 """Studying training dynamics with modes: recording, CMD vs. DMD, figures and reports.
 
 * :class:`Recording` - snapshot a model every k steps/epochs, in memory or one file per snapshot.
-* :class:`TrajectoryCallback` - the same inside a Hugging Face ``Trainer`` (imports transformers).
+* :class:`TrajectoryCallback` - the same inside a Hugging Face ``Trainer``
+  (:mod:`modeopt.integrations.hf`; imports transformers, ``pip install 'modeopt[hf]'``).
 * :func:`load_trajectory` / :func:`load_snapshots` - read a saved run back as a ``Trajectory``.
 * :func:`dmd` / :class:`DMD` - exact DMD at rank r, the CMD paper's baseline.
 * :func:`analyze` - CMD + DMD of a run, the paper's figures, ``index.html`` / ``report.md``.
@@ -37,8 +38,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "TrajectoryCallback":  # transformers is imported only when this is asked for
-        from .hf import TrajectoryCallback
+    if name == "TrajectoryCallback":  # lives in integrations.hf; transformers is imported only when asked for
+        from ..integrations.hf import TrajectoryCallback
 
         return TrajectoryCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
