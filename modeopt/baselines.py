@@ -82,6 +82,9 @@ class SubspaceOptimizer(SharesBaseOptimizer):
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, *, dim: int = 10,
                  warmup_steps: int = 500, snapshot_every: int = 10,
                  exclude: Callable[[str, nn.Parameter], bool] | Sequence[str] | None = None):
+        check_int("dim", dim, 1)
+        check_int("warmup_steps", warmup_steps, 1)
+        check_int("snapshot_every", snapshot_every, 1)
         if warmup_steps // snapshot_every - 1 < dim:
             raise ValueError(f"dim={dim} needs at least {dim + 1} warm-up snapshots, but warmup_steps={warmup_steps} "
                              f"with snapshot_every={snapshot_every} records {warmup_steps // snapshot_every}")
@@ -110,11 +113,14 @@ class SubspaceOptimizer(SharesBaseOptimizer):
         self._c_applied: Tensor | None = None
 
     def trainable_parameters(self) -> int:
+        """Degrees of freedom trained now: ``dim`` (after the switch) plus the parameters kept out."""
         emb = {id(p) for p in self._params}
         free = sum(p.numel() for p in self.model.parameters() if p.requires_grad and id(p) not in emb)
         return free + (self.dim if self.phase == "embedded" else sum(p.numel() for p in self._params))
 
     def step(self, closure=None):
+        """One step of the base optimizer: on the weights in warm-up (recording a snapshot every
+        ``snapshot_every`` steps, switching at ``warmup_steps``), on ``c`` after the switch."""
         if self.phase == "embedded":
             with torch.no_grad():
                 g = torch.zeros(self.dim, dtype=torch.float64)
@@ -145,29 +151,26 @@ class SubspaceOptimizer(SharesBaseOptimizer):
     def _switch(self) -> None:
         data, _ = self._buffer.raw()
         self.P, self.singular_values = pca_basis(data, self.dim, self._buffer.anchor)
-        self._buffer = None
-        self.c = nn.Parameter(torch.zeros(self.dim))
-        self._c_applied = torch.zeros(self.dim)
-        emb = {id(p) for p in self._params}
-        for gi, group in enumerate(self.base.param_groups):
-            kept = [p for p in self._orig[gi] if id(p) not in emb]
-            group["params"][:] = kept + ([self.c] if gi == 0 else [])
+        self._switch_structures(torch.zeros(self.dim), torch.zeros(self.dim))
         for p in self._params:
             self.base.state.pop(p, None)
         self.phase = "embedded"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the base optimizer's gradients and the subspace weights' (which leave its groups)."""
         super().zero_grad(set_to_none)
         for p in self._params:  # not in the groups after the switch, but they still get gradients
             p.grad = None
 
     def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state, the phase and step, the warm-up buffer or ``P`` and ``c``."""
         return {"base": self.base.state_dict(), "phase": self.phase, "step": self._step,
                 "buffer": None if self._buffer is None else self._buffer.state_dict(),
                 "P": self.P, "c": None if self.c is None else self.c.detach().clone(),
                 "c_applied": self._c_applied}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (of an optimizer over the same model and settings)."""
         self._step, self.phase = int(sd["step"]), sd["phase"]
         if sd["phase"] == "embedded":
             self.P = sd["P"].clone()

@@ -43,11 +43,13 @@ from .factor import warn_uneven_steps
 from .observable import Observable, as_trajectory, coordinates, observable_factor, resolve_observable
 
 __all__ = ["KoopmanSpectrum", "koopman_spectrum", "spectrum_from_factor", "open_run", "check_settings",
-           "check_length", "GRAM_RTOL"]
+           "check_length", "GRAM_RTOL", "DEFAULT_DELAYS", "DEFAULT_ENERGY"]
 
 #: eigenvalues of a Gram matrix below this fraction of the largest are rounding noise
 #: (singular values below 1e-6 of the largest: float64 resolves ~1e-16 of the squared scale).
 GRAM_RTOL = 1e-12
+#: delays of the embedding, and the energy that chooses the rank, unless given.
+DEFAULT_DELAYS, DEFAULT_ENERGY = 32, 0.99
 
 
 @dataclass
@@ -275,9 +277,9 @@ def koopman_spectrum(
     observable: str = "pca",
     n_components: int | None = None,
     layer: str | Sequence[str] | None = None,
-    delays: int = 32,
+    delays: int = DEFAULT_DELAYS,
     rank: int | None = None,
-    energy: float = 0.99,
+    energy: float = DEFAULT_ENERGY,
     progress: bool | None = None,
 ) -> KoopmanSpectrum:
     """The Koopman (DMD) spectrum of a run: observable -> delay embedding -> exact DMD (module doc).

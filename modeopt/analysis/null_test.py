@@ -12,31 +12,20 @@ from tqdm.auto import tqdm
 from .._checks import check_int
 from ..trajectory import Trajectory
 from .comparison import DynamicsComparison
-from .koopman import KoopmanSpectrum, check_length, check_settings, open_run, spectrum_from_factor
+from .koopman import (
+    DEFAULT_DELAYS, DEFAULT_ENERGY, KoopmanSpectrum, check_length, check_settings, open_run, spectrum_from_factor,
+)
 from .observable import Observable, observable_factor
 from .spectrum_matching import signature_text, spectrum_distance
 
 __all__ = ["compare_dynamics"]
 
 
-def compare_dynamics(
-    run_a,
-    run_b,
-    *,
-    observable: str = "pca",
-    n_components: int | None = None,
-    layer: str | Sequence[str] | None = None,
-    delays: int = 32,
-    rank: int | None = None,
-    energy: float = 0.99,
-    window: int | None = None,
-    n_windows: int = 32,
-    n_null: int = 200,
-    null: str = "segments",
-    seed: int = 0,
-    labels: tuple[str, str] = ("A", "B"),
-    progress: bool | None = None,
-) -> DynamicsComparison:
+def compare_dynamics(run_a, run_b, *, observable: str = "pca", n_components: int | None = None,
+                     layer: str | Sequence[str] | None = None, delays: int = DEFAULT_DELAYS, rank: int | None = None,
+                     energy: float = DEFAULT_ENERGY, window: int | None = None, n_windows: int = 32,
+                     n_null: int = 200, null: str = "segments", seed: int = 0, labels: tuple[str, str] = ("A", "B"),
+                     progress: bool | None = None) -> DynamicsComparison:
     """Are two runs the same dynamical system? Their spectra, W1 distance, and a p-value.
 
     **Basis.** Each run gets its own PCA basis (and each window its own): DMD eigenvalues do not

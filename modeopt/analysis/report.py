@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._checks import check_int
 from ..decomposition import Decomposition, decompose
 from ..trajectory import Trajectory
 from .dmd import DMD, dmd
@@ -221,8 +222,7 @@ def _dmd_ranks(dmd_rank, n_modes: int, T: int) -> list[int]:
     else:
         wanted = list(dmd_rank)
     for r in wanted:
-        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-            raise ValueError(f"DMD ranks must be integers >= 0 (0 skips DMD), got {dmd_rank!r}")
+        check_int("a DMD rank (0 skips DMD)", r, 0)
     out = []
     for r in wanted:
         r = min(r, T - 1)
