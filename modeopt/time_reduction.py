@@ -7,13 +7,13 @@ upper-triangular ``R`` (``T x T``, float64) of a thin QR of the ``N x T`` matrix
 per sample, time-centred or not): ``A = Q R`` with orthonormal ``Q``, which is never formed, so
 ``R^T R = A^T A``, and ``A``'s singular values and right singular vectors are ``R``'s.
 
-Numerics: a tall-skinny QR (TSQR) in float64. Each chunk is factorised alone and its factor
-stacked under the running ``R`` and factorised again. ``R`` carries ``A``'s singular values down to
-about ``eps * sigma_max`` (float64 ``eps`` ~2e-16), where the Gram matrix ``A^T A`` squares the
-condition number and loses them below about ``sqrt(eps) * sigma_max`` (~1e-8). It costs about 1.5x
-a Gram pass (docs/decomposition.md has the measurements); exact DMD's default cut-off (singular
-values below ``1e-10 sigma_max``) needs the QR. Memory: ``R``, plus one chunk of
-:data:`~modeopt._chunking.CHUNK_ELEMENTS` values.
+Numerics: a tall-skinny QR (TSQR) in float64, on one thread. Each chunk is factorised alone and
+its factor stacked under the running ``R`` and factorised again. Why a QR and not the Gram matrix
+``A^T A``: ``R`` carries ``A``'s singular values down to about ``eps * sigma_max`` (float64 ``eps``
+~2e-16), while the Gram matrix squares the condition number and loses them below about
+``sqrt(eps) * sigma_max`` (~1e-8); exact DMD's default cut-off (``1e-10 sigma_max``) needs the QR.
+What it costs against a Gram pass: docs/decomposition.md ("The T x T reduction"). Memory: ``R``,
+plus one chunk of about :data:`~modeopt._chunking.CHUNK_ELEMENTS` values.
 
 Precision of the values: they are formed in float64. An ``offset`` (the float32 baseline of a
 half-precision recording: values ``data + offset``) is added in float64, which is exact for a
