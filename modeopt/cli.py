@@ -184,6 +184,7 @@ SUBCOMMANDS: list[Callable] = [_add_analyze, _add_compare]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``modeopt`` parser, with every subcommand of :data:`SUBCOMMANDS`."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="modeopt", description="modeopt: Correlation Mode Decomposition tools.")

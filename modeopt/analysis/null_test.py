@@ -29,10 +29,8 @@ def compare_dynamics(run_a, run_b, *, observable: str = "pca", n_components: int
     """Are two runs the same dynamical system? Their spectra, W1 distance, and a p-value.
 
     **Basis.** Each run gets its own PCA basis (and each window its own): DMD eigenvalues do not
-    depend on the basis the observable is written in, so no shared basis is needed, and none would
-    be meaningful across seeds (two inits train in unrelated weight directions - hidden units are
-    permuted) or across architectures (the paper compares shallow and wide networks). A joint
-    basis would also make one run's spectrum depend on the other run.
+    depend on the basis, so runs of different seeds or architectures compare (docs/koopman.md,
+    "Choices in compare_dynamics", says why no shared basis is used).
 
     **Rank.** ``rank`` if given; otherwise each full run's ``energy`` rank, and the smaller of the
     two for both (W1 needs equal-size sets; the smaller rank is what both runs resolve). It is
@@ -52,8 +50,8 @@ def compare_dynamics(run_a, run_b, *, observable: str = "pca", n_components: int
     smallest p it can give is ``1 / (1 + #null)``.
 
     Args:
-        run_a, run_b: anything :func:`koopman_spectrum` takes (the same kind of observable in both).
-        observable, n_components, layer, delays, rank, energy: as :func:`koopman_spectrum`, for
+        run_a, run_b: anything :func:`~modeopt.analysis.koopman_spectrum` takes (the same kind of observable in both).
+        observable, n_components, layer, delays, rank, energy: as :func:`~modeopt.analysis.koopman_spectrum`, for
             both runs and every window.
         window: samples per window (default a third of the shorter run).
         n_windows: window positions per run.
@@ -65,7 +63,7 @@ def compare_dynamics(run_a, run_b, *, observable: str = "pca", n_components: int
     Raises:
         ValueError: runs with different observables (tensor names/shapes, ``n_components``), a
             window too short for the delays and rank or too long for two non-overlapping windows,
-            and every error of :func:`koopman_spectrum`.
+            and every error of :func:`~modeopt.analysis.koopman_spectrum`.
     """
     if null != "segments":
         raise ValueError(f"null must be 'segments' (within-run window distances), got {null!r}")

@@ -71,6 +71,7 @@ class Report:
 
     @property
     def index(self) -> Path | None:
+        """The report's ``index.html`` (``None`` when nothing was written)."""
         return None if self.out is None else self.out / "index.html"
 
 
@@ -259,6 +260,7 @@ def _summary(traj, dec, dmds, corr, layers, errors, acc, time_label, metric) -> 
 
 
 def summary_rows(r: Report, metric: str) -> list[tuple[str, str]]:
+    """``(label, value)`` rows of the report's key numbers (the CLI's summary, the report's table)."""
     s, dec = r.summary, r.decomposition
     rows = [
         ("weights (N)", f"{s['n_weights']:,} in {s['n_layers']} tensors"),
