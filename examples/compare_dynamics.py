@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 import modeopt
 from modeopt.analysis import Recording, compare_dynamics
-from modeopt.analysis.evaluation import mnist_split
 from workloads import SmallCNN, batches, evaluate
+from mnist_eval import mnist_split  # examples/ is on sys.path when a script here runs
 
 
 def make_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -120,7 +120,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(matplotlib not installed: no plot; pip install modeopt[plot])")
+        print("(matplotlib not installed: no plot; pip install 'modeopt[analysis]')")
         return
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [1.4, 1]})
     ax[0].plot(*zip(*plain_curve), color="0.25", lw=2, label=f"plain Adam ({n:,} trainable)")

@@ -3,7 +3,7 @@
 Trains ``workloads.SmallCNN`` on 4,000 real MNIST digits (plain loop), recording the weights every 4
 steps into ``OUT/run/`` (one file per snapshot), then runs
 
-    modeopt analyze OUT/run --modes 10 --eval mnist-cnn --out OUT/report
+    modeopt analyze OUT/run --modes 10 --eval examples/mnist_eval.py:evaluation --out OUT/report
 
 and prints CMD next to DMD at several sizes (relative error of the weights, final test
 accuracy). ``--sgd-augment`` trains with SGD + momentum on randomly shifted digits instead of
@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 import modeopt
 from modeopt.analysis import Recording, dmd, load_snapshots, reconstruction_errors
-from modeopt.analysis.evaluation import mnist_split
 from modeopt.cli import main as cli
 from workloads import SmallCNN, batches, evaluate
+from mnist_eval import mnist_split  # examples/ is on sys.path when a script here runs
 
 
 def shifted(x: torch.Tensor, g: torch.Generator, max_shift: int = 3) -> torch.Tensor:
@@ -69,7 +69,8 @@ def main() -> None:
             opt.step()
             rec.step()
     print(f"{rec.n_snapshots} snapshots in {run}")
-    cli(["analyze", str(run), "--modes", str(args.modes), "--eval", "mnist-cnn", "--out", str(out / "report"),
+    spec = f"{Path(__file__).with_name('mnist_eval.py')}:evaluation"  # the mnist_eval imported above: its data
+    cli(["analyze", str(run), "--modes", str(args.modes), "--eval", spec, "--out", str(out / "report"),
          "--title", f"SmallCNN on the MNIST subset: {args.epochs} epochs of {setting}, M = {args.modes}"])
 
     # CMD next to DMD at several sizes, on the same trajectory.

@@ -20,48 +20,47 @@ import torch
 from torch import Tensor, nn
 
 from ._wrapping import SharesBaseOptimizer
+from ._checks import check_int
 from .layout import ParamLayout
 from .snapshots import SnapshotBuffer
+from .time_reduction import column_chunks, read_columns, time_factor
 
 __all__ = ["SubspaceOptimizer", "pca_basis"]
 
 
-def pca_basis(data: Tensor, dim: int, offset: Tensor | None = None, chunk: int = 1 << 20) -> tuple[Tensor, Tensor]:
+def pca_basis(data: Tensor, dim: int, offset: Tensor | None = None, chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """Top-``dim`` principal directions of T samples of N weights, without an N x N matrix.
+
+    Two passes over the columns: :func:`~modeopt.time_reduction.time_factor` of the time-centred
+    samples (``R``, ``T x T``), then the directions ``P = A V S^-1`` from the SVD ``R = U S V^T``.
 
     Args:
         data: ``(T, N)`` samples (rows), values ``data + offset``.
-        dim: number of directions (``<= T - 1``).
+        dim: number of directions (``1 <= dim <= T - 1``).
+        offset: ``(N,)`` baseline, or ``None``.
+        chunk: columns per pass (default from ``CHUNK_ELEMENTS``).
     Returns:
-        ``P`` ``(N, dim)`` float32 with orthonormal columns, and the singular values ``(dim,)``.
+        ``P`` ``(N, dim)`` float32 with orthonormal columns, and the singular values ``(dim,)``
+        (float64) of the centred samples.
+    Raises:
+        ValueError: ``dim`` out of range, a warm-up that spans fewer than ``dim`` directions, NaN/inf
+            samples (:class:`~modeopt.time_reduction.NonFiniteValues`), or samples that do not move.
     """
     t, n = data.shape
-    if not 1 <= dim <= t - 1:
+    check_int("dim", dim, 1)
+    if not dim <= t - 1:
         raise ValueError(f"dim={dim} needs 1 <= dim <= T - 1 = {t - 1} snapshots: record more snapshots or ask "
                          "for fewer directions")
-    # The T x T Gram matrix of the time-centred samples, accumulated over column chunks in float64.
-    gram = torch.zeros(t, t, dtype=torch.float64)
-    for i in range(0, n, chunk):
-        x = data[:, i : i + chunk].to(torch.float64)
-        if offset is not None:
-            x = x + offset[i : i + chunk]
-        x -= x.mean(dim=0)
-        gram += x @ x.T
-    evals, evecs = torch.linalg.eigh(gram)
-    order = torch.argsort(evals, descending=True)[:dim]
-    sv = evals[order].clamp(min=0).sqrt()
+    _, s, vh = torch.linalg.svd(time_factor(data, offset, centre=True, chunk=chunk))
+    sv = s[:dim]
     # Directions below the data's rounding level are noise, not trajectory.
     tol = 100 * torch.finfo(data.dtype if data.is_floating_point() else torch.float32).eps
-    if bool((sv <= tol * sv.max().clamp(min=1e-300)).any()):
+    if bool((sv <= tol * s[0].clamp(min=1e-300)).any()):
         raise ValueError(f"the warm-up trajectory spans fewer than dim={dim} directions: ask for fewer")
-    u = evecs[:, order] / sv  # (T, dim): X^T u / s are the right singular vectors
+    u = vh[:dim].T / sv  # (T, dim): A u are the principal directions
     p = torch.empty(n, dim, dtype=torch.float32)
-    for i in range(0, n, chunk):
-        x = data[:, i : i + chunk].to(torch.float64)
-        if offset is not None:
-            x = x + offset[i : i + chunk]
-        x -= x.mean(dim=0)
-        p[i : i + chunk] = (x.T @ u).to(torch.float32)
+    for i0, i1 in column_chunks(t, [(0, n)], chunk):
+        p[i0:i1] = (read_columns(data, offset, i0, i1, centre=True).T @ u).to(torch.float32)
     return p, sv
 
 
@@ -83,6 +82,9 @@ class SubspaceOptimizer(SharesBaseOptimizer):
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, *, dim: int = 10,
                  warmup_steps: int = 500, snapshot_every: int = 10,
                  exclude: Callable[[str, nn.Parameter], bool] | Sequence[str] | None = None):
+        check_int("dim", dim, 1)
+        check_int("warmup_steps", warmup_steps, 1)
+        check_int("snapshot_every", snapshot_every, 1)
         if warmup_steps // snapshot_every - 1 < dim:
             raise ValueError(f"dim={dim} needs at least {dim + 1} warm-up snapshots, but warmup_steps={warmup_steps} "
                              f"with snapshot_every={snapshot_every} records {warmup_steps // snapshot_every}")
@@ -111,11 +113,14 @@ class SubspaceOptimizer(SharesBaseOptimizer):
         self._c_applied: Tensor | None = None
 
     def trainable_parameters(self) -> int:
+        """Degrees of freedom trained now: ``dim`` (after the switch) plus the parameters kept out."""
         emb = {id(p) for p in self._params}
         free = sum(p.numel() for p in self.model.parameters() if p.requires_grad and id(p) not in emb)
         return free + (self.dim if self.phase == "embedded" else sum(p.numel() for p in self._params))
 
     def step(self, closure=None):
+        """One step of the base optimizer: on the weights in warm-up (recording a snapshot every
+        ``snapshot_every`` steps, switching at ``warmup_steps``), on ``c`` after the switch."""
         if self.phase == "embedded":
             with torch.no_grad():
                 g = torch.zeros(self.dim, dtype=torch.float64)
@@ -146,29 +151,26 @@ class SubspaceOptimizer(SharesBaseOptimizer):
     def _switch(self) -> None:
         data, _ = self._buffer.raw()
         self.P, self.singular_values = pca_basis(data, self.dim, self._buffer.anchor)
-        self._buffer = None
-        self.c = nn.Parameter(torch.zeros(self.dim))
-        self._c_applied = torch.zeros(self.dim)
-        emb = {id(p) for p in self._params}
-        for gi, group in enumerate(self.base.param_groups):
-            kept = [p for p in self._orig[gi] if id(p) not in emb]
-            group["params"][:] = kept + ([self.c] if gi == 0 else [])
+        self._switch_structures(torch.zeros(self.dim), torch.zeros(self.dim))
         for p in self._params:
             self.base.state.pop(p, None)
         self.phase = "embedded"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the base optimizer's gradients and the subspace weights' (which leave its groups)."""
         super().zero_grad(set_to_none)
         for p in self._params:  # not in the groups after the switch, but they still get gradients
             p.grad = None
 
     def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state, the phase and step, the warm-up buffer or ``P`` and ``c``."""
         return {"base": self.base.state_dict(), "phase": self.phase, "step": self._step,
                 "buffer": None if self._buffer is None else self._buffer.state_dict(),
                 "P": self.P, "c": None if self.c is None else self.c.detach().clone(),
                 "c_applied": self._c_applied}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (of an optimizer over the same model and settings)."""
         self._step, self.phase = int(sd["step"]), sd["phase"]
         if sd["phase"] == "embedded":
             self.P = sd["P"].clone()

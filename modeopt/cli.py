@@ -27,7 +27,7 @@ def _add_analyze(sub) -> None:
                     "report: PNG figures, index.html, report.md and summary.json.",
         epilog="RUN is a trajectory file (Trajectory.save), a snapshot directory (modeopt.analysis.Recording), "
                "a directory of checkpoints, or several checkpoint files (ordered by the numbers in their names). "
-               "Example: modeopt analyze runs/cnn --modes 10 --eval mnist-cnn --out report/",
+               "Example: modeopt analyze runs/cnn --modes 10 --eval examples/mnist_eval.py:evaluation --out report/",
     )
     p.add_argument("inputs", nargs="+", metavar="RUN", help="trajectory file, snapshot/checkpoint directory, "
                    "or checkpoint files")
@@ -46,9 +46,10 @@ def _add_analyze(sub) -> None:
     p.add_argument("--every", type=int, default=1, help="keep every k-th sample (sub-sampling)")
     p.add_argument("--key", default=None, help="entry of each checkpoint that holds the state dict (e.g. model)")
     p.add_argument("--keep-order", action="store_true", help="keep checkpoint files in the order given")
-    p.add_argument("--eval", default=None, metavar="NAME",
-                   help="score the recorded and reconstructed weights along the run: 'mnist-cnn' (SmallCNN on the "
-                        "MNIST subset's test digits) or 'package.module:function' returning (model_factory, evaluate)")
+    p.add_argument("--eval", default=None, metavar="SPEC",
+                   help="score the recorded and reconstructed weights along the run: 'package.module:function' or "
+                        "'path/to/file.py:function', a function returning (model_factory, evaluate) "
+                        "(e.g. examples/mnist_eval.py:evaluation)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every k-th sample (and the last)")
     p.add_argument("--metric", default="accuracy", help="name of what --eval measures (default: accuracy)")
     p.add_argument("--title", default=None, help="report title")
@@ -183,6 +184,7 @@ SUBCOMMANDS: list[Callable] = [_add_analyze, _add_compare]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``modeopt`` parser, with every subcommand of :data:`SUBCOMMANDS`."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="modeopt", description="modeopt: Correlation Mode Decomposition tools.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +17,14 @@ from modeopt.analysis import (
     Recording, analyze, correlation_data, dmd, layer_distribution, load_snapshots, load_trajectory,
     profile_bands, reconstruction_errors,
 )
-from modeopt.analysis.evaluation import accuracy_curves, mnist_split
+from modeopt.analysis.evaluation import accuracy_curves, resolve_eval
 from modeopt.cli import main as cli
 from workloads import SmallCNN, batches
 
 from conftest import planted_trajectory
 
+#: the example evaluation (SmallCNN on the MNIST subset's held-out digits), by absolute path
+MNIST_EVAL = f"{Path(__file__).resolve().parents[1] / 'examples' / 'mnist_eval.py'}:evaluation"
 FIGURES = ["correlation.png", "profiles.png", "modes.png", "errors.png", "cmd_vs_dmd.png", "accuracy.png"]
 
 
@@ -184,7 +187,7 @@ def test_dmd_reconstructs_an_exactly_linear_trajectory():
     assert np.allclose(ev, want, atol=1e-8)
     assert torch.allclose(d.reconstruct(7).double(), w[:, 7], atol=1e-5)
     assert d.modes().shape == (n, 5)
-    with pytest.raises(ValueError, match=r"rank must be an integer in 1..T-1 = 1..24"):
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 24\]"):
         dmd(w, 25)
 
 
@@ -266,7 +269,8 @@ def test_accuracy_curves_and_mismatched_model():
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory):
     """SmallCNN on real MNIST digits, 36 Adam steps, a snapshot every 3 steps, to a directory."""
-    xtr, ytr, _, _ = mnist_split()  # the copy --eval mnist-cnn uses: read once
+    _, evaluate = resolve_eval(MNIST_EVAL)  # loads the example once: --eval MNIST_EVAL below reuses its data
+    xtr, ytr, _, _ = sys.modules[evaluate.__module__].mnist_split()
     torch.manual_seed(0)
     model = SmallCNN()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -284,7 +288,7 @@ def recorded_run(tmp_path_factory):
 
 def test_cli_analyze_writes_the_report(recorded_run, tmp_path, capsys):
     out = tmp_path / "report"
-    rc = cli(["analyze", str(recorded_run), "--modes", "4", "--samples", "300", "--eval", "mnist-cnn",
+    rc = cli(["analyze", str(recorded_run), "--modes", "4", "--samples", "300", "--eval", MNIST_EVAL,
               "--eval-every", "6", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr()
@@ -317,19 +321,25 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert cli(["analyze", str(tmp_path / "empty"), "--no-figures", "-q"]) == 1
     assert "modeopt analyze: error: " in capsys.readouterr().err
     assert cli(["analyze", str(tmp_path / "empty"), "--eval", "imagenet", "-q"]) == 1
-    assert "unknown evaluation 'imagenet': use one of ['mnist-cnn']" in capsys.readouterr().err
+    assert ("--eval 'imagenet': expected 'package.module:function' or 'path/to/file.py:function'"
+            in capsys.readouterr().err)
+    assert cli(["analyze", str(tmp_path / "empty"), "--eval", str(tmp_path / "none.py") + ":evaluation", "-q"]) == 1
+    assert f"there is no file {tmp_path / 'none.py'}" in capsys.readouterr().err
+    (tmp_path / "ev.py").write_text("def other():\n    pass\n")
+    assert cli(["analyze", str(tmp_path / "empty"), "--eval", str(tmp_path / "ev.py") + ":evaluation", "-q"]) == 1
+    assert f"{tmp_path / 'ev.py'} has no function 'evaluation'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli(["analyze", "x", "--modes", "3", "--threshold", "0.2"])
     assert "not allowed with argument" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     assert cli(["analyze", str(tmp_path / "empty"), "-q"]) == 1
-    assert "the report's figures need matplotlib: pip install 'modeopt[plot]'" in capsys.readouterr().err
+    assert "the report's figures need matplotlib: pip install 'modeopt[analysis]'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ Hugging Face Trainer
 def test_trainer_callback_records_steps_and_epochs(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from modeopt.analysis import TrajectoryCallback
+    from modeopt.integrations.hf import TrajectoryCallback
 
     class Tiny(nn.Module):
         def __init__(self):

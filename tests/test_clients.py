@@ -348,15 +348,17 @@ def test_progress_none_shows_bars_only_on_a_terminal(monkeypatch, capsys):
     from modeopt import _progress, decomposition
     import importlib
 
-    dmd_mod = importlib.import_module("modeopt.analysis.dmd")
+    from modeopt.analysis import dmd
+
+    time_reduction = importlib.import_module("modeopt.time_reduction")
 
     assert (_progress.disable(None, 10, 4), _progress.disable(None, 2, 4)) == (None, True)
     assert (_progress.disable(True, 2, 4), _progress.disable(False, 10, 4)) == (False, True)
     monkeypatch.setattr(decomposition, "CHUNK_ELEMENTS", 1)  # many chunks: bars are due
-    monkeypatch.setattr(dmd_mod, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(time_reduction, "CHUNK_ELEMENTS", 1)
     w = torch.randn(6000, 8)
     for progress, shown in [(None, False), (False, False), (True, True)]:
         modeopt.decompose(w, n_modes=2, n_samples=50, seed=0, progress=progress)
-        dmd_mod.dmd(w, rank=2, progress=progress)
+        dmd(w, rank=2, progress=progress)
         err = capsys.readouterr().err
         assert ("CMD scan" in err, "CMD assign" in err, "DMD factor" in err) == (shown,) * 3, (progress, err)

@@ -1,4 +1,4 @@
-"""Koopman spectra of runs and the comparison of two runs' dynamics (modeopt.analysis.koopman)."""
+"""Koopman spectra of runs and the comparison of two runs' dynamics (modeopt.analysis.koopman, null_test)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from modeopt import ParamLayout, Trajectory
 from modeopt.analysis import (
     DynamicsComparison, KoopmanSpectrum, Recording, compare_dynamics, koopman_spectrum, spectrum_distance,
 )
-from modeopt.analysis.koopman import observable_gram, principal_coordinates
+from modeopt.analysis.observable import observable_gram, principal_coordinates
 from modeopt.cli import main as cli
 
 #: the test system's eigenvalues, in the order a spectrum sorts them (|lambda| desc, then angle desc)

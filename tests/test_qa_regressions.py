@@ -328,7 +328,7 @@ def test_f8_online_state_count_and_moment_shapes():
 # ------------------------------------------------------------------------- F12: a full disk
 def test_f12_recording_on_a_full_disk_raises_oserror_and_stays_readable(tmp_path, monkeypatch):
     from modeopt.analysis import Recording, load_snapshots
-    from modeopt.analysis import recording as rec_mod
+    from modeopt.analysis import atomic_files
 
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -349,7 +349,7 @@ def test_f12_recording_on_a_full_disk_raises_oserror_and_stays_readable(tmp_path
             step(model, opt)
             rec.step()
         full["on"] = True
-        monkeypatch.setattr(rec_mod.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(free, free - 10, 10))
+        monkeypatch.setattr(atomic_files.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(free, free - 10, 10))
         step(model, opt)
         with pytest.raises(OSError, match=r"the disk is full: snapshot snapshot-000003.pt could not be written to "
                                           r".*it needs about 1,\d\d\d bytes, 10 are free there.*free space or record "

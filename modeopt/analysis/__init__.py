@@ -1,7 +1,8 @@
 """Studying training dynamics with modes: recording, CMD vs. DMD, figures and reports.
 
 * :class:`Recording` - snapshot a model every k steps/epochs, in memory or one file per snapshot.
-* :class:`TrajectoryCallback` - the same inside a Hugging Face ``Trainer`` (imports transformers).
+* The same inside a Hugging Face ``Trainer``: ``modeopt.integrations.hf.TrajectoryCallback``
+  (the one integration point for transformers; ``pip install 'modeopt[hf]'``).
 * :func:`load_trajectory` / :func:`load_snapshots` - read a saved run back as a ``Trajectory``.
 * :func:`dmd` / :class:`DMD` - exact DMD at rank r, the CMD paper's baseline.
 * :func:`analyze` - CMD + DMD of a run, the paper's figures, ``index.html`` / ``report.md``.
@@ -13,9 +14,12 @@ The command line ``modeopt analyze RUN --modes 10 --out report/`` wraps :func:`a
 """
 
 from .dmd import DMD, dmd
-from .evaluation import BUILTIN_EVALS, AccuracyCurves, accuracy_curves, resolve_eval
+from .evaluation import AccuracyCurves, accuracy_curves, resolve_eval
 from .io import load_trajectory
-from .koopman import DynamicsComparison, KoopmanSpectrum, compare_dynamics, koopman_spectrum, spectrum_distance
+from .comparison import DynamicsComparison
+from .koopman import KoopmanSpectrum, koopman_spectrum
+from .null_test import compare_dynamics
+from .spectrum_matching import spectrum_distance
 from .recording import Recording, SnapshotWriter, is_snapshot_directory, load_snapshots
 from .report import Report, analyze
 from .stats import (
@@ -24,18 +28,17 @@ from .stats import (
 )
 
 __all__ = [
-    "Recording", "TrajectoryCallback", "SnapshotWriter", "load_snapshots", "load_trajectory", "is_snapshot_directory",
+    "Recording", "SnapshotWriter", "load_snapshots", "load_trajectory", "is_snapshot_directory",
     "DMD", "dmd", "analyze", "Report",
     "koopman_spectrum", "compare_dynamics", "spectrum_distance", "KoopmanSpectrum", "DynamicsComparison",
     "correlation_data", "profile_bands", "layer_distribution", "reconstruction_errors", "weight_examples",
     "CorrelationData", "ProfileBands", "LayerDistribution", "ReconstructionErrors", "WeightExamples",
-    "accuracy_curves", "AccuracyCurves", "BUILTIN_EVALS", "resolve_eval",
+    "accuracy_curves", "AccuracyCurves", "resolve_eval",
 ]
 
 
 def __getattr__(name: str):
-    if name == "TrajectoryCallback":  # transformers is imported only when this is asked for
-        from .hf import TrajectoryCallback
-
-        return TrajectoryCallback
+    if name == "TrajectoryCallback":  # the analysis layer does not import the integrations above it
+        raise AttributeError("TrajectoryCallback lives in modeopt.integrations.hf (one integration point per "
+                             "framework): from modeopt.integrations.hf import TrajectoryCallback")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,9 +6,8 @@ Exact DMD (Tu et al. 2014) at rank r fits one linear map to consecutive snapshot
 (the paper's Eq. 1).
 
 Memory: one pass over the weights in chunks computes the ``T x T`` triangular factor ``R`` of a
-thin QR of ``W (N x T)`` (a tall-skinny QR: each chunk is stacked under ``R`` and re-factorised), so
-nothing of size ``N x N`` or ``N x r`` is formed and the SVD keeps full float64 accuracy (a Gram
-matrix would square the condition number). Since the modes are ``Phi = Y C`` with
+thin QR of ``W (N x T)`` (:func:`modeopt.time_reduction.time_factor`), so nothing of size
+``N x N`` or ``N x r`` is formed and the SVD keeps full float64 accuracy. Since the modes are ``Phi = Y C`` with
 ``Y = [x_1 .. x_{T-1}]`` and a ``(T-1) x r`` matrix ``C``, every reconstructed snapshot is a
 combination of the recorded ones, ``x_hat_t = Y coef[:, t]``: :class:`DMD` keeps the trajectory
 (not a copy) and the ``(T-1, T)`` coefficients, and reconstructs chunk by chunk on demand.
@@ -16,20 +15,18 @@ combination of the recorded ones, ``x_hat_t = Y coef[:, t]``: :class:`DMD` keeps
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .. import _progress
-from .._chunking import CHUNK_ELEMENTS
+from .._checks import check_int
 from ..layout import ParamLayout
+from ..time_reduction import column_chunks, read_columns
 from ..trajectory import Trajectory, as_tensor, load_named_into
+from .factor import trajectory_factor, warn_uneven_steps
 
 __all__ = ["DMD", "dmd"]
-
 
 
 @dataclass
@@ -59,42 +56,39 @@ class DMD:
 
     @property
     def n_weights(self) -> int:
+        """N, the number of weights."""
         return self.trajectory.n_weights
 
     @property
     def n_samples(self) -> int:
+        """T, the number of samples."""
         return self.coef.shape[1]
 
     def __repr__(self) -> str:
         return f"DMD(N={self.n_weights}, T={self.n_samples}, rank={self.rank})"
 
     # ------------------------------------------------------- reconstruction
+    def _recorded(self, start: int, stop: int) -> Tensor:
+        """``Y`` = samples 1..T-1 of weights ``start:stop``, ``(T-1, c)`` float64."""
+        return read_columns(self.trajectory.data, self.trajectory.offset, start, stop)[1:]
+
     def cols(self, start: int, stop: int, t: int | None = None) -> Tensor:
         """Modelled weights ``start:stop``, time-major ``(T, stop - start)`` float64 (``(c,)`` at ``t``)."""
-        y = self.trajectory.cols(start, stop, torch.float64)[1:]  # (T-1, c)
-        if t is not None:
-            return self.coef[:, t] @ y
-        return self.coef.T @ y
+        y = self._recorded(start, stop)
+        return self.coef.T @ y if t is None else self.coef[:, t] @ y
 
     def reconstruct(self, t: int | None = None) -> Tensor:
         """The modelled weights: ``(N, T)`` float32, or ``(N,)`` at sample ``t`` only."""
-        n, T = self.n_weights, self.n_samples
-        out = torch.empty((n,) if t is not None else (n, T), dtype=torch.float32)
-        chunk = max(1024, CHUNK_ELEMENTS // T)
-        for i0 in range(0, n, chunk):
-            i1 = min(i0 + chunk, n)
-            if t is not None:
-                out[i0:i1] = self.cols(i0, i1, t)
-            else:
-                out[i0:i1] = self.cols(i0, i1).T
+        out = torch.empty((self.n_weights,) if t is not None else (self.n_weights, self.n_samples),
+                          dtype=torch.float32)
+        for i0, i1 in column_chunks(self.n_samples, [(0, self.n_weights)]):
+            out[i0:i1] = self.cols(i0, i1, t) if t is not None else self.cols(i0, i1).T
         return out
 
     def state_dict_at(self, t: int = -1) -> dict[str, Tensor]:
-        """The modelled weights at sample ``t`` as named tensors (needs a layout)."""
-        if self.layout is None:
-            raise ValueError("this DMD has no layout: decompose a Trajectory (not a bare matrix) "
-                             "to load reconstructions into a model")
-        return self.layout.unflatten(self.reconstruct(t))
+        """The modelled weights at sample ``t`` as named tensors (needs a layout: a DMD of a
+        Trajectory, not of a bare matrix)."""
+        return Trajectory(self.reconstruct(t)[None], self.layout).state_dict_at(0)
 
     def load_into(self, model: nn.Module, t: int = -1) -> None:
         """Write the modelled weights at sample ``t`` into the model, in place."""
@@ -102,8 +96,8 @@ class DMD:
 
     def modes(self) -> Tensor:
         """The DMD modes ``Phi``, ``(N, r)`` complex64 (this one is ``N x r``: mind the memory)."""
-        y = self.trajectory.matrix[:, 1:].to(torch.float64)
-        return (y.to(torch.complex128) @ self.mode_coef).to(torch.complex64)
+        y = self._recorded(0, self.n_weights)
+        return (y.T.to(torch.complex128) @ self.mode_coef).to(torch.complex64)
 
 
 def dmd(trajectory, rank: int, *, progress: bool | None = None, rtol: float = 1e-10) -> DMD:
@@ -125,26 +119,12 @@ def dmd(trajectory, rank: int, *, progress: bool | None = None, rtol: float = 1e
     T, n = trajectory.data.shape
     if T < 3:
         raise ValueError(f"DMD needs at least 3 samples, the trajectory has {T}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= T - 1:
-        raise ValueError(f"rank must be an integer in 1..T-1 = 1..{T - 1}, got {rank!r}")
+    check_int("rank", rank, 1, T - 1)
     steps = list(trajectory.steps)
-    gaps = {b - a for a, b in zip(steps, steps[1:])}
-    if len(gaps) > 1:
-        warnings.warn(f"DMD assumes evenly spaced samples; these steps have gaps {sorted(gaps)[:5]}",
-                      stacklevel=2)
+    warn_uneven_steps(steps, stacklevel=2)
 
-    # Tall-skinny QR of W (N x T): R is T x T, W = Q R with orthonormal Q (never formed).
-    chunk = max(1024, CHUNK_ELEMENTS // T)
-    bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
-    hide = _progress.disable(progress, len(bounds), 4)
-    r_fac = torch.zeros(0, T, dtype=torch.float64)
-    for i0, i1 in tqdm(bounds, desc="DMD factor", disable=hide, leave=False):
-        x = trajectory.cols(i0, i1, torch.float64).T  # (c, T), weights as rows
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("trajectory has NaN/inf values: DMD cannot model diverged weights")
-        r_fac = torch.linalg.qr(torch.cat([r_fac, x]), mode="r").R
-    if r_fac.shape[0] < T:  # fewer weights than samples
-        r_fac = torch.cat([r_fac, torch.zeros(T - r_fac.shape[0], T, dtype=torch.float64)])
+    # W = Q R with orthonormal Q (never formed), R is T x T.
+    r_fac = trajectory_factor(trajectory, centre=False, progress=progress, what="the trajectory", desc="DMD factor")
     rx, ry = r_fac[:, :-1], r_fac[:, 1:]  # X = Q rx, Y = Q ry
 
     u, s, vh = torch.linalg.svd(rx, full_matrices=False)

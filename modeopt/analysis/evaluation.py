@@ -2,22 +2,29 @@
 
 The user gives a ``model_factory() -> nn.Module`` (a model of the recorded architecture; its
 tensors that were not recorded, e.g. BatchNorm statistics or frozen layers, are used as they
-are) and an ``evaluate(model) -> float`` (e.g. test accuracy). ``modeopt analyze --eval NAME``
-names one of :data:`BUILTIN_EVALS` or a ``module:function`` returning that pair.
+are) and an ``evaluate(model) -> float`` (e.g. test accuracy). ``modeopt analyze --eval SPEC``
+names a function returning that pair: ``package.module:function`` or ``path/to/file.py:function``
+(:func:`resolve_eval`; ``examples/mnist_eval.py`` is one).
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["AccuracyCurves", "accuracy_curves", "BUILTIN_EVALS", "resolve_eval"]
+from .._checks import check_int
+
+__all__ = ["AccuracyCurves", "accuracy_curves", "resolve_eval"]
 
 ModelFactory = Callable[[], nn.Module]
 Evaluate = Callable[[nn.Module], float]
@@ -53,8 +60,7 @@ def accuracy_curves(
     Raises:
         ValueError: when the factory's model does not have the recorded tensors.
     """
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
+    check_int("every", every, 1)
     index = sorted(set(range(0, n_samples, every)) | {n_samples - 1})
     probe = model_factory()
     if not isinstance(probe, nn.Module):
@@ -76,43 +82,62 @@ def accuracy_curves(
     return AccuracyCurves(steps=np.asarray([steps[t] for t in index]), index=np.asarray(index), curves=curves)
 
 
-# ---------------------------------------------------------------- built-ins
-@functools.lru_cache(maxsize=1)
-def mnist_split():
-    """``datasets.mnist_subset()``, read once per process (parsing the text file takes seconds)."""
-    from ..datasets import mnist_subset
-
-    return mnist_subset()
-
-
-def _mnist_cnn() -> tuple[ModelFactory, Evaluate]:
-    """``modeopt.zoo.SmallCNN()`` scored on the 1,000 held-out digits of ``datasets.mnist_subset()``."""
-    from ..zoo import SmallCNN, evaluate
-
-    _, _, xte, yte = mnist_split()
-    return SmallCNN, lambda model: evaluate(model, xte, yte)
-
-
-#: name -> function returning ``(model_factory, evaluate)``.
-BUILTIN_EVALS: dict[str, Callable[[], tuple[ModelFactory, Evaluate]]] = {"mnist-cnn": _mnist_cnn}
-
-
+# ---------------------------------------------------------------- --eval SPEC
 def resolve_eval(spec: str) -> tuple[ModelFactory, Evaluate]:
-    """``(model_factory, evaluate)`` for a built-in name or ``"package.module:function"``."""
-    if spec in BUILTIN_EVALS:
-        return BUILTIN_EVALS[spec]()
-    if ":" not in spec:
-        raise ValueError(f"unknown evaluation {spec!r}: use one of {sorted(BUILTIN_EVALS)} or "
-                         "'package.module:function' (a function returning (model_factory, evaluate))")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import {mod_name!r} for --eval {spec}: {e}") from None
+    """``(model_factory, evaluate)`` from the function ``spec`` names, called once.
+
+    Args:
+        spec: ``"package.module:function"`` (imported) or ``"path/to/file.py:function"`` (a file,
+            relative to the working directory, loaded once per process: a file that is already
+            imported, e.g. by the script that runs the CLI, is reused).
+
+    Raises:
+        ValueError: a malformed spec, a module that cannot be imported, a missing file or
+            function, or a function that does not return two callables.
+    """
+    target, _, attr = spec.rpartition(":")  # the last colon: a Windows path holds one
+    if not target or not attr:
+        raise ValueError(f"--eval {spec!r}: expected 'package.module:function' or 'path/to/file.py:function' "
+                         "(a function returning (model_factory, evaluate))")
+    mod = _load_file(target, spec) if target.endswith(".py") or "/" in target or "\\" in target \
+        else _import(target, spec)
     fn = getattr(mod, attr, None)
     if not callable(fn):
-        raise ValueError(f"{mod_name} has no function {attr!r} (--eval {spec})")
+        raise ValueError(f"{target} has no function {attr!r} (--eval {spec})")
     pair = fn()
     if not (isinstance(pair, tuple) and len(pair) == 2 and all(callable(p) for p in pair)):
         raise ValueError(f"--eval {spec}: {attr}() must return (model_factory, evaluate), two callables")
     return pair
+
+
+def _import(name: str, spec: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {name!r} for --eval {spec}: {e}") from None
+
+
+def _load_file(target: str, spec: str) -> ModuleType:
+    """The module of a Python file, executed once per process (registered in ``sys.modules``)."""
+    path = Path(target).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"--eval {spec}: there is no file {target} (looked for {path})")
+    for mod in list(sys.modules.values()):
+        file = getattr(mod, "__file__", None)
+        if file and Path(file).resolve() == path:
+            return mod
+    name = f"modeopt_eval_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ValueError(f"--eval {spec}: {target} is not a Python file")
+    mod = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = mod
+    try:
+        loader_spec.loader.exec_module(mod)
+    except ImportError as e:
+        del sys.modules[name]
+        raise ValueError(f"cannot load {target} for --eval {spec}: {e}") from None
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod

@@ -1,21 +1,18 @@
 """Rendering the report's figures (PNG) from the data of :mod:`modeopt.analysis.stats`.
 
-matplotlib is optional (``pip install 'modeopt[plot]'``); it is imported on first use, through
+matplotlib is optional (``pip install 'modeopt[analysis]'``); it is imported on first use, through
 its object-oriented API only (no pyplot, no change of the user's backend).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from .evaluation import AccuracyCurves
 from .stats import CorrelationData, LayerDistribution, ProfileBands, ReconstructionErrors, WeightExamples
-
-if TYPE_CHECKING:  # koopman imports this module lazily (DynamicsComparison.plot)
-    from .koopman import DynamicsComparison
 
 __all__ = ["plot_correlation", "plot_profiles", "plot_modes", "plot_errors", "plot_cmd_vs_dmd", "plot_accuracy",
            "plot_comparison", "require_matplotlib"]
@@ -37,7 +34,7 @@ def require_matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError("the report's figures need matplotlib: pip install 'modeopt[plot]' "
+        raise ImportError("the report's figures need matplotlib: pip install 'modeopt[analysis]' "
                           "(or pip install matplotlib)") from e
     del matplotlib
     return Figure, FigureCanvasAgg
@@ -320,9 +317,10 @@ def plot_accuracy(acc: AccuracyCurves, path, *, time_label: str = "step", metric
     return _save(fig, path)
 
 
-def plot_comparison(cmp: DynamicsComparison, path, *, title: str | None = None) -> Path:
-    """Left: both Koopman spectra in the complex plane (unit circle; matched pairs joined).
-    Right: the null (within-run window distances) next to the between-run ones, and the statistic."""
+def plot_comparison(cmp: Any, path, *, title: str | None = None) -> Path:
+    """A :class:`~modeopt.analysis.DynamicsComparison` (not imported here: it imports this module
+    to plot itself). Left: both Koopman spectra in the complex plane (unit circle; matched pairs
+    joined). Right: the null (within-run window distances) next to the between-run ones, and the statistic."""
     fig = _figure(11.5, 4.9)
     axes = fig.subplots(1, 2, width_ratios=[1, 1.15])
     ax = axes[0]

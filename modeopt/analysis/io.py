@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._checks import check_int
 from ..layout import ParamLayout
 from ..checkpoint_files import load_state_dict_file
 from ..checkpoint_files import why_unreadable as _why_unreadable
@@ -70,8 +71,7 @@ def load_trajectory(
         ValueError: with what to change, for an empty directory, a single checkpoint, files that
             are not checkpoints, or checkpoints of different models.
     """
-    if not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be an integer >= 1, got {every!r}")
+    check_int("every", every, 1)
     paths = [Path(sources)] if isinstance(sources, (str, os.PathLike)) else [Path(p) for p in sources]
     if not paths:
         raise ValueError("no input given: pass a trajectory file, a snapshot directory or checkpoint files")

@@ -18,11 +18,10 @@ recorder does): half precision cannot resolve a small movement of a large weight
 
 from __future__ import annotations
 
-import errno
+import inspect
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,12 +29,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import _progress
+from .._checks import check_int
 from ..layout import ParamLayout
 from ..layout import select_parameters
 from ..snapshots import TrajectoryRecorder
 from ..trajectory import Trajectory
+from .atomic_files import atomic_save, atomic_write_text
 
-__all__ = ["Recording", "SnapshotWriter", "load_snapshots", "is_snapshot_directory", "MANIFEST", "FORMAT"]
+__all__ = ["Recording", "SnapshotWriter", "load_snapshots", "is_snapshot_directory", "recording_options",
+           "check_recording", "MANIFEST", "FORMAT"]
 
 FORMAT = "modeopt.snapshots/1"
 MANIFEST = "manifest.json"
@@ -105,7 +108,7 @@ class SnapshotWriter:
                 self.anchor = torch.load(self.directory / "anchor.pt", weights_only=True)
         elif existing:
             raise ValueError(f"{self.directory} holds snapshot files but no {MANIFEST}: use an empty directory")
-        _atomic_write_text(path, json.dumps(manifest, indent=1))
+        atomic_write_text(path, json.dumps(manifest, indent=1))
         self._flat = torch.empty(layout.n, dtype=torch.float32)
 
     @torch.no_grad()
@@ -117,13 +120,13 @@ class SnapshotWriter:
         if self.relative:
             if self.anchor is None:
                 anchor = flat.clone()
-                _atomic_save(anchor, self.directory / "anchor.pt")
+                atomic_save(anchor, self.directory / "anchor.pt")
                 self.anchor = anchor  # only once it is on disk: the snapshots are read relative to it
             data = (flat - self.anchor).to(self.dtype)
         else:
             data = flat.to(self.dtype, copy=True)
         path = self.directory / f"snapshot-{self.index:06d}.pt"
-        _atomic_save({"step": int(step), "epoch": int(epoch), "data": data}, path)
+        atomic_save({"step": int(step), "epoch": int(epoch), "data": data}, path)
         self.index += 1
         return path
 
@@ -181,12 +184,8 @@ class Recording:
         max_snapshots: int | None = None,
         resume_from: int | None = None,
     ):
-        check_schedule(every, unit, start)
-        if resume_from is not None and (not isinstance(resume_from, int) or resume_from < 0):
-            raise ValueError(f"resume_from must be an integer >= 0, got {resume_from!r}")
-        if directory is not None and max_snapshots is not None:
-            raise ValueError("max_snapshots keeps a ring of snapshots in memory; a directory keeps them all "
-                             "(give one of directory= or max_snapshots=)")
+        check_recording(every=every, unit=unit, start=start, directory=directory, max_snapshots=max_snapshots,
+                        resume_from=resume_from)
         self.model = model
         self.every, self.unit, self.start, self.initial = every, unit, start, initial
         self.directory = None if directory is None else Path(directory)
@@ -198,7 +197,7 @@ class Recording:
             self._memory: TrajectoryRecorder | None = TrajectoryRecorder(
                 model, names=names, dtype=dtype, max_snapshots=max_snapshots)
             self.layout = self._memory.layout
-            self._params = self._memory._params
+            self._params: list[Tensor] = []  # the in-memory recorder holds its own
             self._writer: SnapshotWriter | None = None
         else:
             params = select_parameters(model, names)
@@ -231,25 +230,23 @@ class Recording:
         """The current count of ``unit``."""
         return self.steps if self.unit == "step" else self.epochs
 
-    def _due(self) -> bool:
-        c = self.count
-        return c >= self.start and (c - self.start) % self.every == 0 and c != self._last
-
     def step(self, global_step: int | None = None) -> bool:
         """Count one optimizer step (or set the count to ``global_step``); snapshot if due."""
         self.steps = self.steps + 1 if global_step is None else int(global_step)
-        if self.unit == "step" and self._due():
-            self.snapshot()
-            return True
-        return False
+        return self._snapshot_if_due("step")
 
     def epoch(self, epoch: int | None = None) -> bool:
         """Count one finished epoch (or set the count to ``epoch``); snapshot if due."""
         self.epochs = self.epochs + 1 if epoch is None else int(epoch)
-        if self.unit == "epoch" and self._due():
-            self.snapshot()
-            return True
-        return False
+        return self._snapshot_if_due("epoch")
+
+    def _snapshot_if_due(self, counted: str) -> bool:
+        """Snapshot when ``counted`` is the recording's unit and its count is on the schedule (once per count)."""
+        c = self.count
+        if counted != self.unit or c < self.start or (c - self.start) % self.every or c == self._last:
+            return False
+        self.snapshot()
+        return True
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -268,14 +265,41 @@ class Recording:
         return self._memory.trajectory()
 
 
-def check_schedule(every: int, unit: str, start: int) -> None:
-    """Validate a recording schedule (clear errors before any training)."""
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ValueError(f"every must be an integer >= 1, got {every!r}")
+def check_recording(*, every: int, unit: str, start: int, directory, max_snapshots: int | None,
+                    resume_from: int | None = None) -> None:
+    """Validate :class:`Recording`'s arguments (clear errors before any training)."""
+    check_int("every", every, 1)
     if unit not in _UNITS:
         raise ValueError(f"unit must be 'step' or 'epoch', got {unit!r}")
-    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
-        raise ValueError(f"start must be an integer >= 0, got {start!r}")
+    check_int("start", start, 0)
+    if resume_from is not None:
+        check_int("resume_from", resume_from, 0)
+    if directory is not None and max_snapshots is not None:
+        raise ValueError("max_snapshots keeps a ring of snapshots in memory; a directory keeps them all "
+                         "(give one of directory= or max_snapshots=)")
+
+
+def recording_options(**options) -> dict:
+    """:class:`Recording`'s keyword arguments ``options`` completed with its defaults and checked,
+    for a recording started later (``model`` and ``resume_from`` are not among them).
+
+    Raises:
+        TypeError: a name :class:`Recording` does not take, or ``model``/``resume_from``.
+        ValueError: as :class:`Recording` would.
+    """
+    if "model" in options or "resume_from" in options:
+        raise TypeError("the model and resume_from= are given when the recording starts, not here")
+    sig = inspect.signature(Recording)
+    try:
+        bound = sig.bind(None, **options)
+    except TypeError as e:
+        names = [n for n in sig.parameters if n not in ("model", "resume_from")]
+        raise TypeError(f"{e}: the options are Recording's keyword arguments ({', '.join(names)})") from None
+    bound.apply_defaults()
+    args = {k: v for k, v in bound.arguments.items() if k not in ("model", "resume_from")}
+    check_recording(every=args["every"], unit=args["unit"], start=args["start"], directory=args["directory"],
+                    max_snapshots=args["max_snapshots"])
+    return args
 
 
 # ------------------------------------------------------------------ reading
@@ -313,8 +337,7 @@ def load_snapshots(
             shape or dtype, or an unreadable file.
     """
     directory = Path(directory)
-    if not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be an integer >= 1, got {every!r}")
+    check_int("every", every, 1)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory")
     manifest = _read_manifest(directory)
@@ -341,7 +364,7 @@ def load_snapshots(
         raise ValueError(f"no snapshot of {directory} lies in the window start={start}, stop={stop} "
                          f"(the {unit}s recorded run from {counts[0]} to {counts[-1]})")
     data = torch.empty(len(metas), layout.n, dtype=dtype)
-    for row, (path, _) in enumerate(tqdm(metas, desc="reading snapshots", disable=_hide(progress, len(metas)),
+    for row, (path, _) in enumerate(tqdm(metas, desc="reading snapshots", disable=_progress.disable(progress, len(metas), 8),
                                          leave=False)):
         x = _load_snapshot(path)["data"]
         if not isinstance(x, Tensor) or x.dim() != 1 or x.numel() != layout.n:
@@ -360,12 +383,6 @@ def load_snapshots(
                              "(the float32 first snapshot the others are stored relative to)")
         offset = torch.load(anchor, weights_only=True, map_location="cpu")
     return Trajectory(data, layout, [c for _, c in metas], offset)
-
-
-def _hide(progress: bool | None, n: int) -> bool | None:
-    if progress is None:
-        return None if n >= 8 else True
-    return not progress
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -401,59 +418,3 @@ def _load_snapshot(path: Path) -> dict:
     if not isinstance(d, dict) or not {"step", "epoch", "data"} <= set(d):
         raise ValueError(f"{path} is not a modeopt snapshot (expected a dict with step, epoch, data)")
     return d
-
-
-def _atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary name, then rename: a file that could not be written completely
-    leaves nothing behind (the recording stays readable, and the next snapshot tries again).
-
-    A full disk reaches torch's zip writer as ``RuntimeError: [enforce fail at inline_container.cc:...]
-    unexpected pos ...`` (or as an ``OSError``): raised as ``OSError(ENOSPC)`` with the bytes needed and free.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(e, RuntimeError) and not _is_write_failure(e):
-            raise
-        raise _write_error(e, path, _payload_bytes(obj)) from e
-
-
-def _is_write_failure(e: RuntimeError) -> bool:
-    text = str(e)
-    return any(s in text for s in ("inline_container", "PytorchStreamWriter", "unexpected pos", "file write failed"))
-
-
-def _payload_bytes(obj) -> int:
-    """About what ``torch.save(obj)`` writes: the tensors' bytes plus ~1 KiB of zip and pickle framing."""
-    tensors = obj.values() if isinstance(obj, dict) else [obj]
-    return 1024 + sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
-
-
-def _write_error(e: BaseException, path: Path, needed: int) -> OSError:
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = None
-    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < needed)
-    room = f"it needs about {needed:,} bytes, {'?' if free is None else f'{free:,}'} are free there"
-    if full:
-        return OSError(errno.ENOSPC, f"the disk is full: snapshot {path.name} could not be written to {path.parent} "
-                                     f"({room}). Nothing was left behind and the recording is readable up to the "
-                                     "previous snapshot; free space or record to another directory (a later "
-                                     "snapshot tries again)")
-    return OSError(getattr(e, "errno", None) or errno.EIO,
-                   f"snapshot {path.name} could not be written to {path.parent} ({type(e).__name__}: "
-                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; {room}). Nothing was left behind "
-                   "and the recording is readable up to the previous snapshot; a later snapshot tries again")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

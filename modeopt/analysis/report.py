@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._checks import check_int
 from ..decomposition import Decomposition, decompose
 from ..trajectory import Trajectory
 from .dmd import DMD, dmd
@@ -70,6 +71,7 @@ class Report:
 
     @property
     def index(self) -> Path | None:
+        """The report's ``index.html`` (``None`` when nothing was written)."""
         return None if self.out is None else self.out / "index.html"
 
 
@@ -221,8 +223,7 @@ def _dmd_ranks(dmd_rank, n_modes: int, T: int) -> list[int]:
     else:
         wanted = list(dmd_rank)
     for r in wanted:
-        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-            raise ValueError(f"DMD ranks must be integers >= 0 (0 skips DMD), got {dmd_rank!r}")
+        check_int("a DMD rank (0 skips DMD)", r, 0)
     out = []
     for r in wanted:
         r = min(r, T - 1)
@@ -259,6 +260,7 @@ def _summary(traj, dec, dmds, corr, layers, errors, acc, time_label, metric) -> 
 
 
 def summary_rows(r: Report, metric: str) -> list[tuple[str, str]]:
+    """``(label, value)`` rows of the report's key numbers (the CLI's summary, the report's table)."""
     s, dec = r.summary, r.decomposition
     rows = [
         ("weights (N)", f"{s['n_weights']:,} in {s['n_layers']} tensors"),

@@ -104,6 +104,7 @@ class ProfileBands:
 
     @property
     def width(self) -> np.ndarray:
+        """``upper - lower``, the band's width at each sample."""
         return self.upper - self.lower
 
 
@@ -159,6 +160,7 @@ class LayerDistribution:
 
     @property
     def mode_sizes(self) -> np.ndarray:
+        """``(M,)`` members of each mode, over all tensors."""
         return self.counts.sum(axis=0)
 
     @property

@@ -1,9 +1,11 @@
-"""Hugging Face ``Trainer`` support.
+"""Hugging Face ``Trainer`` support (imports ``transformers``: ``pip install 'modeopt[hf]'``).
 
-``CMDOptimizer`` needs nothing special to run inside the ``Trainer``
-(``Trainer(optimizers=(opt, None))``). This callback only makes its phase visible: the
-``Trainer`` logs the number of trainable parameters once, at the start, and would never say
-that it dropped to ``n_modes`` at the switch.
+* :class:`CMDCallback` - ``CMDOptimizer`` needs nothing special to run inside the ``Trainer``
+  (``Trainer(optimizers=(opt, None))``). This callback only makes its phase visible: the
+  ``Trainer`` logs the number of trainable parameters once, at the start, and would never say
+  that it dropped to ``n_modes`` at the switch.
+* :class:`TrajectoryCallback` - records the Trainer's model for analysis, as
+  :class:`~modeopt.analysis.Recording` does in a plain loop.
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from transformers import TrainerCallback
+try:
+    from transformers import TrainerCallback
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"modeopt.integrations.hf needs transformers: pip install 'modeopt[hf]' ({e})") from e
 
+from ..analysis.recording import Recording, recording_options
 from ..optimizer import CMDOptimizer
+from ..trajectory import Trajectory
 
-__all__ = ["CMDCallback", "find_cmd_optimizer"]
+__all__ = ["CMDCallback", "TrajectoryCallback", "find_cmd_optimizer"]
 
 logger = logging.getLogger("modeopt")
 
@@ -48,6 +55,7 @@ class CMDCallback(TrainerCallback):
         self._last: tuple[str, int] | None = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        """Note the optimizer's phase; under data parallelism, attach it to the process group."""
         opt = find_cmd_optimizer(optimizer)
         if opt is not None:
             self._last = (opt.phase, opt.cycle)
@@ -58,6 +66,7 @@ class CMDCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        """Log a change of the optimizer's phase (or cycle) since the last step."""
         opt = find_cmd_optimizer(optimizer)
         if opt is None:
             return control
@@ -70,3 +79,73 @@ class CMDCallback(TrainerCallback):
             control.should_log = True
         self._last = now
         return control
+
+
+class TrajectoryCallback(TrainerCallback):
+    """Snapshots the Trainer's model every ``every`` optimizer steps or epochs.
+
+    Takes the keyword arguments of :class:`~modeopt.analysis.Recording` (``every``, ``unit``,
+    ``start``, ``initial``, ``directory``, ``names``, ``dtype``, ``max_snapshots``; not the model,
+    which the Trainer passes in, nor ``resume_from``), checked here. Counts are the Trainer's: ``state.global_step`` for
+    steps, finished epochs for epochs. A training resumed from a checkpoint continues them and,
+    with a ``directory``, continues the same snapshot directory (snapshots taken after the
+    checkpoint by the interrupted run are replaced). Only the main process records.
+
+    Usage::
+
+        cb = TrajectoryCallback(every=10, directory="runs/bert")
+        Trainer(..., callbacks=[cb]).train()
+        traj = cb.trajectory()            # or: modeopt analyze runs/bert --modes 10 --out report/
+    """
+
+    def __init__(self, **options: Any):
+        self._options = recording_options(**options)
+        self._initial = self._options.pop("initial")
+        self._model = None
+        self._started = False
+        self.recording: Recording | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """Keep the Trainer's model; the recording starts at the first step."""
+        if model is None:
+            raise ValueError("TrajectoryCallback got no model from the Trainer")
+        self._model = model
+        self._started = False
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        """Start (or resume) the recording at the first step of a training."""
+        # The Trainer restores a resumed run's state (global_step, epoch) after on_train_begin:
+        # the recording starts here, where the state is known.
+        if self._started or not state.is_world_process_zero:
+            return control
+        self._started = True
+        count = int(state.global_step) if self._options["unit"] == "step" else int(state.epoch or 0)
+        resume = count if state.global_step > 0 else None
+        if self.recording is None or self.recording.model is not self._model or resume is not None:
+            self.recording = Recording(self._model, resume_from=resume, **self._options)
+        rec = self.recording
+        rec.steps, rec.epochs = int(state.global_step), int(state.epoch or 0)
+        if self._initial and resume is None and rec.start == 0 and rec.n_snapshots == 0:
+            rec.snapshot()
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Count the step (the Trainer's ``global_step``); snapshot if due."""
+        if self.recording is not None and state.is_world_process_zero:
+            self.recording.step(state.global_step)
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        """Count a finished epoch; snapshot if due."""
+        if self.recording is not None and state.is_world_process_zero and state.epoch is not None:
+            e = float(state.epoch)
+            if abs(e - round(e)) < 1e-6:  # a whole epoch (not the end of a max_steps run mid-epoch)
+                self.recording.epoch(round(e))
+        return control
+
+    def trajectory(self, *, progress: bool | None = None) -> Trajectory:
+        """The snapshots recorded so far."""
+        if self.recording is None:
+            raise RuntimeError("nothing recorded yet: pass the callback to a Trainer and train")
+        return self.recording.trajectory(progress=progress)
