@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..distributed import attach
 from ..optimizer import CMDOptimizer
 
 __all__ = ["CMDCallback", "find_cmd_optimizer"]
@@ -52,8 +53,6 @@ class CMDCallback(TrainerCallback):
         if opt is not None:
             self._last = (opt.phase, opt.cycle)
             if getattr(args, "world_size", 1) > 1:
-                from ..distributed import attach
-
                 attach(opt)  # idempotent; finds the Trainer's DDP wrapper at its first forward
         return control
 
