@@ -5,8 +5,7 @@ The base's ``load_state_dict`` replaces its group dicts; a copy held by the wrap
 stale silently, so these are properties that read through to the base.
 ``Optimizer.__init__`` assigns them before the base is known: until then they live on the instance.
 
-The wrapper also keeps torch's hook contract, which its own ``state_dict`` / ``step`` would
-otherwise break:
+Hooks:
 
 * ``register_state_dict_pre_hook`` / ``..._post_hook`` / ``register_load_state_dict_pre_hook`` /
   ``..._post_hook`` registered on the wrapper fire around the wrapper's ``state_dict()`` and
@@ -120,6 +119,7 @@ class SharesBaseOptimizer(torch.optim.Optimizer):
     defaults = property(lambda self: self._shared("defaults"), lambda self, v: self._set_shared("defaults", v))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused (``RuntimeError``) once the base is attached: add groups to the base before wrapping it."""
         if self.__dict__.get("base") is None:  # Optimizer.__init__ building its temporary copy
             return super().add_param_group(param_group)
         raise RuntimeError(f"add param groups to the base optimizer before wrapping it in {type(self).__name__}: "
