@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from ._checks import describe, short_names
+from ._checks import check_int, describe, short_names
 from .nonfinite import NonFiniteWarning
 from .trajectory import SnapshotBuffer
 
@@ -137,10 +137,7 @@ class Checkpointing:
             raise ValueError(f"the checkpoint's phase {phase!r} is not 'warmup', 'embedded' or 'exported': "
                              "damaged checkpoint")
         for k in ("step", "phase_step", "cycle", "seed"):
-            v = cmd[k]
-            if not isinstance(v, int) or isinstance(v, bool) or (k != "seed" and v < 0):
-                at_least = "" if k == "seed" else " >= 0"
-                raise ValueError(f"the checkpoint's {k!r} must be an integer{at_least}, got {v!r}")
+            check_int(f"the checkpoint's {k!r}", cmd[k], None if k == "seed" else 0)
         if not isinstance(cmd["history"], (list, tuple)) or not all(isinstance(h, Mapping) for h in cmd["history"]):
             raise ValueError("the checkpoint's 'history' must be a list of dicts: damaged checkpoint")
         saved = cmd["space"]
@@ -177,8 +174,10 @@ class Checkpointing:
     def _check_saved_n_modes(self, n_modes: Any, saved: Any) -> None:
         """The run's M (absent in older checkpoints): what this optimizer could decompose into, and at
         least the number of mode scalars of a saved space (the clustering may give fewer than asked)."""
-        if not isinstance(n_modes, int) or isinstance(n_modes, bool) or n_modes < 1:
-            raise ValueError(f"the checkpoint's 'n_modes' must be an integer >= 1, got {n_modes!r}: damaged checkpoint")
+        try:
+            check_int("the checkpoint's 'n_modes'", n_modes, 1)
+        except ValueError as e:
+            raise ValueError(f"{e}: damaged checkpoint") from None
         if n_modes > self.n_samples or n_modes > self._layout.n:
             raise ValueError(f"the checkpoint's n_modes={n_modes} exceeds this optimizer's n_samples={self.n_samples} "
                              f"or its {self._layout.n} embeddable weights: build the model and the CMDOptimizer as in "

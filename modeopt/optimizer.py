@@ -13,6 +13,13 @@ Phases (``opt.phase``):
   (``"warmup"`` again, ``opt.cycle`` counts the embeddings) for ``recluster_steps`` recorded
   steps, then embeds afresh.
 * ``"exported"`` - after :meth:`CMDOptimizer.export`: plain weights, plain base optimizer.
+
+This module holds the class itself: construction, phase events, the step, the switch and export.
+Its other parts are mixins, one job each: :mod:`~modeopt.param_groups` (which parameters are
+embedded; param groups kept as wrapped), :mod:`~modeopt.nonfinite` (the NaN/inf policy),
+:mod:`~modeopt.warmup_recording` (the snapshots), :mod:`~modeopt.checkpoint` (state dicts and their
+validation) and :mod:`~modeopt._wrapping` (a real ``torch.optim.Optimizer`` sharing the base's
+groups and state); :mod:`~modeopt.switch` computes the initial mode space from a decomposition.
 """
 
 from __future__ import annotations
@@ -191,7 +198,6 @@ class CMDOptimizer(ParamGroupGuard, NonFiniteGuard, WarmupRecording, Checkpointi
         extra = f", n_modes={self.space.n_modes}" if self.space is not None else ""
         return (f"CMDOptimizer(phase={self.phase!r}, step={self._step}, cycle={self.cycle}{extra}, "
                 f"embeddable={self._layout.n:,} weights in {len(self._layout)} tensors, base={self.base!r})")
-
 
     # ---------------------------------------------------------------- step
     def step(self, closure: Callable[[], Any] | None = None):
