@@ -260,7 +260,7 @@ def attach(opt, ddp: DistributedDataParallel | None = None, *, process_group=Non
 
     What it does: at each switch, rank 0's seed is broadcast before the decomposition and the
     result is verified (see ``verify``); whenever the set of trainable parameters changes (switch,
-    re-clustering, ``export()``, ``load_state_dict``), every DDP wrapper of the model gets its
+    re-clustering, ``export()``, ``load_state_dict``, ``load_mode_space``), every DDP wrapper of the model gets its
     reducer rebuilt over the new set at its next forward (through that DDP, with grad enabled)
     (:func:`rebuild_reducer`), so the embedded phase all-reduces the M mode-scalar gradients (+ the
     parameters kept out of the embedding) instead of N weight gradients.
