@@ -2,22 +2,21 @@
 ``param_groups``, ``state`` and ``defaults`` (the same objects, always).
 
 The base's ``load_state_dict`` replaces its group dicts; a copy held by the wrapper would then go
-stale silently (the SAM-wrapper bug), so these are properties that read through to the base.
+stale silently, so these are properties that read through to the base.
 ``Optimizer.__init__`` assigns them before the base is known: until then they live on the instance.
 
-The wrapper also keeps torch's hook contract, which its own ``state_dict`` / ``step`` would
-otherwise break:
+Hooks:
 
 * ``register_state_dict_pre_hook`` / ``..._post_hook`` / ``register_load_state_dict_pre_hook`` /
   ``..._post_hook`` registered on the wrapper fire around the wrapper's ``state_dict()`` and
   ``load_state_dict()`` with torch's semantics (a subclass's own ``state_dict`` / ``load_state_dict``
   are wrapped once, in ``__init_subclass__``; a nested ``super()`` call does not fire them twice).
   Hooks registered on the base fire when the base's part is saved or loaded, with the base.
-* Step hooks: ``opt.step()`` fires the global hooks (``register_optimizer_step_pre_hook``) and the
-  wrapper's own step hooks exactly once, with the wrapper as the optimizer; the base's step then
-  runs without torch's hook wrapper, so the global hooks do not fire a second time with the base.
-  Hooks registered on the base itself still fire once, with the base. ``base.step()`` called
-  directly is untouched (its hooks fire as usual, with the base).
+* Step hooks: the wrapper's ``step`` calls the base's public ``step`` (:meth:`_base_step`), so two
+  optimizers step, as with torch's own ``ZeroRedundancyOptimizer`` and ``PostLocalSGDOptimizer``:
+  the global hooks (``register_optimizer_step_pre_hook``) fire once with the wrapper and once with
+  the base, hooks registered on the wrapper fire once (with the wrapper), hooks registered on the
+  base fire once (with the base), and LR schedulers built on either see their optimizer step.
 """
 
 from __future__ import annotations
@@ -78,7 +77,7 @@ def _with_load_state_dict_hooks(fn):
 class SharesBaseOptimizer(torch.optim.Optimizer):
     """Subclass this, and call :meth:`_init_shared` instead of ``Optimizer.__init__``.
 
-    In ``step``, call :meth:`_base_step` (not ``self.base.step``) so that step hooks fire once.
+    In ``step``, call :meth:`_base_step` to step the base optimizer.
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -120,39 +119,12 @@ class SharesBaseOptimizer(torch.optim.Optimizer):
     defaults = property(lambda self: self._shared("defaults"), lambda self, v: self._set_shared("defaults", v))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused (``RuntimeError``) once the base is attached: add groups to the base before wrapping it."""
         if self.__dict__.get("base") is None:  # Optimizer.__init__ building its temporary copy
             return super().add_param_group(param_group)
         raise RuntimeError(f"add param groups to the base optimizer before wrapping it in {type(self).__name__}: "
                            "the wrapper plans its work from the groups it sees at construction")
 
     def _base_step(self, closure=None):
-        """The base optimizer's step, called from the wrapper's (already hooked) ``step``.
-
-        torch wraps every optimizer class's ``step`` in a function that fires the global step hooks
-        and the instance's; the wrapper's ``step`` has fired the global ones (with the wrapper), so
-        here the base's unwrapped step runs between the base's *own* instance hooks.
-        """
-        base = self.base
-        fn = type(base).step
-        inner = getattr(fn, "__wrapped__", None) if getattr(fn, "hooked", False) else None
-        own = base.__dict__.get("step")
-        if own is not None and not getattr(own, "_wrapped_by_lr_sched", False):
-            inner = None  # someone patched base.step on the instance: respect it (hooks may fire twice)
-        if inner is None:
-            return base.step() if closure is None else base.step(closure)
-        args: tuple = () if closure is None else (closure,)
-        kwargs: dict[str, Any] = {}
-        for hook in base._optimizer_step_pre_hooks.values():
-            result = hook(base, args, kwargs)
-            if result is not None:
-                if isinstance(result, tuple) and len(result) == 2:
-                    args, kwargs = result
-                else:
-                    raise RuntimeError(f"{fn} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
-        out = inner(base, *args, **kwargs)
-        base._optimizer_step_code()
-        for hook in base._optimizer_step_post_hooks.values():
-            hook(base, args, kwargs)
-        if own is not None:  # an LR scheduler built on the base checks that the base stepped
-            base._opt_called = True
-        return out
+        """The base optimizer's step, through its public ``step`` (its hooks and schedulers see it)."""
+        return self.base.step() if closure is None else self.base.step(closure)

@@ -13,7 +13,7 @@ What has to happen (details and measurements: ``docs/scaling-out.md``):
 * **Mode space** - the trainable parameters are now the M mode scalars ``r`` (+ parameters kept
   out of the embedding). DDP captured the old set when it was built: its reducer holds autograd
   hooks on the N weights, which no longer receive gradients (they do not require grad; the
-  gradient reaches ``r`` through ``modeopt.modespace._ReadThrough``). Left alone, DDP then
+  gradient reaches ``r`` through the mode space's autograd function). Left alone, DDP then
   all-reduces nothing and the ranks drift apart silently (``find_unused_parameters=False``, all
   weights embedded), raises "Expected to have finished reduction" (excluded parameters share a
   bucket with embedded ones), or all-reduces N zeros per step while ``r`` drifts
@@ -41,131 +41,46 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["attach", "DDPAttachment", "CommMeter", "check_supported", "rebuild_reducer", "launch_local"]
+from .ddp_reducer import (active_ddp, built_signature, check_rebuildable, prepare_rebuilt_inside_forward,
+                          rebuild_reducer, trainable_signature)
+from .parallel_wrappers import check_supported
+
+__all__ = ["attach", "DDPAttachment", "PhasedOptimizer", "CommMeter", "check_supported", "rebuild_reducer",
+           "launch_local"]
 
 logger = logging.getLogger("modeopt")
 
-_UNSUPPORTED_DOC = "see docs/scaling-out.md"
 
+@runtime_checkable
+class PhasedOptimizer(Protocol):
+    """What :func:`attach` needs of the optimizer (:class:`~modeopt.CMDOptimizer` provides it).
 
-# ---------------------------------------------------------------- what is supported
-def _sharding_wrapper(model: nn.Module) -> str | None:
-    """The name of a parameter-sharding wrapper found in ``model``, if any."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        DTensor = ()  # noqa: N806
-    for mod in model.modules():
-        if isinstance(mod, FullyShardedDataParallel):
-            return "FullyShardedDataParallel (FSDP1)"
-        if isinstance(mod, FSDPModule):
-            return "fully_shard (FSDP2)"
-    for p in model.parameters():
-        if DTensor and isinstance(p, DTensor):
-            return "DTensor parameters (FSDP2 / tensor parallelism)"
-        if hasattr(p, "ds_id"):
-            return "DeepSpeed ZeRO-3"
-    return None
-
-
-def check_supported(model: nn.Module, base_optimizer: torch.optim.Optimizer | None = None
-                    ) -> tuple[nn.Module, DistributedDataParallel | None]:
-    """Unwrap a ``DistributedDataParallel`` model and refuse what mode space cannot run on.
-
-    Returns ``(module, ddp)``: the module to put into mode space and the DDP wrapper (or None).
-
-    Raises ``TypeError`` for parameter-sharding wrappers (FSDP1, FSDP2 ``fully_shard``, DTensor
-    parameters, DeepSpeed ZeRO-3) and for ``ZeroRedundancyOptimizer`` as base optimizer: mode space
-    keeps every embedded weight as a plain local tensor that it updates in place, and swaps it into
-    its module during the forward - a sharding wrapper owns exactly those tensors (it replaces them
-    with shards and gathers them in its own hooks), and ZeRO partitions the parameter set that the
-    switch replaces.
+    ``model`` (the unwrapped module), ``seed`` (read, and set by a ``"pre_embed"`` hook), ``space``
+    (the :class:`~modeopt.modespace.ModeSpace`, None outside mode space), ``history`` (one dict per
+    switch), the read-only ``step_count``, phase events, and the mode space saved and re-entered.
     """
-    ddp = None
-    if isinstance(model, DistributedDataParallel):
-        ddp, model = model, model.module
-        _check_ddp(ddp)
-    found = _sharding_wrapper(model)
-    if found is not None:
-        raise TypeError(
-            f"modeopt: the model is sharded by {found}, which CMDOptimizer does not support: mode space "
-            "maintains every embedded weight in place as a plain local tensor and swaps it into its module "
-            "in the forward, and a sharding wrapper owns and replaces exactly those tensors. Use "
-            "DistributedDataParallel (after the switch each rank holds 9 bytes per embedded weight and "
-            f"all-reduces M numbers per step, so there is little left to shard; {_UNSUPPORTED_DOC})")
-    if base_optimizer is not None:
-        try:
-            from torch.distributed.optim import ZeroRedundancyOptimizer
-        except ImportError:  # pragma: no cover
-            ZeroRedundancyOptimizer = ()  # noqa: N806
-        if ZeroRedundancyOptimizer and isinstance(base_optimizer, ZeroRedundancyOptimizer):
-            raise TypeError(
-                "modeopt: ZeroRedundancyOptimizer is not supported as base optimizer: it partitions the "
-                "parameter set across ranks once, and the switch to mode space replaces that set. Use the "
-                "plain optimizer: after the switch its state is that of M scalars, nothing left to shard "
-                f"({_UNSUPPORTED_DOC})")
-    return model, ddp
 
+    model: nn.Module
+    seed: int
+    space: Any
+    history: list
 
-def _check_ddp(ddp: DistributedDataParallel) -> None:
-    problems = []
-    if getattr(ddp, "_use_python_reducer", False):
-        problems.append("the Python reducer (compiled autograd)")
-    if getattr(ddp, "mixed_precision", None) is not None:
-        problems.append("DDP's mixed_precision=")
-    if getattr(ddp, "_delay_all_reduce_params", None):
-        problems.append("delay_all_reduce_named_params=")
-    if problems:
-        raise TypeError(f"modeopt: DistributedDataParallel with {', '.join(problems)} is not supported "
-                        f"(its gradient hooks cannot be rebuilt at the switch; {_UNSUPPORTED_DOC})")
+    @property
+    def step_count(self) -> int: ...
 
+    def register_phase_hook(self, fn: Callable[[Any, str], None]) -> Callable[[], None]: ...
 
-# ---------------------------------------------------------------- the reducer
-def _trainable_signature(ddp: DistributedDataParallel) -> tuple[int, int]:
-    params, _ = ddp._build_params_for_reducer()
-    return len(params), sum(p.numel() * p.element_size() for p in params)
+    def mode_space_state(self) -> dict[str, Any] | None: ...
 
-
-def _built_signature(ddp: DistributedDataParallel) -> tuple[int, int]:
-    data = ddp._get_ddp_logging_data()
-    return int(data.get("num_parameter_tensors", -1)), int(data.get("total_parameter_size_bytes", -1))
-
-
-def rebuild_reducer(ddp: DistributedDataParallel) -> None:
-    """Rebuild DDP's gradient reducer over the parameters that require grad *now*.
-
-    The steps ``DistributedDataParallel.__setstate__`` runs (buckets, autograd hooks, logger),
-    plus: the old reducer's hooks are removed, the shapes are verified across ranks (one small
-    collective: every rank must call this at the same point), the static-graph state is reset and
-    the communication hooks registered with ``ddp.register_comm_hook`` are registered again. No
-    parameter is broadcast. Called for you by :func:`attach`.
-    """
-    _check_ddp(ddp)
-    ddp._remove_autograd_hooks()
-    params, sparse = ddp._build_params_for_reducer()
-    dist._verify_params_across_processes(ddp.process_group, params, None)
-    mapping = ddp._build_debug_param_to_name_mapping(params)
-    ddp._ddp_init_helper(params, sparse, mapping, ddp.static_graph)
-    if ddp.static_graph:
-        ddp.reducer._set_static_graph()
-        ddp.logger._set_static_graph()
-        ddp._static_graph_delay_allreduce_enqueued = False
-    for hook, state in getattr(ddp, "_comm_hooks", []):
-        ddp.logger._set_comm_hook_name(getattr(hook, "__qualname__", hook.__class__.__name__))
-        dist._register_comm_hook(ddp.reducer, state, hook)
-    ddp._has_rebuilt_buckets = False
+    def load_mode_space(self, state: Mapping[str, Any]) -> None: ...
 
 
 # ---------------------------------------------------------------- agreement
@@ -180,7 +95,7 @@ def _digest(tensors) -> bytes:
 def _fingerprint(opt) -> Tensor:
     """Two 64-bit hashes: of the mode space (modes, a, r) and of every parameter's value."""
     s = opt.space
-    modes = _digest([*s.labels, *s.a, s.r_groups, s.r_full(), s.applied])
+    modes = _digest([*s.labels, *s.a, s.r_groups, s.r_full(), s.r_in_weights])
     weights = _digest(list(opt.model.parameters()))
     return torch.tensor([int.from_bytes(modes, "little", signed=True),
                          int.from_bytes(weights, "little", signed=True)], dtype=torch.int64)
@@ -205,18 +120,25 @@ class DDPAttachment:
         self.rebuilds = 0
         self._remove_phase_hook = opt.register_phase_hook(self._on_phase)
         self._forward_handle = opt.model.register_forward_pre_hook(self._on_forward, prepend=True)
+        _ATTACHED[opt] = self
         if ddp is not None:
-            self._adopt(ddp)
+            self.adopt(ddp)
 
     def detach(self) -> None:
+        """Remove what :func:`attach` installed (phase hook, forward pre-hook); DDP reducers stay as built."""
         self._remove_phase_hook()
         self._forward_handle.remove()
+        opt = self._opt()
+        if opt is not None and _ATTACHED.get(opt) is self:
+            del _ATTACHED[opt]
 
     # -- which DDP, which group
     def _ddp_list(self) -> list[DistributedDataParallel]:
         return [d for d in (ref() for ref, _ in self._ddps.values()) if d is not None]
 
     def process_group(self):
+        """The group the ranks agree in: the one given to :func:`attach`, else the first DDP's, else
+        the world (None without an initialised ``torch.distributed``)."""
         if self._explicit_pg is not None:
             return self._explicit_pg
         ddps = self._ddp_list()
@@ -224,16 +146,17 @@ class DDPAttachment:
             return ddps[0].process_group
         return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
-    def _adopt(self, ddp: DistributedDataParallel) -> None:
-        """Start tracking a DDP wrapper; rebuild it at once if it does not hold the current set."""
-        _check_ddp(ddp)
+    def adopt(self, ddp: DistributedDataParallel) -> None:
+        """Track this DDP wrapper of the optimizer's model: its reducer is rebuilt at its next forward
+        if it does not hold the current trainable set (``ValueError`` if it wraps another model)."""
+        check_rebuildable(ddp)
         opt = self._opt()
         if not any(m is opt.model for m in ddp.module.modules()):
             raise ValueError("modeopt.distributed.attach: this DistributedDataParallel does not wrap the "
                              "CMDOptimizer's model")
         # A DDP built in warm-up holds the original parameters: same count and bytes = same set.
         # In mode space the r tensors are recreated by load_state_dict, so rebuild to be sure.
-        stale = opt.space is not None or _built_signature(ddp) != _trainable_signature(ddp)
+        stale = opt.space is not None or built_signature(ddp) != trainable_signature(ddp)
         self._ddps[id(ddp)] = (weakref.ref(ddp), -1 if stale else self.version)
 
     # -- hooks
@@ -251,11 +174,11 @@ class DDPAttachment:
             return
         # Only a forward through DDP syncs gradients, so only then is a stale reducer rebuilt (a
         # collective): a rank that calls the bare model alone (evaluation with grad on) must not.
-        active = DistributedDataParallel._get_active_ddp_module()
+        active = active_ddp()
         if active is None:
             return
         if id(active) not in self._ddps:
-            self._adopt(active)
+            self.adopt(active)
         for key, (ref, built) in list(self._ddps.items()):
             ddp = ref()
             if ddp is None:
@@ -265,15 +188,12 @@ class DDPAttachment:
                 self._ddps[key] = (ref, self.version)
 
     def _rebuild(self, ddp: DistributedDataParallel, inside_forward: bool) -> None:
-        before = _built_signature(ddp)
+        before = built_signature(ddp)
         rebuild_reducer(ddp)
         self.rebuilds += 1
-        if inside_forward and ddp.require_backward_grad_sync:
-            # We run inside DDP.forward, after its _pre_forward prepared the old reducer: prepare the
-            # new one the same way (its _post_forward then calls prepare_for_backward on it).
-            ddp.logger.set_runtime_stats_and_log()
-            ddp.reducer.prepare_for_forward()
-        after = _built_signature(ddp)
+        if inside_forward:  # DDP's _post_forward then calls prepare_for_backward on the new reducer
+            prepare_rebuilt_inside_forward(ddp)
+        after = built_signature(ddp)
         logger.info("modeopt: DDP reducer rebuilt over the trainable parameters: %d tensors, %s bytes per "
                     "all-reduce (was %d tensors, %s bytes)", after[0], f"{after[1]:,}", before[0], f"{before[1]:,}")
 
@@ -287,7 +207,7 @@ class DDPAttachment:
 
     def _verify(self, opt) -> None:
         pg = self.process_group()
-        entry = {"step": opt._step, "seed": opt.seed, "agreed": True, "repaired": False}
+        entry = {"step": opt.step_count, "seed": opt.seed, "agreed": True, "repaired": False}
         self.switches.append(entry)
         if pg is None or dist.get_world_size(pg) == 1 or not self.verify:
             return
@@ -299,30 +219,29 @@ class DDPAttachment:
         entry["agreed"] = False
         what = [n for i, n in enumerate(["modes", "weights"]) if any(x[i] != every[0][i] for x in every)]
         warnings.warn(f"modeopt: the ranks reached different {' and '.join(what)} at the switch (step "
-                      f"{opt._step}); rank 0's mode space and weights are broadcast to all ranks", stacklevel=2)
+                      f"{opt.step_count}); rank 0's mode space and weights are broadcast to all ranks", stacklevel=2)
         self._repair(opt, pg)
         entry["repaired"] = True
 
     @torch.no_grad()
     def _repair(self, opt, pg) -> None:
         src = dist.get_global_rank(pg, 0)
-        s = opt.space
         box = [None]
         if dist.get_rank() == src:
-            box[0] = {"labels": s.mode_index(), "a": [x.clone() for x in s.a], "r_groups": s.r_groups.clone(),
-                      "r": s.r_full().detach().clone(), "applied": s.applied.clone(), "history": opt.history[-1],
-                      "seed": opt.seed}
+            box[0] = {"space": opt.mode_space_state(), "history": opt.history[-1], "seed": opt.seed}
         dist.broadcast_object_list(box, src=src, group=pg)
         saved = box[0]
         opt.seed = self.switches[-1]["seed"] = saved["seed"]
         if dist.get_rank() != src:
-            opt._unembed()
-            opt._enter(labels=saved["labels"], a=saved["a"], r_groups=saved["r_groups"], r=saved["r"])
-            opt.space.applied.copy_(saved["applied"])
+            opt.load_mode_space(saved["space"])
             opt.history[-1] = saved["history"]
         for p in opt.model.parameters():
             dist.broadcast(p.data, src=src, group=pg)
         self.version += 1
+
+
+#: The attachment of each attached optimizer (weak: it goes with the optimizer).
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def attach(opt, ddp: DistributedDataParallel | None = None, *, process_group=None, verify: bool = True
@@ -341,23 +260,20 @@ def attach(opt, ddp: DistributedDataParallel | None = None, *, process_group=Non
 
     What it does: at each switch, rank 0's seed is broadcast before the decomposition and the
     result is verified (see ``verify``); whenever the set of trainable parameters changes (switch,
-    re-clustering, ``export()``, ``load_state_dict``), every DDP wrapper of the model gets its
+    re-clustering, ``export()``, ``load_state_dict``, ``load_mode_space``), every DDP wrapper of the model gets its
     reducer rebuilt over the new set at its next forward (through that DDP, with grad enabled)
     (:func:`rebuild_reducer`), so the embedded phase all-reduces the M mode-scalar gradients (+ the
     parameters kept out of the embedding) instead of N weight gradients.
     """
-    from .optimizer import CMDOptimizer
-
-    if not isinstance(opt, CMDOptimizer):
+    if not isinstance(opt, PhasedOptimizer):
         inner = getattr(opt, "optimizer", None)
-        hint = " (it wraps one: pass its .optimizer)" if isinstance(inner, CMDOptimizer) else ""
+        hint = " (it wraps one: pass its .optimizer)" if isinstance(inner, PhasedOptimizer) else ""
         raise TypeError(f"attach() needs the CMDOptimizer, got {type(opt).__name__}{hint}")
-    for fn in opt._phase_hooks:
-        owner = getattr(fn, "__self__", None)
-        if isinstance(owner, DDPAttachment):
-            if ddp is not None:
-                owner._adopt(ddp)
-            return owner
+    owner = _ATTACHED.get(opt)
+    if owner is not None:
+        if ddp is not None:
+            owner.adopt(ddp)
+        return owner
     if ddp is not None:
         check_supported(ddp)
     else:
@@ -382,6 +298,7 @@ class CommMeter:
 
     @classmethod
     def register(cls, ddp: DistributedDataParallel) -> CommMeter:
+        """A new meter registered as ``ddp``'s communication hook (in its process group)."""
         meter = cls(ddp.process_group)
         ddp.register_comm_hook(meter, cls.hook)
         return meter
@@ -398,6 +315,7 @@ class CommMeter:
         return allreduce_hook(state.process_group, bucket)
 
     def take(self) -> tuple[int, int]:
+        """``(bytes, calls)`` handed to all-reduce since the last ``take()``; resets the counts."""
         out = (self.bytes, self.calls)
         self.bytes, self.calls = 0, 0
         self.sizes = []

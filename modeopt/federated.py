@@ -40,6 +40,7 @@ def payload(model: nn.Module) -> dict[str, Tensor]:
 
 
 def payload_bytes(state: dict[str, Tensor]) -> int:
+    """Bytes of a payload (every tensor's elements times their size), what one transfer carries."""
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
@@ -109,4 +110,4 @@ def pull(space: ModeSpace | None, opt: CMDOptimizer, model: nn.Module) -> None:
         r = opt.space.r_full().detach()
         for rp, g in zip(space.r_params, space.groups):
             rp.copy_(r[opt.space.r_groups == g])
-        space.applied.copy_(r)
+        space.r_in_weights.copy_(r)  # the replica's weights (copied above) already hold r

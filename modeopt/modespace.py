@@ -14,13 +14,16 @@ After the optimizer changes ``r``, :meth:`ModeSpace.sync` writes ``w += a * dr[m
 (``torch.ops.modeopt.mode_update``), without a host synchronisation.
 
 Device-generic: ``a`` (``coef_dtype``) and the compact labels (:func:`modeopt.kernels.label_dtype`)
-live on each weight's device; ``r`` and the applied ``r`` on the first embedded weight's device.
+live on each weight's device; ``r`` and ``r_in_weights`` on the first embedded weight's device.
 The autograd function takes only tensors and ints, so ``torch.compile(model, fullgraph=True)``
 traces the hooks, the swap and the backward (the operator is opaque to it).
 
 Which tensor a module's forward reads is switched by forward hooks: while a module that owns
 embedded weights (or the root model) runs, its ``_parameters[name]`` entry holds the function's
 output instead of the bare parameter, and it is restored afterwards (also when forward raises).
+The entry is written directly, as ``torch.nn.utils.parametrize`` does: ``register_parameter`` and
+``setattr`` accept only ``nn.Parameter`` (the output is a non-leaf tensor), and this runs at every
+forward, where a parametrization's wrapper class would cost a property call per weight access.
 
 The mode scalars are registered as parameters of the model (``modeopt_r0``, one per param group) on
 the *last* module in ``model.modules()`` order (the root itself for a model without children), not
@@ -111,9 +114,18 @@ class ModeSpace:
         a: per parameter, the coefficient of each element (flat).
         r_groups: which param group each mode's scalar belongs to: ``(M,)`` int.
         r_init: ``(M,)`` initial mode values.
-        n_groups: number of param groups (one ``r`` tensor per group that has modes).
+        coef_dtype: storage of ``a`` (float32, or bfloat16: the model is then exactly ``a_bf16 * r + b``).
 
-    Modes are ordered so that group ``g`` holds the modes ``r_groups == g`` in increasing order.
+    Attributes:
+        names, params: the embedded parameters (``requires_grad=False`` while in mode space).
+        labels: per parameter, ``(numel,)`` compact mode labels on its device (:meth:`mode_index` gives int64).
+        a: per parameter, ``(numel,)`` coefficients in ``coef_dtype`` on its device.
+        n_modes: M. ``r_groups``: ``(M,)`` int64 on the CPU. ``groups``: the param groups that hold modes.
+        r_params, r_names: one ``modeopt_r<j>`` parameter per group in ``groups``, holding that group's
+            modes ``r_groups == g`` in increasing order; :meth:`r_full` is ``(M,)`` in mode order.
+        r_owner, r_owner_name: the module that holds them (the model's last module, or the root).
+        r_in_weights: ``(M,)`` the ``r`` the weights currently hold (see :meth:`sync`).
+        requires_grad_before: per parameter, its ``requires_grad`` before, restored by :meth:`remove`.
     """
 
     PREFIX = "modeopt_r"
@@ -156,7 +168,7 @@ class ModeSpace:
         self.a = [x.reshape(-1).to(device=p.device, dtype=coef_dtype).contiguous() for x, p in zip(a, self.params)]
         self.r_groups = r_groups.detach().to(device="cpu", dtype=torch.int64)
         self.groups = sorted(set(self.r_groups.tolist()))
-        # r (and the applied r) live on the first embedded weight's device; deltas are copied per device.
+        # r (and r_in_weights) live on the first embedded weight's device; deltas are copied per device.
         device = self.params[0].device
         # position of mode m inside the concatenation of the group tensors
         order = torch.cat([torch.nonzero(self.r_groups == g).flatten() for g in self.groups])
@@ -171,7 +183,9 @@ class ModeSpace:
         self.r_names = [f"{self.PREFIX}{j}" for j in range(len(self.r_params))]
         # The last module in named_modules() order: its parameters come last in model.parameters().
         self.r_owner_name, self.r_owner = list(model.named_modules())[-1]
-        self.applied = self.r_full().detach().clone()  # the r the weights currently reflect
+        #: ``(M,)`` the value of ``r`` the weights currently hold (``w = a * r_in_weights[m] + b``);
+        #: :meth:`sync` writes ``a * (r - r_in_weights)[m]`` into them and sets it to ``r``.
+        self.r_in_weights = self.r_full().detach().clone()
         # the embedded tensors by device (update calls, one per device)
         by_dev: dict[torch.device, list[int]] = {}
         for i, p in enumerate(self.params):
@@ -181,9 +195,9 @@ class ModeSpace:
         self._owners = self._find_owners(model)
         self._groups = self._group(range(len(self.params)))
         self._active = False
+        self._swapped_by: nn.Module | None = None  # the submodule whose own forward swapped (see _owner_pre)
         self._swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
         self._handles: list = []
-        self.grad_seen = False
         self._install()
 
     def mode_index(self) -> list[Tensor]:
@@ -196,8 +210,8 @@ class ModeSpace:
         idx = {id(p): i for i, p in enumerate(self.params)}
         owners: dict[nn.Module, list[tuple[str, int]]] = {}
         for mod in model.modules():
-            for attr, p in mod._parameters.items():
-                if p is not None and id(p) in idx:
+            for attr, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+                if id(p) in idx:
                     owners.setdefault(mod, []).append((attr, idx[id(p)]))
         return owners
 
@@ -221,8 +235,7 @@ class ModeSpace:
             for name, r in zip(self.r_names, self.r_params):
                 self.r_owner.register_parameter(name, r)
         except Exception:  # noqa: BLE001 - a module refusing new parameters (e.g. scripted): use the root
-            for name in self.r_names:
-                self.r_owner._parameters.pop(name, None)
+            self._unregister_r()
             self.r_owner_name, self.r_owner = "", self.model
             for name, r in zip(self.r_names, self.r_params):
                 self.model.register_parameter(name, r)
@@ -247,11 +260,15 @@ class ModeSpace:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for name in self.r_names:
-            if self.r_owner._parameters.get(name) is not None:
-                del self.r_owner._parameters[name]
+        self._unregister_r()
         for p, rg in zip(self.params, self.requires_grad_before):
             p.requires_grad_(rg)
+
+    def _unregister_r(self) -> None:
+        registered = dict(self.r_owner.named_parameters(recurse=False))
+        for name in self.r_names:
+            if name in registered:
+                delattr(self.r_owner, name)
 
     # -------------------------------------------------------------- hooks
     @property
@@ -281,6 +298,7 @@ class ModeSpace:
             out_of.update(zip(index, outs))
         for mod in modules:
             for attr, i in self._owners[mod]:
+                # direct entry, as torch.nn.utils.parametrize: setattr takes only nn.Parameter (module docstring)
                 mod._parameters[attr] = out_of[i]
                 self._swapped.append((mod, attr, self.params[i]))
         self._active = True
@@ -307,38 +325,38 @@ class ModeSpace:
         # Runs when a submodule is called on its own (or re-run by activation checkpointing).
         if not self._active and torch.is_grad_enabled():
             self._swap([module])
-            module._modeopt_owned = True
+            self._swapped_by = module
 
     def _owner_post(self, module, args, output):
-        if getattr(module, "_modeopt_owned", False):
+        if self._swapped_by is module:
             self._restore()
-            module._modeopt_owned = False
+            self._swapped_by = None
 
     # ------------------------------------------------------------- update
     @torch.no_grad()
     def sync(self, finite_only: bool = False) -> bool:
-        """Write ``w += a * (r - r_applied)[m]`` into every embedded weight (one pass per device).
+        """Write ``w += a * (r - r_in_weights)[m]`` into every embedded weight (one pass per device).
 
         Never synchronises with the host: it does not test whether ``r`` moved (a zero change is a
         pass that writes the values the weights already hold). Returns True (a pass ran).
 
         Args:
             finite_only: apply the change only if every element of ``r`` is finite, decided on r's
-                device (M-sized ``torch.where``, no host sync): otherwise the weights and the applied
-                ``r`` stay as they are. Used before each closure evaluation of a step, where a
+                device (M-sized ``torch.where``, no host sync): otherwise the weights and
+                ``r_in_weights`` stay as they are. Used before each closure evaluation of a step, where a
                 non-finite ``r`` is only undone after the base step returns.
         """
         r = self.r_full().detach()
         if finite_only:
             ok = torch.isfinite(r).all()
-            r = torch.where(ok, r, self.applied)
-        delta = r - self.applied
+            r = torch.where(ok, r, self.r_in_weights)
+        delta = r - self.r_in_weights
         for device, index in self._by_device:
             # non_blocking only towards an accelerator: a CPU kernel must not read a copy in flight
             d = delta if device == delta.device else delta.to(device, non_blocking=device.type != "cpu")
             kernels.update([self.params[i] for i in index], [self.a[i] for i in index],
                            [self.labels[i] for i in index], d)
-        self.applied.copy_(r)
+        self.r_in_weights.copy_(r)
         return True
 
     def group_values(self, full: Tensor) -> list[Tensor]:
@@ -347,11 +365,19 @@ class ModeSpace:
 
     @torch.no_grad()
     def set_weights(self, values: Sequence[Tensor]) -> None:
+        """Copy ``values`` (one tensor per embedded parameter, in ``names`` order, any shape with the
+        parameter's number of elements) into the embedded weights, in place.
+
+        Only the stored weights change: ``a``, the modes, ``r`` and ``r_in_weights`` do not, so the
+        weights are then no longer ``a * r_in_weights[m] + b`` for the old ``b`` - their ``b`` is
+        whatever the new values imply, and later :meth:`sync` calls move them from there.
+        """
         for p, v in zip(self.params, values):
             p.copy_(v.reshape(p.shape))
 
     def has_grad(self) -> bool:
-        """Whether any of the mode scalars ``r`` holds a gradient now."""
+        """Whether any of the mode scalars ``r`` holds a gradient now (``.grad`` not None): False
+        after ``zero_grad(set_to_none=True)`` or when no backward reached them since."""
         return any(p.grad is not None for p in self.r_params)
 
     # A copy of a model in mode space (copy.deepcopy, torch.save + torch.load of the whole module)

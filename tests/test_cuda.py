@@ -190,7 +190,7 @@ def check_space(opt: modeopt.CMDOptimizer, model: nn.Module, n_excluded: int, co
     for j, r in enumerate(space.r_params):
         assert_on_device(r, f"r[{j}]")
         assert r.dtype == torch.float32 and r.requires_grad
-    assert_on_device(space.applied, "the applied r")
+    assert_on_device(space.r_in_weights, "the applied r")
     assert sum(r.numel() for r in space.r_params) == M
 
 
@@ -351,7 +351,7 @@ def space_devices(opt) -> set[str]:
     if opt.space is None:
         return set()
     s = opt.space
-    return {t.device.type for t in [*s.a, *s.labels, *s.r_params, s.applied]}
+    return {t.device.type for t in [*s.a, *s.labels, *s.r_params, s.r_in_weights]}
 
 
 def state_devices(opt) -> set[str]:

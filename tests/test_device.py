@@ -110,9 +110,9 @@ def test_host_recording_is_unchanged_and_needs_no_synchronisation():
 
 
 def test_switch_device_rule():
-    from modeopt.optimizer import _switch_device
+    from modeopt.switch import switch_device
 
-    assert _switch_device([torch.zeros(2)]) == torch.device("cpu")
+    assert switch_device([torch.zeros(2)]) == torch.device("cpu")
 
 
 def test_switch_time_benchmark_runs_on_the_cpu():

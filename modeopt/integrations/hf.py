@@ -19,6 +19,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(f"modeopt.integrations.hf needs transformers: pip install 'modeopt[hf]' ({e})") from e
 
 from ..analysis.recording import Recording, recording_options
+from ..distributed import attach
 from ..optimizer import CMDOptimizer
 from ..trajectory import Trajectory
 
@@ -60,8 +61,6 @@ class CMDCallback(TrainerCallback):
         if opt is not None:
             self._last = (opt.phase, opt.cycle)
             if getattr(args, "world_size", 1) > 1:
-                from ..distributed import attach
-
                 attach(opt)  # idempotent; finds the Trainer's DDP wrapper at its first forward
         return control
 
