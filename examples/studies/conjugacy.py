@@ -31,7 +31,7 @@ flow at twice the step: per-step eigenvalues lambda vs. lambda^2, not conjugate 
 The per-IC comparisons use conjugate initial conditions, ``u0 = log x0``. (The paper's grid uses
 ``u0 = linspace(-2.3, -0.1)``, which equals ``log x0`` only at the ends; its pooled DMD does not pair ICs.)
 
-Runtime: about 50 s for the full setting (measured: 50 s), about 6 s with ``--quick`` (one CPU thread, shared machine).
+Runtime: about 1 minute for the full setting (measured: 50-60 s), about 6 s with ``--quick`` (one CPU thread, shared machine).
 Writes ``OUT/conjugacy.{json,md}`` and ``OUT/*.png``; ``--images`` copies the figures the docs show
 to ``docs/images/studies/``.
 """
