@@ -123,10 +123,33 @@ def width_block_stats(runs: list[dict], m: np.ndarray, widths: list[int]) -> dic
     return out
 
 
+def permutation_test(runs: list[dict], m: np.ndarray, a: int, b: int) -> dict:
+    """Seed-level test of width a vs. width b on the W1 matrix (done here: modeopt has no such test).
+
+    Statistic: mean W1 over between-width run pairs minus mean W1 over within-width run pairs (both widths'
+    seed-vs-seed pairs pooled). Null: every split of the 2n runs into two groups of n (exact; runs are
+    exchangeable when width makes no difference). p = share of splits whose statistic >= the observed one.
+    """
+    idx_a = [i for i, r in enumerate(runs) if r["h"] == a]
+    idx_b = [i for i, r in enumerate(runs) if r["h"] == b]
+    pool = idx_a + idx_b
+
+    def stat(ga: list[int], gb: list[int]) -> float:
+        between = np.mean([m[i, j] for i in ga for j in gb])
+        within = np.mean([m[i, j] for g in (ga, gb) for i, j in itertools.combinations(g, 2)])
+        return float(between - within)
+
+    obs = stat(idx_a, idx_b)
+    null = [stat(list(g), [i for i in pool if i not in g]) for g in itertools.combinations(pool, len(idx_a))]
+    p = float(np.mean(np.asarray(null) >= obs - 1e-15))
+    return {"statistic": obs, "p_value": p, "n_splits": len(null)}
+
+
 def compare_pairs(args, runs: list[dict], widths: list[int]) -> list[dict]:
-    """compare_dynamics on run pairs with seeds (i, j), i < j: within each width and across every width pair."""
+    """compare_dynamics on run pairs with seeds (i, j), i < j < --compare-seeds: within each width and across
+    every width pair."""
     by = {(r["h"], r["seed"]): r for r in runs}
-    seeds = sorted({r["seed"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})[: args.compare_seeds]
     rows = []
     for a, b in itertools.combinations_with_replacement(widths, 2):
         for si, sj in itertools.combinations(seeds, 2):
@@ -193,7 +216,9 @@ def plot_distances(path: Path, widths: list[int], block: dict, summary: dict, bl
         for i in range(n):
             for j in range(n):
                 key = f"{min(widths[i], widths[j])}-{max(widths[i], widths[j])}"
-                txt = (f"{m[i, j]:.4f}\n±{blk[key]['sd']:.4f}" if blk is not None else
+                perm = blk[key].get("permutation") if blk is not None else None
+                txt = (f"{m[i, j]:.4f}\n±{blk[key]['sd']:.4f}" + (f"\np={perm['p_value']:.2f}" if perm else "")
+                       if blk is not None else
                        f"{m[i, j]:.2f}\n{summary[key]['n_significant']}/{summary[key]['n']} sig")
                 ax.text(j, i, txt, ha="center", va="center", fontsize=7,
                         color="w" if (blk is None and m[i, j] < 0.5) else "k" if blk is None else "w")
@@ -278,13 +303,15 @@ def markdown(res: dict) -> str:
         lines.append(f"| {h} | {rs[0]['n_weights']} | {acc.mean():.3f} ± {sd(acc):.3f} | {loss.mean():.3f} ± "
                      f"{sd(loss):.3f} | {err.mean():.3f} ± {sd(err):.3f} | {mx.mean():.4f} ± {sd(mx):.4f} |")
     lines += ["", "## W1 between spectra, all pairs of runs with different seeds (mean ± sd, n pairs)", "",
-              "| h_a | h_b | W1, fc2.weight | n | W1, all weights |", "|---|---|---|---|---|"]
+              "Seed-level permutation test (between minus within mean W1; every split of the 2n runs): p_perm.", "",
+              "| h_a | h_b | W1, fc2.weight | n | p_perm | W1, all weights | p_perm |", "|---|---|---|---|---|---|---|"]
+    alt = res["w1_blocks_all_weights"]
+    pp = (lambda v: f"{v['permutation']['p_value']:.3f}" if v.get("permutation") else "-")
     for key, v in res["w1_blocks"].items():
         ha, hb = key.split("-")
-        alt = res["w1_blocks_all_weights"]
-        lines.append(f"| {ha} | {hb} | {fmt(v['mean'], v['sd'])} | {v['n']} | "
-                     f"{fmt(alt[key]['mean'], alt[key]['sd']) if alt else '-'} |")
-    lines += ["", "## compare_dynamics, seed pairs (i, j), i < j", "",
+        lines.append(f"| {ha} | {hb} | {fmt(v['mean'], v['sd'])} | {v['n']} | {pp(v)} | "
+                     f"{fmt(alt[key]['mean'], alt[key]['sd']) if alt else '-'} | {pp(alt[key]) if alt else '-'} |")
+    lines += ["", f"## compare_dynamics, seed pairs (i, j), i < j < {a['compare_seeds']}", "",
               "| h_a | h_b | W1 (mean ± sd) | p-values | between/within median window distance (mean, range) | "
               "p <= 0.05 | distinguishable |", "|---|---|---|---|---|---|---|"]
     for v in res["pair_summary"].values():
@@ -308,7 +335,9 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", type=int, nargs="+", default=[5, 10, 20, 40, 80])
-    ap.add_argument("--seeds", type=int, default=3, help="seeds per width (0 .. seeds-1)")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds per width (0 .. seeds-1)")
+    ap.add_argument("--compare-seeds", type=int, default=3,
+                    help="compare_dynamics (p-values) on the pairs of the first this many seeds (it costs ~6 s a pair)")
     ap.add_argument("--steps", type=int, default=1000, help="SGD steps per run (the paper: 1,000)")
     ap.add_argument("--batch", type=int, default=60)
     ap.add_argument("--lr", type=float, default=0.1)
@@ -326,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     if args.quick:
-        args.widths, args.seeds, args.steps, args.delays, args.null_samples = [5, 40], 2, 240, 16, 60
+        args.widths, args.seeds, args.steps, args.delays, args.null_samples = [5, 40], 3, 240, 16, 60
+        args.compare_seeds = 2
         args.no_all_weights = True
     torch.set_num_threads(args.threads)
     widths = sorted(set(args.widths))
@@ -339,9 +369,16 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [train_run(args, h, s, data) for h in widths for s in range(args.seeds)]
     m = w1_matrix(runs, "spectrum")
     block = width_block_stats(runs, m, widths)
-    block_all = None
+    perm = {f"{a}-{b}": permutation_test(runs, m, a, b) for a, b in itertools.combinations(widths, 2)}
+    block_all, perm_all = None, None
     if not args.no_all_weights:
-        block_all = width_block_stats(runs, w1_matrix(runs, "spectrum_all"), widths)
+        m_all = w1_matrix(runs, "spectrum_all")
+        block_all = width_block_stats(runs, m_all, widths)
+        perm_all = {f"{a}-{b}": permutation_test(runs, m_all, a, b) for a, b in itertools.combinations(widths, 2)}
+    for key, v in block.items():
+        v["permutation"] = perm.get(key)
+        if block_all is not None:
+            block_all[key]["permutation"] = perm_all.get(key)
     print("compare_dynamics on seed pairs")
     rows = compare_pairs(args, runs, widths)
     summary = summarise_pairs(rows, widths)
