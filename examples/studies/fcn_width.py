@@ -7,7 +7,7 @@ compared across widths by the Wasserstein-1 distance.
 
 Here, on CPU and on the 4,000-digit real MNIST subset of ``workloads.mnist_subset()`` (1,000 held out):
 
-* widths ``--widths`` (default 5 10 20 40 80), ``--seeds`` seeds each (default 3; seed s sets both the
+* widths ``--widths`` (default 5 10 20 40 80), ``--seeds`` seeds each (default 5; seed s sets both the
   initialisation and the order of the mini-batches), ``--steps`` SGD steps (default 1,000, the paper's
   length: 15 passes over the 4,000 digits), the paper's architecture and optimizer;
 * **observable**: ``fc2.weight`` (the paper's), recorded at every step from initialisation; reduced to its
