@@ -6,8 +6,8 @@ it into the project's virtual environment (``pip install -e ./workloads``); on a
 that, run from the repository root with ``PYTHONPATH=.``.
 """
 
-from .data import load_minilm, minilm_path, mnist_subset, review_sentiment
+from .data import debate_party, load_minilm, minilm_path, mnist_subset, review_sentiment
 from .models import SmallCNN, batches, evaluate, tiny_vit, train_steps
 
 __all__ = ["SmallCNN", "tiny_vit", "batches", "evaluate", "train_steps",
-           "mnist_subset", "review_sentiment", "minilm_path", "load_minilm"]
+           "mnist_subset", "review_sentiment", "debate_party", "minilm_path", "load_minilm"]

