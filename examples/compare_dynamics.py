@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 import modeopt
 from modeopt.analysis import Recording, compare_dynamics
-from workloads import SmallCNN, batches, evaluate
+from workloads import SmallCNN, batches, cpu_name, evaluate
 from mnist_eval import mnist_split  # examples/ is on sys.path when a script here runs
 
 
@@ -156,16 +155,6 @@ def sensitivity_table(results: dict[str, list[dict]], pairs: list[tuple[str, str
                  f"{results[n][k]['statistic'] / results[n][k]['null_median']:.2f}x)" for n in names]
         lines.append(f"| {a} | {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -1,26 +1,16 @@
 """The CNN early-phase study (examples/studies/cnn_early_phase.py) in its --quick setting."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("study_cnn_early_phase",
-                                                  ROOT / "examples" / "studies" / "cnn_early_phase.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _studies import load_study
 
 
 @pytest.fixture(scope="module")
 def res(tmp_path_factory):
     out = tmp_path_factory.mktemp("cnn_early_phase")
-    r = _load().main(["--quick", "--out", str(out)])
+    r = load_study('cnn_early_phase').main(["--quick", "--out", str(out)])
     for name in ("cnn_early_phase.json", "cnn_early_phase.md", "cnn_early_phase.png"):
         assert (out / name).is_file()
     return r

@@ -1,24 +1,15 @@
 """The conjugacy calibration study (examples/studies/conjugacy.py) in its --quick setting."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("study_conjugacy", ROOT / "examples" / "studies" / "conjugacy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _studies import load_study
 
 
 @pytest.fixture(scope="module")
 def res(tmp_path_factory):
     out = tmp_path_factory.mktemp("conjugacy")
-    r = _load().main(["--quick", "--out", str(out)])
+    r = load_study('conjugacy').main(["--quick", "--out", str(out)])
     assert (out / "conjugacy.json").is_file() and (out / "conjugacy.md").is_file()
     assert (out / "conjugacy_spectra.png").is_file()
     return r

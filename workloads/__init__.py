@@ -7,7 +7,8 @@ that, run from the repository root with ``PYTHONPATH=.``.
 """
 
 from .data import debate_party, load_minilm, minilm_path, mnist_subset, review_sentiment
+from .machine import cpu_name
 from .models import SmallCNN, batches, evaluate, tiny_vit, train_steps
 
 __all__ = ["SmallCNN", "tiny_vit", "batches", "evaluate", "train_steps",
-           "mnist_subset", "review_sentiment", "debate_party", "minilm_path", "load_minilm"]
+           "mnist_subset", "review_sentiment", "debate_party", "minilm_path", "load_minilm", "cpu_name"]

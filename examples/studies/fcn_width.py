@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeopt.analysis import Recording, compare_dynamics, koopman_spectrum, spectrum_distance
-from workloads import batches, evaluate, mnist_subset
+from workloads import batches, cpu_name, evaluate, mnist_subset
 
 #: the figures docs/koopman.md shows, copied by --images under these names
 DOC_FIGURES = {"distances.png": "fcn_width_distances.png", "eigenvalues.png": "fcn_width_eigenvalues.png"}
@@ -274,16 +273,6 @@ def plot_eigenvalues(path: Path, runs: list[dict], widths: list[int]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fmt(x: float, sd: float) -> str:

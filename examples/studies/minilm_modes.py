@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 
 import modeopt
 from modeopt.analysis import Recording, accuracy_curves, reconstruction_errors
-from workloads import load_minilm, review_sentiment
+from workloads import cpu_name, load_minilm, review_sentiment
 
 
 def make_data(tok, n_train: int, n_test: int, max_length: int):
@@ -110,16 +109,6 @@ def fine_tune(seed: int, tr, ytr, args) -> tuple[modeopt.Trajectory, float]:
 def mean_std(xs) -> tuple[float, float]:
     a = np.asarray(xs, dtype=float)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def figure(result: dict, path: Path) -> None:
