@@ -74,13 +74,17 @@ class PhasedOptimizer(Protocol):
     history: list
 
     @property
-    def step_count(self) -> int: ...
+    def step_count(self) -> int:
+        """Steps taken so far, over all phases."""
 
-    def register_phase_hook(self, fn: Callable[[Any, str], None]) -> Callable[[], None]: ...
+    def register_phase_hook(self, fn: Callable[[Any, str], None]) -> Callable[[], None]:
+        """Call ``fn(optimizer, event)`` at each phase event; returns a function that removes it."""
 
-    def mode_space_state(self) -> dict[str, Any] | None: ...
+    def mode_space_state(self) -> dict[str, Any] | None:
+        """The current mode space (copies), or None outside it."""
 
-    def load_mode_space(self, state: Mapping[str, Any]) -> None: ...
+    def load_mode_space(self, state: Mapping[str, Any]) -> None:
+        """Enter a mode space saved by :meth:`mode_space_state` (validated first)."""
 
 
 # ---------------------------------------------------------------- agreement

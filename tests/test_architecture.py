@@ -334,3 +334,23 @@ def test_every_non_python_file_of_the_package_is_shipped():
         if not ok:
             missing.append(str(rel))
     assert not missing, f"not listed in [tool.setuptools.package-data] of pyproject.toml: {missing}"
+
+
+def test_public_names_have_docstrings():
+    """Every public module-level function and class, and every public method of a public class, says
+    what it does (property setters excepted: the getter's docstring covers them)."""
+    missing = []
+
+    def walk(node, prefix: str, path: Path):
+        for n in ast.iter_child_nodes(node):
+            if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or n.name.startswith("_"):
+                continue
+            setter = any(ast.unparse(d).endswith(".setter") for d in n.decorator_list)
+            if not setter and ast.get_docstring(n) is None:
+                missing.append(f"{path.relative_to(ROOT)}:{n.lineno} {prefix}{n.name}")
+            if isinstance(n, ast.ClassDef):
+                walk(n, f"{prefix}{n.name}.", path)
+
+    for m, path in MODULES.items():
+        walk(TREES[m], "", path)
+    assert not missing, "public names without a docstring:\n" + "\n".join(missing)
