@@ -15,7 +15,7 @@ Here, on CPU and on the 4,000-digit real MNIST subset of ``workloads.mnist_subse
   alone), so that every width has the same observable dimension and the same ``--delays`` (32); DMD at the
   fixed ``--rank`` 10 (the paper's ``k_mode``), so every spectrum has 10 eigenvalues;
 * the W1 distance between the spectra of **every** pair of runs (the heat map; within-width = seed vs. seed),
-  and per pair of widths a seed-level permutation test on it (between- minus within-width mean W1, every
+  and per pair of widths a seed-level permutation test on it (``modeopt.analysis.compare_groups``) (between- minus within-width mean W1, every
   split of the 2 x 5 runs into two groups of 5: smallest p = 2/252 = 0.008), done in this script;
 * ``compare_dynamics`` (distance + p-value from its window null) on the pairs of runs with seeds (i, j),
   i < j < 3: within a width and across every pair of widths, so a within-width pair and a between-width pair
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeopt.analysis import Recording, compare_dynamics, koopman_spectrum, spectrum_distance
+from modeopt.analysis import Recording, compare_dynamics, compare_groups, koopman_spectrum, spectrum_distance
 from workloads import batches, cpu_name, evaluate, mnist_subset
 
 #: the figures docs/koopman.md shows, copied by --images under these names
@@ -127,26 +127,11 @@ def width_block_stats(runs: list[dict], m: np.ndarray, widths: list[int]) -> dic
     return out
 
 
-def permutation_test(runs: list[dict], m: np.ndarray, a: int, b: int) -> dict:
-    """Seed-level test of width a vs. width b on the W1 matrix (done here: modeopt has no such test).
-
-    Statistic: mean W1 over between-width run pairs minus mean W1 over within-width run pairs (both widths'
-    seed-vs-seed pairs pooled). Null: every split of the 2n runs into two groups of n (exact; runs are
-    exchangeable when width makes no difference). p = share of splits whose statistic >= the observed one.
-    """
-    idx_a = [i for i, r in enumerate(runs) if r["h"] == a]
-    idx_b = [i for i, r in enumerate(runs) if r["h"] == b]
-    pool = idx_a + idx_b
-
-    def stat(ga: list[int], gb: list[int]) -> float:
-        between = np.mean([m[i, j] for i in ga for j in gb])
-        within = np.mean([m[i, j] for g in (ga, gb) for i, j in itertools.combinations(g, 2)])
-        return float(between - within)
-
-    obs = stat(idx_a, idx_b)
-    null = [stat(list(g), [i for i in pool if i not in g]) for g in itertools.combinations(pool, len(idx_a))]
-    p = float(np.mean(np.asarray(null) >= obs - 1e-15))
-    return {"statistic": obs, "p_value": p, "n_splits": len(null)}
+def permutation_test(runs: list[dict], key: str, a: int, b: int) -> dict:
+    """Seed-level test of width a vs. width b: :func:`modeopt.analysis.compare_groups` on the runs' spectra
+    (statistic: mean between-width W1 minus mean within-width W1; exact null over every split of the runs)."""
+    res = compare_groups([r[key] for r in runs if r["h"] == a], [r[key] for r in runs if r["h"] == b])
+    return {"statistic": res.statistic, "p_value": res.p_value, "n_splits": res.n_splits}
 
 
 def compare_pairs(args, runs: list[dict], widths: list[int]) -> list[dict]:
@@ -371,12 +356,12 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [train_run(args, h, s, data) for h in widths for s in range(args.seeds)]
     m = w1_matrix(runs, "spectrum")
     block = width_block_stats(runs, m, widths)
-    perm = {f"{a}-{b}": permutation_test(runs, m, a, b) for a, b in itertools.combinations(widths, 2)}
+    perm = {f"{a}-{b}": permutation_test(runs, "spectrum", a, b) for a, b in itertools.combinations(widths, 2)}
     block_all, perm_all = None, None
     if not args.no_all_weights:
         m_all = w1_matrix(runs, "spectrum_all")
         block_all = width_block_stats(runs, m_all, widths)
-        perm_all = {f"{a}-{b}": permutation_test(runs, m_all, a, b) for a, b in itertools.combinations(widths, 2)}
+        perm_all = {f"{a}-{b}": permutation_test(runs, "spectrum_all", a, b) for a, b in itertools.combinations(widths, 2)}
     for key, v in block.items():
         v["permutation"] = perm.get(key)
         if block_all is not None:

@@ -7,13 +7,15 @@
 * :func:`dmd` / :class:`DMD` - exact DMD at rank r, the CMD paper's baseline.
 * :func:`analyze` - CMD + DMD of a run, the paper's figures, ``index.html`` / ``report.md``.
 * :func:`koopman_spectrum` / :func:`compare_dynamics` - a run's Koopman (DMD) spectrum, and whether
-  two runs have the same dynamics (W1 distance between spectra, with a p-value).
+  two runs have the same dynamics (W1 distance between spectra, with a p-value); :func:`compare_groups`
+  the same question for two conditions with several runs (seeds) each, by a permutation test over runs.
 
 The command line ``modeopt analyze RUN --modes 10 --out report/`` wraps :func:`analyze`;
 ``modeopt compare RUN_A RUN_B --out report/`` wraps :func:`compare_dynamics`.
 """
 
 from .dmd import DMD, dmd
+from .group_test import GroupComparison, compare_groups
 from .evaluation import AccuracyCurves, accuracy_curves, resolve_eval
 from .io import load_trajectory
 from .comparison import DynamicsComparison
@@ -30,7 +32,7 @@ from .stats import (
 __all__ = [
     "Recording", "SnapshotWriter", "load_snapshots", "load_trajectory", "is_snapshot_directory",
     "DMD", "dmd", "analyze", "Report",
-    "koopman_spectrum", "compare_dynamics", "spectrum_distance", "KoopmanSpectrum", "DynamicsComparison",
+    "koopman_spectrum", "compare_dynamics", "compare_groups", "GroupComparison", "spectrum_distance", "KoopmanSpectrum", "DynamicsComparison",
     "correlation_data", "profile_bands", "layer_distribution", "reconstruction_errors", "weight_examples",
     "CorrelationData", "ProfileBands", "LayerDistribution", "ReconstructionErrors", "WeightExamples",
     "accuracy_curves", "AccuracyCurves", "resolve_eval",
