@@ -15,7 +15,8 @@ a linear decay of the learning rate to 0. Methods: ``finetune/methods.py`` (a re
 recipe is one function).
 
 Protocol, per task and method: the method's 3 learning rates on seed 0, the best by validation
-accuracy, then seeds 1 and 2 at that learning rate (a seed fixes the data order and the fresh
+accuracy (while it is at an end of the grid, up to two more steps of the 1-3-10 ladder beyond it
+are tried, ``--extend``), then seeds 1 and 2 at that learning rate (a seed fixes the data order and the fresh
 head's init; the pretrained body is always the same). Test accuracy is reported as the mean over
 the 3 seeds with its std and min/max.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -92,6 +94,20 @@ def _child(spec: dict, log_dir: Path) -> dict | None:
         os.unlink(result_path)
 
 
+def best_run(runs: list[dict]) -> dict:
+    """The run with the best validation accuracy (ties: the lower validation loss)."""
+    return max(runs, key=lambda r: (r["val_acc"], -r["val_loss"]))
+
+
+def next_lr(lr: float, direction: int) -> float:
+    """The next learning rate on the 1-3-10 ladder: 1e-4 -> 3e-4 -> 1e-3 (direction +1), or down (-1)."""
+    e = math.floor(math.log10(lr) + 1e-9)
+    mant = lr / 10**e
+    if direction > 0:
+        return float(f"{3 * 10**e if mant < 2 else 10 ** (e + 1):.0e}")
+    return float(f"{3 * 10 ** (e - 1) if mant < 2 else 10**e:.0e}")
+
+
 def run_task(args, task: str) -> None:
     from finetune.methods import METHODS
 
@@ -134,7 +150,14 @@ def run_task(args, task: str) -> None:
         runs = [r for r in (one(name, lr, args.seeds[0]) for lr in grid) if r is not None]
         if not runs:
             continue
-        best = max(runs, key=lambda r: (r["val_acc"], -r["val_loss"]))
+        for _ in range(args.extend if len(grid) > 1 else 0):  # the best LR at an end of the grid: one step further
+            best, lrs = best_run(runs), sorted(r["lr"] for r in runs)
+            new = next_lr(lrs[-1], +1) if best["lr"] == lrs[-1] else next_lr(lrs[0], -1) if best["lr"] == lrs[0] else None
+            r = one(name, new, args.seeds[0]) if new is not None else None
+            if r is None:
+                break
+            runs.append(r)
+        best = best_run(runs)
         for seed in args.seeds[1:]:
             one(name, best["lr"], seed)
     print(f"{task}: done in {(time.perf_counter() - t_task) / 60:.1f} min", flush=True)
@@ -146,6 +169,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one runs the LR grid")
     ap.add_argument("--lr", type=float, default=None, help="one learning rate for every method instead of the grids")
+    ap.add_argument("--extend", type=int, default=2,
+                    help="when the best LR on seed 0 is at an end of the method's grid, try up to this many further "
+                         "steps of the 1-3-10 ladder in that direction (0: the grid only)")
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--steps", type=int, default=None, help="default: epochs x n_train / batch")
     ap.add_argument("--n-train", type=int, default=None, help="training examples of every task (default 800)")

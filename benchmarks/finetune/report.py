@@ -15,6 +15,12 @@ def _stats(xs: list[float]) -> dict:
             "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
+def _peak_step(trace: list[float]) -> int:
+    """The step during which the high-water mark came within 1 % (at least 1 MiB) of its final value."""
+    final = trace[-1]
+    return next(i + 1 for i, v in enumerate(trace) if v >= final - max(1.0, 0.01 * final))
+
+
 def summarize(runs: list[dict], seeds: list[int]) -> dict:
     """Per method: the seed-0 grid, the LR chosen on validation, and the seeds' statistics at that LR."""
     out = {}
@@ -37,7 +43,7 @@ def summarize(runs: list[dict], seeds: list[int]) -> dict:
             "step_s": _stats([r["step_s"] for r in at]),
             "trainable_max": best["trainable_max"], "trainable_end": best["trainable_end"],
             "trained_over_run": best["trained_over_run"], "n_weights": best["n_weights"],
-            "peak_step": [r["peak_step"] for r in at], "steps": best["steps"], "info": best["info"],
+            "peak_step": [_peak_step(r["peak_trace_mib"]) for r in at], "steps": best["steps"], "info": best["info"],
             "setup_peak_mib": best["setup_peak_mib"], "baseline_mib": best["baseline_mib"],
             "final_loss": _stats([statistics.fmean(r["loss_trace"][-10:]) for r in at]),
             "peak_after_step1_mib": _stats([r["peak_trace_mib"][0] for r in at]),
@@ -106,12 +112,15 @@ def task_markdown(task: str, summ: dict, majority: dict, sig: dict, source: str)
         rec = f"{s['recording_mib']:.0f}" if "recording_mib" in s else "-"
         lines.append(f"| {name} | {s['peak_after_step1_mib']['mean']:.0f} | {before} | {s['peak_mib']['mean']:.0f} "
                      f"| {s['resident_end_mib']['mean']:.0f} | {rec} |")
-    lines += ["", "Learning-rate grid, seed 0, validation accuracy:", "",
-              "| method | " + " | ".join(["LR → val. acc."] * 3) + " |", "|---|---|---|---|"]
+    width = max(len(s["grid"]) for s in summ.values())
+    lines += ["", "Learning-rate grid, seed 0, validation accuracy (**←** chosen; *+* a step beyond the method's "
+              "grid, tried because the best was at its end):", "",
+              "| method | " + " | ".join(["LR: val. acc."] * width) + " |", "|---" * (width + 1) + "|"]
     for name, s in summ.items():
-        cells = [f"{lr}: {v['val_acc']:.3f}" + (" **←**" if float(lr) == s["best_lr"] else "")
-                 for lr, v in s["grid"].items()]
-        lines.append(f"| {name} | " + " | ".join(cells + [""] * (3 - len(cells))) + " |")
+        own = {float(x) for x in METHODS[name].grid} if name in METHODS else set()
+        cells = [f"{lr}{'' if float(lr) in own else ' *+*'}: {v['val_acc']:.3f}"
+                 + (" **←**" if float(lr) == s["best_lr"] else "") for lr, v in s["grid"].items()]
+        lines.append(f"| {name} | " + " | ".join(cells + [""] * (width - len(cells))) + " |")
     lines.append("")
     return lines
 
@@ -121,6 +130,7 @@ def plot(results: dict, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     tasks = [t for t in results if results[t]["methods"]]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.6), squeeze=False)
@@ -132,14 +142,24 @@ def plot(results: dict, path) -> None:
             ax.errorbar([p["mean"]], [t["mean"]], yerr=[[t["mean"] - t["min"]], [t["max"] - t["mean"]]],
                         xerr=[[p["mean"] - p["min"]], [p["max"] - p["mean"]]], fmt="o", capsize=4,
                         color=colors.get(name, f"C{i % 10}"), label=name)
-            ax.annotate(name, (p["mean"], t["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=9)
-        ax.axhline(res["majority"]["test"], ls="--", color="grey", lw=1, label="majority class")
+            left = name.endswith("_bf16")  # next to its float32 twin: label it on the other side
+            ax.annotate(name, (p["mean"], t["mean"]), textcoords="offset points", xytext=(-7 if left else 7, 4),
+                        ha="right" if left else "left", fontsize=9)
+        ax.axhline(res["majority"]["test"], ls="--", color="grey", lw=1)
+        ax.annotate("majority class", (0.01, res["majority"]["test"]), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(0, 3), fontsize=8, color="grey")
         ax.set_xscale("log")
+        ticks = [t for t in (50, 100, 200, 300, 500, 1000, 1500, 2000, 3000, 5000, 10000)
+                 if min(v["peak_mib"]["min"] for v in res["methods"].values()) / 1.3 <= t
+                 <= max(v["peak_mib"]["max"] for v in res["methods"].values()) * 1.3]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("whole-run peak memory above the loaded model (MiB, log)")
         ax.set_ylabel("test accuracy (mean, min–max over 3 seeds)")
         ax.set_title(f"MiniLM-L6 fine-tuned on {task}")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8, loc="lower right")
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(lo / 1.08, hi * 1.25)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -160,6 +180,11 @@ def report(args, sigs: dict, load_runs) -> None:
         results[task] = {"sig": sigs[task], "majority": majority, "source": source, "methods": summ,
                          "n_runs": len(runs), "run_wall_s": sum(r["process_s"] for r in runs)}
         md += task_markdown(task, summ, majority, sigs[task], source)
+        used = {(n, v["best_lr"]) for n, v in summ.items()}
+        stale = [r for r in runs if r["seed"] != args.seeds[0] and (r["method"], r["lr"]) not in used]
+        md += [f"{len(runs)} runs, {results[task]['run_wall_s'] / 60:.0f} min of process time"
+               + (f"; {len(stale)} seed runs at learning rates that a later grid extension displaced are in the "
+                  "run file but not used" if stale else "") + ".", ""]
     if not results:
         print(f"no runs in {args.out} for this setting")
         return
@@ -169,7 +194,8 @@ def report(args, sigs: dict, load_runs) -> None:
         "Generated by `benchmarks/finetune.py` (see its docstring for the protocol).",
         f"Machine: {machine_line(m)}. Device: {args.device}.",
         "",
-        "Methods (LR grid on seed 0, the best by validation accuracy, then seeds 1 and 2 at it):",
+        "Methods (LR grid on seed 0, the best by validation accuracy — while it is at an end of the grid, up to two "
+        "more steps of the 1-3-10 ladder beyond it — then seeds 1 and 2 at it):",
         "",
         "| method | what | LR grid |",
         "|---|---|---|",
@@ -183,10 +209,10 @@ def report(args, sigs: dict, load_runs) -> None:
              "one no-grad forward pass run (which pages in ~60 MiB of code that inference needs as well). "
              "On CPU it includes the activations kept for the backward pass, gradients, optimizer state, "
              "and any recording or decomposition, and file-backed pages (code) first touched during training "
-             "(~20 MiB where the pretrained weights stay frozen; the JSON has `rss_file_growth_mib` per run). "
+             "(30–40 MiB where the pretrained weights stay frozen; `rss_file_growth_mib` per run in the JSONL). "
              "*Share of full's gain*: (accuracy − majority) / (full fine-tune's accuracy − majority), on the means. "
              "*(edge)*: the chosen LR is at the end of its grid. *Peak reached at step*: the step during which the "
-             "high-water mark reached its final value (per seed).", ""]
+             "high-water mark came within 1 % of its final value (per seed).", ""]
     md = head + md
     text = "\n".join(md)
     print("\n" + text)
