@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from modeopt.analysis import Recording, compare_dynamics, koopman_spectrum, spectrum_distance
-from workloads import SmallCNN, batches, evaluate, mnist_subset
+from workloads import SmallCNN, batches, cpu_name, evaluate, mnist_subset
 
 DOC_FIGURES = ["cnn_early_phase.png"]
 
@@ -157,7 +156,7 @@ def main(argv=None):
                         "window_starts": starts, "blocks": blocks},
            "per_seed": per_seed, "between_seeds_same_window": between_seeds,
            "seconds": time.perf_counter() - t0,
-           "machine": f"{platform.processor() or platform.machine()}, torch threads 1"}
+           "machine": f"{cpu_name()}, torch threads 1"}
     paths = figures(out, res, args)
     (out / "cnn_early_phase.json").write_text(json.dumps(res, indent=1))
     (out / "cnn_early_phase.md").write_text(markdown(res, args))

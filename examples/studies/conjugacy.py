@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from modeopt.analysis import compare_dynamics, koopman_spectrum, spectrum_distance
+from workloads import cpu_name
 
 ETA, T_ITERS, GRID = 1e-2, 100, 5
 DOC_FIGURES = ["conjugacy_spectra.png", "conjugacy_settings.png"]
@@ -382,7 +382,7 @@ def main(argv=None):
            "per_ic_compare": cmp_rows, "n_ic": len(ics), "ics": [runs["ICs"][i].tolist() for i in ics],
            "paper_eigenvalues": {k: [[float(v.real), float(v.imag)] for v in e] for k, e in pe.items()},
            "quick": args.quick, "seconds": time.perf_counter() - t0,
-           "machine": f"{platform.processor() or platform.machine()}, torch threads 1"}
+           "machine": f"{cpu_name()}, torch threads 1"}
     (out / "conjugacy.json").write_text(json.dumps(res, indent=1))
     (out / "conjugacy.md").write_text(markdown(res))
     if args.images:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 
 import modeopt
 from modeopt.analysis import Recording, compare_dynamics
+from workloads import cpu_name
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -522,7 +522,7 @@ def run_study(s: Settings, out: Path | None) -> dict:
         "early": early, "full": full, "windows": windows,
         "cmd": [{k: v for k, v in c.items() if not k.startswith("_")} for c in cmds],
         "figures": figs, "train_seconds": t_train, "seconds": time.perf_counter() - t_all,
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread",
+        "machine": f"{cpu_name()}, torch {torch.__version__}, 1 thread",
         "n_weights": runs[0]["early"].n_weights,
     }
     result["_runs"], result["_cmds"] = runs, cmds
