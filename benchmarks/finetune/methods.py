@@ -178,11 +178,11 @@ BLOCKWISE_NOTES = ("modeopt.BlockwiseCMD(AdamW, blocks = the 6 encoder layers, s
 
 
 @method("blockwise", "Blockwise CMD (modeopt.BlockwiseCMD): one encoder layer at a time by AdamW, bottom up, each "
-        "then moving in its own 10 modes; head trained, embeddings frozen", (1e-4, 3e-4, 1e-3), BLOCKWISE_NOTES)
+        "then moving in its own 10 modes; head trained, embeddings frozen", (3e-4, 1e-3, 3e-3), BLOCKWISE_NOTES)
 def blockwise(model, lr, spec):
     return _blockwise(model, lr, spec, top_down=False)
 
 
-@method("blockwise_td", "Blockwise CMD as above, top layer first", (1e-4, 3e-4, 1e-3), BLOCKWISE_NOTES + ", order 5..0")
+@method("blockwise_td", "Blockwise CMD as above, top layer first", (3e-4, 1e-3, 3e-3), BLOCKWISE_NOTES + ", order 5..0")
 def blockwise_td(model, lr, spec):
     return _blockwise(model, lr, spec, top_down=True)
