@@ -42,9 +42,9 @@ X = torch.randn(512, 8, generator=torch.Generator().manual_seed(1))
 Y = (X[:, 0] + 0.5 * X[:, 1] > 0).long()
 
 
-def make(seed: int = 0, **kw):
+def make(seed: int = 0, device: str = "cpu", **kw):
     torch.manual_seed(seed)
-    model = Stack()
+    model = Stack().to(device)
     args = dict(steps_per_block=PER_BLOCK, n_modes=3, train_always=["head."], n_samples=200, seed=0)
     args.update(kw)
     return model, modeopt.BlockwiseCMD(model, torch.optim.AdamW(model.parameters(), lr=1e-2), **args)
@@ -252,3 +252,25 @@ def test_hf_trainer_runs_it_unchanged(tmp_path):
 
     saved = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert set(saved) == set(tiny_bert().state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_it_matches_the_cpu_run():
+    def run(device):
+        model, opt = make(device=device)
+        losses = []
+        for i in range(2 * PER_BLOCK + 3):
+            idx = torch.arange(i * 32, i * 32 + 32) % len(Y)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(X[idx].to(device)), Y[idx].to(device))
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert all(a.device.type == torch.device(device).type for s in opt.spaces for a in s.a)
+        return losses, {k: v.cpu() for k, v in model.state_dict().items()}
+
+    cpu_losses, cpu_sd = run("cpu")
+    gpu_losses, gpu_sd = run("cuda")
+    assert max(abs(a - b) for a, b in zip(cpu_losses, gpu_losses)) < 1e-3
+    for k in cpu_sd:
+        torch.testing.assert_close(gpu_sd[k], cpu_sd[k], rtol=1e-3, atol=1e-4)
