@@ -39,7 +39,6 @@ from .layout import ParamLayout
 from .modespace import ModeSpace
 from .param_groups import Exclude, exclusion_predicate
 from .snapshots import SnapshotBuffer
-from .trajectory import Trajectory
 from .warmup_recording import check_snapshot_count
 
 __all__ = ["BlockwiseCMD", "find_blocks"]
@@ -149,7 +148,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
         self.phase, self.active, self._step, self._in_block = "block", 0, 0, 0
         self.spaces: list[ModeSpace] = []
         self.history: list[dict[str, Any]] = []
-        self._buffer: SnapshotBuffer | None = None
+        self._buffers: list[SnapshotBuffer] = []  # the active block's recording, one per tensor
         self._regroup()
         self._start_block()
 
@@ -225,35 +224,35 @@ class BlockwiseCMD(SharesBaseOptimizer):
     # ----------------------------------------------------------- blocks
     def _start_block(self) -> None:
         self._in_block = 0
+        self._buffers = []
         if self.active >= len(self.blocks):
-            self._buffer, self._layout = None, None
             return
-        emb = self._emb[self.active]
-        self._layout = ParamLayout.from_named_tensors(emb)
+        # One recording per tensor: the embedding frees each as soon as its tensor is assigned.
         cap = self.steps_per_block // self.snapshot_every + 1
-        self._buffer = SnapshotBuffer(self._layout.n, dtype=self.record_dtype, capacity=cap)
-        self._buffer.append(self._layout, [p for _, p in emb], self._step)
+        self._buffers = [SnapshotBuffer(p.numel(), dtype=self.record_dtype, capacity=cap) for _, p in self._emb[self.active]]
+        self._record()
+
+    def _record(self) -> None:
+        for buf, (name, p) in zip(self._buffers, self._emb[self.active]):
+            buf.append(ParamLayout([name], [tuple(p.shape)]), [p], self._step)
 
     @torch.no_grad()
     def _embed_active(self) -> None:
         b, emb = self.active, self._emb[self.active]
         params = [p for _, p in emb]
-        data, steps = self._buffer.raw()
-        traj = Trajectory(data, self._layout, steps, self._buffer.anchor)
         groups = [self._group_of[id(p)] for p in params]
-        init = embed_block(traj, params, groups, len(self.base.param_groups), n_modes=self.n_modes,
-                           n_samples=min(self.n_samples, self._layout.n), seed=self.seed + b,
-                           mode_scale=self.mode_scale, coef_dtype=self.coef_dtype)
-        self._buffer = None
-        del traj, data
+        n = sum(p.numel() for p in params)
+        init = embed_block(self._buffers, [name for name, _ in emb], params, groups, len(self.base.param_groups),
+                           n_modes=self.n_modes, n_samples=min(self.n_samples, n), seed=self.seed + b,
+                           mode_scale=self.mode_scale, coef_dtype=self.coef_dtype)  # empties self._buffers
         space = ModeSpace(self.model, emb, init.labels, init.a, init.r_groups, init.r, coef_dtype=self.coef_dtype,
                           r_prefix=R_PREFIX.format(b))
         self.spaces.append(space)
-        self.history.append({"block": b, "step": self._step, "n_modes": space.n_modes, "weights": self._layout.n,
+        self.history.append({"block": b, "step": self._step, "n_modes": space.n_modes, "weights": n,
                              "sizes": torch.bincount(torch.cat(space.mode_index()).cpu(),
                                                      minlength=space.n_modes).tolist()})
-        logger.info("modeopt: step %d: block %d (%s weights) embedded in %d modes", self._step, b,
-                    f"{self._layout.n:,}", space.n_modes)
+        logger.info("modeopt: step %d: block %d (%s weights) embedded in %d modes", self._step, b, f"{n:,}",
+                    space.n_modes)
         self.active += 1
         if self.active == len(self.blocks):
             self.phase = "embedded"
@@ -286,10 +285,10 @@ class BlockwiseCMD(SharesBaseOptimizer):
             # a non-finite r is never written into the weights (decided on r's device, no host sync)
             space.sync(finite_only=True)
         self._step += 1
-        if self._buffer is not None:
+        if self._buffers:
             self._in_block += 1
             if self._in_block % self.snapshot_every == 0:
-                self._buffer.append(self._layout, [p for _, p in self._emb[self.active]], self._step)
+                self._record()
             if self._in_block >= self.steps_per_block:
                 self._embed_active()
         return loss
@@ -297,7 +296,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
     @property
     def recording_bytes(self) -> int:
         """Bytes the active block's recording holds now."""
-        return 0 if self._buffer is None else self._buffer.nbytes
+        return sum(b.nbytes for b in self._buffers)
 
     def trainable_parameters(self) -> int:
         """Number of scalars that require grad in the model now."""
@@ -312,7 +311,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
         for params in self._orig:
             for p in params:
                 p.requires_grad_(True)
-        self.spaces, self._buffer, self.phase = [], None, "exported"
+        self.spaces, self._buffers, self.phase = [], [], "exported"
         for group, orig in zip(self.base.param_groups, self._orig):
             group["params"][:] = orig
         self.base.state.clear()
@@ -329,7 +328,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
         return {"base": self.base.state_dict(), "blockwise": {
             "step": self._step, "active": self.active, "in_block": self._in_block,
             "blocks": [list(b) for b in self.blocks],
-            "buffer": None if self._buffer is None else self._buffer.state_dict(),
+            "buffer": [b.state_dict() for b in self._buffers] if self._buffers else None,
             "spaces": [space_state(s) for s in self.spaces], "history": [dict(h) for h in self.history]}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -346,13 +345,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
                                    n_groups=len(self.base.param_groups), steps_per_block=self.steps_per_block)
         active = st["active"]
         if active < len(self.blocks):
-            n = sum(p.numel() for _, p in self._emb[active])
-            probe = SnapshotBuffer(n, dtype=self.record_dtype, capacity=self.steps_per_block // self.snapshot_every + 1)
-            probe.checked_state(st["buffer"])
-            data = st["buffer"]["data"]
-            if data.dim() != 2 or data.shape[1] != n or data.shape[0] > probe.capacity:
-                raise ValueError(f"the checkpoint's recording of block {active} has shape {tuple(data.shape)}, expected "
-                                 f"(<= {probe.capacity}, {n}): damaged checkpoint, or other blocks")
+            self._check_recording(st["buffer"], active)
         self._check_base_groups(state_dict["base"], st)
         for space in self.spaces:
             space.remove()
@@ -364,9 +357,22 @@ class BlockwiseCMD(SharesBaseOptimizer):
         self._regroup()
         self.base.load_state_dict(state_dict["base"])
         self._start_block()
-        if self._buffer is not None:
-            self._buffer.load_state_dict(st["buffer"])
-            self._in_block = st["in_block"]
+        for buf, saved in zip(self._buffers, st["buffer"] or []):
+            buf.load_state_dict(saved)
+        self._in_block = st["in_block"] if self._buffers else 0
+
+    def _check_recording(self, saved: Any, block: int) -> None:
+        """The saved recording of the active block: one buffer state per tensor, of its size."""
+        emb, cap = self._emb[block], self.steps_per_block // self.snapshot_every + 1
+        if not isinstance(saved, list) or len(saved) != len(emb):
+            raise ValueError(f"the checkpoint's recording of block {block} must hold {len(emb)} tensors' snapshots: "
+                             "damaged checkpoint, or other blocks")
+        for state, (name, p) in zip(saved, emb):
+            SnapshotBuffer(p.numel(), dtype=self.record_dtype, capacity=cap).checked_state(state)
+            data = state["data"]
+            if data.dim() != 2 or data.shape[1] != p.numel() or not 1 <= data.shape[0] <= cap:
+                raise ValueError(f"the checkpoint's recording of {name!r} has shape {tuple(data.shape)}, expected "
+                                 f"(<= {cap}, {p.numel()}): damaged checkpoint, or other blocks")
 
     def _check_base_groups(self, base_state: Any, st: dict[str, Any]) -> None:
         """The saved base state must hold, per group, as many tensors as the saved phase trains."""

@@ -13,6 +13,7 @@ import modeopt
 from modeopt.block_embedding import embed_block
 from modeopt.blockwise import find_blocks
 from modeopt.layout import ParamLayout
+from modeopt.snapshots import SnapshotBuffer
 from modeopt.switch import initial_mode_space
 from modeopt.trajectory import Trajectory
 
@@ -109,7 +110,15 @@ def test_embed_block_is_cmd_of_the_block():
                       for i, s in enumerate(shapes)]).T.contiguous()
     params = [t.reshape(s).clone() for t, s in zip(lay.unflatten(data[-1]).values(), shapes)]
     traj = Trajectory(data, lay, list(range(8)))
-    ours = embed_block(traj, params, [0, 1, 0], 2, n_modes=4, n_samples=300, seed=3, coef_dtype=torch.float32)
+    recordings = []
+    for spec in lay.specs:  # one recording per tensor, as BlockwiseCMD keeps them
+        rec = SnapshotBuffer(spec.numel, capacity=8)
+        for t in range(8):
+            rec.append(ParamLayout([spec.name], [spec.shape]), [data[t, spec.offset : spec.stop]], t)
+        recordings.append(rec)
+    ours = embed_block(recordings, lay.names, params, [0, 1, 0], 2, n_modes=4, n_samples=300, seed=3,
+                       coef_dtype=torch.float32)
+    assert recordings == []  # consumed, each freed after its tensor's pass
     d = modeopt.decompose(traj, n_modes=4, n_samples=300, seed=3, progress=False)
     ref = initial_mode_space(d, lay, params, [0, 1, 0], 2, "rms")
     for la, aa, lb, ab in zip(ours.labels, ours.a, ref.labels, ref.a):
@@ -190,7 +199,8 @@ def test_damaged_checkpoints_are_refused_and_change_nothing():
         (lambda sd: sd["blockwise"].update(blocks=[["x."]]), "same blocks"),
         (lambda sd: sd["blockwise"].update(buffer=None), "recording"),
         (lambda sd: sd["base"]["param_groups"][0]["params"].pop(), "param group 0"),
-        (lambda sd: sd["blockwise"]["buffer"].update(data=torch.zeros(2, 5)), "records 1024 weights"),
+        (lambda sd: sd["blockwise"]["buffer"][0].update(data=torch.zeros(2, 5)), "records 1024 weights"),
+        (lambda sd: sd["blockwise"]["buffer"].pop(), "must hold 1 tensors"),
     ]
     for edit, msg in cases:
         with pytest.raises(ValueError, match=msg):
