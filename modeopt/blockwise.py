@@ -80,7 +80,8 @@ class BlockwiseCMD(SharesBaseOptimizer):
             allowed). Its parameters outside every block and outside ``train_always`` are frozen
             (``requires_grad=False``) for the whole run: e.g. a transformer's embeddings.
         blocks: the blocks, in training order: each a parameter-name prefix or a list of them
-            (``"encoder.layer.3."``); ``None``: :func:`find_blocks` (the model's layers, bottom up).
+            (``"encoder.layer.3."``); ``None``: the model's layers (:func:`find_blocks`), **top layer
+            first** (on both fine-tuning tasks of docs/finetuning.md it beat bottom-up at every LR).
         steps_per_block: steps the base optimizer trains each block before it is embedded.
         n_modes: M, modes per block.
         train_always: name prefixes of parameters trained by the base optimizer throughout.
@@ -139,7 +140,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
         self.steps_per_block, self.n_modes, self.snapshot_every = steps_per_block, n_modes, snapshot_every
         self.n_samples, self.seed = n_samples, int(seed)
         self.record_dtype, self.coef_dtype, self.mode_scale = record_dtype, coef_dtype, mode_scale
-        self.blocks = [_prefixes(b) for b in (find_blocks(model) if blocks is None else blocks)]
+        self.blocks = [_prefixes(b) for b in (find_blocks(model)[::-1] if blocks is None else blocks)]
         if not self.blocks:
             raise ValueError("blocks is empty: give at least one parameter-name prefix")
         self.train_always = tuple(train_always)

@@ -46,7 +46,8 @@ Y = (X[:, 0] + 0.5 * X[:, 1] > 0).long()
 def make(seed: int = 0, device: str = "cpu", **kw):
     torch.manual_seed(seed)
     model = Stack().to(device)
-    args = dict(steps_per_block=PER_BLOCK, n_modes=3, train_always=["head."], n_samples=200, seed=0)
+    args = dict(blocks=find_blocks(model), steps_per_block=PER_BLOCK, n_modes=3, train_always=["head."], n_samples=200,
+                seed=0)
     args.update(kw)
     return model, modeopt.BlockwiseCMD(model, torch.optim.AdamW(model.parameters(), lr=1e-2), **args)
 
@@ -215,6 +216,9 @@ def test_bad_arguments_say_what_to_do():
     torch.manual_seed(0)
     model = Stack()
     adam = lambda: torch.optim.AdamW(model.parameters(), lr=1e-2)  # noqa: E731
+    default = modeopt.BlockwiseCMD(model, adam(), steps_per_block=6)
+    assert default.blocks == [("layers.2.",), ("layers.1.",), ("layers.0.",)]  # top layer first
+    default.export()
     with pytest.raises(ValueError, match="overlap"):
         modeopt.BlockwiseCMD(model, adam(), ["layers.", "layers.1."], steps_per_block=6)
     with pytest.raises(ValueError, match="no parameter"):
