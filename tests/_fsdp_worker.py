@@ -77,7 +77,7 @@ def train(model, opt, data, steps: int, rank: int, world: int, log: list | None 
             opt.step()
         if log is not None:
             log.append({"phase": phase, "bytes": dict(c.bytes), "calls": dict(c.calls)})
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
