@@ -171,6 +171,34 @@ def scenario_refusals(rank: int, world: int) -> dict:
     return {"errors": errors}
 
 
+def scenario_callback(rank: int, world: int) -> dict:
+    """modeopt.integrations.hf.CMDCallback(**options) wrapping the optimizer inside Accelerate's own
+    AcceleratedOptimizer on an FSDP2 model, as it does inside the Trainer after accelerator.prepare (the
+    Trainer itself cannot run FSDP on CPU: Accelerate drops the FSDP plugin there, docs/scaling-out.md)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from modeopt.integrations.hf import CMDCallback, find_cmd_optimizer
+
+    model = shard(make_model(), world)
+    acc = Accelerator(cpu=True).prepare_optimizer(base_of(model, "adamw"), device_placement=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(acc, lambda step: 1.0)
+    cb = CMDCallback(progress=False, **CFG)
+    cb.on_train_begin(SimpleNamespace(world_size=world), None, None, optimizer=acc, model=model)
+    opt = find_cmd_optimizer(acc)
+    per = GLOBAL_BATCH // world
+    data = batches()
+    for _ in range(CFG["warmup_steps"] + EMBEDDED_STEPS):
+        x, y = next(data)
+        acc.zero_grad()
+        F.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
+        acc.step()
+        sched.step()
+    return {"type": type(opt).__name__, "phase": opt.phase, "weights": full_weights(model), "r": opt.r_full(),
+            "wrapper": type(acc).__name__}
+
+
 def run(rank: int, world: int, out_dir: str, scenarios: list[tuple]) -> None:
     """Entry of each rank: ``scenarios`` are ``(name, function name, extra args)``."""
     results: dict[str, dict] = {}

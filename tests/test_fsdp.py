@@ -8,6 +8,7 @@ wraps the ``torch.distributed`` collectives FSDP2 and modeopt call.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 
 import pytest
@@ -25,6 +26,8 @@ except ImportError:  # pragma: no cover
 
 import _fsdp_worker as worker  # noqa: E402  (tests/ is on sys.path; the spawned ranks import it too)
 
+HAS_ACCELERATE = all(importlib.util.find_spec(m) is not None for m in ("accelerate", "transformers"))
+
 CFG = worker.CFG
 WARM_AT, EMB_AT = 13, 35  # checkpoint steps: in the warm-up (4 snapshots taken) and in mode space
 
@@ -35,7 +38,7 @@ def scenarios(out: str) -> list[tuple]:
             ("ck_emb", "scenario_checkpoint", (out, EMB_AT, "emb")),
             ("save_warm", "scenario_save_only", (out, WARM_AT, "w2")),
             ("save_emb", "scenario_save_only", (out, EMB_AT, "e2")),
-            ("refusals", "scenario_refusals", ())]
+            ("refusals", "scenario_refusals", ())] + ([("callback", "scenario_callback", ())] if HAS_ACCELERATE else [])
 
 
 def read(out, world: int) -> list[dict]:
@@ -181,3 +184,14 @@ def test_what_is_refused_says_why(runs):
     errors = both(runs, "refusals")[0]["errors"]
     assert "recluster_every= is not supported with FSDP2" in errors["recluster"]
     assert "sharded by fully_shard (FSDP2) after this CMDOptimizer was built" in errors["sharded_later"]
+
+
+@pytest.mark.skipif(not HAS_ACCELERATE, reason="needs transformers and accelerate")
+def test_callback_wraps_accelerates_optimizer_on_an_fsdp2_model(runs):
+    """What CMDCallback(**options) does in the Trainer under FSDP2, with Accelerate's own optimizer wrapper:
+    the same run as CMDOptimizer built directly, bit for bit."""
+    for cb, direct in zip(both(runs, "callback"), both(runs, "adamw")):
+        assert cb["type"] == "ShardedCMDOptimizer" and cb["phase"] == "embedded"
+        assert cb["wrapper"] == "AcceleratedOptimizer"
+        assert torch.equal(cb["r"], direct["r"])
+        assert all(torch.equal(cb["weights"][k], direct["weights"][k]) for k in cb["weights"])
