@@ -185,9 +185,7 @@ class ShardedCMDOptimizer(ParamGroupGuard, ShardedCheckpointing, SharesBaseOptim
     # -------------------------------------------------------------- switch
     @torch.no_grad()
     def _embed(self) -> None:
-        seed = torch.tensor([self.seed], dtype=torch.int64)
-        dist.broadcast(seed, src=dist.get_global_rank(self.shards.group, 0), group=self.shards.group)
-        self.seed = int(seed)
+        self.seed = int(self.shards.broadcast(torch.tensor([self.seed], dtype=torch.int64)))
         t = len(self.recorded_steps)
         traj = Trajectory(self.recording[:t], self._local_layout, list(self.recorded_steps))
         d = decompose_shards(traj, self.shards, self._layout.numels, n_modes=self.n_modes, n_samples=self.n_samples,
@@ -218,13 +216,14 @@ class ShardedCMDOptimizer(ParamGroupGuard, ShardedCheckpointing, SharesBaseOptim
         m = int(r.numel())
         groups = sorted(set(r_groups.tolist()))
         group_modes = [torch.nonzero(r_groups == g).flatten() for g in groups]
-        r_params = [nn.Parameter(r[idx].detach().clone()) for idx in group_modes]
+        dev = self.shards.device  # a, labels, r and the partial sums live with the shards (as in ModeSpace)
+        r_params = [nn.Parameter(r[idx].detach().to(dev, copy=True)) for idx in group_modes]
         self.space = {
-            "labels": [x.to(kernels.label_dtype(m)).contiguous() for x in self.shards.split(labels)],
-            "a": [x.to(self.coef_dtype).contiguous() for x in self.shards.split(a)],
+            "labels": [x.to(kernels.label_dtype(m)).to(dev).contiguous() for x in self.shards.split(labels)],
+            "a": [x.to(self.coef_dtype).to(dev).contiguous() for x in self.shards.split(a)],
             "r_groups": r_groups.to(torch.int64).clone(), "groups": groups, "group_modes": group_modes,
-            "r_params": r_params, "applied": r.detach().to(torch.float32).clone(),
-            "partial": torch.zeros(m, dtype=torch.float64), "n_modes": m,
+            "r_params": r_params, "applied": r.detach().to(dev, torch.float32, copy=True),
+            "partial": torch.zeros(m, dtype=torch.float64, device=dev), "n_modes": m,
         }
         self.space["r"] = self.r_full()
         emb = {id(p) for p in self._emb_params}
@@ -245,7 +244,7 @@ class ShardedCMDOptimizer(ParamGroupGuard, ShardedCheckpointing, SharesBaseOptim
     def r_full(self) -> Tensor:
         """``(M,)`` the mode scalars in mode order (a copy)."""
         s = self.space
-        out = torch.empty(s["n_modes"], dtype=torch.float32)
+        out = torch.empty(s["n_modes"], dtype=torch.float32, device=self.shards.device)
         for idx, r in zip(s["group_modes"], s["r_params"]):
             out[idx] = r.detach()
         return out
@@ -268,8 +267,10 @@ class ShardedCMDOptimizer(ParamGroupGuard, ShardedCheckpointing, SharesBaseOptim
         dist.all_reduce(g, group=self.shards.group)
         self.comm_bytes += g.numel() * g.element_size()
         s["partial"].zero_()
+        # Set, not added: the gradient since the last step (the Trainer clears only model.zero_grad(),
+        # and r is not a parameter of the model here)
         for idx, r in zip(s["group_modes"], s["r_params"]):
-            r.grad = g[idx].clone() if r.grad is None else r.grad + g[idx]
+            r.grad = g[idx.to(g.device)].clone()
 
     @torch.no_grad()
     def sync(self) -> None:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ._chunking import CHUNK_ELEMENTS
@@ -89,7 +88,7 @@ def decompose_shards(trajectory: Trajectory, shards: ShardMap, layer_numels: lis
     prof = torch.zeros(k, t, dtype=torch.float64)
     if local_rows.numel():
         prof[owned] = trajectory.take(local_rows, torch.float64)
-    dist.all_reduce(prof, group=shards.group)  # exact: each row is nonzero on one rank only
+    prof = shards.all_reduce(prof)  # exact: each row is nonzero on one rank only
     clustering = cluster_samples(prof, n_modes=n_modes)
     m = clustering.n_modes
     reference = samples[clustering.reference]
@@ -99,7 +98,7 @@ def decompose_shards(trajectory: Trajectory, shards: ShardMap, layer_numels: lis
     labels, a, b, _ = assign_and_fit(trajectory, profiles, local_rows, clustering.labels[owned], moving_local,
                                      bounds, progress=progress, device=cpu)
     sizes = torch.bincount(labels[moving_local], minlength=m)
-    dist.all_reduce(sizes, group=shards.group)
+    sizes = shards.all_reduce(sizes)
     order = mode_order(sizes, reference)
     relabel = torch.empty(m, dtype=torch.int64)
     relabel[order] = torch.arange(m)
@@ -138,7 +137,7 @@ def shard_mode_space(d: ShardDecomposition, shards: ShardMap, row_group: Tensor,
     """
     m = d.n_modes
     views = shards.local_views()
-    current = torch.cat([x.to(torch.float64) for x in views]) if views else torch.zeros(0, dtype=torch.float64)
+    current = torch.cat([x.to(torch.float64) for x in views]).cpu() if views else torch.zeros(0, dtype=torch.float64)
     owned, local = shards.to_local(d.reference)
     ref_now = torch.zeros(m, dtype=torch.float64)
     ref_now[owned] = current[local]
@@ -148,7 +147,7 @@ def shard_mode_space(d: ShardDecomposition, shards: ShardMap, row_group: Tensor,
                        torch.bincount(d.labels[moving], minlength=m).to(torch.float64),
                        torch.bincount(d.labels[moving] * n_groups + row_group[moving],
                                       minlength=m * n_groups).to(torch.float64)])
-    dist.all_reduce(stats, group=shards.group)
+    stats = shards.all_reduce(stats)
     ref_now, sq, count, votes = stats[:m], stats[m : 2 * m], stats[2 * m : 3 * m].clamp(min=1), stats[3 * m :]
     scale = (sq / count).sqrt() if mode_scale == "rms" else sq.sqrt()
     a_scaled = d.a / scale.to(torch.float32)[d.labels]

@@ -46,6 +46,7 @@ class ShardMap:
 
     Attributes:
         group, rank, world: the mesh's process group, this rank's place in it and its size.
+        device: the device of the local shards; collectives send tensors from there.
         params: the parameters. local_numels: per parameter, the elements of its local shard.
         global_offsets: per parameter, the global row of its first local element.
         local_offsets: per parameter, the local row of its first element; ``n_local`` in total.
@@ -67,6 +68,7 @@ class ShardMap:
                             "custom shard placements are not supported (docs/scaling-out.md)")
         self.group = mesh.get_group()
         self.rank, self.world = mesh.get_local_rank(), mesh.size()
+        self.device = params[0].to_local().device  # where collectives run (NCCL needs CUDA tensors)
         self.shapes = [tuple(p.shape) for p in params]
         self.numels = [p.numel() for p in params]
         self.params = list(params)
@@ -133,10 +135,11 @@ class ShardMap:
         """
         counts = [sum(g1 - g0 for g0, g1 in self.segments(r)) for r in range(self.world)]
         width = max(counts)
-        padded = torch.zeros(width, dtype=local_values.dtype)
-        padded[: local_values.numel()] = local_values
+        padded = torch.zeros(width, dtype=local_values.dtype, device=self.device)
+        padded[: local_values.numel()] = local_values.to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded, group=self.group)
+        parts = [x.cpu() for x in parts]
         out = torch.empty(self.n_global, dtype=local_values.dtype)
         for r, part in enumerate(parts):
             start = 0
@@ -144,6 +147,18 @@ class ShardMap:
                 out[g0:g1] = part[start : start + g1 - g0]
                 start += g1 - g0
         return out
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """The sum of ``t`` over the ranks (all-reduce on :attr:`device`), on ``t``'s device."""
+        x = t.to(self.device)
+        dist.all_reduce(x, group=self.group)
+        return x.to(t.device)
+
+    def broadcast(self, t: Tensor) -> Tensor:
+        """Rank 0's ``t`` (broadcast on :attr:`device`), on ``t``'s device."""
+        x = t.to(self.device)
+        dist.broadcast(x, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return x.to(t.device)
 
     def split(self, flat_local: Tensor) -> list[Tensor]:
         """Per parameter, its rows of a ``(n_local,)`` local vector (views)."""

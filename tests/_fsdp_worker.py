@@ -51,6 +51,10 @@ def shard(model: nn.Module, world: int) -> nn.Module:
     return model
 
 
+#: per kind, CMDOptimizer options beyond CFG ("excl": biases kept out of the embedding, moved to the CMD fit)
+EXTRA = {"excl": dict(exclude=lambda name, p: p.ndim < 2, init="fit")}
+
+
 def base_of(model: nn.Module, kind: str) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -84,7 +88,7 @@ def train(model, opt, data, steps: int, rank: int, world: int, log: list | None 
 def scenario_train(rank: int, world: int, kind: str) -> dict:
     """Warm-up, switch, embedded steps; what the tests compare."""
     model = shard(make_model(), world)
-    opt = modeopt.CMDOptimizer(model, base_of(model, kind), progress=False, **CFG)
+    opt = modeopt.CMDOptimizer(model, base_of(model, kind), progress=False, **CFG, **EXTRA.get(kind, {}))
     data = batches()
     log: list = []
     losses = train(model, opt, data, CFG["warmup_steps"] + EMBEDDED_STEPS, rank, world, log)
@@ -161,6 +165,10 @@ def scenario_refusals(rank: int, world: int) -> dict:
         modeopt.CMDOptimizer(model, base_of(model, "sgd"), recluster_every=10, **CFG)
     except ValueError as e:
         errors["recluster"] = str(e)
+    try:
+        modeopt.OnlineCMD(model, n_modes=2, fit_at=6)
+    except TypeError as e:
+        errors["online"] = str(e)
     plain = make_model()
     opt = modeopt.CMDOptimizer(plain, base_of(plain, "sgd"), **CFG)
     shard(plain, world)
@@ -218,7 +226,7 @@ def run(rank: int, world: int, out_dir: str, scenarios: list[tuple]) -> None:
 def reference(kind: str) -> dict:
     """The same training in one process without FSDP (plain CMDOptimizer, the whole global batch)."""
     model = make_model()
-    opt = modeopt.CMDOptimizer(model, base_of(model, kind), progress=False, **CFG)
+    opt = modeopt.CMDOptimizer(model, base_of(model, kind), progress=False, **CFG, **EXTRA.get(kind, {}))
     losses = train(model, opt, batches(), CFG["warmup_steps"] + EMBEDDED_STEPS, 0, 1)
     return {"weights": full_weights(model), "r": opt.space.r_full().detach().clone(),
             "labels": torch.cat(opt.space.mode_index()), "losses": losses, "history": opt.history}

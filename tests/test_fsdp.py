@@ -34,6 +34,7 @@ WARM_AT, EMB_AT = 13, 35  # checkpoint steps: in the warm-up (4 snapshots taken)
 
 def scenarios(out: str) -> list[tuple]:
     return [("sgd", "scenario_train", ("sgd",)), ("adamw", "scenario_train", ("adamw",)),
+            ("excl", "scenario_train", ("excl",)),
             ("ck_warm", "scenario_checkpoint", (out, WARM_AT, "warm")),
             ("ck_emb", "scenario_checkpoint", (out, EMB_AT, "emb")),
             ("save_warm", "scenario_save_only", (out, WARM_AT, "w2")),
@@ -52,7 +53,7 @@ def runs(tmp_path_factory):
     ranks = read(out, 2)
     print(f"\n2-rank FSDP2 launch: {wall:.1f} s; per scenario (rank 0): "
           + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in ranks[0].items()))
-    return {"out": out, "ranks": ranks, "reference": {k: worker.reference(k) for k in ("sgd", "adamw")}}
+    return {"out": out, "ranks": ranks, "reference": {k: worker.reference(k) for k in ("sgd", "adamw", "excl")}}
 
 
 def both(runs, name: str) -> list[dict]:
@@ -85,7 +86,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 # ------------------------------------------------------------------------------ training
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "excl"])  # excl: biases kept free (AdamW), init="fit"
 def test_matches_a_single_process_run(runs, kind):
     r0, r1 = both(runs, kind)
     ref = runs["reference"][kind]
@@ -104,7 +105,7 @@ def test_matches_a_single_process_run(runs, kind):
     assert float((r0["r"] - ref["r"]).abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "excl"])
 def test_ranks_agree_bit_for_bit_and_the_loss_falls(runs, kind):
     r0, r1 = both(runs, kind)
     assert torch.equal(r0["r"], r1["r"])
@@ -184,6 +185,7 @@ def test_what_is_refused_says_why(runs):
     errors = both(runs, "refusals")[0]["errors"]
     assert "recluster_every= is not supported with FSDP2" in errors["recluster"]
     assert "sharded by fully_shard (FSDP2) after this CMDOptimizer was built" in errors["sharded_later"]
+    assert "OnlineCMD does not support a model sharded by fully_shard (FSDP2)" in errors["online"]
 
 
 @pytest.mark.skipif(not HAS_ACCELERATE, reason="needs transformers and accelerate")
