@@ -73,6 +73,8 @@ def rank_main(rank: int, world: int, out_dir: str, kind: str) -> None:
     base = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt = base if kind == "adamw" else modeopt.CMDOptimizer(
         model, base, n_modes=M, warmup_steps=WARMUP, snapshot_every=EVERY, n_samples=30 * M, seed=0, progress=False)
+    if kind == "cmd-keep-grads":  # the same, keeping each gradient shard until the step
+        opt.drop_weight_grads = False
     g = torch.Generator().manual_seed(rank)
     rows = {}
 
@@ -123,7 +125,7 @@ def main() -> None:
     results, walls = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for world in WORLDS:
-            for kind in ("adamw", "cmd"):
+            for kind in ("adamw", "cmd") + (("cmd-keep-grads",) if world == WORLDS[0] else ()):
                 walls[f"{kind}-w{world}"] = launch_local(rank_main, (tmp, kind), nprocs=world, timeout=600)
                 results += [json.loads(Path(tmp, f"{kind}-w{world}-rank{r}.json").read_text()) for r in range(world)]
     m = machine()
@@ -156,12 +158,20 @@ def main() -> None:
         ad = next(r for r in results if r["world"] == world and r["kind"] == "adamw" and r["rank"] == 0)
         cmd = next(r for r in results if r["world"] == world and r["kind"] == "cmd" and r["rank"] == 0)
         a_row = ad["phases"]["adamw"]
+        keep = [r for r in results if r["world"] == world and r["kind"] == "cmd-keep-grads" and r["rank"] == 0]
+        if keep:
+            row = keep[0]["phases"]["embedded"]
+            summary[f"w{world}-embedded-keep-grads"] = (row["training_state_bytes"] / a_row["training_state_bytes"],
+                                                       row["peak_rss_mib"] / a_row["peak_rss_mib"])
         for ph, row in cmd["phases"].items():
             ratio = (row["training_state_bytes"] / a_row["training_state_bytes"],
                      row["peak_rss_mib"] / a_row["peak_rss_mib"],
                      row["sent_total_per_step"] / a_row["sent_total_per_step"])
             summary[f"w{world}-{ph}"] = ratio
             lines.append(f"| {world} | {ph} | {ratio[0]:.2f} | {ratio[1]:.2f} | {ratio[2]:.4f} |")
+        if keep:
+            k = summary[f"w{world}-embedded-keep-grads"]
+            lines.append(f"| {world} | embedded, gradient shards kept until the step | {k[0]:.2f} | {k[1]:.2f} | |")
         sw = cmd["switch_step_sent"]
         lines.append(f"| {world} | the switch step (once) | | | sent {sum(sw.values()):,} B: "
                      + ", ".join(f"{k} {v:,}" for k, v in sorted(sw.items())) + " |")

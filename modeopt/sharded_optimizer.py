@@ -64,6 +64,9 @@ class ShardedCMDOptimizer(ParamGroupGuard, ShardedCheckpointing, SharesBaseOptim
     """
 
     sharded = True  #: what :mod:`modeopt.integrations.hf` checks (no DDP to attach)
+    #: drop each weight's gradient shard as soon as it is reduced onto the modes (False keeps it until
+    #: the step, as a plain optimizer would: 4 N/world bytes more; benchmarks/fsdp_memory.py measures both)
+    drop_weight_grads = True
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, *, n_modes: int = 10,
                  warmup_steps: int = 500, snapshot_every: int = 10, n_samples: int = 1000, seed: int | None = None,
@@ -258,7 +261,8 @@ class ShardedCMDOptimizer(ParamGroupGuard, ShardedCheckpointing, SharesBaseOptim
         local = g.to_local() if hasattr(g, "to_local") else g
         s = self.space
         s["partial"] += kernels.reduce([local.reshape(-1)], [s["a"][j]], [s["labels"][j]], s["n_modes"])
-        param.grad = None
+        if self.drop_weight_grads:
+            param.grad = None
 
     def _reduce_r_grad(self) -> None:
         """One all-reduce of the M partial sums (float32, 4 M bytes): every rank gets the same dL/dr."""
@@ -267,6 +271,9 @@ class ShardedCMDOptimizer(ParamGroupGuard, ShardedCheckpointing, SharesBaseOptim
         dist.all_reduce(g, group=self.shards.group)
         self.comm_bytes += g.numel() * g.element_size()
         s["partial"].zero_()
+        if not self.drop_weight_grads:  # reduced already: FSDP2 must not add the next backward to them
+            for p in self._emb_params:
+                p.grad = None
         # Set, not added: the gradient since the last step (the Trainer clears only model.zero_grad(),
         # and r is not a parameter of the model here)
         for idx, r in zip(s["group_modes"], s["r_params"]):

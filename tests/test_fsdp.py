@@ -64,20 +64,20 @@ def both(runs, name: str) -> list[dict]:
     return res
 
 
-def resumed_on(runs, world: int) -> dict:
+def resumed_on(runs, world: int, extra: tuple = ()) -> list[dict]:
     out = runs["out"] / f"world{world}"
     out.mkdir(exist_ok=True)
     for tag in ("w2", "e2"):
         shutil.copytree(runs["out"] / f"ckpt-{tag}", out / f"ckpt-{tag}", dirs_exist_ok=True)
     sc = [("warm", "scenario_resume_elsewhere", (str(out), WARM_AT, "w2")),
-          ("emb", "scenario_resume_elsewhere", (str(out), EMB_AT, "e2"))]
-    launch_local(worker.run, (str(out), sc), nprocs=world, timeout=240)
-    return read(out, world)[0]
+          ("emb", "scenario_resume_elsewhere", (str(out), EMB_AT, "e2")), *extra]
+    launch_local(worker.run, (str(out), sc), nprocs=world, timeout=400)
+    return read(out, world)
 
 
 @pytest.fixture(scope="module")
 def on_one_rank(runs):
-    return resumed_on(runs, 1)
+    return resumed_on(runs, 1)[0]
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -172,12 +172,19 @@ def test_resume_on_another_world_size(runs, on_one_rank, name, saved):
 
 
 @pytest.mark.slow
-def test_resume_on_four_ranks(runs):
-    res = resumed_on(runs, 4)
+def test_four_ranks_resume_and_match_one_process(runs):
+    """4 ranks (about 40 s here): resume the 2-rank checkpoints, and train as one process does."""
+    ranks = resumed_on(runs, 4, (("adamw", "scenario_train", ("adamw",)),))
+    for rank in ranks:
+        for name in ("warm", "emb", "adamw"):
+            if "error" in rank[name]:
+                pytest.fail(rank[name]["error"])
     for name, saved in (("warm", "save_warm"), ("emb", "save_emb")):
-        if "error" in res[name]:
-            pytest.fail(res[name]["error"])
-        assert max_diff(res[name]["weights"], both(runs, saved)[0]["weights"]) < 1e-5
+        assert max_diff(ranks[0][name]["weights"], both(runs, saved)[0]["weights"]) < 1e-5
+    ref = runs["reference"]["adamw"]
+    assert max_diff(ranks[0]["adamw"]["weights"], ref["weights"]) < 1e-5
+    assert float((ranks[0]["adamw"]["r"] - ref["r"]).abs().max()) < 1e-5
+    assert all(torch.equal(r["adamw"]["r"], ranks[0]["adamw"]["r"]) for r in ranks)
 
 
 # ------------------------------------------------------------------------------ refusals
