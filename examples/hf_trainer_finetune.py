@@ -6,6 +6,10 @@ Hugging Face ``Trainer`` and ``modeopt.CMDOptimizer``, and compare with plain Ad
 * plain: ``Trainer`` + AdamW for ``--steps`` steps (linear schedule with warm-up);
 * CMD: the same, with AdamW wrapped in ``CMDOptimizer``: ``--warmup-steps`` recorded steps of
   full training, then only ``--n-modes`` mode scalars (+ biases, LayerNorms and the head) train;
+* ``--recipe blockwise``: instead of CMDOptimizer, ``modeopt.BlockwiseCMD``: AdamW trains one
+  encoder layer at a time (``--steps`` / 6 steps each), every finished layer keeps moving in its
+  own ``--n-modes`` modes; the head trains throughout (the cheap fine-tuning recipe of
+  docs/finetuning.md: about half full fine-tuning's training memory);
 * then ``opt.export()`` and ``save_pretrained`` to ``--out``, reloaded with
   ``AutoModelForSequenceClassification.from_pretrained`` to check it computes the same function.
 
@@ -47,7 +51,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--warmup-steps", type=int, default=60, help="CMD: full-training steps before the switch")
     ap.add_argument("--snapshot-every", type=int, default=3, help="CMD: record the weights every this many steps")
-    ap.add_argument("--n-modes", type=int, default=50, help="CMD: mode scalars trained after the switch")
+    ap.add_argument("--n-modes", type=int, default=None,
+                    help="CMD: mode scalars trained after the switch (default 50; blockwise: 10 per layer)")
+    ap.add_argument("--recipe", choices=["cmd", "blockwise"], default="cmd",
+                    help="cmd: CMDOptimizer (warm-up, then modes); blockwise: BlockwiseCMD (one layer at a time)")
     ap.add_argument("--train-embeddings", action="store_true", help="also train (and embed) the word embeddings")
     ap.add_argument("--skip-plain", action="store_true", help="only run CMDOptimizer")
     ap.add_argument("--seed", type=int, default=0)
@@ -89,6 +96,14 @@ class SwitchReport(TrainerCallback):
         self.t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
+        if isinstance(self.opt, modeopt.BlockwiseCMD):
+            if len(self.opt.history) > self.info.get("blocks", 0):
+                h = self.opt.history[-1]
+                self.info.update(blocks=len(self.opt.history), step=state.global_step,
+                                 trainable=self.opt.trainable_parameters())
+                print(f"\n[modeopt] step {state.global_step}: layer {h['block']} ({h['weights']:,} weights) now moves "
+                      f"in {h['n_modes']} modes; trainable parameters {self.info['trainable']:,}", flush=True)
+            return
         if not self.info and self.opt.phase == "embedded":
             step_s = time.perf_counter() - self.t0  # this step includes the decomposition
             t = time.perf_counter()
@@ -108,7 +123,16 @@ def fine_tune(args, name: str, train: Reviews, test: Reviews, use_cmd: bool) -> 
         model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     opt, callbacks = base, []
-    if use_cmd:
+    if use_cmd and args.recipe == "blockwise":
+        # The 6 encoder layers in turn; pooler and head train throughout; the rest of the embeddings stay frozen.
+        n_layers = model.config.num_hidden_layers
+        opt = modeopt.BlockwiseCMD(model, base, steps_per_block=max(3, args.steps // n_layers),
+                                   n_modes=args.n_modes, snapshot_every=2, n_samples=300, seed=args.seed,
+                                   train_always=["bert.pooler.", "classifier."])
+        print(f"[modeopt] {len(opt.blocks)} blocks of {opt.steps_per_block} steps: {opt.blocks[0]} ... {opt.blocks[-1]}",
+              flush=True)
+        callbacks.append(SwitchReport(opt, model, test))
+    elif use_cmd:
         opt = modeopt.CMDOptimizer(
             model, base, n_modes=args.n_modes, warmup_steps=args.warmup_steps,
             snapshot_every=args.snapshot_every, n_samples=max(1000, 30 * args.n_modes), seed=args.seed,
@@ -140,6 +164,8 @@ def fine_tune(args, name: str, train: Reviews, test: Reviews, use_cmd: bool) -> 
 
 def main() -> None:
     args = parse_args()
+    if args.n_modes is None:
+        args.n_modes = 10 if args.recipe == "blockwise" else 50
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_x, train_y, test_x, test_y = review_sentiment(n_train=args.n_train, n_test=args.n_test, seed=args.seed)
@@ -150,13 +176,16 @@ def main() -> None:
     print(f"{args.n_train} training / {args.n_test} held-out reviews; majority class {majority:.3f}")
 
     runs = [] if args.skip_plain else [fine_tune(args, "plain AdamW", train, test, use_cmd=False)]
-    cmd = fine_tune(args, "CMDOptimizer(AdamW)", train, test, use_cmd=True)
+    label = "BlockwiseCMD(AdamW)" if args.recipe == "blockwise" else "CMDOptimizer(AdamW)"
+    cmd = fine_tune(args, label, train, test, use_cmd=True)
     runs.append(cmd)
 
     print(f"\n| run | held-out accuracy | trainable params (end) | wall time |\n|---|---|---|---|")
     print(f"| majority class | {majority:.3f} | - | - |")
     for r in runs:
-        if r["switch"]:
+        if r["switch"] and "blocks" in r["switch"]:
+            print(f"| {r['name']} | {r['acc']:.3f} | {r['trainable']:,} | {r['seconds']:.0f} s |")
+        elif r["switch"]:
             sw = r["switch"]
             print(f"| {r['name']} | {r['acc']:.3f} ({sw['acc']:.3f} at the switch, step {sw['step']}) | "
                   f"{r['trainable']:,} | {r['seconds']:.0f} s ({sw['switch_s']:.0f} s of it the switch) |")

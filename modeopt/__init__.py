@@ -3,6 +3,7 @@
 Public API:
 
 * :class:`CMDOptimizer` - wraps a torch optimizer: warm-up, then training of M mode scalars.
+* :class:`BlockwiseCMD` - fine-tuning one block (layer) at a time, each then kept moving in its own modes.
 * :class:`OnlineCMD` / :class:`OnlineCMDOptimizer` - a shadow CMD model kept exact during ordinary
   training (like EMA/SWA), and gradual embedding.
 * :func:`decompose` / :class:`Decomposition` - post-hoc CMD of a weight trajectory.
@@ -14,6 +15,7 @@ Submodules: ``modeopt.distributed`` (DDP, torchrun, HF Trainer on several proces
 ``modeopt.integrations.hf`` (the ``Trainer`` callback).
 """
 
+from .blockwise import BlockwiseCMD
 from .decomposition import Decomposition, decompose
 from .layout import ParamLayout
 from .shadow import OnlineCMD
@@ -22,5 +24,5 @@ from .optimizer import CMDOptimizer
 from .snapshots import TrajectoryRecorder
 from .trajectory import Trajectory
 
-__all__ = ["CMDOptimizer", "OnlineCMD", "OnlineCMDOptimizer", "decompose", "Decomposition", "Trajectory", "TrajectoryRecorder", "ParamLayout"]
+__all__ = ["CMDOptimizer", "BlockwiseCMD", "OnlineCMD", "OnlineCMDOptimizer", "decompose", "Decomposition", "Trajectory", "TrajectoryRecorder", "ParamLayout"]
 __version__ = "0.1.0"

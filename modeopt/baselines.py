@@ -12,7 +12,6 @@ Against CMD's ``M`` modes with disjoint support (memory O(N)), this dense basis 
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from ._wrapping import SharesBaseOptimizer
 from ._checks import check_int
 from .layout import ParamLayout
+from .param_groups import exclusion_predicate
 from .snapshots import SnapshotBuffer
 from .time_reduction import column_chunks, read_columns, time_factor
 
@@ -92,11 +92,7 @@ class SubspaceOptimizer(SharesBaseOptimizer):
         self.model, self.dim = model, dim
         self.warmup_steps, self.snapshot_every = warmup_steps, snapshot_every
         names = {id(p): n for n, p in model.named_parameters()}
-        if callable(exclude):
-            excluded = exclude
-        else:
-            pats = list(exclude or [])
-            excluded = lambda n, p: any(fnmatch.fnmatchcase(n, q) for q in pats)  # noqa: E731
+        excluded = exclusion_predicate(exclude)
         self._orig = [list(g["params"]) for g in base_optimizer.param_groups]
         emb = [(names[id(p)], p) for g in base_optimizer.param_groups for p in g["params"]
                if p.requires_grad and p.is_floating_point() and not excluded(names[id(p)], p)]

@@ -115,6 +115,9 @@ class ModeSpace:
         r_groups: which param group each mode's scalar belongs to: ``(M,)`` int.
         r_init: ``(M,)`` initial mode values.
         coef_dtype: storage of ``a`` (float32, or bfloat16: the model is then exactly ``a_bf16 * r + b``).
+        r_prefix: name of the ``r`` parameters (``<r_prefix><j>``); mode spaces with different prefixes
+            may hold disjoint parameters of one model at the same time (one per block, see
+            :class:`~modeopt.BlockwiseCMD`).
 
     Attributes:
         names, params: the embedded parameters (``requires_grad=False`` while in mode space).
@@ -141,11 +144,13 @@ class ModeSpace:
         r_groups: Tensor,
         r_init: Tensor,
         coef_dtype: torch.dtype = torch.float32,
+        r_prefix: str = PREFIX,
     ):
         # coef_dtype: storage of a; bf16 halves it. The rounded a is used both by the backward and
         # by the weight update, so the model stays exactly w = a_rounded * r + b.
-        if any(n.rsplit(".", 1)[-1].startswith(self.PREFIX) for n, _ in model.named_parameters()):
-            raise RuntimeError("the model is already in mode space (it has modeopt_r* parameters)")
+        if any(n.rsplit(".", 1)[-1].startswith(r_prefix) for n, _ in model.named_parameters()):
+            raise RuntimeError(f"the model is already in mode space (it has {r_prefix}* parameters)")
+        self.r_prefix = r_prefix
         self.model = model
         self.names = [n for n, _ in params]
         self.params = [p for _, p in params]
@@ -180,7 +185,7 @@ class ModeSpace:
         self.r_params: list[nn.Parameter] = [
             nn.Parameter(r_init[self.r_groups == g].detach().clone().to(device)) for g in self.groups
         ]
-        self.r_names = [f"{self.PREFIX}{j}" for j in range(len(self.r_params))]
+        self.r_names = [f"{r_prefix}{j}" for j in range(len(self.r_params))]
         # The last module in named_modules() order: its parameters come last in model.parameters().
         self.r_owner_name, self.r_owner = list(model.named_modules())[-1]
         #: ``(M,)`` the value of ``r`` the weights currently hold (``w = a * r_in_weights[m] + b``);

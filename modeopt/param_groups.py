@@ -22,10 +22,21 @@ from torch import nn
 from ._checks import short_names
 from .layout import ParamLayout
 
-__all__ = ["ParamGroupGuard", "Exclude"]
+__all__ = ["ParamGroupGuard", "Exclude", "exclusion_predicate"]
 
 #: What ``CMDOptimizer(exclude=...)`` takes: a predicate ``f(name, param) -> bool``, name patterns, or None.
 Exclude = Callable[[str, nn.Parameter], bool] | Sequence[str] | None
+
+
+def exclusion_predicate(exclude: Exclude) -> Callable[[str, nn.Parameter], bool]:
+    """``exclude`` as a predicate ``f(name, param)``: a callable as is, ``None`` excludes nothing, a
+    pattern or list of ``fnmatch`` patterns matches parameter names."""
+    if callable(exclude):
+        return exclude
+    if exclude is None:
+        return lambda n, p: False
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    return lambda n, p: any(fnmatch.fnmatchcase(n, pat) for pat in patterns)
 
 
 class ParamGroupGuard:
@@ -35,13 +46,7 @@ class ParamGroupGuard:
     def _select(self, exclude: Exclude) -> None:
         """Decide once which parameters get embedded, and remember every group's params."""
         names = {id(p): n for n, p in self.model.named_parameters()}
-        if callable(exclude):
-            excluded = exclude
-        elif exclude is None:
-            excluded = lambda n, p: False  # noqa: E731
-        else:
-            patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-            excluded = lambda n, p: any(fnmatch.fnmatchcase(n, pat) for pat in patterns)  # noqa: E731
+        excluded = exclusion_predicate(exclude)
         self._orig_params: list[list[nn.Parameter]] = []
         emb: list[tuple[str, nn.Parameter]] = []
         self._emb_group: list[int] = []

@@ -38,13 +38,13 @@ def test_debate_party_is_a_disjoint_labelled_split():
 def test_quick_run_measures_accuracy_and_memory(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     cmd = [sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick", "--tasks", "reviews",
-           "--methods", "full", "lora", "--steps", "3", "--out", str(tmp_path), "--log-dir", str(tmp_path / "logs")]
+           "--methods", "full", "lora", "blockwise_td", "--steps", "3", "--out", str(tmp_path), "--log-dir", str(tmp_path / "logs")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"finetune.{ext}").is_file()
     runs = [json.loads(line) for line in (tmp_path / "finetune_reviews.jsonl").read_text().splitlines()]
-    assert {r["method"] for r in runs} == {"full", "lora"} and all(r["steps"] == 3 for r in runs)
+    assert {r["method"] for r in runs} == {"full", "lora", "blockwise_td"} and all(r["steps"] == 3 for r in runs)
     res = json.loads((tmp_path / "finetune.json").read_text())["tasks"]["reviews"]
     assert 0 <= res["majority"]["test"] <= 1
     m = res["methods"]
@@ -54,9 +54,11 @@ def test_quick_run_measures_accuracy_and_memory(tmp_path):
         assert {"best_lr", "grid", "peak_step", "trained_over_run", "n_weights"} <= set(s), name
     assert m["full"]["trainable_max"] == m["full"]["n_weights"] > 20e6
     assert m["lora"]["trainable_max"] < 1e5
+    # one encoder layer (1.77 M) + its biases/norms + pooler + head; its only block embedded at step 3
+    assert 1.7e6 < m["blockwise_td"]["trainable_max"] < 2.5e6
     # full fine-tuning holds gradients and AdamW state for 22.7 M weights (>= 270 MB); LoRA does not
     assert m["full"]["peak_mib"]["mean"] > m["lora"]["peak_mib"]["mean"] + 150
     # resuming skips the finished runs
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert again.returncode == 0 and "lr 0.0003" not in again.stdout
-    assert len((tmp_path / "finetune_reviews.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "finetune_reviews.jsonl").read_text().splitlines()) == 3

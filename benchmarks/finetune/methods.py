@@ -146,3 +146,43 @@ def cmd(model, lr, spec):
         CMD_NOTES + " with coef_dtype=record_dtype=torch.bfloat16")
 def cmd_bf16(model, lr, spec):
     return _cmd(model, lr, spec, coef_dtype=torch.bfloat16, record_dtype=torch.bfloat16)
+
+
+def _blockwise(model, lr, spec, *, top_down: bool):
+    import modeopt
+    from modeopt.blockwise import find_blocks
+
+    blocks = find_blocks(model)  # bert.encoder.layer.0. ... .5.
+    if top_down:
+        blocks = blocks[::-1]
+    per_block = max(3, spec.total_steps // len(blocks))
+    every = 2 if per_block >= 6 else 1
+    opt = modeopt.BlockwiseCMD(model, _adamw(model.parameters(), lr, spec), blocks, steps_per_block=per_block,
+                               n_modes=10, snapshot_every=every, train_always=["bert.pooler.", HEAD], n_samples=300,
+                               seed=spec.seed)
+    seen = {"recording_bytes": 0}
+
+    def on_step(step: int) -> None:
+        seen["recording_bytes"] = max(seen["recording_bytes"], int(opt.recording_bytes))
+
+    def info() -> dict:
+        return {"steps_per_block": per_block, "snapshot_every": every, "phase": opt.phase, **seen,
+                "blocks": [h["block"] for h in opt.history], "embedded_at": [h["step"] for h in opt.history]}
+
+    return Setup(model, opt, on_step, info)
+
+
+BLOCKWISE_NOTES = ("modeopt.BlockwiseCMD(AdamW, blocks = the 6 encoder layers, steps_per_block = budget/6, n_modes=10 "
+                   "per block, n_samples=300, snapshot_every=2, record and coef dtype bf16, train_always=[bert.pooler., classifier.], "
+                   "a block's biases and LayerNorms trained from its first step on, word/position embeddings frozen)")
+
+
+@method("blockwise", "Blockwise CMD (modeopt.BlockwiseCMD): one encoder layer at a time by AdamW, bottom up, each "
+        "then moving in its own 10 modes; head trained, embeddings frozen", (3e-4, 1e-3, 3e-3), BLOCKWISE_NOTES)
+def blockwise(model, lr, spec):
+    return _blockwise(model, lr, spec, top_down=False)
+
+
+@method("blockwise_td", "Blockwise CMD as above, top layer first", (3e-4, 1e-3, 3e-3), BLOCKWISE_NOTES + ", order 5..0")
+def blockwise_td(model, lr, spec):
+    return _blockwise(model, lr, spec, top_down=True)
