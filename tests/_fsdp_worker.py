@@ -52,7 +52,7 @@ def shard(model: nn.Module, world: int) -> nn.Module:
 
 
 #: per kind, CMDOptimizer options beyond CFG ("excl": biases kept out of the embedding, moved to the CMD fit)
-EXTRA = {"excl": dict(exclude=lambda name, p: p.ndim < 2, init="fit")}
+EXTRA = {"excl": dict(exclude=lambda name, p: p.ndim < 2, init="fit"), "bf16": dict(coef_dtype=torch.bfloat16)}
 
 
 def base_of(model: nn.Module, kind: str) -> torch.optim.Optimizer:
@@ -66,18 +66,23 @@ def full_weights(model: nn.Module) -> dict:
             for k, v in model.state_dict().items()}
 
 
-def train(model, opt, data, steps: int, rank: int, world: int, log: list | None = None) -> list[float]:
-    """``steps`` steps on this rank's slice of each global batch; ``log`` gets the bytes per step."""
+def train(model, opt, data, steps: int, rank: int, world: int, log: list | None = None, micro: int = 1,
+          recording: list | None = None) -> list[float]:
+    """``steps`` steps on this rank's slice of each global batch (in ``micro`` accumulated micro-batches);
+    ``log`` gets the bytes per step, ``recording`` the recording's bytes before each step."""
     losses = []
     per = GLOBAL_BATCH // world
     for _ in range(steps):
         x, y = next(data)
         x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
         phase = opt.phase
+        if recording is not None:
+            recording.append(opt.recording_bytes)
         with count_collectives() as c:
             opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
+            for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
+                loss = F.cross_entropy(model(xm), ym) / micro
+                loss.backward()
             opt.step()
         if log is not None:
             log.append({"phase": phase, "bytes": dict(c.bytes), "calls": dict(c.calls)})
@@ -85,19 +90,19 @@ def train(model, opt, data, steps: int, rank: int, world: int, log: list | None 
     return losses
 
 
-def scenario_train(rank: int, world: int, kind: str) -> dict:
-    """Warm-up, switch, embedded steps; what the tests compare."""
+def scenario_train(rank: int, world: int, kind: str, micro: int = 1) -> dict:
+    """Warm-up, switch, embedded steps (``micro`` accumulated micro-batches per step); what the tests compare."""
     model = shard(make_model(), world)
     opt = modeopt.CMDOptimizer(model, base_of(model, kind), progress=False, **CFG, **EXTRA.get(kind, {}))
     data = batches()
-    log: list = []
-    losses = train(model, opt, data, CFG["warmup_steps"] + EMBEDDED_STEPS, rank, world, log)
+    log, recording = [], []
+    losses = train(model, opt, data, CFG["warmup_steps"] + EMBEDDED_STEPS, rank, world, log, micro, recording)
     return {"type": type(opt).__name__, "phase": opt.phase, "weights": full_weights(model), "r": opt.r_full(),
             "losses": losses, "log": log, "history": opt.history, "state_bytes": opt.state_bytes(),
             "n_local": opt.shards.n_local, "n_global": opt.shards.n_global,
             "local_labels": torch.cat([s.to(torch.int64) for s in opt.space["labels"]]),
             "segments": opt.shards.segments(opt.shards.rank),
-            "trainable": opt.trainable_parameters()}
+            "trainable": opt.trainable_parameters(), "recording_bytes": recording}
 
 
 def scenario_checkpoint(rank: int, world: int, out_dir: str, at: int, tag: str, kind: str = "adamw") -> dict:

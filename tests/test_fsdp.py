@@ -34,7 +34,8 @@ WARM_AT, EMB_AT = 13, 35  # checkpoint steps: in the warm-up (4 snapshots taken)
 
 def scenarios(out: str) -> list[tuple]:
     return [("sgd", "scenario_train", ("sgd",)), ("adamw", "scenario_train", ("adamw",)),
-            ("excl", "scenario_train", ("excl",)),
+            ("excl", "scenario_train", ("excl",)), ("bf16", "scenario_train", ("bf16",)),
+            ("accumulate", "scenario_train", ("adamw", 2)),
             ("ck_warm", "scenario_checkpoint", (out, WARM_AT, "warm")),
             ("ck_emb", "scenario_checkpoint", (out, EMB_AT, "emb")),
             ("save_warm", "scenario_save_only", (out, WARM_AT, "w2")),
@@ -53,7 +54,7 @@ def runs(tmp_path_factory):
     ranks = read(out, 2)
     print(f"\n2-rank FSDP2 launch: {wall:.1f} s; per scenario (rank 0): "
           + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in ranks[0].items()))
-    return {"out": out, "ranks": ranks, "reference": {k: worker.reference(k) for k in ("sgd", "adamw", "excl")}}
+    return {"out": out, "ranks": ranks, "reference": {k: worker.reference(k) for k in ("sgd", "adamw", "excl", "bf16")}}
 
 
 def both(runs, name: str) -> list[dict]:
@@ -86,10 +87,13 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 # ------------------------------------------------------------------------------ training
-@pytest.mark.parametrize("kind", ["sgd", "adamw", "excl"])  # excl: biases kept free (AdamW), init="fit"
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "excl", "bf16", "accumulate"])
 def test_matches_a_single_process_run(runs, kind):
+    """excl: AdamW, biases kept free, init="fit"; bf16: coef_dtype=torch.bfloat16; accumulate: AdamW, two
+    micro-batches per step on each rank (FSDP2 accumulates the warm-up gradients, the hook the mode
+    gradients) against one backward of the global batch in one process."""
     r0, r1 = both(runs, kind)
-    ref = runs["reference"][kind]
+    ref = runs["reference"]["adamw" if kind == "accumulate" else kind]
     assert r0["type"] == "ShardedCMDOptimizer" and r0["phase"] == "embedded"
     # the same sampled rows, clusters and references: the same modes and initial r
     h, hr = r0["history"][0], ref["history"][0]
@@ -105,7 +109,7 @@ def test_matches_a_single_process_run(runs, kind):
     assert float((r0["r"] - ref["r"]).abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adamw", "excl"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "excl", "bf16", "accumulate"])
 def test_ranks_agree_bit_for_bit_and_the_loss_falls(runs, kind):
     r0, r1 = both(runs, kind)
     assert torch.equal(r0["r"], r1["r"])
@@ -143,11 +147,15 @@ def test_each_rank_holds_only_its_shards(runs):
     r0, r1 = both(runs, "adamw")
     n = r0["n_global"]
     assert r0["n_local"] + r1["n_local"] == n and 0 < r0["n_local"] < n
+    t = CFG["warmup_steps"] // CFG["snapshot_every"]
     for r in (r0, r1):
         s = r["state_bytes"]
         assert s["a"] == 4 * r["n_local"] and s["labels"] == r["n_local"]  # float32 a, uint8 labels
         assert s["grads"] == 0 and s["recording"] == 0  # gradients consumed by the hook
+        assert max(r["recording_bytes"]) == 4 * t * r["n_local"]  # the warm-up recorded this rank's rows only
         assert s["optimizer"] < 100  # AdamW's state of M scalars
+    bf = both(runs, "bf16")[0]
+    assert bf["state_bytes"]["a"] == 2 * bf["n_local"]
 
 
 # ------------------------------------------------------------------------------ checkpoints
