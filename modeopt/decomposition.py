@@ -32,7 +32,7 @@ from .sampling import sample_weights
 from .streaming import resolve_device, stream_cols
 from .trajectory import ModelsTrajectory, Trajectory, as_tensor
 
-__all__ = ["decompose", "Decomposition"]
+__all__ = ["decompose", "Decomposition", "scan_moving", "mode_order", "assign_and_fit", "NOTHING_MOVED"]
 
 
 @dataclass
@@ -196,9 +196,65 @@ def decompose(
     if chunk_rows is not None:
         check_int("chunk_rows", chunk_rows, 1)
     dev = resolve_device(device, trajectory.data)
+    budget = CHUNK_ELEMENTS if dev.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+
+    moving_dev = scan_moving(trajectory, dev, chunk_rows=chunk_rows, progress=progress)
+    moving = moving_dev.cpu()
+    n_moving = int(moving.sum())
+    if n_moving == 0:
+        raise ValueError(NOTHING_MOVED)
+
+    rng = np.random.default_rng(seed)
+    layers = layout.numels if layout is not None else [n]
+    samples = sample_weights(moving, layers, int(n_samples), rng)
+    k = samples.numel()
+    if n_modes is not None and n_modes > k:
+        raise ValueError(f"n_modes={n_modes} > the {k} weights that move and could be sampled: "
+                         f"ask for at most {k} modes")
+    sample_prof = trajectory.take(samples, torch.float64)
+    clustering = cluster_samples(sample_prof, n_modes=n_modes, threshold=threshold)
+    m = clustering.n_modes
+    reference = samples[clustering.reference]
+    profiles = sample_prof[clustering.reference]  # (M, T)
+
+    chunk = chunk_rows or max(1024, budget // (t + m))  # the (M, chunk) scores count too
+    bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+    labels, a, b, score = assign_and_fit(
+        trajectory, profiles, samples, clustering.labels, moving_dev, bounds, progress=progress, device=dev
+    )
+    # Number modes by their final size, largest first.
+    order_t = mode_order(torch.bincount(labels[moving_dev], minlength=m), reference)
+    relabel = torch.empty(m, dtype=torch.int64)
+    relabel[order_t] = torch.arange(m)
+    labels = relabel.to(dev)[labels]
+    labels.masked_fill_(~moving_dev, 0)
+    reference, profiles = reference[order_t], profiles[order_t]
+    ref_dev = reference.to(dev)
+    a[ref_dev], b[ref_dev], score[ref_dev] = 1.0, 0.0, 1.0
+    return Decomposition(
+        labels=labels, reference=ref_dev, a=a, b=b, profiles=profiles.to(dev), score=score,
+        constant=~moving_dev, samples=samples.to(dev), sample_labels=relabel[clustering.labels].to(dev),
+        sample_corr=clustering.corr.to(device=dev, dtype=torch.float32), linkage=clustering.linkage,
+        layout=layout, steps=steps,
+    )
+
+
+#: What :func:`decompose` (and the sharded switch) say when no weight moved.
+NOTHING_MOVED = ("every weight is constant over the trajectory: nothing moved between the samples "
+                 "(record snapshots while the model trains)")
+
+
+def scan_moving(trajectory: Trajectory, dev: torch.device, *, chunk_rows: int | None = None,
+                progress: bool | None = None) -> Tensor:
+    """Pass 1 of :func:`decompose`: ``(N,)`` bool on ``dev``, which rows move over the T samples.
+
+    Raises ``ValueError`` naming the first NaN/inf. Per row, so a trajectory of some of the rows
+    (one rank's shards) gives exactly those rows' verdicts.
+    """
+    t, n = trajectory.data.shape
     on_host = dev.type == "cpu"
     budget = CHUNK_ELEMENTS if on_host else DEVICE_CHUNK_ELEMENTS
-
+    layout, steps = trajectory.layout, list(trajectory.steps)
     chunk = chunk_rows or max(1024, budget // t)
     bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
     eps = torch.finfo(trajectory.value_dtype).eps
@@ -222,47 +278,14 @@ def decompose(
             x = trajectory.cols(i0, i1)
             if not bool(torch.isfinite(x).all()):
                 _raise_nonfinite(x, i0, layout, steps)
-    moving_dev, moving = moving, moving.cpu()
-    n_moving = int(moving.sum())
-    if n_moving == 0:
-        raise ValueError("every weight is constant over the trajectory: nothing moved between the samples "
-                         "(record snapshots while the model trains)")
+    return moving
 
-    rng = np.random.default_rng(seed)
-    layers = layout.numels if layout is not None else [n]
-    samples = sample_weights(moving, layers, int(n_samples), rng)
-    k = samples.numel()
-    if n_modes is not None and n_modes > k:
-        raise ValueError(f"n_modes={n_modes} > the {k} weights that move and could be sampled: "
-                         f"ask for at most {k} modes")
-    sample_prof = trajectory.take(samples, torch.float64)
-    clustering = cluster_samples(sample_prof, n_modes=n_modes, threshold=threshold)
-    m = clustering.n_modes
-    reference = samples[clustering.reference]
-    profiles = sample_prof[clustering.reference]  # (M, T)
 
-    chunk = chunk_rows or max(1024, budget // (t + m))  # the (M, chunk) scores count too
-    bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
-    labels, a, b, score = assign_and_fit(
-        trajectory, profiles, samples, clustering.labels, moving_dev, bounds, progress=progress, device=dev
-    )
-    # Number modes by their final size, largest first.
-    sizes = torch.bincount(labels[moving_dev], minlength=m).tolist()
-    order = sorted(range(m), key=lambda j: (-sizes[j], int(reference[j])))
-    order_t = torch.tensor(order, dtype=torch.int64)
-    relabel = torch.empty(m, dtype=torch.int64)
-    relabel[order_t] = torch.arange(m)
-    labels = relabel.to(dev)[labels]
-    labels.masked_fill_(~moving_dev, 0)
-    reference, profiles = reference[order_t], profiles[order_t]
-    ref_dev = reference.to(dev)
-    a[ref_dev], b[ref_dev], score[ref_dev] = 1.0, 0.0, 1.0
-    return Decomposition(
-        labels=labels, reference=ref_dev, a=a, b=b, profiles=profiles.to(dev), score=score,
-        constant=~moving_dev, samples=samples.to(dev), sample_labels=relabel[clustering.labels].to(dev),
-        sample_corr=clustering.corr.to(device=dev, dtype=torch.float32), linkage=clustering.linkage,
-        layout=layout, steps=steps,
-    )
+def mode_order(sizes: Tensor, reference: Tensor) -> Tensor:
+    """``(M,)`` int64: the modes by decreasing final size (ties: by reference row), as :func:`decompose` numbers them."""
+    sizes = sizes.tolist()
+    order = sorted(range(len(sizes)), key=lambda j: (-sizes[j], int(reference[j])))
+    return torch.tensor(order, dtype=torch.int64)
 
 
 def _raise_nonfinite(x: Tensor, i0: int, layout: ParamLayout | None, steps: list[int]) -> None:

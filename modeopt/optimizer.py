@@ -40,7 +40,7 @@ from .distributed import attach
 from .modespace import ModeSpace
 from .nonfinite import NonFiniteGuard, NonFiniteWarning, all_finite
 from .optimizer_settings import check_settings, resolve_mode_scale
-from .parallel_wrappers import check_supported
+from .parallel_wrappers import check_supported, uses_fsdp2
 from .param_groups import Exclude, ParamGroupGuard
 from .snapshots import SnapshotBuffer
 from .switch import initial_mode_space, move_to_fit, switch_device, world_size
@@ -97,6 +97,15 @@ class CMDOptimizer(ParamGroupGuard, NonFiniteGuard, WarmupRecording, Checkpointi
     """
 
     _switch_delay: int = 0  # steps the pending switch has waited for finite weights / snapshots
+
+    def __new__(cls, model: Any = None, base_optimizer: Any = None, **kwargs: Any):
+        # A model sharded by FSDP2 (fully_shard) gets the sharded optimizer (docs/scaling-out.md): not a
+        # subclass, so Python does not run __init__ again on what this returns.
+        if cls is CMDOptimizer and isinstance(model, nn.Module) and uses_fsdp2(model):
+            from .sharded_optimizer import ShardedCMDOptimizer
+
+            return ShardedCMDOptimizer(model, base_optimizer, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,

@@ -1,6 +1,8 @@
 """Which data-parallel set-ups :class:`~modeopt.CMDOptimizer` runs under: a
-``DistributedDataParallel`` model is unwrapped (and attached by the optimizer); models sharded by
-FSDP, DTensor or DeepSpeed ZeRO-3 and a ``ZeroRedundancyOptimizer`` base are refused with a reason.
+``DistributedDataParallel`` model is unwrapped (and attached by the optimizer); a model sharded by
+FSDP2 (``fully_shard``) gets :class:`~modeopt.sharded_optimizer.ShardedCMDOptimizer`; models sharded
+by FSDP1, tensor parallelism (DTensor parameters without ``fully_shard``) or DeepSpeed ZeRO-3 and a
+``ZeroRedundancyOptimizer`` base are refused with a reason.
 
 Used by the optimizer at construction and by :mod:`modeopt.distributed` at each switch (sharding
 may be applied after the optimizer was built). Imports torch only.
@@ -14,9 +16,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .ddp_reducer import check_rebuildable
 
-__all__ = ["check_supported", "sharding_wrapper"]
+__all__ = ["check_supported", "sharding_wrapper", "uses_fsdp2"]
 
 _UNSUPPORTED_DOC = "see docs/scaling-out.md"
+FSDP2 = "fully_shard (FSDP2)"
 
 
 def sharding_wrapper(model: nn.Module) -> str | None:
@@ -33,7 +36,7 @@ def sharding_wrapper(model: nn.Module) -> str | None:
         if isinstance(mod, FullyShardedDataParallel):
             return "FullyShardedDataParallel (FSDP1)"
         if isinstance(mod, FSDPModule):
-            return "fully_shard (FSDP2)"
+            return FSDP2
     for p in model.parameters():
         if DTensor and isinstance(p, DTensor):
             return "DTensor parameters (FSDP2 / tensor parallelism)"
@@ -42,31 +45,42 @@ def sharding_wrapper(model: nn.Module) -> str | None:
     return None
 
 
-def check_supported(model: nn.Module, base_optimizer: torch.optim.Optimizer | None = None
-                    ) -> tuple[nn.Module, DistributedDataParallel | None]:
+def uses_fsdp2(model: nn.Module) -> bool:
+    """Whether ``model`` (or a submodule) was sharded by FSDP2's ``fully_shard``."""
+    return sharding_wrapper(model) == FSDP2
+
+
+def check_supported(model: nn.Module, base_optimizer: torch.optim.Optimizer | None = None, *,
+                    fsdp2_ok: bool = False) -> tuple[nn.Module, DistributedDataParallel | None]:
     """Unwrap a ``DistributedDataParallel`` model and refuse what mode space cannot run on.
 
     Returns ``(module, ddp)``: the module to put into mode space and the DDP wrapper (or None).
 
-    Raises ``TypeError`` for parameter-sharding wrappers (FSDP1, FSDP2 ``fully_shard``, DTensor
-    parameters, DeepSpeed ZeRO-3) and for ``ZeroRedundancyOptimizer`` as base optimizer: mode space
-    keeps every embedded weight as a plain local tensor that it updates in place, and swaps it into
-    its module during the forward - a sharding wrapper owns exactly those tensors (it replaces them
-    with shards and gathers them in its own hooks), and ZeRO partitions the parameter set that the
-    switch replaces.
+    Raises ``TypeError`` for parameter-sharding wrappers (FSDP1, DTensor parameters without
+    ``fully_shard``, DeepSpeed ZeRO-3; FSDP2 ``fully_shard`` unless ``fsdp2_ok``: it is served by
+    ``ShardedCMDOptimizer``, which ``CMDOptimizer(...)`` returns for such a model, but not by a
+    CMDOptimizer built before the model was sharded) and for ``ZeroRedundancyOptimizer`` as base
+    optimizer: the DDP path of mode space keeps every embedded weight as a plain local tensor that
+    it updates in place and swaps into its module during the forward, which a sharding wrapper owns,
+    and ZeRO partitions the parameter set that the switch replaces.
     """
     ddp = None
     if isinstance(model, DistributedDataParallel):
         ddp, model = model, model.module
         check_rebuildable(ddp)
     found = sharding_wrapper(model)
-    if found is not None:
+    if found == FSDP2 and not fsdp2_ok:
+        raise TypeError(
+            "modeopt: the model was sharded by fully_shard (FSDP2) after this CMDOptimizer was built (or under "
+            "DistributedDataParallel): build modeopt.CMDOptimizer on the fully_shard-ed model, which gives the "
+            f"sharded optimizer ({_UNSUPPORTED_DOC})")
+    if found is not None and found != FSDP2:
         raise TypeError(
             f"modeopt: the model is sharded by {found}, which CMDOptimizer does not support: mode space "
             "maintains every embedded weight in place as a plain local tensor and swaps it into its module "
             "in the forward, and a sharding wrapper owns and replaces exactly those tensors. Use "
-            "DistributedDataParallel (after the switch each rank holds 9 bytes per embedded weight and "
-            f"all-reduces M numbers per step, so there is little left to shard; {_UNSUPPORTED_DOC})")
+            "fully_shard (FSDP2) or DistributedDataParallel (after the switch each rank holds 9 bytes per embedded "
+            f"weight and all-reduces M numbers per step; {_UNSUPPORTED_DOC})")
     if base_optimizer is not None:
         try:
             from torch.distributed.optim import ZeroRedundancyOptimizer

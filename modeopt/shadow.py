@@ -36,6 +36,7 @@ from . import kernels
 from ._checks import check_int
 from .decomposition import decompose
 from .layout import ParamLayout, named_tensors, select_parameters
+from .parallel_wrappers import sharding_wrapper
 from .running_moments import (cmd_weights, first_nonfinite, gather, gather_plan, per_device, replay_window, slopes,
                               split_labels, start_moments, welford_step)
 from .shadow_checkpoint import CheckedOnlineState, check_online_state
@@ -108,6 +109,8 @@ class OnlineCMD:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if (sharded := sharding_wrapper(model)) is not None:
+            raise TypeError(f"modeopt: OnlineCMD does not support a model sharded by {sharded} (docs/scaling-out.md)")
         for label, v, lo in (("n_modes", n_modes, 1), ("fit_at", fit_at, 1), ("snapshot_every", snapshot_every, 1),
                              ("n_samples", n_samples, 1), ("sample_every", sample_every, 1),
                              ("max_snapshots", max_snapshots, 3)):

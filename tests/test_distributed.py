@@ -132,9 +132,9 @@ def test_without_attach_it_warns_and_the_ranks_drift(runs):
     assert not torch.equal(r0["r_grad"], r1["r_grad"])  # ... so each rank steps on its own gradient
 
 
-def test_sharding_wrappers_and_zero_are_refused(runs):
+def test_zero_is_refused_and_fsdp2_gets_the_sharded_optimizer(runs):
     r0, _ = both(runs, "unsupported")
-    assert "fully_shard (FSDP2)" in r0["errors"]["fsdp2"]
+    assert r0["fsdp2"] == "ShardedCMDOptimizer"  # tests/test_fsdp.py tests it
     assert "ZeroRedundancyOptimizer is not supported" in r0["errors"]["zero"]
 
 

@@ -222,6 +222,36 @@ def test_callback_logs_the_switch_in_the_trainer_logs(tmp_path):
     assert n_all > N_MODES + n_head
 
 
+def test_callback_wraps_the_trainers_own_optimizer(tmp_path):
+    """CMDCallback(**options) puts a CMDOptimizer around the optimizer the Trainer built (the way under
+    FSDP, where the Trainer refuses optimizers=): the same run as passing the CMDOptimizer, bit for bit."""
+    from modeopt.integrations.hf import CMDCallback, find_cmd_optimizer
+
+    model = tiny_bert()
+    options = dict(n_modes=N_MODES, warmup_steps=WARMUP, snapshot_every=EVERY, n_samples=400, seed=0,
+                   exclude=["classifier.*"], progress=False)
+    trainer = Trainer(model=model, args=hf_args(tmp_path / "a", weight_decay=0.01), train_dataset=TokenTask(),
+                      callbacks=[CMDCallback(**options)])
+    trainer.train()
+    opt = find_cmd_optimizer(trainer.optimizer)
+    assert isinstance(opt, modeopt.CMDOptimizer) and opt.phase == "embedded" and opt.history[0]["step"] == WARMUP
+    assert [h["cmd_phase"] for h in trainer.state.log_history if "cmd_phase" in h] == ["embedded"]
+
+    # the same training with the CMDOptimizer passed in: the Trainer's AdamW has weight decay only on
+    # weights, not biases and LayerNorm (its own groups), so build those groups the same way
+    ref = tiny_bert()
+    args = hf_args(tmp_path / "g", weight_decay=0.01)
+    decay = Trainer(model=ref, args=args).get_decay_parameter_names(ref)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, ref)
+    base = cls([{"params": [p for n, p in ref.named_parameters() if n in decay], "weight_decay": 0.01},
+                {"params": [p for n, p in ref.named_parameters() if n not in decay], "weight_decay": 0.0}], **kwargs)
+    assert type(base) is type(find_cmd_optimizer(trainer.optimizer).base)
+    opt2 = modeopt.CMDOptimizer(ref, base, **options)
+    Trainer(model=ref, args=hf_args(tmp_path / "b", weight_decay=0.01), train_dataset=TokenTask(),
+            optimizers=(opt2, None), callbacks=[CMDCallback()]).train()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+
+
 def test_saved_model_loads_into_the_original_class(tmp_path):
     model = tiny_bert()
     names = [n for n, _ in model.named_parameters()]

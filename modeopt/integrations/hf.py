@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 try:
     from transformers import TrainerCallback
 except ImportError as e:  # pragma: no cover - depends on the environment
@@ -21,6 +23,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from ..analysis.recording import Recording, recording_options
 from ..distributed import attach
 from ..optimizer import CMDOptimizer
+from ..sharded_optimizer import ShardedCMDOptimizer
 from ..trajectory import Trajectory
 
 __all__ = ["CMDCallback", "TrajectoryCallback", "find_cmd_optimizer"]
@@ -28,11 +31,11 @@ __all__ = ["CMDCallback", "TrajectoryCallback", "find_cmd_optimizer"]
 logger = logging.getLogger("modeopt")
 
 
-def find_cmd_optimizer(optimizer: Any) -> CMDOptimizer | None:
-    """The ``CMDOptimizer`` inside an optimizer wrapper (``AcceleratedOptimizer``), if any."""
+def find_cmd_optimizer(optimizer: Any) -> CMDOptimizer | ShardedCMDOptimizer | None:
+    """The ``CMDOptimizer`` (or its FSDP2 form) inside an optimizer wrapper (``AcceleratedOptimizer``), if any."""
     seen = 0
     while optimizer is not None and seen < 8:
-        if isinstance(optimizer, CMDOptimizer):
+        if isinstance(optimizer, (CMDOptimizer, ShardedCMDOptimizer)):
             return optimizer
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1
@@ -50,19 +53,42 @@ class CMDCallback(TrainerCallback):
     switch (see docs/scaling-out.md).
 
     Usage: ``Trainer(..., optimizers=(cmd_opt, None), callbacks=[CMDCallback()])``.
+
+    **The Trainer's own optimizer** (FSDP): with CMDOptimizer's keyword arguments,
+    ``CMDCallback(n_modes=10, warmup_steps=500, ...)`` wraps the optimizer the Trainer built (its
+    ``optim``, learning rate and scheduler) in a ``CMDOptimizer`` when training begins, after
+    Accelerate prepared the model. This is the way under FSDP, where the Trainer refuses
+    ``optimizers=``: Accelerate has then ``fully_shard``-ed the model, so the wrapper is the sharded
+    one (docs/scaling-out.md). Without FSDP it is the plain one (attached to DDP as above).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, **cmd_options: Any) -> None:
         self._last: tuple[str, int] | None = None
+        self.cmd_options = cmd_options
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        """Note the optimizer's phase; under data parallelism, attach it to the process group."""
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+        """Wrap the Trainer's optimizer if asked to; note the phase; under DDP, attach it to the process group."""
         opt = find_cmd_optimizer(optimizer)
+        if opt is None and self.cmd_options and optimizer is not None and model is not None:
+            opt = self._wrap(optimizer, model)
         if opt is not None:
             self._last = (opt.phase, opt.cycle)
-            if getattr(args, "world_size", 1) > 1:
+            if getattr(args, "world_size", 1) > 1 and not getattr(opt, "sharded", False):
                 attach(opt)  # idempotent; finds the Trainer's DDP wrapper at its first forward
         return control
+
+    def _wrap(self, optimizer: Any, model: Any) -> Any:
+        """Put a CMDOptimizer between the Trainer's optimizer wrapper (Accelerate's) and the plain optimizer."""
+        holder, inner = None, optimizer
+        while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+            holder, inner = inner, inner.optimizer
+        if holder is None:
+            raise TypeError("modeopt: CMDCallback(**options) wraps the optimizer inside the Trainer's optimizer "
+                            f"wrapper (Accelerate's AcceleratedOptimizer); got a bare {type(optimizer).__name__}: "
+                            "pass the CMDOptimizer with Trainer(optimizers=(opt, None)) instead")
+        opt = CMDOptimizer(model, inner, **self.cmd_options)
+        holder.optimizer = opt  # Accelerate's wrapper reads param_groups/state through .optimizer: the
+        return opt              # scheduler built on it keeps driving the same group dicts
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         """Log a change of the optimizer's phase (or cycle) since the last step."""

@@ -1,0 +1,214 @@
+"""CMDOptimizer on an FSDP2 (``fully_shard``) model: real CPU processes, gloo over 127.0.0.1.
+
+One 2-rank launch runs every scenario of ``tests/_fsdp_worker.py`` (spawning and importing torch
+is most of the cost); a 1-rank launch resumes its checkpoints on another world size. The tests read
+what each rank wrote. Payloads are counted by :func:`modeopt.sharding.count_collectives`, which
+wraps the ``torch.distributed`` collectives FSDP2 and modeopt call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from modeopt.distributed import launch_local
+
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+try:
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+except ImportError:  # pragma: no cover
+    pytest.skip("this torch has no FSDP2 (fully_shard)", allow_module_level=True)
+
+import _fsdp_worker as worker  # noqa: E402  (tests/ is on sys.path; the spawned ranks import it too)
+
+HAS_ACCELERATE = all(importlib.util.find_spec(m) is not None for m in ("accelerate", "transformers"))
+
+CFG = worker.CFG
+WARM_AT, EMB_AT = 13, 35  # checkpoint steps: in the warm-up (4 snapshots taken) and in mode space
+
+
+def scenarios(out: str) -> list[tuple]:
+    return [("sgd", "scenario_train", ("sgd",)), ("adamw", "scenario_train", ("adamw",)),
+            ("excl", "scenario_train", ("excl",)), ("bf16", "scenario_train", ("bf16",)),
+            ("accumulate", "scenario_train", ("adamw", 2)),
+            ("ck_warm", "scenario_checkpoint", (out, WARM_AT, "warm")),
+            ("ck_emb", "scenario_checkpoint", (out, EMB_AT, "emb")),
+            ("save_warm", "scenario_save_only", (out, WARM_AT, "w2")),
+            ("save_emb", "scenario_save_only", (out, EMB_AT, "e2")),
+            ("refusals", "scenario_refusals", ())] + ([("callback", "scenario_callback", ())] if HAS_ACCELERATE else [])
+
+
+def read(out, world: int) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    wall = launch_local(worker.run, (str(out), scenarios(str(out))), nprocs=2, timeout=240)
+    ranks = read(out, 2)
+    print(f"\n2-rank FSDP2 launch: {wall:.1f} s; per scenario (rank 0): "
+          + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in ranks[0].items()))
+    return {"out": out, "ranks": ranks, "reference": {k: worker.reference(k) for k in ("sgd", "adamw", "excl", "bf16")}}
+
+
+def both(runs, name: str) -> list[dict]:
+    res = [r[name] for r in runs["ranks"]]
+    for rank, x in enumerate(res):
+        if "error" in x:
+            pytest.fail(f"scenario {name!r} failed on rank {rank}:\n{x['error']}")
+    return res
+
+
+def resumed_on(runs, world: int, extra: tuple = ()) -> list[dict]:
+    out = runs["out"] / f"world{world}"
+    out.mkdir(exist_ok=True)
+    for tag in ("w2", "e2"):
+        shutil.copytree(runs["out"] / f"ckpt-{tag}", out / f"ckpt-{tag}", dirs_exist_ok=True)
+    sc = [("warm", "scenario_resume_elsewhere", (str(out), WARM_AT, "w2")),
+          ("emb", "scenario_resume_elsewhere", (str(out), EMB_AT, "e2")), *extra]
+    launch_local(worker.run, (str(out), sc), nprocs=world, timeout=400)
+    return read(out, world)
+
+
+@pytest.fixture(scope="module")
+def on_one_rank(runs):
+    return resumed_on(runs, 1)[0]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ------------------------------------------------------------------------------ training
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "excl", "bf16", "accumulate"])
+def test_matches_a_single_process_run(runs, kind):
+    """excl: AdamW, biases kept free, init="fit"; bf16: coef_dtype=torch.bfloat16; accumulate: AdamW, two
+    micro-batches per step on each rank (FSDP2 accumulates the warm-up gradients, the hook the mode
+    gradients) against one backward of the global batch in one process."""
+    r0, r1 = both(runs, kind)
+    ref = runs["reference"]["adamw" if kind == "accumulate" else kind]
+    assert r0["type"] == "ShardedCMDOptimizer" and r0["phase"] == "embedded"
+    # the same sampled rows, clusters and references: the same modes and initial r
+    h, hr = r0["history"][0], ref["history"][0]
+    assert h["sizes"] == hr["sizes"] and h["references"] == hr["references"]
+    labels = torch.empty(r0["n_global"], dtype=torch.int64)
+    for r in (r0, r1):
+        start = 0
+        for g0, g1 in r["segments"]:
+            labels[g0:g1] = r["local_labels"][start:start + g1 - g0]
+            start += g1 - g0
+    assert torch.equal(labels, ref["labels"])
+    assert max_diff(r0["weights"], ref["weights"]) < 1e-5
+    assert float((r0["r"] - ref["r"]).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "excl", "bf16", "accumulate"])
+def test_ranks_agree_bit_for_bit_and_the_loss_falls(runs, kind):
+    r0, r1 = both(runs, kind)
+    assert torch.equal(r0["r"], r1["r"])
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+    n_warm = CFG["warmup_steps"]
+    for r in (r0, r1):
+        emb = r["losses"][n_warm:]
+        assert sum(emb[-5:]) < sum(emb[:5])  # mode space goes on lowering the loss
+        assert sum(r["losses"][-5:]) < sum(r["losses"][:5])
+
+
+def test_embedded_step_adds_one_all_reduce_of_m_floats(runs):
+    r0, r1 = both(runs, "sgd")
+    m = len(r0["r"])
+    warm = [e for e in r0["log"] if e["phase"] == "warmup"]
+    emb = [e for e in r0["log"] if e["phase"] == "embedded"]
+    assert len(warm) == CFG["warmup_steps"] and len(emb) == worker.EMBEDDED_STEPS  # the switch ends the last warm-up step
+    fsdp = {k: v for k, v in warm[0]["bytes"].items()}
+    assert set(fsdp) == {"all_gather_single", "reduce_scatter_single"}  # FSDP2 only, in warm-up
+    for e in warm[:-1]:
+        assert e["bytes"] == fsdp
+    for e in emb:  # FSDP2's traffic is unchanged; modeopt adds 4 M bytes in one call
+        assert e["bytes"] == {**fsdp, "all_reduce": 4 * m}
+        assert e["calls"]["all_reduce"] == 1
+    switch = {k: v - fsdp.get(k, 0) for k, v in warm[-1]["bytes"].items()}  # the switch's own traffic
+    n, k, t = r0["n_global"], CFG["n_samples"], CFG["warmup_steps"] // CFG["snapshot_every"]
+    assert switch["all_gather"] == max(r0["n_local"], r1["n_local"])  # the moving mask: 1 B per row, padded
+    assert switch["all_reduce"] >= 8 * k * t  # the K x T sampled profiles (float64)
+    assert switch["all_reduce"] < 8 * k * t + 1000 and n > 0
+    assert [e["bytes"].get("all_reduce") for e in emb] == [e["bytes"].get("all_reduce") for e in r1["log"][-len(emb):]]
+    assert r0["trainable"] == m
+
+
+def test_each_rank_holds_only_its_shards(runs):
+    r0, r1 = both(runs, "adamw")
+    n = r0["n_global"]
+    assert r0["n_local"] + r1["n_local"] == n and 0 < r0["n_local"] < n
+    t = CFG["warmup_steps"] // CFG["snapshot_every"]
+    for r in (r0, r1):
+        s = r["state_bytes"]
+        assert s["a"] == 4 * r["n_local"] and s["labels"] == r["n_local"]  # float32 a, uint8 labels
+        assert s["grads"] == 0 and s["recording"] == 0  # gradients consumed by the hook
+        assert max(r["recording_bytes"]) == 4 * t * r["n_local"]  # the warm-up recorded this rank's rows only
+        assert s["optimizer"] < 100  # AdamW's state of M scalars
+    bf = both(runs, "bf16")[0]
+    assert bf["state_bytes"]["a"] == 2 * bf["n_local"]
+
+
+# ------------------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("name, phase", [("ck_warm", "warmup"), ("ck_emb", "embedded")])
+def test_dcp_round_trip_is_bit_exact(runs, name, phase):
+    for r in both(runs, name):
+        assert r["saved_phase"] == phase and r["loaded"]["phase"] == phase
+        assert r["loaded"]["step"] == (WARM_AT if phase == "warmup" else EMB_AT)
+        assert all(torch.equal(r["straight"][k], r["resumed"][k]) for k in r["straight"])
+
+
+@pytest.mark.parametrize("name, saved", [("warm", "save_warm"), ("emb", "save_emb")])
+def test_resume_on_another_world_size(runs, on_one_rank, name, saved):
+    """Saved on 2 ranks, resumed on 1: DCP reshards the recording, a, labels and AdamW's moments."""
+    res = on_one_rank[name]
+    if "error" in res:
+        pytest.fail(res["error"])
+    ref = both(runs, saved)[0]
+    assert res["loaded_phase"] == ("warmup" if name == "warm" else "embedded") and res["phase"] == "embedded"
+    assert max_diff(res["weights"], ref["weights"]) < 1e-5
+    assert float((res["r"] - ref["r"]).abs().max()) < 1e-5
+
+
+@pytest.mark.slow
+def test_four_ranks_resume_and_match_one_process(runs):
+    """4 ranks (about 40 s here): resume the 2-rank checkpoints, and train as one process does."""
+    ranks = resumed_on(runs, 4, (("adamw", "scenario_train", ("adamw",)),))
+    for rank in ranks:
+        for name in ("warm", "emb", "adamw"):
+            if "error" in rank[name]:
+                pytest.fail(rank[name]["error"])
+    for name, saved in (("warm", "save_warm"), ("emb", "save_emb")):
+        assert max_diff(ranks[0][name]["weights"], both(runs, saved)[0]["weights"]) < 1e-5
+    ref = runs["reference"]["adamw"]
+    assert max_diff(ranks[0]["adamw"]["weights"], ref["weights"]) < 1e-5
+    assert float((ranks[0]["adamw"]["r"] - ref["r"]).abs().max()) < 1e-5
+    assert all(torch.equal(r["adamw"]["r"], ranks[0]["adamw"]["r"]) for r in ranks)
+
+
+# ------------------------------------------------------------------------------ refusals
+def test_what_is_refused_says_why(runs):
+    errors = both(runs, "refusals")[0]["errors"]
+    assert "recluster_every= is not supported with FSDP2" in errors["recluster"]
+    assert "sharded by fully_shard (FSDP2) after this CMDOptimizer was built" in errors["sharded_later"]
+    assert "OnlineCMD does not support a model sharded by fully_shard (FSDP2)" in errors["online"]
+
+
+@pytest.mark.skipif(not HAS_ACCELERATE, reason="needs transformers and accelerate")
+def test_callback_wraps_accelerates_optimizer_on_an_fsdp2_model(runs):
+    """What CMDCallback(**options) does in the Trainer under FSDP2, with Accelerate's own optimizer wrapper:
+    the same run as CMDOptimizer built directly, bit for bit."""
+    for cb, direct in zip(both(runs, "callback"), both(runs, "adamw")):
+        assert cb["type"] == "ShardedCMDOptimizer" and cb["phase"] == "embedded"
+        assert cb["wrapper"] == "AcceleratedOptimizer"
+        assert torch.equal(cb["r"], direct["r"])
+        assert all(torch.equal(cb["weights"][k], direct["weights"][k]) for k in cb["weights"])
