@@ -37,6 +37,7 @@ from .blockwise_state import check_blockwise_state, space_from_state, space_stat
 from .block_embedding import embed_block
 from .layout import ParamLayout
 from .modespace import ModeSpace
+from .parallel_wrappers import sharding_wrapper
 from .param_groups import Exclude, exclusion_predicate
 from .snapshots import SnapshotBuffer
 from .warmup_recording import check_snapshot_count
@@ -78,7 +79,8 @@ class BlockwiseCMD(SharesBaseOptimizer):
         model: the model whose parameters ``base_optimizer`` trains.
         base_optimizer: any ``torch.optim.Optimizer`` built on parameters of ``model`` (param groups
             allowed). Its parameters outside every block and outside ``train_always`` are frozen
-            (``requires_grad=False``) for the whole run: e.g. a transformer's embeddings.
+            (``requires_grad=False``) for the whole run: e.g. a transformer's embeddings; so are
+            those already frozen when it is built. Single process: DDP / FSDP models are refused.
         blocks: the blocks, in training order: each a parameter-name prefix or a list of them
             (``"encoder.layer.3."``); ``None``: the model's layers (:func:`find_blocks`), **top layer
             first** (on both fine-tuning tasks of docs/finetuning.md it beat bottom-up at every LR).
@@ -133,6 +135,12 @@ class BlockwiseCMD(SharesBaseOptimizer):
             raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more weights")
         if mode_scale not in ("rms", "norm"):
             raise ValueError(f"mode_scale must be 'rms' or 'norm', got {mode_scale!r}")
+        wrapped = sharding_wrapper(model) or (
+            "DistributedDataParallel" if isinstance(model, nn.parallel.DistributedDataParallel) else None)
+        if wrapped is not None:
+            raise TypeError(f"BlockwiseCMD trains on one process; the model is wrapped in {wrapped}, whose reducer "
+                            "or shards are built for a fixed set of trainable parameters. Use CMDOptimizer for "
+                            "DDP / FSDP2 (docs/scaling-out.md)")
         if any(n.rsplit(".", 1)[-1].startswith("modeopt_") for n, _ in model.named_parameters()):
             raise RuntimeError("the model is already in mode space (it has modeopt_* parameters): one mode-space "
                                "optimizer per model")
@@ -176,7 +184,9 @@ class BlockwiseCMD(SharesBaseOptimizer):
                     where = [self.blocks[b] for b in hits] + (["train_always"] if always else [])
                     raise ValueError(f"parameter {name!r} matches several blocks or train_always: {where}; "
                                      "the prefixes must not overlap (end them with '.')")
-                if always:
+                if not p.requires_grad:  # frozen by the user: stays frozen whatever block it is in
+                    self._frozen.append(p)
+                elif always:
                     self._always.append(p)
                 elif not hits:
                     self._frozen.append(p)

@@ -216,7 +216,11 @@ def test_bad_arguments_say_what_to_do():
     torch.manual_seed(0)
     model = Stack()
     adam = lambda: torch.optim.AdamW(model.parameters(), lr=1e-2)  # noqa: E731
+    model.layers[1][2].weight.requires_grad_(False)  # frozen by the user: stays frozen in its block
     default = modeopt.BlockwiseCMD(model, adam(), steps_per_block=6)
+    train(model, default, 7)
+    assert not model.layers[1][2].weight.requires_grad and default.active == 1  # layers.1 active now
+    model.layers[1][2].weight.requires_grad_(True)
     assert default.blocks == [("layers.2.",), ("layers.1.",), ("layers.0.",)]  # top layer first
     default.export()
     with pytest.raises(ValueError, match="overlap"):
