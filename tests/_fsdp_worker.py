@@ -7,6 +7,7 @@ The single-process references (:func:`reference`) run in the test process itself
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import traceback
@@ -171,9 +172,9 @@ def scenario_refusals(rank: int, world: int) -> dict:
     except ValueError as e:
         errors["recluster"] = str(e)
     try:
-        modeopt.OnlineCMD(model, n_modes=2, fit_at=6)
+        modeopt.OnlineCMDOptimizer(model, base_of(model, "sgd"), n_modes=2, fit_at=6)
     except TypeError as e:
-        errors["online"] = str(e)
+        errors["online_optimizer"] = str(e)
     plain = make_model()
     opt = modeopt.CMDOptimizer(plain, base_of(plain, "sgd"), **CFG)
     shard(plain, world)
@@ -182,6 +183,97 @@ def scenario_refusals(rank: int, world: int) -> dict:
     except TypeError as e:
         errors["sharded_later"] = str(e)
     return {"errors": errors}
+
+
+#: OnlineCMD settings of the shadow-model scenarios: the fit after 12 steps (4 snapshots), then a sample every 2
+ONLINE = dict(n_modes=4, fit_at=12, snapshot_every=3, sample_every=2, n_samples=200, seed=1234)
+ONLINE_STEPS, ONLINE_SAVE_AT = 30, (7, 20)  # steps in all; checkpoints in the recording and after the fit
+
+
+def local_state(online) -> dict:
+    return {k: [x.clone() for x in getattr(online, k)] for k in ("labels", "mean", "comoment")} | {
+        "mode_mean": online.mode_mean.clone(), "mode_m2": online.mode_m2.clone(), "count": online.count,
+        "calls": online.calls, "phase": online.phase}
+
+
+def scenario_online(rank: int, world: int, out_dir: str) -> dict:
+    """modeopt.OnlineCMD beside an SGD training of the FSDP2 model: bytes per update(), per-rank state, the
+    shadow weights (gathered); a DCP checkpoint at each ONLINE_SAVE_AT loaded into a second OnlineCMD of
+    the same model, which then updates in lockstep with the first."""
+    from modeopt import sharded_shadow
+
+    model = shard(make_model(), world)
+    opt = base_of(model, "sgd")
+    online = modeopt.OnlineCMD(model, **ONLINE)
+    data, per = batches(), GLOBAL_BATCH // world
+    log, resumed, loaded = [], {}, {}
+    for step in range(1, ONLINE_STEPS + 1):
+        x, y = next(data)
+        opt.zero_grad()
+        F.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
+        opt.step()
+        phase = online.phase
+        with count_collectives() as c:
+            online.update()
+        for other in resumed.values():
+            other.update()
+        log.append({"phase": phase, "bytes": dict(c.bytes), "calls": dict(c.calls), "state_bytes": online.state_bytes})
+        if step in ONLINE_SAVE_AT:
+            path = os.path.join(out_dir, f"online-{step}")
+            sharded_shadow.save(path, online)
+            twin = modeopt.OnlineCMD(model, **{**ONLINE, "seed": 99})  # seed too comes from the checkpoint
+            sharded_shadow.load(path, twin)
+            loaded[step] = {"saved": local_state(online), "loaded": local_state(twin),
+                            "buffer": None if online.phase == "fitted" else
+                            (online._buffer.raw()[0].clone(), twin._buffer.raw()[0].clone())}
+            resumed[step] = twin
+    cmd = online.cmd_state_dict()
+    return {"type": type(online).__name__, "phase": online.phase, "history": online.history,
+            "cmd": {k: v.full_tensor() for k, v in cmd.items()}, "placements": {k: str(v.placements) for k, v in cmd.items()},
+            "local_cmd": {k: v.to_local().clone() for k, v in cmd.items()},
+            "resumed_cmd": {s: {k: v.to_local().clone() for k, v in o.cmd_state_dict().items()} for s, o in resumed.items()},
+            "state": local_state(online), "resumed_state": {s: local_state(o) for s, o in resumed.items()},
+            "loaded": loaded, "log": log, "state_bytes": online.state_bytes, "n_local": online.shards.n_local,
+            "n_global": online.shards.n_global, "local_numels": online.shards.local_numels,
+            "segments": online.shards.segments(rank), "reference_rows": online.reference_rows,
+            "weights": full_weights(model)}
+
+
+def scenario_online_misuse(rank: int, world: int) -> dict:
+    """NaN in one rank's shards while recording (every rank skips that snapshot); what is refused, with a reason."""
+    import warnings
+
+    model = shard(make_model(), world)
+    online = modeopt.OnlineCMD(model, **ONLINE)
+    p = next(model.parameters())
+    out = {"errors": {}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for call in range(1, 5):
+            if call == 3 and rank == world - 1:  # only the last rank's shard is poisoned
+                saved = p.to_local().detach().clone()
+                with torch.no_grad():
+                    p.to_local()[0] = float("nan")
+            online.update()
+            if call == 3 and rank == world - 1:
+                with torch.no_grad():
+                    p.to_local().copy_(saved)
+    out["warnings"] = [str(w.message) for w in caught]
+    out["skipped"], out["recorded_steps"] = online.skipped_snapshots, online._buffer.raw()[1]
+    attempts = {"averaged_model": lambda: online.averaged_model(), "hand_off": lambda: online.hand_off(0, 0, 0, 1.0, 0.0),
+                "coefficients": lambda: online.coefficients(),
+                "other_world": lambda: online.load_state_dict({**online.state_dict(), "meta": json.dumps(
+                    {**json.loads(online.state_dict()["meta"]), "world": world + 1})})}
+    bn = shard(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)), world)
+    attempts["buffer"] = lambda: modeopt.OnlineCMD(bn, n_modes=2, fit_at=6, names=["0.weight", "1.running_mean"])
+    attempts["optimizer"] = lambda: modeopt.OnlineCMDOptimizer(model, base_of(model, "sgd"), n_modes=2, fit_at=6)
+    for name, fn in attempts.items():
+        try:
+            fn()
+            out["errors"][name] = None
+        except Exception as e:  # noqa: BLE001 - the test checks type and message
+            out["errors"][name] = f"{type(e).__name__}: {e}"
+    return out
 
 
 def scenario_callback(rank: int, world: int) -> dict:
@@ -226,6 +318,23 @@ def run(rank: int, world: int, out_dir: str, scenarios: list[tuple]) -> None:
             dist.barrier()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def online_reference() -> dict:
+    """scenario_online's training in one process, without FSDP, with a plain OnlineCMD."""
+    model = make_model()
+    opt = base_of(model, "sgd")
+    online = modeopt.OnlineCMD(model, **ONLINE)
+    data = batches()
+    for _ in range(ONLINE_STEPS):
+        x, y = next(data)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        online.update()
+    return {"cmd": online.cmd_state_dict(), "history": online.history, "weights": full_weights(model),
+            "labels": torch.cat([lab.to(torch.int64) for lab in online.labels]),
+            "reference_rows": [online.layout.specs[t].offset + i for t, i in online.ref_index]}
 
 
 def reference(kind: str) -> dict:
