@@ -59,7 +59,7 @@ def save(checkpoint_id: Any, online: ShardedOnlineCMD) -> None:
 
 
 def load(checkpoint_id: Any, online: ShardedOnlineCMD) -> None:
-    """Resume ``online`` (built as in the saved run, on the same world size) from :func:`save`'s checkpoint."""
+    """Resume ``online`` (built as in the saved run, on any world size: DCP reshards) from :func:`save`'s checkpoint."""
     import torch.distributed.checkpoint as dcp
 
     head = {"online": {"meta": ""}}
@@ -115,22 +115,17 @@ class ShardedOnlineCMD:
         self.model = model
         self.n_modes, self.fit_at, self.snapshot_every = n_modes, fit_at, snapshot_every
         self.sample_every = snapshot_every if sample_every is None else sample_every
-        self.n_samples = n_samples
-        self.seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
+        self.n_samples, self.seed = n_samples, int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
         self._names = [n for n, _ in chosen]
         self._params = [t for _, t in chosen]
         self.shards = ShardMap(self._params)
         if n_modes > self.shards.n_global:
             raise ValueError(f"n_modes={n_modes} > the {self.shards.n_global} weights modelled: ask for fewer modes")
         self._local_layout = ParamLayout.from_named_tensors(list(zip(self._names, self.shards.local_views())))
-        dtypes = {p.dtype for p in self._params}
-        self._ref_dtype = torch.float64 if torch.float64 in dtypes else torch.float32  # exact for every weight
-        cap = fit_at // snapshot_every
-        self._capacity = cap if max_snapshots is None else min(cap, max_snapshots)
-        self._record_dtype = record_dtype
+        self._ref_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
+        self._capacity, self._record_dtype = min(fit_at // snapshot_every, max_snapshots or fit_at), record_dtype
         self._buffer: SnapshotBuffer | None = self._new_buffer()
-        self.skipped_snapshots = 0
-        self._record_pending = False
+        self.skipped_snapshots, self._record_pending = 0, False
         self.phase, self.calls, self.count = "recording", 0, 0
         self.labels: list[Tensor] = []
         self.mean: list[Tensor] = []
@@ -399,9 +394,6 @@ class ShardedOnlineCMD:
         if meta["names"] != self._names:
             raise ValueError(f"the checkpoint models {len(meta['names'])} other parameters than this OnlineCMD's "
                              f"{len(self._names)}: build it on the same model with the same names= as the saved run")
-        if meta["world"] != self.shards.world:
-            raise ValueError(f"the checkpoint was saved on {meta['world']} ranks, this run has {self.shards.world}: "
-                             "a sharded OnlineCMD resumes on the same world size only (docs/scaling-out.md)")
         if meta["record_dtype"] != str(self._record_dtype):
             raise ValueError(f"the checkpoint records {meta['record_dtype']}, this OnlineCMD {self._record_dtype}: "
                              "build it with the saved run's record_dtype")
@@ -409,31 +401,40 @@ class ShardedOnlineCMD:
             raise ValueError(f"the checkpoint's phase {meta['phase']!r} is unknown: damaged checkpoint")
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (saved on this world size; or as DCP loaded it into
-        :meth:`template`). Checked first: ``ValueError`` changes nothing (collective)."""
+        """Resume from :meth:`state_dict` saved on this world size, or as DCP loaded it into :meth:`template`
+        (any world size: :func:`load`). Checked first on every rank: ``ValueError`` changes nothing (collective)."""
         meta = json.loads(sd["meta"]) if isinstance(sd["meta"], str) else sd["meta"]
         self._check_meta(meta)
-        buffer = None
+
+        def pieces(key: str, rows: int = 1) -> list[Tensor] | None:  # this rank's rows, if they are its shards'
+            xs = [_local(sd[key][str(j)]) if str(j) in sd.get(key, {}) else None for j in range(len(self._names))]
+            ok = all(x is not None and x.numel() == rows * n for x, n in zip(xs, self.shards.local_numels))
+            return [x.reshape(rows, n) for x, n in zip(xs, self.shards.local_numels)] if ok else None
+
+        problem, buffer = f"the state's shards are not this rank's (saved on {meta['world']} ranks, this run has " \
+                          f"{self.shards.world}): load it with modeopt.sharded_shadow.load, which reshards", None
         if meta["phase"] == "recording":
-            rows = [_local(sd["record"][str(j)]).reshape(len(meta["steps"]), -1) for j in range(len(self._names))]
-            anchor = torch.cat([_local(sd["anchor"][str(j)]).reshape(-1) for j in range(len(self._names))]) \
-                if meta["anchor"] else None
-            buffer = self._new_buffer()
-            dropped = buffer.load_state_dict({"data": torch.cat(rows, dim=1), "steps": meta["steps"],
-                                              "count": meta["record_count"], "anchor": anchor})
-            if int(self.shards.all_reduce(torch.tensor([len(dropped)], dtype=torch.int32))):
-                raise ValueError("the checkpoint's recording holds NaN/inf on some rank (a sharded OnlineCMD never "
-                                 "records them): damaged checkpoint")
+            rows, anchor = pieces("record", len(meta["steps"])), pieces("anchor") if meta["anchor"] else []
+            if rows is not None and anchor is not None:
+                buffer = self._new_buffer()
+                try:
+                    dropped = buffer.load_state_dict({"data": torch.cat(rows, dim=1), "steps": meta["steps"],
+                                                      "count": meta["record_count"],
+                                                      "anchor": torch.cat(anchor, dim=1)[0] if anchor else None})
+                    problem = "its recording holds NaN/inf (never recorded): damaged checkpoint" if dropped else None
+                except ValueError as e:
+                    problem = str(e)
         else:
-            m = meta["n_modes"]
-            labels = torch.cat([_local(sd["labels"][str(j)]).reshape(-1) for j in range(len(self._names))])
-            moments = {k: [_local(sd[k][str(j)]).reshape(-1) for j in range(len(self._names))]
-                       for k in ("mean", "comoment")}
-            bad = (labels.numel() and int(kernels.as_index(labels).max()) >= m) or len(meta["reference_rows"]) != m \
-                or not all(bool(torch.isfinite(x).all()) for x in moments["mean"] + moments["comoment"])
-            if int(self.shards.all_reduce(torch.tensor([int(bool(bad))], dtype=torch.int32))):
-                raise ValueError("the checkpoint's labels, references or moments do not fit (labels >= n_modes or "
-                                 "NaN/inf moments on some rank): damaged checkpoint")
+            m, got = meta["n_modes"], {k: pieces(k) for k in ("labels", "mean", "comoment")}
+            if all(v is not None for v in got.values()):
+                labels = torch.cat(got["labels"], dim=1)[0]
+                moments = {k: [x[0] for x in got[k]] for k in ("mean", "comoment")}
+                bad = (labels.numel() and int(kernels.as_index(labels).max()) >= m) or len(meta["reference_rows"]) != m \
+                    or not all(bool(torch.isfinite(x).all()) for x in moments["mean"] + moments["comoment"])
+                problem = "labels >= n_modes, references for other modes or NaN/inf moments: damaged checkpoint" \
+                    if bad else None
+        if int(self.shards.all_reduce(torch.tensor([int(problem is not None)], dtype=torch.int32))):
+            raise ValueError(f"this sharded OnlineCMD state does not fit: {problem or 'on another rank'}")
         self.phase, self.calls, self.seed, self.count = meta["phase"], meta["calls"], meta["seed"], meta["count"]
         self.history, self.skipped_snapshots = [dict(h) for h in meta["history"]], meta["skipped_snapshots"]
         self._buffer, self._record_pending = buffer, False

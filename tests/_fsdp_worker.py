@@ -7,7 +7,6 @@ The single-process references (:func:`reference`) run in the test process itself
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -196,7 +195,11 @@ def local_state(online) -> dict:
         "calls": online.calls, "phase": online.phase}
 
 
-def scenario_online(rank: int, world: int, out_dir: str) -> dict:
+#: per OnlineCMD scenario, settings beyond ONLINE ("bf16": a low-precision window kept in a ring of 3 snapshots)
+ONLINE_EXTRA = {"online": {}, "online_bf16": dict(record_dtype=torch.bfloat16, max_snapshots=3)}
+
+
+def scenario_online(rank: int, world: int, out_dir: str, tag: str = "online") -> dict:
     """modeopt.OnlineCMD beside an SGD training of the FSDP2 model: bytes per update(), per-rank state, the
     shadow weights (gathered); a DCP checkpoint at each ONLINE_SAVE_AT loaded into a second OnlineCMD of
     the same model, which then updates in lockstep with the first."""
@@ -204,7 +207,8 @@ def scenario_online(rank: int, world: int, out_dir: str) -> dict:
 
     model = shard(make_model(), world)
     opt = base_of(model, "sgd")
-    online = modeopt.OnlineCMD(model, **ONLINE)
+    cfg = {**ONLINE, **ONLINE_EXTRA[tag]}
+    online = modeopt.OnlineCMD(model, **cfg)
     data, per = batches(), GLOBAL_BATCH // world
     log, resumed, loaded = [], {}, {}
     for step in range(1, ONLINE_STEPS + 1):
@@ -219,9 +223,9 @@ def scenario_online(rank: int, world: int, out_dir: str) -> dict:
             other.update()
         log.append({"phase": phase, "bytes": dict(c.bytes), "calls": dict(c.calls), "state_bytes": online.state_bytes})
         if step in ONLINE_SAVE_AT:
-            path = os.path.join(out_dir, f"online-{step}")
+            path = os.path.join(out_dir, f"{tag}-{step}")
             sharded_shadow.save(path, online)
-            twin = modeopt.OnlineCMD(model, **{**ONLINE, "seed": 99})  # seed too comes from the checkpoint
+            twin = modeopt.OnlineCMD(model, **{**cfg, "seed": 99})  # seed too comes from the checkpoint
             sharded_shadow.load(path, twin)
             loaded[step] = {"saved": local_state(online), "loaded": local_state(twin),
                             "buffer": None if online.phase == "fitted" else
@@ -237,6 +241,39 @@ def scenario_online(rank: int, world: int, out_dir: str) -> dict:
             "n_global": online.shards.n_global, "local_numels": online.shards.local_numels,
             "segments": online.shards.segments(rank), "reference_rows": online.reference_rows,
             "weights": full_weights(model)}
+
+
+def scenario_online_resume(rank: int, world: int, src_dir: str) -> dict:
+    """Resume scenario_online's checkpoints on this world size: train the model to the saved step (its
+    weights are not in the OnlineCMD checkpoint), load, then train and update to the end."""
+    from modeopt import sharded_shadow
+
+    out = {}
+    for at in ONLINE_SAVE_AT:
+        model = shard(make_model(), world)
+        opt = base_of(model, "sgd")
+        online = modeopt.OnlineCMD(model, **{**ONLINE, "seed": 99})
+        data, per = batches(), GLOBAL_BATCH // world
+        for step in range(1, ONLINE_STEPS + 1):
+            x, y = next(data)
+            opt.zero_grad()
+            F.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
+            opt.step()
+            if step == at:
+                sharded_shadow.load(os.path.join(src_dir, f"online-{at}"), online)
+                out[f"phase_{at}"] = online.phase
+            elif step > at:
+                online.update()
+        out[at] = {k: v.full_tensor() for k, v in online.cmd_state_dict().items()}
+        out[f"n_local_{at}"] = online.shards.n_local
+    return out
+
+
+def other_shards(sd: dict, rank: int) -> dict:
+    """On rank 0 only, the recording of parameter 0 as another world size would shard it (one row short)."""
+    if rank == 0:
+        sd["record"]["0"] = sd["record"]["0"].to_local()[:, :-1].clone()
+    return sd
 
 
 def scenario_online_misuse(rank: int, world: int) -> dict:
@@ -262,8 +299,7 @@ def scenario_online_misuse(rank: int, world: int) -> dict:
     out["skipped"], out["recorded_steps"] = online.skipped_snapshots, online._buffer.raw()[1]
     attempts = {"averaged_model": lambda: online.averaged_model(), "hand_off": lambda: online.hand_off(0, 0, 0, 1.0, 0.0),
                 "coefficients": lambda: online.coefficients(),
-                "other_world": lambda: online.load_state_dict({**online.state_dict(), "meta": json.dumps(
-                    {**json.loads(online.state_dict()["meta"]), "world": world + 1})})}
+                "wrong_shards": lambda: online.load_state_dict(other_shards(online.state_dict(), rank))}
     bn = shard(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)), world)
     attempts["buffer"] = lambda: modeopt.OnlineCMD(bn, n_modes=2, fit_at=6, names=["0.weight", "1.running_mean"])
     attempts["optimizer"] = lambda: modeopt.OnlineCMDOptimizer(model, base_of(model, "sgd"), n_modes=2, fit_at=6)
@@ -320,11 +356,11 @@ def run(rank: int, world: int, out_dir: str, scenarios: list[tuple]) -> None:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def online_reference() -> dict:
+def online_reference(tag: str = "online") -> dict:
     """scenario_online's training in one process, without FSDP, with a plain OnlineCMD."""
     model = make_model()
     opt = base_of(model, "sgd")
-    online = modeopt.OnlineCMD(model, **ONLINE)
+    online = modeopt.OnlineCMD(model, **ONLINE, **ONLINE_EXTRA[tag])
     data = batches()
     for _ in range(ONLINE_STEPS):
         x, y = next(data)

@@ -41,6 +41,7 @@ def scenarios(out: str) -> list[tuple]:
             ("save_warm", "scenario_save_only", (out, WARM_AT, "w2")),
             ("save_emb", "scenario_save_only", (out, EMB_AT, "e2")),
             ("refusals", "scenario_refusals", ()), ("online", "scenario_online", (out,)),
+            ("online_bf16", "scenario_online", (out, "online_bf16")),
             ("online_misuse", "scenario_online_misuse", ())] + ([("callback", "scenario_callback", ())] if HAS_ACCELERATE else [])
 
 
@@ -56,7 +57,7 @@ def runs(tmp_path_factory):
     print(f"\n2-rank FSDP2 launch: {wall:.1f} s; per scenario (rank 0): "
           + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in ranks[0].items()))
     return {"out": out, "ranks": ranks, "reference": {k: worker.reference(k) for k in ("sgd", "adamw", "excl", "bf16")},
-            "online_reference": worker.online_reference()}
+            "online_reference": {k: worker.online_reference(k) for k in worker.ONLINE_EXTRA}}
 
 
 def both(runs, name: str) -> list[dict]:
@@ -80,7 +81,7 @@ def resumed_on(runs, world: int, extra: tuple = ()) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def on_one_rank(runs):
-    return resumed_on(runs, 1)[0]
+    return resumed_on(runs, 1, (("online", "scenario_online_resume", (str(runs["out"]),)),))[0]
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -206,11 +207,13 @@ def test_what_is_refused_says_why(runs):
 
 
 # ------------------------------------------------------------------------------ OnlineCMD (shadow model)
-def test_online_shadow_matches_a_single_process_run(runs):
+@pytest.mark.parametrize("tag", ["online", "online_bf16"])
+def test_online_shadow_matches_a_single_process_run(runs, tag):
     """OnlineCMD beside SGD on the FSDP2 model: the same modes, references and labels as one process, and
-    the same shadow weights (gathered from the DTensors cmd_state_dict() returns) to 1e-5."""
-    r0, r1 = both(runs, "online")
-    ref = runs["online_reference"]
+    the same shadow weights (gathered from the DTensors cmd_state_dict() returns) to 1e-5. online_bf16: a
+    bfloat16 window in a ring of 3 snapshots (record_dtype=, max_snapshots=)."""
+    r0, r1 = both(runs, tag)
+    ref = runs["online_reference"][tag]
     assert r0["type"] == "ShardedOnlineCMD" and r0["phase"] == "fitted"
     assert r0["history"] == ref["history"] and r0["reference_rows"] == ref["reference_rows"] == r1["reference_rows"]
     labels = torch.empty(r0["n_global"], dtype=torch.int64)
@@ -256,12 +259,13 @@ def test_online_update_sends_m_floats(runs):
                 assert e["calls"] == ({"all_reduce": 1} if step % cfg["sample_every"] == 0 else {})
 
 
+@pytest.mark.parametrize("tag", ["online", "online_bf16"])
 @pytest.mark.parametrize("at", worker.ONLINE_SAVE_AT)
-def test_online_dcp_round_trip_is_bit_exact(runs, at):
+def test_online_dcp_round_trip_is_bit_exact(runs, at, tag):
     """Saved with modeopt.sharded_shadow.save at a step of the recording and one after the fit, loaded into a
     second OnlineCMD of the same model (built with another seed), which then updates beside the first:
     equal state at the load and at the end, bit for bit."""
-    for r in both(runs, "online"):
+    for r in both(runs, tag):
         saved, loaded = r["loaded"][at]["saved"], r["loaded"][at]["loaded"]
         assert saved["phase"] == ("recording" if at < worker.ONLINE["fit_at"] else "fitted")
         for key, v in saved.items():
@@ -277,6 +281,19 @@ def test_online_dcp_round_trip_is_bit_exact(runs, at):
         assert all(torch.equal(r["resumed_cmd"][at][k], v) for k, v in r["local_cmd"].items())
 
 
+@pytest.mark.parametrize("at", worker.ONLINE_SAVE_AT)
+def test_online_resumes_on_another_world_size(runs, on_one_rank, at):
+    """The 2-rank checkpoints (in the recording and after the fit) resumed on 1 rank: DCP reshards the window
+    and the moments; the shadow weights at the end match the 2-rank run's to 1e-5."""
+    res = on_one_rank["online"]
+    if "error" in res:
+        pytest.fail(res["error"])
+    r0 = both(runs, "online")[0]
+    assert res[f"phase_{at}"] == ("recording" if at < worker.ONLINE["fit_at"] else "fitted")
+    assert res[f"n_local_{at}"] == r0["n_global"]
+    assert max_diff(res[at], r0["cmd"]) < 1e-5
+
+
 def test_online_nan_and_misuse_say_why(runs):
     """NaN in the last rank's shards at a snapshot: every rank skips it and records the next step's weights."""
     res = both(runs, "online_misuse")
@@ -285,11 +302,13 @@ def test_online_nan_and_misuse_say_why(runs):
         (msg,) = [w for w in r["warnings"] if "NaN/inf" in w]
         assert "not recorded on any rank" in msg
         assert ("another rank" in msg) == (rank == 0)
+    # a state whose shards are not rank 0's: refused on every rank (the check is collective), saying what to do
+    assert "saved on 2 ranks, this run has 2): load it with modeopt.sharded_shadow.load" in res[0]["errors"]["wrong_shards"]
+    assert res[1]["errors"]["wrong_shards"] == "ValueError: this sharded OnlineCMD state does not fit: on another rank"
     e = res[0]["errors"]
     assert e["averaged_model"].startswith("NotImplementedError") and "cmd_state_dict()" in e["averaged_model"]
     assert e["hand_off"].startswith("NotImplementedError") and "gradual embedding" in e["hand_off"]
     assert e["coefficients"].startswith("RuntimeError: OnlineCMD has not fitted yet")
-    assert "saved on 3 ranks, this run has 2" in e["other_world"]
     assert "models sharded parameters only; ['1.running_mean']" in e["buffer"]
     assert "OnlineCMDOptimizer (gradual embedding) does not support FSDP2" in e["optimizer"]
 
