@@ -232,7 +232,12 @@ def scenario_online(rank: int, world: int, out_dir: str, tag: str = "online") ->
                             (online._buffer.raw()[0].clone(), twin._buffer.raw()[0].clone())}
             resumed[step] = twin
     cmd = online.cmd_state_dict()
-    return {"type": type(online).__name__, "phase": online.phase, "history": online.history,
+    other = shard(make_model(), world)
+    other.load_state_dict(cmd)  # the DTensors load into another FSDP2 model as they are
+    raw = full_weights(model)
+    with online.applied():
+        applied = full_weights(model)
+    out = {"type": type(online).__name__, "phase": online.phase, "history": online.history,
             "cmd": {k: v.full_tensor() for k, v in cmd.items()}, "placements": {k: str(v.placements) for k, v in cmd.items()},
             "local_cmd": {k: v.to_local().clone() for k, v in cmd.items()},
             "resumed_cmd": {s: {k: v.to_local().clone() for k, v in o.cmd_state_dict().items()} for s, o in resumed.items()},
@@ -240,7 +245,39 @@ def scenario_online(rank: int, world: int, out_dir: str, tag: str = "online") ->
             "loaded": loaded, "log": log, "state_bytes": online.state_bytes, "n_local": online.shards.n_local,
             "n_global": online.shards.n_global, "local_numels": online.shards.local_numels,
             "segments": online.shards.segments(rank), "reference_rows": online.reference_rows,
-            "weights": full_weights(model)}
+            "weights": raw, "loaded_into_other": full_weights(other), "applied": applied,
+            "restored": full_weights(model)}
+    out["host_sync"] = host_reads_in(online.update, 2)  # last: the other results are the run's as it was
+    return out
+
+
+def host_reads_in(fn, times: int) -> str | None:
+    """Call ``fn`` ``times`` times with every way of reading a tensor's value on the host made to raise;
+    the error, or None. Every rank calls it alike (fn may be collective)."""
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(name):
+        def f(*args, **kwargs):
+            raise RuntimeError(f"host read: Tensor.{name}")
+        return f
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, refuse(n))
+        try:
+            for _ in range(times):
+                fn()
+        except RuntimeError as e:
+            return str(e)
+        try:
+            bool(torch.ones(()))
+        except RuntimeError:
+            return None  # the patch was live, and fn read nothing
+        return "the patch was not live"
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
 
 
 def scenario_online_resume(rank: int, world: int, src_dir: str) -> dict:

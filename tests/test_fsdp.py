@@ -226,6 +226,16 @@ def test_online_shadow_matches_a_single_process_run(runs, tag):
     assert max_diff(r0["cmd"], r0["weights"]) > 1e-3  # the shadow model is not the raw model
     assert all(torch.equal(r0["cmd"][k], r1["cmd"][k]) for k in r0["cmd"])
     assert set(r0["placements"].values()) == {"(Shard(dim=0),)"}
+    for r in (r0, r1):  # the DTensors load into another FSDP2 model; applied() swaps them in and back
+        assert all(torch.equal(r["loaded_into_other"][k], r["cmd"][k]) for k in r["cmd"])
+        assert all(torch.equal(r["applied"][k], r["cmd"][k]) for k in r["cmd"])
+        assert all(torch.equal(r["restored"][k], r["weights"][k]) for k in r["cmd"])
+
+
+def test_online_update_after_the_fit_reads_nothing_on_the_host(runs):
+    """update() at a sample (its all-reduce included) with .item(), bool(), float(), int(), .tolist() made to raise."""
+    for r in both(runs, "online"):
+        assert r["host_sync"] is None
 
 
 def test_online_each_rank_holds_only_its_shards(runs):
