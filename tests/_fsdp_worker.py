@@ -246,6 +246,7 @@ def scenario_online(rank: int, world: int, out_dir: str, tag: str = "online") ->
             "n_global": online.shards.n_global, "local_numels": online.shards.local_numels,
             "segments": online.shards.segments(rank), "reference_rows": online.reference_rows,
             "weights": raw, "loaded_into_other": full_weights(other), "applied": applied,
+            "coefficients": [torch.cat(x) for x in online.coefficients()],
             "restored": full_weights(model)}
     out["host_sync"] = host_reads_in(online.update, 2)  # last: the other results are the run's as it was
     return out
@@ -407,6 +408,7 @@ def online_reference(tag: str = "online") -> dict:
         online.update()
     return {"cmd": online.cmd_state_dict(), "history": online.history, "weights": full_weights(model),
             "labels": torch.cat([lab.to(torch.int64) for lab in online.labels]),
+            "coefficients": [torch.cat(x) for x in online.coefficients()],
             "reference_rows": [online.layout.specs[t].offset + i for t, i in online.ref_index]}
 
 
