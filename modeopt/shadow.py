@@ -33,13 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from ._checks import check_int
 from .decomposition import decompose
 from .layout import ParamLayout, named_tensors, select_parameters
-from .parallel_wrappers import sharding_wrapper
+from .parallel_wrappers import sharding_wrapper, uses_fsdp2
 from .running_moments import (cmd_weights, first_nonfinite, gather, gather_plan, per_device, replay_window, slopes,
                               split_labels, start_moments, welford_step)
-from .shadow_checkpoint import CheckedOnlineState, check_online_state
+from .shadow_checkpoint import CheckedOnlineState, check_online_settings, check_online_state
 from .snapshots import SnapshotBuffer
 from .trajectory import Trajectory, load_named_into
 
@@ -93,6 +92,14 @@ class OnlineCMD:
     #: float32 elements of the window uploaded at once per group of tensors during the replay.
     REPLAY_GROUP = 1 << 24
 
+    def __new__(cls, model: Any = None, **kwargs: Any):
+        # A fully_shard-ed (FSDP2) model gets the sharded shadow model (not a subclass: __init__ is not rerun)
+        if cls is OnlineCMD and isinstance(model, nn.Module) and uses_fsdp2(model):
+            from .sharded_shadow import ShardedOnlineCMD
+
+            return ShardedOnlineCMD(model, **kwargs)
+        return super().__new__(cls)
+
     def __init__(
         self,
         model: nn.Module,
@@ -109,23 +116,11 @@ class OnlineCMD:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if (sharded := sharding_wrapper(model)) is not None:
+        if (sharded := sharding_wrapper(model)) is not None:  # FSDP2 is served by __new__
             raise TypeError(f"modeopt: OnlineCMD does not support a model sharded by {sharded} (docs/scaling-out.md)")
-        for label, v, lo in (("n_modes", n_modes, 1), ("fit_at", fit_at, 1), ("snapshot_every", snapshot_every, 1),
-                             ("n_samples", n_samples, 1), ("sample_every", sample_every, 1),
-                             ("max_snapshots", max_snapshots, 3)):
-            if v is not None or label in ("n_modes", "fit_at", "snapshot_every", "n_samples"):
-                check_int(label, v, lo)
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
-        if not (isinstance(record_dtype, torch.dtype) and record_dtype.is_floating_point):
-            raise ValueError(f"record_dtype must be a floating-point torch.dtype, got {record_dtype!r}")
-        if fit_at // snapshot_every < 3:
-            raise ValueError(f"fit_at={fit_at} with snapshot_every={snapshot_every} records {fit_at // snapshot_every} "
-                             f"snapshot(s) before the fit; CMD needs at least 3: make fit_at >= {3 * snapshot_every}")
-        if n_modes > n_samples:
-            raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more weights "
-                             "(n_samples >= 30 * n_modes is a good rule)")
+        check_online_settings(n_modes=n_modes, fit_at=fit_at, snapshot_every=snapshot_every, n_samples=n_samples,
+                              sample_every=sample_every, max_snapshots=max_snapshots, seed=seed,
+                              record_dtype=record_dtype)
         self.model = model
         self.n_modes = n_modes
         self.fit_at = fit_at

@@ -1,4 +1,4 @@
-"""Validation of :class:`~modeopt.OnlineCMD` checkpoints, before anything is loaded.
+"""Validation of :class:`~modeopt.OnlineCMD` settings, and of its checkpoints before anything is loaded.
 
 A state that does not fit the model (other tensors or sizes, labels outside ``0..M-1``, wrong
 dtypes, NaN/inf moments, counts beyond float64's exact integers) raises ``ValueError`` saying
@@ -18,10 +18,31 @@ from . import kernels
 from ._checks import check_int
 from .snapshots import SnapshotBuffer
 
-__all__ = ["check_online_state", "CheckedOnlineState", "MAX_COUNT"]
+__all__ = ["check_online_settings", "check_online_state", "CheckedOnlineState", "MAX_COUNT"]
 
 #: Largest ``calls`` / ``count`` a loaded state may hold: float64 counts are exact up to 2**53.
 MAX_COUNT = 2**53
+
+
+def check_online_settings(*, n_modes: Any, fit_at: Any, snapshot_every: Any, n_samples: Any, sample_every: Any,
+                          max_snapshots: Any, seed: Any, record_dtype: Any) -> None:
+    """Raise ``ValueError`` for the :class:`~modeopt.OnlineCMD` settings that cannot work (non-integer counts,
+    fewer than 3 snapshots before ``fit_at``, ``n_modes > n_samples``, a non-float ``record_dtype``)."""
+    for label, v, lo in (("n_modes", n_modes, 1), ("fit_at", fit_at, 1), ("snapshot_every", snapshot_every, 1),
+                         ("n_samples", n_samples, 1), ("sample_every", sample_every, 1),
+                         ("max_snapshots", max_snapshots, 3)):
+        if v is not None or label in ("n_modes", "fit_at", "snapshot_every", "n_samples"):
+            check_int(label, v, lo)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if not (isinstance(record_dtype, torch.dtype) and record_dtype.is_floating_point):
+        raise ValueError(f"record_dtype must be a floating-point torch.dtype, got {record_dtype!r}")
+    if fit_at // snapshot_every < 3:
+        raise ValueError(f"fit_at={fit_at} with snapshot_every={snapshot_every} records {fit_at // snapshot_every} "
+                         f"snapshot(s) before the fit; CMD needs at least 3: make fit_at >= {3 * snapshot_every}")
+    if n_modes > n_samples:
+        raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more weights "
+                         "(n_samples >= 30 * n_modes is a good rule)")
 
 
 class CheckedOnlineState:

@@ -22,6 +22,7 @@ from ._transfer import to_device
 from ._wrapping import SharesBaseOptimizer
 from .gradual_embedding import plan_hand_offs, relative_change
 from .layout import named_tensors
+from .parallel_wrappers import uses_fsdp2
 from .shadow import OnlineCMD
 from .shadow_optimizer_checkpoint import check_embedding_state
 from .trajectory import load_named_into
@@ -69,6 +70,11 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         if isinstance(embed_fraction, bool) or not isinstance(embed_fraction, (int, float)) \
                 or not 0 < embed_fraction <= 1:
             raise ValueError(f"embed_fraction must be in (0, 1], got {embed_fraction!r}")
+        if uses_fsdp2(model):
+            raise TypeError("modeopt: OnlineCMDOptimizer (gradual embedding) does not support FSDP2: it freezes weights "
+                            "one by one out of the base optimizer and hands references over between them, on plain "
+                            "tensors; use modeopt.OnlineCMD beside your optimizer, which supports fully_shard "
+                            "(docs/scaling-out.md)")
         check_no_duplicates(model, base_optimizer)  # torch only warns, and would step such a tensor twice
         owned = {id(p) for p in model.parameters()}
         for gi, group in enumerate(base_optimizer.param_groups):

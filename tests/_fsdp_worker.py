@@ -171,9 +171,9 @@ def scenario_refusals(rank: int, world: int) -> dict:
     except ValueError as e:
         errors["recluster"] = str(e)
     try:
-        modeopt.OnlineCMD(model, n_modes=2, fit_at=6)
+        modeopt.OnlineCMDOptimizer(model, base_of(model, "sgd"), n_modes=2, fit_at=6)
     except TypeError as e:
-        errors["online"] = str(e)
+        errors["online_optimizer"] = str(e)
     plain = make_model()
     opt = modeopt.CMDOptimizer(plain, base_of(plain, "sgd"), **CFG)
     shard(plain, world)
@@ -182,6 +182,172 @@ def scenario_refusals(rank: int, world: int) -> dict:
     except TypeError as e:
         errors["sharded_later"] = str(e)
     return {"errors": errors}
+
+
+#: OnlineCMD settings of the shadow-model scenarios: the fit after 12 steps (4 snapshots), then a sample every 2
+ONLINE = dict(n_modes=4, fit_at=12, snapshot_every=3, sample_every=2, n_samples=200, seed=1234)
+ONLINE_STEPS, ONLINE_SAVE_AT = 30, (7, 20)  # steps in all; checkpoints in the recording and after the fit
+
+
+def local_state(online) -> dict:
+    return {k: [x.clone() for x in getattr(online, k)] for k in ("labels", "mean", "comoment")} | {
+        "mode_mean": online.mode_mean.clone(), "mode_m2": online.mode_m2.clone(), "count": online.count,
+        "calls": online.calls, "phase": online.phase}
+
+
+#: per OnlineCMD scenario, settings beyond ONLINE ("bf16": a low-precision window kept in a ring of 3 snapshots)
+ONLINE_EXTRA = {"online": {}, "online_bf16": dict(record_dtype=torch.bfloat16, max_snapshots=3)}
+
+
+def scenario_online(rank: int, world: int, out_dir: str, tag: str = "online") -> dict:
+    """modeopt.OnlineCMD beside an SGD training of the FSDP2 model: bytes per update(), per-rank state, the
+    shadow weights (gathered); a DCP checkpoint at each ONLINE_SAVE_AT loaded into a second OnlineCMD of
+    the same model, which then updates in lockstep with the first."""
+    from modeopt import sharded_shadow
+
+    model = shard(make_model(), world)
+    opt = base_of(model, "sgd")
+    cfg = {**ONLINE, **ONLINE_EXTRA[tag]}
+    online = modeopt.OnlineCMD(model, **cfg)
+    data, per = batches(), GLOBAL_BATCH // world
+    log, resumed, loaded = [], {}, {}
+    for step in range(1, ONLINE_STEPS + 1):
+        x, y = next(data)
+        opt.zero_grad()
+        F.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
+        opt.step()
+        phase = online.phase
+        with count_collectives() as c:
+            online.update()
+        for other in resumed.values():
+            other.update()
+        log.append({"phase": phase, "bytes": dict(c.bytes), "calls": dict(c.calls), "state_bytes": online.state_bytes})
+        if step in ONLINE_SAVE_AT:
+            path = os.path.join(out_dir, f"{tag}-{step}")
+            sharded_shadow.save(path, online)
+            twin = modeopt.OnlineCMD(model, **{**cfg, "seed": 99})  # seed too comes from the checkpoint
+            sharded_shadow.load(path, twin)
+            loaded[step] = {"saved": local_state(online), "loaded": local_state(twin),
+                            "buffer": None if online.phase == "fitted" else
+                            (online._buffer.raw()[0].clone(), twin._buffer.raw()[0].clone())}
+            resumed[step] = twin
+    cmd = online.cmd_state_dict()
+    other = shard(make_model(), world)
+    other.load_state_dict(cmd)  # the DTensors load into another FSDP2 model as they are
+    raw = full_weights(model)
+    with online.applied():
+        applied = full_weights(model)
+    out = {"type": type(online).__name__, "phase": online.phase, "history": online.history,
+            "cmd": {k: v.full_tensor() for k, v in cmd.items()}, "placements": {k: str(v.placements) for k, v in cmd.items()},
+            "local_cmd": {k: v.to_local().clone() for k, v in cmd.items()},
+            "resumed_cmd": {s: {k: v.to_local().clone() for k, v in o.cmd_state_dict().items()} for s, o in resumed.items()},
+            "state": local_state(online), "resumed_state": {s: local_state(o) for s, o in resumed.items()},
+            "loaded": loaded, "log": log, "state_bytes": online.state_bytes, "n_local": online.shards.n_local,
+            "n_global": online.shards.n_global, "local_numels": online.shards.local_numels,
+            "segments": online.shards.segments(rank), "reference_rows": online.reference_rows,
+            "weights": raw, "loaded_into_other": full_weights(other), "applied": applied,
+            "coefficients": [torch.cat(x) for x in online.coefficients()],
+            "restored": full_weights(model)}
+    out["host_sync"] = host_reads_in(online.update, 2)  # last: the other results are the run's as it was
+    return out
+
+
+def host_reads_in(fn, times: int) -> str | None:
+    """Call ``fn`` ``times`` times with every way of reading a tensor's value on the host made to raise;
+    the error, or None. Every rank calls it alike (fn may be collective)."""
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(name):
+        def f(*args, **kwargs):
+            raise RuntimeError(f"host read: Tensor.{name}")
+        return f
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, refuse(n))
+        try:
+            for _ in range(times):
+                fn()
+        except RuntimeError as e:
+            return str(e)
+        try:
+            bool(torch.ones(()))
+        except RuntimeError:
+            return None  # the patch was live, and fn read nothing
+        return "the patch was not live"
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def scenario_online_resume(rank: int, world: int, src_dir: str) -> dict:
+    """Resume scenario_online's checkpoints on this world size: train the model to the saved step (its
+    weights are not in the OnlineCMD checkpoint), load, then train and update to the end."""
+    from modeopt import sharded_shadow
+
+    out = {}
+    for at in ONLINE_SAVE_AT:
+        model = shard(make_model(), world)
+        opt = base_of(model, "sgd")
+        online = modeopt.OnlineCMD(model, **{**ONLINE, "seed": 99})
+        data, per = batches(), GLOBAL_BATCH // world
+        for step in range(1, ONLINE_STEPS + 1):
+            x, y = next(data)
+            opt.zero_grad()
+            F.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
+            opt.step()
+            if step == at:
+                sharded_shadow.load(os.path.join(src_dir, f"online-{at}"), online)
+                out[f"phase_{at}"] = online.phase
+            elif step > at:
+                online.update()
+        out[at] = {k: v.full_tensor() for k, v in online.cmd_state_dict().items()}
+        out[f"n_local_{at}"] = online.shards.n_local
+    return out
+
+
+def other_shards(sd: dict, rank: int) -> dict:
+    """On rank 0 only, the recording of parameter 0 as another world size would shard it (one row short)."""
+    if rank == 0:
+        sd["record"]["0"] = sd["record"]["0"].to_local()[:, :-1].clone()
+    return sd
+
+
+def scenario_online_misuse(rank: int, world: int) -> dict:
+    """NaN in one rank's shards while recording (every rank skips that snapshot); what is refused, with a reason."""
+    import warnings
+
+    model = shard(make_model(), world)
+    online = modeopt.OnlineCMD(model, **ONLINE)
+    p = next(model.parameters())
+    out = {"errors": {}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for call in range(1, 5):
+            if call == 3 and rank == world - 1:  # only the last rank's shard is poisoned
+                saved = p.to_local().detach().clone()
+                with torch.no_grad():
+                    p.to_local()[0] = float("nan")
+            online.update()
+            if call == 3 and rank == world - 1:
+                with torch.no_grad():
+                    p.to_local().copy_(saved)
+    out["warnings"] = [str(w.message) for w in caught]
+    out["skipped"], out["recorded_steps"] = online.skipped_snapshots, online._buffer.raw()[1]
+    attempts = {"averaged_model": lambda: online.averaged_model(), "hand_off": lambda: online.hand_off(0, 0, 0, 1.0, 0.0),
+                "coefficients": lambda: online.coefficients(),
+                "wrong_shards": lambda: online.load_state_dict(other_shards(online.state_dict(), rank))}
+    bn = shard(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)), world)
+    attempts["buffer"] = lambda: modeopt.OnlineCMD(bn, n_modes=2, fit_at=6, names=["0.weight", "1.running_mean"])
+    attempts["optimizer"] = lambda: modeopt.OnlineCMDOptimizer(model, base_of(model, "sgd"), n_modes=2, fit_at=6)
+    for name, fn in attempts.items():
+        try:
+            fn()
+            out["errors"][name] = None
+        except Exception as e:  # noqa: BLE001 - the test checks type and message
+            out["errors"][name] = f"{type(e).__name__}: {e}"
+    return out
 
 
 def scenario_callback(rank: int, world: int) -> dict:
@@ -226,6 +392,24 @@ def run(rank: int, world: int, out_dir: str, scenarios: list[tuple]) -> None:
             dist.barrier()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def online_reference(tag: str = "online") -> dict:
+    """scenario_online's training in one process, without FSDP, with a plain OnlineCMD."""
+    model = make_model()
+    opt = base_of(model, "sgd")
+    online = modeopt.OnlineCMD(model, **ONLINE, **ONLINE_EXTRA[tag])
+    data = batches()
+    for _ in range(ONLINE_STEPS):
+        x, y = next(data)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        online.update()
+    return {"cmd": online.cmd_state_dict(), "history": online.history, "weights": full_weights(model),
+            "labels": torch.cat([lab.to(torch.int64) for lab in online.labels]),
+            "coefficients": [torch.cat(x) for x in online.coefficients()],
+            "reference_rows": [online.layout.specs[t].offset + i for t, i in online.ref_index]}
 
 
 def reference(kind: str) -> dict:
