@@ -186,3 +186,21 @@ def blockwise(model, lr, spec):
 @method("blockwise_td", "Blockwise CMD as above, top layer first", (3e-4, 1e-3, 3e-3), BLOCKWISE_NOTES + ", order 5..0")
 def blockwise_td(model, lr, spec):
     return _blockwise(model, lr, spec, top_down=True)
+
+
+def _checkpointed(build):
+    """The same recipe with activation checkpointing (HF ``gradient_checkpointing_enable``, non-reentrant):
+    each encoder layer's activations are recomputed in the backward pass instead of kept."""
+    def wrapped(model, lr, spec):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return build(model, lr, spec)
+    return wrapped
+
+
+method("lora_ckpt", "LoRA as above, with activation checkpointing", (1e-3, 3e-3, 1e-2),
+       "lora + model.gradient_checkpointing_enable(use_reentrant=False)")(_checkpointed(lora))
+method("blockwise_td_ckpt", "Blockwise CMD top first, with activation checkpointing", (3e-4, 1e-3, 3e-3),
+       BLOCKWISE_NOTES + ", order 5..0, + model.gradient_checkpointing_enable(use_reentrant=False)")(
+    _checkpointed(blockwise_td))
+method("full_ckpt", "full fine-tune, with activation checkpointing", (3e-5, 1e-4, 3e-4),
+       "full + model.gradient_checkpointing_enable(use_reentrant=False)")(_checkpointed(full))
