@@ -38,7 +38,7 @@ from .block_embedding import embed_block
 from .layout import ParamLayout
 from .modespace import ModeSpace
 from .parallel_wrappers import sharding_wrapper
-from .param_groups import Exclude, exclusion_predicate
+from .param_groups import Exclude, exclusion_predicate, forget_whole_set_state
 from .snapshots import SnapshotBuffer
 from .warmup_recording import check_snapshot_count
 
@@ -166,7 +166,10 @@ class BlockwiseCMD(SharesBaseOptimizer):
         """Which block, group and role each of the base optimizer's parameters has."""
         names = {id(p): n for n, p in self.model.named_parameters()}
         self._orig = [list(g["params"]) for g in base.param_groups]
-        self._group_of: dict[int, int] = {}
+        # requires_grad as the user left it, restored by export(); lists by position, not ids (a
+        # deep copy or a pickled optimizer has new tensors, hence new ids)
+        self._grad_before = [[p.requires_grad for p in params] for params in self._orig]
+        self._emb_group: list[list[int]] = [[] for _ in self.blocks]  # per block, each _emb tensor's group
         self._always: list[Tensor] = []
         self._frozen: list[Tensor] = []
         self._emb: list[list[tuple[str, Tensor]]] = [[] for _ in self.blocks]  # embedded later
@@ -177,7 +180,6 @@ class BlockwiseCMD(SharesBaseOptimizer):
                     raise ValueError("the base optimizer trains a tensor that is not a parameter of the model: "
                                      "build it on model.parameters()")
                 name = names[id(p)]
-                self._group_of[id(p)] = gi
                 hits = [b for b, pre in enumerate(self.blocks) if name.startswith(pre)]
                 always = name.startswith(self.train_always) if self.train_always else False
                 if len(hits) > 1 or (hits and always):
@@ -194,6 +196,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
                     self._free[hits[0]].append(p)
                 else:
                     self._emb[hits[0]].append((name, p))
+                    self._emb_group[hits[0]].append(gi)
         for b, emb in enumerate(self._emb):
             n = sum(p.numel() for _, p in emb)
             if n == 0:
@@ -231,6 +234,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
                     p.grad = None
         for p in [p for p in self.base.state if id(p) not in keep_state]:
             del self.base.state[p]  # a finished block's optimizer state is freed here
+        forget_whole_set_state(self.base)  # LBFGS: its history over the old set restarts
 
     # ----------------------------------------------------------- blocks
     def _start_block(self) -> None:
@@ -251,7 +255,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
     def _embed_active(self) -> None:
         b, emb = self.active, self._emb[self.active]
         params = [p for _, p in emb]
-        groups = [self._group_of[id(p)] for p in params]
+        groups = self._emb_group[b]
         n = sum(p.numel() for p in params)
         init = embed_block(self._buffers, [name for name, _ in emb], params, groups, len(self.base.param_groups),
                            n_modes=self.n_modes, n_samples=min(self.n_samples, n), seed=self.seed + b,
@@ -319,13 +323,14 @@ class BlockwiseCMD(SharesBaseOptimizer):
         for space in self.spaces:
             space.sync()
             space.remove()
-        for params in self._orig:
-            for p in params:
-                p.requires_grad_(True)
+        for params, before in zip(self._orig, self._grad_before):
+            for p, rg in zip(params, before):
+                p.requires_grad_(rg)
         self.spaces, self._buffers, self.phase = [], [], "exported"
         for group, orig in zip(self.base.param_groups, self._orig):
             group["params"][:] = orig
         self.base.state.clear()
+        forget_whole_set_state(self.base)
         return self.model
 
     def __repr__(self) -> str:

@@ -292,3 +292,54 @@ def test_on_cuda_it_matches_the_cpu_run():
     assert max(abs(a - b) for a, b in zip(cpu_losses, gpu_losses)) < 1e-3
     for k in cpu_sd:
         torch.testing.assert_close(gpu_sd[k], cpu_sd[k], rtol=1e-3, atol=1e-4)
+
+
+def test_export_keeps_the_parameters_the_user_froze_frozen():
+    torch.manual_seed(0)
+    model = Stack()
+    model.inp.weight.requires_grad_(False)  # frozen by the user, outside every block
+    model.layers[0][2].weight.requires_grad_(False)  # frozen by the user, inside block 0
+    opt = modeopt.BlockwiseCMD(model, torch.optim.AdamW(model.parameters(), lr=1e-2), find_blocks(model),
+                               steps_per_block=PER_BLOCK, n_modes=3, train_always=["head."], n_samples=200)
+    train(model, opt, PER_BLOCK + 2)
+    opt.export()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"inp.weight", "layers.0.2.weight"}  # everything else trainable again, as before
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_of_the_optimizer_mid_block_goes_on_like_the_original(how):
+    model, opt = make()
+    train(model, opt, PER_BLOCK + 2)  # block 1 active, block 0 in mode space
+    if how == "deepcopy":
+        opt2 = copy.deepcopy(opt)
+    else:
+        buf = io.BytesIO()
+        torch.save(opt, buf)
+        buf.seek(0)
+        opt2 = torch.load(buf, weights_only=False)
+    model2 = opt2.model
+    assert model2 is not model
+    steps = 2 * PER_BLOCK  # through the embeddings of blocks 1 and 2
+    assert train(model2, opt2, steps, PER_BLOCK + 2) == train(model, opt, steps, PER_BLOCK + 2)
+    assert [h["block"] for h in opt2.history] == [0, 1, 2]
+    for (n, p), (_, q) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_lbfgs_with_a_closure_goes_through_the_changes_of_block():
+    torch.manual_seed(0)
+    model = Stack()
+    opt = modeopt.BlockwiseCMD(model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), find_blocks(model),
+                               steps_per_block=PER_BLOCK, n_modes=3, train_always=["head."], n_samples=200)
+    noisy = torch.randint(0, 2, (len(Y),), generator=torch.Generator().manual_seed(2))  # not learnt in 20 steps
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), noisy)
+        loss.backward()
+        return loss
+
+    losses = [float(opt.step(closure).detach()) for _ in range(3 * PER_BLOCK + 2)]
+    assert opt.phase == "embedded" and len(opt.history) == 3
+    assert losses[-1] < 0.9 * losses[0], losses
