@@ -202,11 +202,18 @@ def test_damaged_checkpoints_are_refused_and_change_nothing():
         (lambda sd: sd["base"]["param_groups"][0]["params"].pop(), "param group 0"),
         (lambda sd: sd["blockwise"]["buffer"][0].update(data=torch.zeros(2, 5)), "records 1024 weights"),
         (lambda sd: sd["blockwise"]["buffer"].pop(), "must hold 1 tensors"),
+        # found in review: these raised TypeError, the first two after the mode spaces were rebuilt
+        (lambda sd: sd["blockwise"].update(history=[1]), "history"),
+        (lambda sd: sd["blockwise"].update(history=[None]), "history"),
+        (lambda sd: sd["blockwise"].update(blocks=None), "blocks"),
+        (lambda sd: sd["blockwise"].update(spaces=5), "finished block"),
+        (lambda sd: sd["blockwise"]["spaces"][0].update(names=None), "embeds"),
     ]
     for edit, msg in cases:
         with pytest.raises(ValueError, match=msg):
             opt2.load_state_dict(damaged(edit))
         assert opt2.active == 0 and not opt2.spaces
+        assert not any("modeopt" in n for n, _ in model2.named_parameters())
         assert str(opt2.state_dict()) == str(snapshot)
     opt2.load_state_dict(good)
     assert opt2.active == 1
