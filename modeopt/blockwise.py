@@ -37,6 +37,7 @@ from .blockwise_state import check_blockwise_state, space_from_state, space_stat
 from .block_embedding import embed_block
 from .layout import ParamLayout
 from .modespace import ModeSpace
+from .optimizer_settings import resolve_mode_scale
 from .parallel_wrappers import sharding_wrapper
 from .param_groups import Exclude, exclusion_predicate, forget_whole_set_state
 from .snapshots import SnapshotBuffer
@@ -94,7 +95,9 @@ class BlockwiseCMD(SharesBaseOptimizer):
         seed: seed of block ``b``'s sampling is ``seed + b``.
         record_dtype: storage of the active block's snapshots (bf16: movements from the block's start).
         coef_dtype: storage of ``a`` of the finished blocks (bf16 halves it).
-        mode_scale: ``"rms"`` (an Adam step of ``lr`` on ``r`` moves its weights by ~``lr``) or ``"norm"``.
+        mode_scale: ``"rms"`` (an Adam step of ``lr`` on ``r`` moves its weights by ~``lr``), ``"norm"``
+            (SGD on ``r`` is the projection of the SGD step onto the modes; with ``"rms"`` it is ~N_m
+            times larger) or ``"auto"``: ``"rms"`` for Adam-type bases, ``"norm"`` otherwise.
 
     Memory at any step, beyond the model and activations: the active block's gradients, base state
     and ``steps_per_block // snapshot_every + 1`` snapshots of it; ``a`` (2 or 4 B) and a label
@@ -122,7 +125,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
         seed: int = 0,
         record_dtype: torch.dtype = torch.bfloat16,
         coef_dtype: torch.dtype = torch.bfloat16,
-        mode_scale: str = "rms",
+        mode_scale: str = "auto",
     ):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
@@ -133,8 +136,8 @@ class BlockwiseCMD(SharesBaseOptimizer):
         check_snapshot_count("steps_per_block", steps_per_block, snapshot_every)
         if n_modes > n_samples:
             raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more weights")
-        if mode_scale not in ("rms", "norm"):
-            raise ValueError(f"mode_scale must be 'rms' or 'norm', got {mode_scale!r}")
+        if mode_scale not in ("auto", "rms", "norm"):
+            raise ValueError(f"mode_scale must be 'auto', 'rms' or 'norm', got {mode_scale!r}")
         wrapped = sharding_wrapper(model) or (
             "DistributedDataParallel" if isinstance(model, nn.parallel.DistributedDataParallel) else None)
         if wrapped is not None:
@@ -147,7 +150,8 @@ class BlockwiseCMD(SharesBaseOptimizer):
         self.model = model
         self.steps_per_block, self.n_modes, self.snapshot_every = steps_per_block, n_modes, snapshot_every
         self.n_samples, self.seed = n_samples, int(seed)
-        self.record_dtype, self.coef_dtype, self.mode_scale = record_dtype, coef_dtype, mode_scale
+        self.record_dtype, self.coef_dtype = record_dtype, coef_dtype
+        self.mode_scale = resolve_mode_scale(mode_scale, base_optimizer)
         self.blocks = [_prefixes(b) for b in (find_blocks(model)[::-1] if blocks is None else blocks)]
         if not self.blocks:
             raise ValueError("blocks is empty: give at least one parameter-name prefix")

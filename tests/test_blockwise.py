@@ -350,3 +350,18 @@ def test_lbfgs_with_a_closure_goes_through_the_changes_of_block():
     losses = [float(opt.step(closure).detach()) for _ in range(3 * PER_BLOCK + 2)]
     assert opt.phase == "embedded" and len(opt.history) == 3
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_sgd_base_gets_unit_norm_modes_by_default_and_does_not_jump_at_an_embedding():
+    """Found in review: with mode_scale="rms" fixed, SGD on r takes a step N_m times an SGD step on the
+    weights (dL/dr sums a_i dL/dw_i over the mode): 0.45 -> 4.6 at the step after the first embedding.
+    Like CMDOptimizer, the default is now "auto": "norm" for SGD (the projected SGD step), "rms" for Adam."""
+    torch.manual_seed(0)
+    model = Stack()
+    opt = modeopt.BlockwiseCMD(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), find_blocks(model),
+                               steps_per_block=PER_BLOCK, n_modes=3, train_always=["head."], n_samples=200)
+    assert opt.mode_scale == "norm" and make()[1].mode_scale == "rms"
+    losses = train(model, opt, 3 * PER_BLOCK + 3)
+    assert max(losses[PER_BLOCK:]) < 1.5 * max(losses[:PER_BLOCK]), losses
+    with pytest.raises(ValueError, match="'auto', 'rms' or 'norm'"):
+        modeopt.BlockwiseCMD(model, torch.optim.SGD(model.parameters(), lr=0.05), steps_per_block=6, mode_scale="x")
