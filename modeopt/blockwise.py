@@ -204,8 +204,12 @@ class BlockwiseCMD(SharesBaseOptimizer):
         for b, emb in enumerate(self._emb):
             n = sum(p.numel() for _, p in emb)
             if n == 0:
+                tied = [t for t, p in self.model.named_parameters(remove_duplicate=False)
+                        if t.startswith(self.blocks[b]) and names.get(id(p)) != t]
+                hint = (f"; {tied[:3]} are tied to (the same tensors as) parameters named earlier, whose block they "
+                        "belong to: put the tied layers in one block (a list of prefixes)") if tied else ""
                 raise ValueError(f"block {b} {list(self.blocks[b])} has no parameter of the base optimizer to embed "
-                                 "(none matches its prefixes, or all are excluded): check the prefixes")
+                                 f"(none matches its prefixes, or all are excluded): check the prefixes{hint}")
             if n < self.n_modes:
                 raise ValueError(f"block {b} has {n} weights to embed, fewer than n_modes={self.n_modes}")
 

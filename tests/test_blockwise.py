@@ -365,3 +365,19 @@ def test_sgd_base_gets_unit_norm_modes_by_default_and_does_not_jump_at_an_embedd
     assert max(losses[PER_BLOCK:]) < 1.5 * max(losses[:PER_BLOCK]), losses
     with pytest.raises(ValueError, match="'auto', 'rms' or 'norm'"):
         modeopt.BlockwiseCMD(model, torch.optim.SGD(model.parameters(), lr=0.05), steps_per_block=6, mode_scale="x")
+
+
+def test_weights_tied_across_blocks_belong_to_the_first_block_and_an_emptied_block_says_so():
+    torch.manual_seed(0)
+    model = Stack()
+    model.layers[1][0].weight = model.layers[0][0].weight  # layer 1's only matrix is layer 0's
+    adam = lambda: torch.optim.AdamW(model.parameters(), lr=1e-2)  # noqa: E731
+    with pytest.raises(ValueError, match=r"\['layers\.1\.0\.weight'\] are tied.*one block"):
+        modeopt.BlockwiseCMD(model, adam(), find_blocks(model), steps_per_block=PER_BLOCK, n_modes=3)
+    opt = modeopt.BlockwiseCMD(model, adam(), [["layers.0.", "layers.1."], "layers.2."], steps_per_block=PER_BLOCK,
+                               n_modes=3, train_always=["head."], n_samples=200)
+    train(model, opt, PER_BLOCK + 1)
+    assert opt.spaces[0].names == ["layers.0.0.weight"] and model.layers[1][0].weight is model.layers[0][0].weight
+    w = model.layers[0][0].weight.detach().clone()
+    train(model, opt, 2, PER_BLOCK + 1)
+    assert not torch.equal(model.layers[1][0].weight, w)  # the shared tensor moves along block 0's modes
