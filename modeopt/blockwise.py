@@ -147,6 +147,10 @@ class BlockwiseCMD(SharesBaseOptimizer):
         if any(n.rsplit(".", 1)[-1].startswith("modeopt_") for n, _ in model.named_parameters()):
             raise RuntimeError("the model is already in mode space (it has modeopt_* parameters): one mode-space "
                                "optimizer per model")
+        for arg, value in (("blocks", blocks), ("train_always", train_always)):
+            if isinstance(value, str):  # would be read as one prefix per character
+                raise TypeError(f"{arg} must be a list of parameter-name prefixes, got the string {value!r}: pass "
+                                f"[{value!r}]")
         self.model = model
         self.steps_per_block, self.n_modes, self.snapshot_every = steps_per_block, n_modes, snapshot_every
         self.n_samples, self.seed = n_samples, int(seed)

@@ -230,6 +230,10 @@ def test_bad_arguments_say_what_to_do():
     model.layers[1][2].weight.requires_grad_(True)
     assert default.blocks == [("layers.2.",), ("layers.1.",), ("layers.0.",)]  # top layer first
     default.export()
+    with pytest.raises(TypeError, match=r"train_always must be a list.*pass \['head\.'\]"):  # not 5 prefixes
+        modeopt.BlockwiseCMD(model, adam(), steps_per_block=6, train_always="head.")
+    with pytest.raises(TypeError, match="blocks must be a list"):
+        modeopt.BlockwiseCMD(model, adam(), "layers.0.", steps_per_block=6)
     with pytest.raises(ValueError, match="overlap"):
         modeopt.BlockwiseCMD(model, adam(), ["layers.", "layers.1."], steps_per_block=6)
     with pytest.raises(ValueError, match="no parameter"):
