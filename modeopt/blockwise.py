@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from ._wrapping import SharesBaseOptimizer
-from .blockwise_state import check_blockwise_state, space_from_state, space_state
+from .blockwise_state import DAMAGED, check_blockwise_state, space_from_state, space_state
 from .block_embedding import embed_block
 from .layout import ParamLayout
 from .modespace import ModeSpace
@@ -405,9 +405,12 @@ class BlockwiseCMD(SharesBaseOptimizer):
     def _check_base_groups(self, base_state: Any, st: dict[str, Any]) -> None:
         """The saved base state must hold, per group, as many tensors as the saved phase trains."""
         groups = base_state.get("param_groups") if isinstance(base_state, dict) else None
+        saved_state = base_state.get("state") if isinstance(base_state, dict) else None
         if not isinstance(groups, list) or len(groups) != len(self.base.param_groups):
             raise ValueError(f"the checkpoint's base optimizer state has {len(groups or [])} param groups, this one "
                              f"{len(self.base.param_groups)}: build the base optimizer the same way")
+        if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+            raise ValueError(f"the checkpoint's base param groups are not dicts with a 'params' list: {DAMAGED}")
         active, saved_active = self.active, st["active"]
         self.active = saved_active  # _trained() reads it; restored below
         try:
@@ -417,6 +420,11 @@ class BlockwiseCMD(SharesBaseOptimizer):
         for gi, g in enumerate(groups):
             n_r = sum(len(set(s["r_groups"].tolist()) & {gi}) for s in st["spaces"])
             want = sum(id(p) in trained for p in self._orig[gi]) + n_r
-            if not isinstance(g, dict) or len(g.get("params", ())) != want:
-                raise ValueError(f"the checkpoint's base param group {gi} holds {len(g.get('params', ()))} tensors, "
+            if len(g["params"]) != want:
+                raise ValueError(f"the checkpoint's base param group {gi} holds {len(g['params'])} tensors, "
                                  f"block {saved_active} trains {want} there: damaged checkpoint, or other param groups")
+        ids = [i for g in groups for i in g["params"]]
+        if (not isinstance(saved_state, dict) or len(set(ids)) != len(ids) or not set(saved_state) <= set(ids)
+                or not all(isinstance(v, dict) for v in saved_state.values())):
+            raise ValueError("the checkpoint's base optimizer state is not a torch.optim state_dict (a 'state' dict "
+                             f"of dicts, keyed by distinct ids of its param groups' 'params'): {DAMAGED}")

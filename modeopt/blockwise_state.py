@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .modespace import ModeSpace
 
-__all__ = ["space_state", "check_blockwise_state", "space_from_state"]
+__all__ = ["DAMAGED", "space_state", "check_blockwise_state", "space_from_state"]
 
 DAMAGED = "damaged checkpoint, or one saved by an optimizer built differently"
 

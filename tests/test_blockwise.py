@@ -208,6 +208,11 @@ def test_damaged_checkpoints_are_refused_and_change_nothing():
         (lambda sd: sd["blockwise"].update(blocks=None), "blocks"),
         (lambda sd: sd["blockwise"].update(spaces=5), "finished block"),
         (lambda sd: sd["blockwise"]["spaces"][0].update(names=None), "embeds"),
+        # the base optimizer's part: these raised AttributeError / KeyError after the mode spaces were rebuilt
+        (lambda sd: sd["base"].update(state=None), "not a torch.optim state_dict"),
+        (lambda sd: sd["base"].pop("state"), "not a torch.optim state_dict"),
+        (lambda sd: sd["base"]["param_groups"].__setitem__(0, 5), "not dicts"),
+        (lambda sd: sd["base"]["param_groups"][0].update(params=[0] * 10), "not a torch.optim state_dict"),
     ]
     for edit, msg in cases:
         with pytest.raises(ValueError, match=msg):
