@@ -25,6 +25,7 @@ moving weights, so they get that group's learning rate.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,19 +55,25 @@ def find_blocks(model: nn.Module) -> list[str]:
     """The name prefixes of a model's repeated layers: the children of its largest ``nn.ModuleList``
     (by parameters) with at least two entries, e.g. ``["bert.encoder.layer.0.", ...]``.
 
-    Raises ``ValueError`` when the model has no such list (give ``blocks=`` yourself).
+    Raises ``ValueError`` when the model has no such list (give ``blocks=`` yourself). Warns when
+    another list, outside that one, is at least a quarter as large (an encoder-decoder's other
+    stack): its layers are in no block, so BlockwiseCMD would freeze them.
     """
-    best, size = None, 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) >= 2:
-            n = sum(p.numel() for p in mod.parameters())
-            if n > size:
-                best, size = (name, len(mod)), n
-    if best is None:
+    lists = [(name, len(mod), sum(p.numel() for p in mod.parameters()))
+             for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) >= 2]
+    if not lists or max(size for *_, size in lists) == 0:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of layers to split into blocks: pass "
                          "blocks=[prefix, ...] (parameter-name prefixes, e.g. 'encoder.layer.0.')")
-    prefix = f"{best[0]}." if best[0] else ""
-    return [f"{prefix}{i}." for i in range(best[1])]
+    best, n, size = max(lists, key=lambda t: t[2])  # the first of the largest
+    prefix = f"{best}." if best else ""
+    others = [o for o, _, s in lists if s * 4 >= size and o != best and prefix and not o.startswith(prefix)
+              and not prefix.startswith(f"{o}.")]
+    others = [o for o in others if not any(o.startswith(f"{q}.") for q in others)]  # not the lists inside them
+    if others:
+        warnings.warn(f"find_blocks: the blocks are the layers of {best!r}; {others} (as large) are in no block, so "
+                      "BlockwiseCMD freezes them: pass blocks= with their layers' prefixes too (e.g. "
+                      f"find_blocks(model) + ['{others[0]}.0.', ...])", stacklevel=2)
+    return [f"{prefix}{i}." for i in range(n)]
 
 
 def _prefixes(block) -> tuple[str, ...]:

@@ -390,3 +390,22 @@ def test_weights_tied_across_blocks_belong_to_the_first_block_and_an_emptied_blo
     w = model.layers[0][0].weight.detach().clone()
     train(model, opt, 2, PER_BLOCK + 1)
     assert not torch.equal(model.layers[1][0].weight, w)  # the shared tensor moves along block 0's modes
+
+
+def test_find_blocks_warns_when_another_stack_of_layers_would_be_frozen():
+    """Found in review: on an encoder-decoder (T5) blocks=None took the decoder's layers only and froze
+    the whole encoder without a word."""
+
+    class EncDec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+            self.dec = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    with pytest.warns(UserWarning, match=r"layers of 'dec'; \['enc'\].*freezes them"):
+        assert find_blocks(EncDec()) == ["dec.0.", "dec.1.", "dec.2."]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_blocks(Stack()) == ["layers.0.", "layers.1.", "layers.2."]
