@@ -360,6 +360,9 @@ class BlockwiseCMD(SharesBaseOptimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state and the wrapper's: step, active block, its recording, and per
         finished block its labels, ``a`` and ``r`` (the model's own state dict holds the weights)."""
+        if self.phase == "exported":
+            raise RuntimeError("this BlockwiseCMD was exported: it holds no training state any more (its model "
+                               "holds plain weights; save model.state_dict())")
         return {"base": self.base.state_dict(), "blockwise": {
             "step": self._step, "active": self.active, "in_block": self._in_block,
             "blocks": [list(b) for b in self.blocks],

@@ -176,6 +176,8 @@ def test_export_gives_plain_weights_that_load_into_the_original_class():
         torch.testing.assert_close(fresh(x), before, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="exported"):
         opt.step()
+    with pytest.raises(RuntimeError, match="exported"):  # found in review: it saved a state no optimizer loads
+        opt.state_dict()
 
 
 def test_damaged_checkpoints_are_refused_and_change_nothing():
