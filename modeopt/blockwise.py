@@ -18,8 +18,9 @@ its modes. Measured against LoRA, BAdam and full fine-tuning in docs/finetuning.
 
 The base optimizer's param groups keep their hyper-parameters and LR schedule; their ``params``
 lists are rewritten in place at every change of block (schedulers and the HF Trainer hold the
-group dicts, not the lists). A finished block's modes join the group that holds most of its
-moving weights, so they get that group's learning rate.
+group dicts, not the lists). Each mode of a finished block joins the group that holds most of
+that mode's moving weights, so it gets that group's learning rate and weight decay (a block
+split over groups has modes in each).
 """
 
 from __future__ import annotations
