@@ -411,3 +411,25 @@ def test_find_blocks_warns_when_another_stack_of_layers_would_be_frozen():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert find_blocks(Stack()) == ["layers.0.", "layers.1.", "layers.2."]
+
+
+def test_modes_join_their_weights_group_and_per_group_lambdas_reach_them():
+    torch.manual_seed(0)
+    model = Stack()
+    mats = [p for p in model.parameters() if p.ndim == 2]
+    vecs = [p for p in model.parameters() if p.ndim < 2]
+    base = torch.optim.AdamW([{"params": mats, "weight_decay": 0.0}, {"params": vecs, "lr": 1e-3, "weight_decay": 0.0}],
+                             lr=1e-2)
+    opt = modeopt.BlockwiseCMD(model, base, find_blocks(model), steps_per_block=PER_BLOCK, n_modes=3,
+                               train_always=["head."], n_samples=200)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.0 if s >= PER_BLOCK else 1.0, lambda s: 1.0])
+    for i in range(PER_BLOCK):
+        train(model, opt, 1, i)
+        sched.step()
+    assert opt.spaces[0].groups == [0] and any(p is opt.spaces[0].r_params[0] for p in opt.param_groups[0]["params"])
+    r, w = opt.spaces[0].r_full().detach().clone(), model.layers[0][0].weight.detach().clone()
+    bias = model.layers[0][0].bias.detach().clone()
+    train(model, opt, 3, PER_BLOCK)
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 1e-3]
+    assert torch.equal(opt.spaces[0].r_full().detach(), r) and torch.equal(model.layers[0][0].weight, w)
+    assert not torch.equal(model.layers[0][0].bias, bias)  # group 1 still trains
