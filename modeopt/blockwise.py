@@ -353,6 +353,13 @@ class BlockwiseCMD(SharesBaseOptimizer):
         forget_whole_set_state(self.base)
         return self.model
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Copied together with its model (deepcopy, a pickled training state): this optimizer drives
+        # the copied mode spaces, which are then no orphan copies (ModeSpace.__setstate__, as CMDOptimizer).
+        for space in self.__dict__.get("spaces", []):
+            space.__dict__["_copied"] = False
+
     def __repr__(self) -> str:
         return (f"BlockwiseCMD(phase={self.phase!r}, step={self._step}, block={self.active}/{len(self.blocks)}, "
                 f"n_modes={self.n_modes}, base={type(self.base).__name__})")

@@ -325,6 +325,7 @@ def test_export_keeps_the_parameters_the_user_froze_frozen():
     assert frozen == {"inp.weight", "layers.0.2.weight"}  # everything else trainable again, as before
 
 
+@pytest.mark.filterwarnings("error")  # no "copy of a model in mode space ... changes nothing": this copy drives it
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 def test_a_copy_of_the_optimizer_mid_block_goes_on_like_the_original(how):
     model, opt = make()
