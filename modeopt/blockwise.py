@@ -442,7 +442,8 @@ class BlockwiseCMD(SharesBaseOptimizer):
                 raise ValueError(f"the checkpoint's base param group {gi} holds {len(g['params'])} tensors, "
                                  f"block {saved_active} trains {want} there: damaged checkpoint, or other param groups")
         ids = [i for g in groups for i in g["params"]]
-        if (not isinstance(saved_state, dict) or len(set(ids)) != len(ids) or not set(saved_state) <= set(ids)
+        if (not isinstance(saved_state, dict) or not all(isinstance(i, int) for i in ids)
+                or len(set(ids)) != len(ids) or not set(saved_state) <= set(ids)
                 or not all(isinstance(v, dict) for v in saved_state.values())):
             raise ValueError("the checkpoint's base optimizer state is not a torch.optim state_dict (a 'state' dict "
                              f"of dicts, keyed by distinct ids of its param groups' 'params'): {DAMAGED}")
