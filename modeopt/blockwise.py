@@ -18,13 +18,15 @@ its modes. Measured against LoRA, BAdam and full fine-tuning in docs/finetuning.
 
 The base optimizer's param groups keep their hyper-parameters and LR schedule; their ``params``
 lists are rewritten in place at every change of block (schedulers and the HF Trainer hold the
-group dicts, not the lists). A finished block's modes join the group that holds most of its
-moving weights, so they get that group's learning rate.
+group dicts, not the lists). Each mode of a finished block joins the group that holds most of
+that mode's moving weights, so it gets that group's learning rate and weight decay (a block
+split over groups has modes in each).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,12 +35,13 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from ._wrapping import SharesBaseOptimizer
-from .blockwise_state import check_blockwise_state, space_from_state, space_state
+from .blockwise_state import DAMAGED, check_blockwise_state, space_from_state, space_state
 from .block_embedding import embed_block
 from .layout import ParamLayout
 from .modespace import ModeSpace
+from .optimizer_settings import resolve_mode_scale
 from .parallel_wrappers import sharding_wrapper
-from .param_groups import Exclude, exclusion_predicate
+from .param_groups import Exclude, exclusion_predicate, forget_whole_set_state
 from .snapshots import SnapshotBuffer
 from .warmup_recording import check_snapshot_count
 
@@ -53,19 +56,25 @@ def find_blocks(model: nn.Module) -> list[str]:
     """The name prefixes of a model's repeated layers: the children of its largest ``nn.ModuleList``
     (by parameters) with at least two entries, e.g. ``["bert.encoder.layer.0.", ...]``.
 
-    Raises ``ValueError`` when the model has no such list (give ``blocks=`` yourself).
+    Raises ``ValueError`` when the model has no such list (give ``blocks=`` yourself). Warns when
+    another list, outside that one, is at least a quarter as large (an encoder-decoder's other
+    stack): its layers are in no block, so BlockwiseCMD would freeze them.
     """
-    best, size = None, 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) >= 2:
-            n = sum(p.numel() for p in mod.parameters())
-            if n > size:
-                best, size = (name, len(mod)), n
-    if best is None:
+    lists = [(name, len(mod), sum(p.numel() for p in mod.parameters()))
+             for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) >= 2]
+    if not lists or max(size for *_, size in lists) == 0:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of layers to split into blocks: pass "
                          "blocks=[prefix, ...] (parameter-name prefixes, e.g. 'encoder.layer.0.')")
-    prefix = f"{best[0]}." if best[0] else ""
-    return [f"{prefix}{i}." for i in range(best[1])]
+    best, n, size = max(lists, key=lambda t: t[2])  # the first of the largest
+    prefix = f"{best}." if best else ""
+    others = [o for o, _, s in lists if s * 4 >= size and o != best and prefix and not o.startswith(prefix)
+              and not prefix.startswith(f"{o}.")]
+    others = [o for o in others if not any(o.startswith(f"{q}.") for q in others)]  # not the lists inside them
+    if others:
+        warnings.warn(f"find_blocks: the blocks are the layers of {best!r}; {others} (as large) are in no block, so "
+                      "BlockwiseCMD freezes them: pass blocks= with their layers' prefixes too (e.g. "
+                      f"find_blocks(model) + ['{others[0]}.0.', ...])", stacklevel=2)
+    return [f"{prefix}{i}." for i in range(n)]
 
 
 def _prefixes(block) -> tuple[str, ...]:
@@ -94,7 +103,9 @@ class BlockwiseCMD(SharesBaseOptimizer):
         seed: seed of block ``b``'s sampling is ``seed + b``.
         record_dtype: storage of the active block's snapshots (bf16: movements from the block's start).
         coef_dtype: storage of ``a`` of the finished blocks (bf16 halves it).
-        mode_scale: ``"rms"`` (an Adam step of ``lr`` on ``r`` moves its weights by ~``lr``) or ``"norm"``.
+        mode_scale: ``"rms"`` (an Adam step of ``lr`` on ``r`` moves its weights by ~``lr``), ``"norm"``
+            (SGD on ``r`` is the projection of the SGD step onto the modes; with ``"rms"`` it is ~N_m
+            times larger) or ``"auto"``: ``"rms"`` for Adam-type bases, ``"norm"`` otherwise.
 
     Memory at any step, beyond the model and activations: the active block's gradients, base state
     and ``steps_per_block // snapshot_every + 1`` snapshots of it; ``a`` (2 or 4 B) and a label
@@ -122,7 +133,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
         seed: int = 0,
         record_dtype: torch.dtype = torch.bfloat16,
         coef_dtype: torch.dtype = torch.bfloat16,
-        mode_scale: str = "rms",
+        mode_scale: str = "auto",
     ):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
@@ -133,8 +144,8 @@ class BlockwiseCMD(SharesBaseOptimizer):
         check_snapshot_count("steps_per_block", steps_per_block, snapshot_every)
         if n_modes > n_samples:
             raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more weights")
-        if mode_scale not in ("rms", "norm"):
-            raise ValueError(f"mode_scale must be 'rms' or 'norm', got {mode_scale!r}")
+        if mode_scale not in ("auto", "rms", "norm"):
+            raise ValueError(f"mode_scale must be 'auto', 'rms' or 'norm', got {mode_scale!r}")
         wrapped = sharding_wrapper(model) or (
             "DistributedDataParallel" if isinstance(model, nn.parallel.DistributedDataParallel) else None)
         if wrapped is not None:
@@ -144,10 +155,15 @@ class BlockwiseCMD(SharesBaseOptimizer):
         if any(n.rsplit(".", 1)[-1].startswith("modeopt_") for n, _ in model.named_parameters()):
             raise RuntimeError("the model is already in mode space (it has modeopt_* parameters): one mode-space "
                                "optimizer per model")
+        for arg, value in (("blocks", blocks), ("train_always", train_always)):
+            if isinstance(value, str):  # would be read as one prefix per character
+                raise TypeError(f"{arg} must be a list of parameter-name prefixes, got the string {value!r}: pass "
+                                f"[{value!r}]")
         self.model = model
         self.steps_per_block, self.n_modes, self.snapshot_every = steps_per_block, n_modes, snapshot_every
         self.n_samples, self.seed = n_samples, int(seed)
-        self.record_dtype, self.coef_dtype, self.mode_scale = record_dtype, coef_dtype, mode_scale
+        self.record_dtype, self.coef_dtype = record_dtype, coef_dtype
+        self.mode_scale = resolve_mode_scale(mode_scale, base_optimizer)
         self.blocks = [_prefixes(b) for b in (find_blocks(model)[::-1] if blocks is None else blocks)]
         if not self.blocks:
             raise ValueError("blocks is empty: give at least one parameter-name prefix")
@@ -166,7 +182,10 @@ class BlockwiseCMD(SharesBaseOptimizer):
         """Which block, group and role each of the base optimizer's parameters has."""
         names = {id(p): n for n, p in self.model.named_parameters()}
         self._orig = [list(g["params"]) for g in base.param_groups]
-        self._group_of: dict[int, int] = {}
+        # requires_grad as the user left it, restored by export(); lists by position, not ids (a
+        # deep copy or a pickled optimizer has new tensors, hence new ids)
+        self._grad_before = [[p.requires_grad for p in params] for params in self._orig]
+        self._emb_group: list[list[int]] = [[] for _ in self.blocks]  # per block, each _emb tensor's group
         self._always: list[Tensor] = []
         self._frozen: list[Tensor] = []
         self._emb: list[list[tuple[str, Tensor]]] = [[] for _ in self.blocks]  # embedded later
@@ -177,7 +196,6 @@ class BlockwiseCMD(SharesBaseOptimizer):
                     raise ValueError("the base optimizer trains a tensor that is not a parameter of the model: "
                                      "build it on model.parameters()")
                 name = names[id(p)]
-                self._group_of[id(p)] = gi
                 hits = [b for b, pre in enumerate(self.blocks) if name.startswith(pre)]
                 always = name.startswith(self.train_always) if self.train_always else False
                 if len(hits) > 1 or (hits and always):
@@ -194,11 +212,16 @@ class BlockwiseCMD(SharesBaseOptimizer):
                     self._free[hits[0]].append(p)
                 else:
                     self._emb[hits[0]].append((name, p))
+                    self._emb_group[hits[0]].append(gi)
         for b, emb in enumerate(self._emb):
             n = sum(p.numel() for _, p in emb)
             if n == 0:
+                tied = [t for t, p in self.model.named_parameters(remove_duplicate=False)
+                        if t.startswith(self.blocks[b]) and names.get(id(p)) != t]
+                hint = (f"; {tied[:3]} are tied to (the same tensors as) parameters named earlier, whose block they "
+                        "belong to: put the tied layers in one block (a list of prefixes)") if tied else ""
                 raise ValueError(f"block {b} {list(self.blocks[b])} has no parameter of the base optimizer to embed "
-                                 "(none matches its prefixes, or all are excluded): check the prefixes")
+                                 f"(none matches its prefixes, or all are excluded): check the prefixes{hint}")
             if n < self.n_modes:
                 raise ValueError(f"block {b} has {n} weights to embed, fewer than n_modes={self.n_modes}")
 
@@ -231,6 +254,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
                     p.grad = None
         for p in [p for p in self.base.state if id(p) not in keep_state]:
             del self.base.state[p]  # a finished block's optimizer state is freed here
+        forget_whole_set_state(self.base)  # LBFGS: its history over the old set restarts
 
     # ----------------------------------------------------------- blocks
     def _start_block(self) -> None:
@@ -251,7 +275,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
     def _embed_active(self) -> None:
         b, emb = self.active, self._emb[self.active]
         params = [p for _, p in emb]
-        groups = [self._group_of[id(p)] for p in params]
+        groups = self._emb_group[b]
         n = sum(p.numel() for p in params)
         init = embed_block(self._buffers, [name for name, _ in emb], params, groups, len(self.base.param_groups),
                            n_modes=self.n_modes, n_samples=min(self.n_samples, n), seed=self.seed + b,
@@ -319,14 +343,22 @@ class BlockwiseCMD(SharesBaseOptimizer):
         for space in self.spaces:
             space.sync()
             space.remove()
-        for params in self._orig:
-            for p in params:
-                p.requires_grad_(True)
+        for params, before in zip(self._orig, self._grad_before):
+            for p, rg in zip(params, before):
+                p.requires_grad_(rg)
         self.spaces, self._buffers, self.phase = [], [], "exported"
         for group, orig in zip(self.base.param_groups, self._orig):
             group["params"][:] = orig
         self.base.state.clear()
+        forget_whole_set_state(self.base)
         return self.model
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Copied together with its model (deepcopy, a pickled training state): this optimizer drives
+        # the copied mode spaces, which are then no orphan copies (ModeSpace.__setstate__, as CMDOptimizer).
+        for space in self.__dict__.get("spaces", []):
+            space.__dict__["_copied"] = False
 
     def __repr__(self) -> str:
         return (f"BlockwiseCMD(phase={self.phase!r}, step={self._step}, block={self.active}/{len(self.blocks)}, "
@@ -336,6 +368,9 @@ class BlockwiseCMD(SharesBaseOptimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state and the wrapper's: step, active block, its recording, and per
         finished block its labels, ``a`` and ``r`` (the model's own state dict holds the weights)."""
+        if self.phase == "exported":
+            raise RuntimeError("this BlockwiseCMD was exported: it holds no training state any more (its model "
+                               "holds plain weights; save model.state_dict())")
         return {"base": self.base.state_dict(), "blockwise": {
             "step": self._step, "active": self.active, "in_block": self._in_block,
             "blocks": [list(b) for b in self.blocks],
@@ -388,9 +423,12 @@ class BlockwiseCMD(SharesBaseOptimizer):
     def _check_base_groups(self, base_state: Any, st: dict[str, Any]) -> None:
         """The saved base state must hold, per group, as many tensors as the saved phase trains."""
         groups = base_state.get("param_groups") if isinstance(base_state, dict) else None
+        saved_state = base_state.get("state") if isinstance(base_state, dict) else None
         if not isinstance(groups, list) or len(groups) != len(self.base.param_groups):
             raise ValueError(f"the checkpoint's base optimizer state has {len(groups or [])} param groups, this one "
                              f"{len(self.base.param_groups)}: build the base optimizer the same way")
+        if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+            raise ValueError(f"the checkpoint's base param groups are not dicts with a 'params' list: {DAMAGED}")
         active, saved_active = self.active, st["active"]
         self.active = saved_active  # _trained() reads it; restored below
         try:
@@ -400,6 +438,12 @@ class BlockwiseCMD(SharesBaseOptimizer):
         for gi, g in enumerate(groups):
             n_r = sum(len(set(s["r_groups"].tolist()) & {gi}) for s in st["spaces"])
             want = sum(id(p) in trained for p in self._orig[gi]) + n_r
-            if not isinstance(g, dict) or len(g.get("params", ())) != want:
-                raise ValueError(f"the checkpoint's base param group {gi} holds {len(g.get('params', ()))} tensors, "
+            if len(g["params"]) != want:
+                raise ValueError(f"the checkpoint's base param group {gi} holds {len(g['params'])} tensors, "
                                  f"block {saved_active} trains {want} there: damaged checkpoint, or other param groups")
+        ids = [i for g in groups for i in g["params"]]
+        if (not isinstance(saved_state, dict) or not all(isinstance(i, int) for i in ids)
+                or len(set(ids)) != len(ids) or not set(saved_state) <= set(ids)
+                or not all(isinstance(v, dict) for v in saved_state.values())):
+            raise ValueError("the checkpoint's base optimizer state is not a torch.optim state_dict (a 'state' dict "
+                             f"of dicts, keyed by distinct ids of its param groups' 'params'): {DAMAGED}")

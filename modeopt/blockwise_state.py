@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .modespace import ModeSpace
 
-__all__ = ["space_state", "check_blockwise_state", "space_from_state"]
+__all__ = ["DAMAGED", "space_state", "check_blockwise_state", "space_from_state"]
 
 DAMAGED = "damaged checkpoint, or one saved by an optimizer built differently"
 
@@ -28,8 +28,8 @@ def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups
     if not isinstance(saved, Mapping) or not {"names", "labels", "a", "r_groups", "r", "r_in_weights"} <= set(saved):
         raise ValueError(f"block {b}'s saved mode space is not a mode-space state: {DAMAGED}")
     names = [n for n, _ in emb]
-    if list(saved["names"]) != names:
-        raise ValueError(f"block {b}'s saved mode space embeds {list(saved['names'])[:3]}..., this optimizer's block "
+    if not isinstance(saved["names"], Sequence) or list(saved["names"]) != names:
+        raise ValueError(f"block {b}'s saved mode space embeds {saved['names']!r:.80}, this optimizer's block "
                          f"{names[:3]}...: {DAMAGED}")
     r, r_groups = saved["r"], saved["r_groups"]
     if not (isinstance(r, Tensor) and r.dim() == 1 and r.is_floating_point() and r.numel() >= 1):
@@ -63,7 +63,9 @@ def check_blockwise_state(state: Any, *, blocks: Sequence[Sequence[str]], emb: S
     keys = {"step", "active", "in_block", "blocks", "buffer", "spaces", "history"}
     if not isinstance(state, Mapping) or not keys <= set(state):
         raise ValueError(f"not a BlockwiseCMD state (expected the keys {sorted(keys)}): {DAMAGED}")
-    if [list(b) for b in state["blocks"]] != [list(b) for b in blocks]:
+    saved_blocks = state["blocks"]
+    if not (isinstance(saved_blocks, Sequence) and all(isinstance(b, Sequence) for b in saved_blocks)
+            and [list(b) for b in saved_blocks] == [list(b) for b in blocks]):
         raise ValueError(f"the checkpoint was saved with blocks {state['blocks']}, this optimizer has {blocks}: "
                          "build it with the same blocks")
     step, active, in_block, spaces = state["step"], state["active"], state["in_block"], state["spaces"]
@@ -72,14 +74,15 @@ def check_blockwise_state(state: Any, *, blocks: Sequence[Sequence[str]], emb: S
         raise ValueError(f"the checkpoint's step={step!r}, active={active!r}, in_block={in_block!r} are out of range "
                          f"({len(blocks)} blocks of {steps_per_block} steps): {DAMAGED}")
     if not isinstance(spaces, Sequence) or len(spaces) != active:
-        raise ValueError(f"the checkpoint has block {active} active but {len(spaces)} finished block(s): {DAMAGED}")
+        n = len(spaces) if isinstance(spaces, Sequence) else repr(spaces)
+        raise ValueError(f"the checkpoint has block {active} active but {n} finished block(s): {DAMAGED}")
     for b, saved in enumerate(spaces):
         _check_space(b, saved, emb[b], n_groups)
     if (state["buffer"] is None) != (active == len(blocks)):
         raise ValueError(f"the checkpoint's recording does not fit its phase (block {active} of {len(blocks)}): "
                          f"{DAMAGED}")
-    if not isinstance(state["history"], list):
-        raise ValueError(f"the checkpoint's history must be a list: {DAMAGED}")
+    if not isinstance(state["history"], list) or not all(isinstance(h, Mapping) for h in state["history"]):
+        raise ValueError(f"the checkpoint's history must be a list of dicts: {DAMAGED}")
     return dict(state)
 
 

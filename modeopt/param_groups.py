@@ -22,10 +22,21 @@ from torch import nn
 from ._checks import short_names
 from .layout import ParamLayout
 
-__all__ = ["ParamGroupGuard", "Exclude", "exclusion_predicate"]
+__all__ = ["ParamGroupGuard", "Exclude", "exclusion_predicate", "forget_whole_set_state"]
 
 #: What ``CMDOptimizer(exclude=...)`` takes: a predicate ``f(name, param) -> bool``, name patterns, or None.
 Exclude = Callable[[str, nn.Parameter], bool] | Sequence[str] | None
+
+
+def forget_whole_set_state(base: torch.optim.Optimizer) -> None:
+    """Tell an optimizer that keeps whole-parameter-set state that its params lists changed (in place)."""
+    if isinstance(base, torch.optim.LBFGS):
+        # LBFGS keeps its curvature history (vectors over all params) under the first parameter
+        # and caches the total size in _numel_cache: both describe the old parameter set. Its
+        # params list is the group's own (changed in place), but torch has no public way to drop
+        # the cached size (it re-reads it only when the cache is None), hence this one write.
+        base._numel_cache = None
+        base.state.clear()
 
 
 def exclusion_predicate(exclude: Exclude) -> Callable[[str, nn.Parameter], bool]:
@@ -171,11 +182,5 @@ class ParamGroupGuard:
     def _params_changed(self) -> None:
         """Tell optimizers that keep whole-parameter-set state that the set changed."""
         self._group_sizes = self._current_group_sizes()
-        if isinstance(self.base, torch.optim.LBFGS):
-            # LBFGS keeps its curvature history (vectors over all params) under the first parameter
-            # and caches the total size in _numel_cache: both describe the old parameter set. Its
-            # params list is the group's own (changed in place), but torch has no public way to drop
-            # the cached size (it re-reads it only when the cache is None), hence this one write.
-            self.base._numel_cache = None
-            self.base.state.clear()
+        forget_whole_set_state(self.base)
 

@@ -176,6 +176,8 @@ def test_export_gives_plain_weights_that_load_into_the_original_class():
         torch.testing.assert_close(fresh(x), before, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="exported"):
         opt.step()
+    with pytest.raises(RuntimeError, match="exported"):  # found in review: it saved a state no optimizer loads
+        opt.state_dict()
 
 
 def test_damaged_checkpoints_are_refused_and_change_nothing():
@@ -202,11 +204,23 @@ def test_damaged_checkpoints_are_refused_and_change_nothing():
         (lambda sd: sd["base"]["param_groups"][0]["params"].pop(), "param group 0"),
         (lambda sd: sd["blockwise"]["buffer"][0].update(data=torch.zeros(2, 5)), "records 1024 weights"),
         (lambda sd: sd["blockwise"]["buffer"].pop(), "must hold 1 tensors"),
+        # found in review: these raised TypeError, the first two after the mode spaces were rebuilt
+        (lambda sd: sd["blockwise"].update(history=[1]), "history"),
+        (lambda sd: sd["blockwise"].update(history=[None]), "history"),
+        (lambda sd: sd["blockwise"].update(blocks=None), "blocks"),
+        (lambda sd: sd["blockwise"].update(spaces=5), "finished block"),
+        (lambda sd: sd["blockwise"]["spaces"][0].update(names=None), "embeds"),
+        # the base optimizer's part: these raised AttributeError / KeyError after the mode spaces were rebuilt
+        (lambda sd: sd["base"].update(state=None), "not a torch.optim state_dict"),
+        (lambda sd: sd["base"].pop("state"), "not a torch.optim state_dict"),
+        (lambda sd: sd["base"]["param_groups"].__setitem__(0, 5), "not dicts"),
+        (lambda sd: sd["base"]["param_groups"][0].update(params=[0] * 10), "not a torch.optim state_dict"),
     ]
     for edit, msg in cases:
         with pytest.raises(ValueError, match=msg):
             opt2.load_state_dict(damaged(edit))
         assert opt2.active == 0 and not opt2.spaces
+        assert not any("modeopt" in n for n, _ in model2.named_parameters())
         assert str(opt2.state_dict()) == str(snapshot)
     opt2.load_state_dict(good)
     assert opt2.active == 1
@@ -223,6 +237,10 @@ def test_bad_arguments_say_what_to_do():
     model.layers[1][2].weight.requires_grad_(True)
     assert default.blocks == [("layers.2.",), ("layers.1.",), ("layers.0.",)]  # top layer first
     default.export()
+    with pytest.raises(TypeError, match=r"train_always must be a list.*pass \['head\.'\]"):  # not 5 prefixes
+        modeopt.BlockwiseCMD(model, adam(), steps_per_block=6, train_always="head.")
+    with pytest.raises(TypeError, match="blocks must be a list"):
+        modeopt.BlockwiseCMD(model, adam(), "layers.0.", steps_per_block=6)
     with pytest.raises(ValueError, match="overlap"):
         modeopt.BlockwiseCMD(model, adam(), ["layers.", "layers.1."], steps_per_block=6)
     with pytest.raises(ValueError, match="no parameter"):
@@ -292,3 +310,127 @@ def test_on_cuda_it_matches_the_cpu_run():
     assert max(abs(a - b) for a, b in zip(cpu_losses, gpu_losses)) < 1e-3
     for k in cpu_sd:
         torch.testing.assert_close(gpu_sd[k], cpu_sd[k], rtol=1e-3, atol=1e-4)
+
+
+def test_export_keeps_the_parameters_the_user_froze_frozen():
+    torch.manual_seed(0)
+    model = Stack()
+    model.inp.weight.requires_grad_(False)  # frozen by the user, outside every block
+    model.layers[0][2].weight.requires_grad_(False)  # frozen by the user, inside block 0
+    opt = modeopt.BlockwiseCMD(model, torch.optim.AdamW(model.parameters(), lr=1e-2), find_blocks(model),
+                               steps_per_block=PER_BLOCK, n_modes=3, train_always=["head."], n_samples=200)
+    train(model, opt, PER_BLOCK + 2)
+    opt.export()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"inp.weight", "layers.0.2.weight"}  # everything else trainable again, as before
+
+
+@pytest.mark.filterwarnings("error")  # no "copy of a model in mode space ... changes nothing": this copy drives it
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_of_the_optimizer_mid_block_goes_on_like_the_original(how):
+    model, opt = make()
+    train(model, opt, PER_BLOCK + 2)  # block 1 active, block 0 in mode space
+    if how == "deepcopy":
+        opt2 = copy.deepcopy(opt)
+    else:
+        buf = io.BytesIO()
+        torch.save(opt, buf)
+        buf.seek(0)
+        opt2 = torch.load(buf, weights_only=False)
+    model2 = opt2.model
+    assert model2 is not model
+    steps = 2 * PER_BLOCK  # through the embeddings of blocks 1 and 2
+    assert train(model2, opt2, steps, PER_BLOCK + 2) == train(model, opt, steps, PER_BLOCK + 2)
+    assert [h["block"] for h in opt2.history] == [0, 1, 2]
+    for (n, p), (_, q) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_lbfgs_with_a_closure_goes_through_the_changes_of_block():
+    torch.manual_seed(0)
+    model = Stack()
+    opt = modeopt.BlockwiseCMD(model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), find_blocks(model),
+                               steps_per_block=PER_BLOCK, n_modes=3, train_always=["head."], n_samples=200)
+    noisy = torch.randint(0, 2, (len(Y),), generator=torch.Generator().manual_seed(2))  # not learnt in 20 steps
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), noisy)
+        loss.backward()
+        return loss
+
+    losses = [float(opt.step(closure).detach()) for _ in range(3 * PER_BLOCK + 2)]
+    assert opt.phase == "embedded" and len(opt.history) == 3
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_sgd_base_gets_unit_norm_modes_by_default_and_does_not_jump_at_an_embedding():
+    """Found in review: with mode_scale="rms" fixed, SGD on r takes a step N_m times an SGD step on the
+    weights (dL/dr sums a_i dL/dw_i over the mode): 0.45 -> 4.6 at the step after the first embedding.
+    Like CMDOptimizer, the default is now "auto": "norm" for SGD (the projected SGD step), "rms" for Adam."""
+    torch.manual_seed(0)
+    model = Stack()
+    opt = modeopt.BlockwiseCMD(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), find_blocks(model),
+                               steps_per_block=PER_BLOCK, n_modes=3, train_always=["head."], n_samples=200)
+    assert opt.mode_scale == "norm" and make()[1].mode_scale == "rms"
+    losses = train(model, opt, 3 * PER_BLOCK + 3)
+    assert max(losses[PER_BLOCK:]) < 1.5 * max(losses[:PER_BLOCK]), losses
+    with pytest.raises(ValueError, match="'auto', 'rms' or 'norm'"):
+        modeopt.BlockwiseCMD(model, torch.optim.SGD(model.parameters(), lr=0.05), steps_per_block=6, mode_scale="x")
+
+
+def test_weights_tied_across_blocks_belong_to_the_first_block_and_an_emptied_block_says_so():
+    torch.manual_seed(0)
+    model = Stack()
+    model.layers[1][0].weight = model.layers[0][0].weight  # layer 1's only matrix is layer 0's
+    adam = lambda: torch.optim.AdamW(model.parameters(), lr=1e-2)  # noqa: E731
+    with pytest.raises(ValueError, match=r"\['layers\.1\.0\.weight'\] are tied.*one block"):
+        modeopt.BlockwiseCMD(model, adam(), find_blocks(model), steps_per_block=PER_BLOCK, n_modes=3)
+    opt = modeopt.BlockwiseCMD(model, adam(), [["layers.0.", "layers.1."], "layers.2."], steps_per_block=PER_BLOCK,
+                               n_modes=3, train_always=["head."], n_samples=200)
+    train(model, opt, PER_BLOCK + 1)
+    assert opt.spaces[0].names == ["layers.0.0.weight"] and model.layers[1][0].weight is model.layers[0][0].weight
+    w = model.layers[0][0].weight.detach().clone()
+    train(model, opt, 2, PER_BLOCK + 1)
+    assert not torch.equal(model.layers[1][0].weight, w)  # the shared tensor moves along block 0's modes
+
+
+def test_find_blocks_warns_when_another_stack_of_layers_would_be_frozen():
+    """Found in review: on an encoder-decoder (T5) blocks=None took the decoder's layers only and froze
+    the whole encoder without a word."""
+
+    class EncDec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+            self.dec = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    with pytest.warns(UserWarning, match=r"layers of 'dec'; \['enc'\].*freezes them"):
+        assert find_blocks(EncDec()) == ["dec.0.", "dec.1.", "dec.2."]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_blocks(Stack()) == ["layers.0.", "layers.1.", "layers.2."]
+
+
+def test_modes_join_their_weights_group_and_per_group_lambdas_reach_them():
+    torch.manual_seed(0)
+    model = Stack()
+    mats = [p for p in model.parameters() if p.ndim == 2]
+    vecs = [p for p in model.parameters() if p.ndim < 2]
+    base = torch.optim.AdamW([{"params": mats, "weight_decay": 0.0}, {"params": vecs, "lr": 1e-3, "weight_decay": 0.0}],
+                             lr=1e-2)
+    opt = modeopt.BlockwiseCMD(model, base, find_blocks(model), steps_per_block=PER_BLOCK, n_modes=3,
+                               train_always=["head."], n_samples=200)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.0 if s >= PER_BLOCK else 1.0, lambda s: 1.0])
+    for i in range(PER_BLOCK):
+        train(model, opt, 1, i)
+        sched.step()
+    assert opt.spaces[0].groups == [0] and any(p is opt.spaces[0].r_params[0] for p in opt.param_groups[0]["params"])
+    r, w = opt.spaces[0].r_full().detach().clone(), model.layers[0][0].weight.detach().clone()
+    bias = model.layers[0][0].bias.detach().clone()
+    train(model, opt, 3, PER_BLOCK)
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 1e-3]
+    assert torch.equal(opt.spaces[0].r_full().detach(), r) and torch.equal(model.layers[0][0].weight, w)
+    assert not torch.equal(model.layers[0][0].bias, bias)  # group 1 still trains
