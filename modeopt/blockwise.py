@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,10 +36,11 @@ from torch import Tensor, nn
 
 from ._checks import check_int
 from ._wrapping import SharesBaseOptimizer
-from .blockwise_state import DAMAGED, check_blockwise_state, space_from_state, space_state
+from .blockwise_state import check_base_groups, check_blockwise_state, check_recording, space_from_state, space_state
 from .block_embedding import embed_block
 from .layout import ParamLayout
 from .modespace import ModeSpace
+from .nonfinite import NonFiniteWarning, all_finite
 from .optimizer_settings import resolve_mode_scale
 from .parallel_wrappers import sharding_wrapper
 from .param_groups import Exclude, exclusion_predicate, forget_whole_set_state
@@ -173,6 +175,8 @@ class BlockwiseCMD(SharesBaseOptimizer):
         self.phase, self.active, self._step, self._in_block = "block", 0, 0, 0
         self.spaces: list[ModeSpace] = []
         self.history: list[dict[str, Any]] = []
+        #: steps skipped because the gradient of some ``r`` held NaN/inf (not counted in ``step_count``)
+        self.skipped_steps = 0
         self._buffers: list[SnapshotBuffer] = []  # the active block's recording, one per tensor
         self._regroup()
         self._start_block()
@@ -315,6 +319,16 @@ class BlockwiseCMD(SharesBaseOptimizer):
                     space.sync(finite_only=True)
                 return inner()
 
+        if closure is None and not all_finite(p.grad for s in self.spaces for p in s.r_params):
+            # Like GradScaler: a non-finite gradient of r is not stepped on. Stepped, it would make r and its
+            # optimizer state NaN for good, and the finished blocks would silently stop moving.
+            self.skipped_steps += 1
+            if self.skipped_steps == 1:
+                warnings.warn(f"modeopt: step {self._step + 1}: the gradient of a finished block's mode scalars r "
+                              "holds NaN/inf: the step is skipped (nothing changes, the step is not counted), as "
+                              "GradScaler does. Later skips are counted in opt.skipped_steps without a warning",
+                              NonFiniteWarning, stacklevel=2)
+            return None
         loss = self._base_step(closure)
         for space in self.spaces:
             # a non-finite r is never written into the weights (decided on r's device, no host sync)
@@ -391,8 +405,16 @@ class BlockwiseCMD(SharesBaseOptimizer):
                                    n_groups=len(self.base.param_groups), steps_per_block=self.steps_per_block)
         active = st["active"]
         if active < len(self.blocks):
-            self._check_recording(st["buffer"], active)
-        self._check_base_groups(state_dict["base"], st)
+            check_recording(st["buffer"], self._emb[active], self.record_dtype,
+                            self.steps_per_block // self.snapshot_every + 1, active)
+        now, self.active = self.active, active  # _trained() reads it
+        try:
+            trained = self._trained()
+        finally:
+            self.active = now
+        want = [sum(id(p) in trained for p in orig) + sum(gi in s["r_groups"].tolist() for s in st["spaces"])
+                for gi, orig in enumerate(self._orig)]
+        check_base_groups(state_dict["base"], want, active)
         for space in self.spaces:
             space.remove()
         self.spaces = [space_from_state(self.model, self._emb[b], s, R_PREFIX.format(b))
@@ -406,44 +428,3 @@ class BlockwiseCMD(SharesBaseOptimizer):
         for buf, saved in zip(self._buffers, st["buffer"] or []):
             buf.load_state_dict(saved)
         self._in_block = st["in_block"] if self._buffers else 0
-
-    def _check_recording(self, saved: Any, block: int) -> None:
-        """The saved recording of the active block: one buffer state per tensor, of its size."""
-        emb, cap = self._emb[block], self.steps_per_block // self.snapshot_every + 1
-        if not isinstance(saved, list) or len(saved) != len(emb):
-            raise ValueError(f"the checkpoint's recording of block {block} must hold {len(emb)} tensors' snapshots: "
-                             "damaged checkpoint, or other blocks")
-        for state, (name, p) in zip(saved, emb):
-            SnapshotBuffer(p.numel(), dtype=self.record_dtype, capacity=cap).checked_state(state)
-            data = state["data"]
-            if data.dim() != 2 or data.shape[1] != p.numel() or not 1 <= data.shape[0] <= cap:
-                raise ValueError(f"the checkpoint's recording of {name!r} has shape {tuple(data.shape)}, expected "
-                                 f"(<= {cap}, {p.numel()}): damaged checkpoint, or other blocks")
-
-    def _check_base_groups(self, base_state: Any, st: dict[str, Any]) -> None:
-        """The saved base state must hold, per group, as many tensors as the saved phase trains."""
-        groups = base_state.get("param_groups") if isinstance(base_state, dict) else None
-        saved_state = base_state.get("state") if isinstance(base_state, dict) else None
-        if not isinstance(groups, list) or len(groups) != len(self.base.param_groups):
-            raise ValueError(f"the checkpoint's base optimizer state has {len(groups or [])} param groups, this one "
-                             f"{len(self.base.param_groups)}: build the base optimizer the same way")
-        if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
-            raise ValueError(f"the checkpoint's base param groups are not dicts with a 'params' list: {DAMAGED}")
-        active, saved_active = self.active, st["active"]
-        self.active = saved_active  # _trained() reads it; restored below
-        try:
-            trained = self._trained()
-        finally:
-            self.active = active
-        for gi, g in enumerate(groups):
-            n_r = sum(len(set(s["r_groups"].tolist()) & {gi}) for s in st["spaces"])
-            want = sum(id(p) in trained for p in self._orig[gi]) + n_r
-            if len(g["params"]) != want:
-                raise ValueError(f"the checkpoint's base param group {gi} holds {len(g['params'])} tensors, "
-                                 f"block {saved_active} trains {want} there: damaged checkpoint, or other param groups")
-        ids = [i for g in groups for i in g["params"]]
-        if (not isinstance(saved_state, dict) or not all(isinstance(i, int) for i in ids)
-                or len(set(ids)) != len(ids) or not set(saved_state) <= set(ids)
-                or not all(isinstance(v, dict) for v in saved_state.values())):
-            raise ValueError("the checkpoint's base optimizer state is not a torch.optim state_dict (a 'state' dict "
-                             f"of dicts, keyed by distinct ids of its param groups' 'params'): {DAMAGED}")

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .modespace import ModeSpace
+from .snapshots import SnapshotBuffer
 
 __all__ = ["DAMAGED", "space_state", "check_blockwise_state", "space_from_state"]
 
@@ -95,3 +96,39 @@ def space_from_state(model: nn.Module, emb: Sequence[tuple[str, nn.Parameter]], 
                       coef_dtype=saved["a"][0].dtype, r_prefix=r_prefix)
     space.r_in_weights.copy_(saved["r_in_weights"])
     return space
+
+
+def check_recording(saved: Any, emb: Sequence[tuple[str, Tensor]], record_dtype: torch.dtype, capacity: int,
+                    block: int) -> None:
+    """The saved recording of the active block: one buffer state per tensor, of its size."""
+    if not isinstance(saved, list) or len(saved) != len(emb):
+        raise ValueError(f"the checkpoint's recording of block {block} must hold {len(emb)} tensors' snapshots: "
+                         "damaged checkpoint, or other blocks")
+    for state, (name, p) in zip(saved, emb):
+        SnapshotBuffer(p.numel(), dtype=record_dtype, capacity=capacity).checked_state(state)
+        data = state["data"]
+        if data.dim() != 2 or data.shape[1] != p.numel() or not 1 <= data.shape[0] <= capacity:
+            raise ValueError(f"the checkpoint's recording of {name!r} has shape {tuple(data.shape)}, expected "
+                             f"(<= {capacity}, {p.numel()}): damaged checkpoint, or other blocks")
+
+
+def check_base_groups(base_state: Any, want: Sequence[int], saved_active: int) -> None:
+    """The saved base optimizer state must hold, per param group, ``want[g]`` tensors (what the saved
+    phase trains there) and be a torch.optim state_dict."""
+    groups = base_state.get("param_groups") if isinstance(base_state, dict) else None
+    saved_state = base_state.get("state") if isinstance(base_state, dict) else None
+    if not isinstance(groups, list) or len(groups) != len(want):
+        raise ValueError(f"the checkpoint's base optimizer state has {len(groups or [])} param groups, this one "
+                         f"{len(want)}: build the base optimizer the same way")
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise ValueError(f"the checkpoint's base param groups are not dicts with a 'params' list: {DAMAGED}")
+    for gi, (g, n) in enumerate(zip(groups, want)):
+        if len(g["params"]) != n:
+            raise ValueError(f"the checkpoint's base param group {gi} holds {len(g['params'])} tensors, "
+                             f"block {saved_active} trains {n} there: damaged checkpoint, or other param groups")
+    ids = [i for g in groups for i in g["params"]]
+    if (not isinstance(saved_state, dict) or not all(isinstance(i, int) for i in ids)
+            or len(set(ids)) != len(ids) or not set(saved_state) <= set(ids)
+            or not all(isinstance(v, dict) for v in saved_state.values())):
+        raise ValueError("the checkpoint's base optimizer state is not a torch.optim state_dict (a 'state' dict "
+                         f"of dicts, keyed by distinct ids of its param groups' 'params'): {DAMAGED}")

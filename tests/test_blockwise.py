@@ -434,3 +434,21 @@ def test_modes_join_their_weights_group_and_per_group_lambdas_reach_them():
     assert [g["lr"] for g in opt.param_groups] == [0.0, 1e-3]
     assert torch.equal(opt.spaces[0].r_full().detach(), r) and torch.equal(model.layers[0][0].weight, w)
     assert not torch.equal(model.layers[0][0].bias, bias)  # group 1 still trains
+
+
+def test_a_nan_gradient_of_r_skips_the_step_and_changes_nothing():
+    model, opt = make()
+    train(model, opt, PER_BLOCK + 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = opt.spaces[0].r_full().detach().clone()
+    state = copy.deepcopy(opt.base.state_dict())
+    opt.zero_grad()
+    (nn.functional.cross_entropy(model(X[:32]), Y[:32]) * float("nan")).backward()
+    with pytest.warns(modeopt.nonfinite.NonFiniteWarning, match="skipped"):
+        assert opt.step() is None
+    assert opt.skipped_steps == 1 and opt.step_count == PER_BLOCK + 1
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(opt.spaces[0].r_full().detach(), r)
+    assert str(opt.base.state_dict()) == str(state)
+    losses = train(model, opt, 3, PER_BLOCK + 1)  # and training goes on, finite
+    assert all(torch.isfinite(torch.tensor(losses))) and torch.isfinite(opt.spaces[0].r_full()).all()
