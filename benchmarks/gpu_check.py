@@ -10,7 +10,7 @@ minutes on one H200, with the start-up).
 
 Parts:
 
-a. ``pytest -q -m cuda`` over tests/test_cuda.py, test_online_cuda.py, test_device.py, test_triton_kernels.py in a
+a. ``pytest -q -m cuda`` over tests/test_cuda.py, test_online_cuda.py, test_device.py, test_triton_kernels.py, test_blockwise.py in a
    subprocess, with ``MODEOPT_TEST_DEVICE=--device``: outcome per test, counts, tail of the output.
 b. Step time, plain vs. mode space, side by side in one process: medians over interleaved rounds
    (the order alternates every round; warm-up rounds excluded) of embedded step / plain step, for
@@ -115,7 +115,8 @@ def run_part(results: dict, name: str, fn, *args) -> None:
 
 # ----------------------------------------------------------------------------------- a. tests
 def part_tests(args, cap: float) -> dict:
-    wanted = ["tests/test_cuda.py", "tests/test_online_cuda.py", "tests/test_device.py", "tests/test_triton_kernels.py"]
+    wanted = ["tests/test_cuda.py", "tests/test_online_cuda.py", "tests/test_device.py", "tests/test_triton_kernels.py",
+              "tests/test_blockwise.py"]
     files = [f for f in wanted if (ROOT / f).exists()]
     missing = [f for f in wanted if not (ROOT / f).exists()]
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-rfEsxXp", "--tb=short", "-p", "no:logging",

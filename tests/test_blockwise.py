@@ -290,6 +290,7 @@ def test_hf_trainer_runs_it_unchanged(tmp_path):
     assert set(saved) == set(tiny_bert().state_dict())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_it_matches_the_cpu_run():
     def run(device):
