@@ -9,7 +9,8 @@ Hugging Face ``Trainer`` and ``modeopt.CMDOptimizer``, and compare with plain Ad
 * ``--recipe blockwise``: instead of CMDOptimizer, ``modeopt.BlockwiseCMD``: AdamW trains one
   encoder layer at a time (``--steps`` / 6 steps each), every finished layer keeps moving in its
   own ``--n-modes`` modes; the head trains throughout (the cheap fine-tuning recipe of
-  docs/finetuning.md: about half full fine-tuning's training memory);
+  docs/finetuning.md: LoRA's accuracy at 0.76x full fine-tuning's whole-run peak memory, 1.6x
+  LoRA's);
 * then ``opt.export()`` and ``save_pretrained`` to ``--out``, reloaded with
   ``AutoModelForSequenceClassification.from_pretrained`` to check it computes the same function.
 
