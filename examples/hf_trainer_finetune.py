@@ -50,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64, help="tokens per review (truncation)")
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--blockwise-lr", type=float, default=1e-3,
+                    help="learning rate of the blockwise recipe (chosen on validation in docs/finetuning.md)")
     ap.add_argument("--warmup-steps", type=int, default=60, help="CMD: full-training steps before the switch")
     ap.add_argument("--snapshot-every", type=int, default=3, help="CMD: record the weights every this many steps")
     ap.add_argument("--n-modes", type=int, default=None,
@@ -122,7 +124,8 @@ def fine_tune(args, name: str, train: Reviews, test: Reviews, use_cmd: bool) -> 
     model, _ = load_minilm(num_labels=2)
     if not args.train_embeddings:
         model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
-    base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    lr = args.blockwise_lr if use_cmd and args.recipe == "blockwise" else args.lr
+    base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     opt, callbacks = base, []
     if use_cmd and args.recipe == "blockwise":
         # The 6 encoder layers in turn; pooler and head train throughout; the rest of the embeddings stay frozen.
@@ -146,7 +149,7 @@ def fine_tune(args, name: str, train: Reviews, test: Reviews, use_cmd: bool) -> 
         callbacks.append(SwitchReport(opt, model, test))
     targs = TrainingArguments(
         output_dir=str(Path(args.out) / ("trainer-cmd" if use_cmd else "trainer-plain")), max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="linear",
+        per_device_train_batch_size=args.batch_size, learning_rate=lr, lr_scheduler_type="linear",
         warmup_steps=0.1, logging_steps=20, save_strategy="no", report_to=[], use_cpu=True,
         seed=args.seed, train_sampling_strategy="group_by_length")
     trainer = Trainer(model=model, args=targs, train_dataset=train.items, data_collator=train.collate,
