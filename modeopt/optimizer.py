@@ -42,6 +42,7 @@ from .nonfinite import NonFiniteGuard, NonFiniteWarning, all_finite
 from .optimizer_settings import check_settings, resolve_mode_scale
 from .parallel_wrappers import check_supported, uses_fsdp2
 from .param_groups import Exclude, ParamGroupGuard
+from .phase_hooks import PhaseHooks
 from .snapshots import SnapshotBuffer
 from .switch import initial_mode_space, move_to_fit, switch_device, world_size
 from .trajectory import Trajectory
@@ -51,7 +52,7 @@ __all__ = ["CMDOptimizer", "NonFiniteWarning"]
 
 logger = logging.getLogger("modeopt")
 
-class CMDOptimizer(ParamGroupGuard, NonFiniteGuard, WarmupRecording, Checkpointing, SharesBaseOptimizer):
+class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording, Checkpointing, SharesBaseOptimizer):
     """Wraps a ``torch.optim`` optimizer: warm-up, then training in CMD mode space.
 
     Args:
@@ -175,31 +176,6 @@ class CMDOptimizer(ParamGroupGuard, NonFiniteGuard, WarmupRecording, Checkpointi
         self._group_sizes = self._current_group_sizes()
         if ddp is not None:
             attach(self, ddp)
-
-    # ---------------------------------------------------- phase hooks
-    # The interface for the layers above (modeopt.distributed, modeopt.federated): the set of trainable
-    # parameters changes at the switch, at re-clustering, export and loads; wrappers that captured it
-    # (DistributedDataParallel) must hear about it, and every rank must decompose with the same seed.
-    def register_phase_hook(self, fn: Callable[[CMDOptimizer, str], None]) -> Callable[[], None]:
-        """Call ``fn(opt, event)`` at every change of phase; returns a function that removes it.
-
-        Events: ``"pre_embed"`` (the switch is about to decompose with ``opt.seed + opt.cycle``: a
-        hook may still set ``opt.seed``), ``"embedded"`` (mode space entered), ``"unembedded"``
-        (re-clustering returned to full training), ``"exported"`` and ``"loaded"`` (after
-        :meth:`load_state_dict` or :meth:`load_mode_space`). All but ``"pre_embed"`` mean the
-        trainable parameters changed.
-        """
-        self._phase_hooks.append(fn)
-        return lambda: self._phase_hooks.remove(fn) if fn in self._phase_hooks else None
-
-    def _fire(self, event: str) -> None:
-        for fn in list(self._phase_hooks):
-            fn(self, event)
-
-    @property
-    def step_count(self) -> int:
-        """Steps counted so far, over all phases (a host-checked skipped step is not counted; read-only)."""
-        return self._step
 
     # torch.optim plumbing: param_groups / state / defaults are the base optimizer's own objects
     # (modeopt._wrapping.SharesBaseOptimizer), so the base's load_state_dict cannot leave stale copies.

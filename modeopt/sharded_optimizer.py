@@ -34,6 +34,7 @@ from .layout import ParamLayout
 from .optimizer_settings import check_settings, resolve_mode_scale
 from .parallel_wrappers import check_supported
 from .param_groups import Exclude, ParamGroupGuard
+from .phase_hooks import PhaseHooks
 from .sharded_checkpoint import ShardedCheckpointing
 from .sharded_switch import decompose_shards, shard_mode_space
 from .sharding import ShardMap
@@ -52,7 +53,7 @@ UNSUPPORTED_OPTIONS = {
 }
 
 
-class ShardedCMDOptimizer(ParamGroupGuard, ShardedCheckpointing, SharesBaseOptimizer):
+class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, SharesBaseOptimizer):
     """:class:`~modeopt.CMDOptimizer` for an FSDP2 model (build it through ``modeopt.CMDOptimizer``).
 
     Takes CMDOptimizer's arguments except ``recluster_every``/``recluster_steps``, ``max_snapshots``
@@ -106,21 +107,6 @@ class ShardedCMDOptimizer(ParamGroupGuard, ShardedCheckpointing, SharesBaseOptim
         self._phase_hooks: list[Callable[[Any, str], None]] = []
         self.comm_bytes = 0  #: bytes this optimizer handed to collectives (the switch and the steps)
         self._group_sizes = self._current_group_sizes()
-
-    # ----------------------------------------------------------- interface
-    def register_phase_hook(self, fn: Callable[[Any, str], None]) -> Callable[[], None]:
-        """Call ``fn(opt, event)`` at every change of phase (``"embedded"``, ``"exported"``, ``"loaded"``)."""
-        self._phase_hooks.append(fn)
-        return lambda: self._phase_hooks.remove(fn) if fn in self._phase_hooks else None
-
-    def _fire(self, event: str) -> None:
-        for fn in list(self._phase_hooks):
-            fn(self, event)
-
-    @property
-    def step_count(self) -> int:
-        """Steps counted so far, over all phases."""
-        return self._step
 
     @property
     def recording_bytes(self) -> int:
