@@ -20,7 +20,7 @@ from ._transfer import to_device
 from .layout import ParamLayout
 from .trajectory import Trajectory
 
-__all__ = ["slopes", "per_device", "gather_plan", "gather", "split_labels", "start_moments", "replay_window", "welford_step",
+__all__ = ["MomentsPhase", "slopes", "per_device", "gather_plan", "gather", "split_labels", "start_moments", "replay_window", "welford_step",
            "cmd_weights", "first_nonfinite"]
 
 
@@ -186,3 +186,23 @@ def first_nonfinite(names: Sequence[str], tensors: Sequence[Tensor]) -> str | No
         if not finite[t.device][k]:
             return name
     return None
+
+
+class MomentsPhase:
+    """Mixin of the shadow models (:class:`~modeopt.OnlineCMD` and its FSDP2 counterpart): the fit
+    check and the state count, from ``phase``, ``calls``, ``fit_at``, the window ``_buffer`` and the
+    per-tensor ``mean``, ``comoment`` (float64) and ``labels`` (uint8 for M <= 256) of the host."""
+
+    def check_fitted(self) -> None:
+        """Raise ``RuntimeError`` unless the fit has been made (``phase == "fitted"``)."""
+        if self.phase != "fitted":
+            raise RuntimeError(f"OnlineCMD has not fitted yet (step {self.calls} of fit_at={self.fit_at})")
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes held now, on this process (window before the fit; moments and labels after: 17 per
+        weight + 16 per mode)."""
+        if self.phase == "recording":
+            return 0 if self._buffer is None else self._buffer.nbytes
+        tensors = self.mean + self.comoment + self.labels
+        return sum(t.numel() * t.element_size() for t in tensors) + 16 * self.n_modes

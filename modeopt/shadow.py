@@ -36,7 +36,7 @@ from . import kernels
 from .decomposition import decompose
 from .layout import ParamLayout, named_tensors, select_parameters
 from .parallel_wrappers import sharding_wrapper, uses_fsdp2
-from .running_moments import (cmd_weights, first_nonfinite, gather, gather_plan, per_device, replay_window, slopes,
+from .running_moments import (MomentsPhase, cmd_weights, first_nonfinite, gather, gather_plan, per_device, replay_window, slopes,
                               split_labels, start_moments, welford_step)
 from .shadow_checkpoint import CheckedOnlineState, check_online_settings, check_online_state
 from .snapshots import SnapshotBuffer
@@ -56,7 +56,7 @@ def _float_names(model: nn.Module) -> set[str]:
     return {n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()}
 
 
-class OnlineCMD:
+class OnlineCMD(MomentsPhase):
     """A CMD model of a training run, updated from running moments after a one-time fit.
 
     Args:
@@ -368,18 +368,6 @@ class OnlineCMD:
         self.mean[t] = self.mean[t].new_zeros(0)
         self.comoment[t] = self.comoment[t].new_zeros(0)
 
-    def check_fitted(self) -> None:
-        """Raise ``RuntimeError`` unless the fit has been made (``phase == "fitted"``)."""
-        if self.phase != "fitted":
-            raise RuntimeError(f"OnlineCMD has not fitted yet (step {self.calls} of fit_at={self.fit_at})")
-
-    @property
-    def state_bytes(self) -> int:
-        """Bytes held now (window before the fit; moments and labels after: 17 per weight + 16 per mode)."""
-        if self.phase == "recording":
-            return 0 if self._buffer is None else self._buffer.nbytes
-        tensors = self.mean + self.comoment + self.labels
-        return sum(t.numel() * t.element_size() for t in tensors) + 16 * self.n_modes
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only (``torch.load(weights_only=True)`` reads it). The tensors are

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .layout import ParamLayout, select_parameters
-from .running_moments import cmd_weights, first_nonfinite, gather, gather_plan, welford_step
+from .running_moments import MomentsPhase, cmd_weights, first_nonfinite, gather, gather_plan, welford_step
 from .shadow_checkpoint import check_online_settings
 from .sharded_switch import decompose_shards
 from .sharding import ShardMap
@@ -88,7 +88,7 @@ def _local(x: Tensor) -> Tensor:
     return x.to_local() if hasattr(x, "to_local") else x
 
 
-class ShardedOnlineCMD:
+class ShardedOnlineCMD(MomentsPhase):
     """:class:`~modeopt.OnlineCMD` for an FSDP2 model (build it through ``modeopt.OnlineCMD``).
 
     Same arguments and attributes as OnlineCMD, for this rank's rows: ``labels``, ``mean``,
@@ -325,17 +325,6 @@ class ShardedOnlineCMD:
                 for p, x in zip(self._params, raw):
                     p.to_local().copy_(x)
 
-    def check_fitted(self) -> None:
-        """Raise ``RuntimeError`` unless the fit has been made."""
-        if self.phase != "fitted":
-            raise RuntimeError(f"OnlineCMD has not fitted yet (step {self.calls} of fit_at={self.fit_at})")
-
-    @property
-    def state_bytes(self) -> int:
-        """Bytes this rank holds now (its window before the fit; 17 per local weight + 16 M after)."""
-        if self.phase == "recording":
-            return 0 if self._buffer is None else self._buffer.nbytes
-        return sum(t.numel() * t.element_size() for t in self.mean + self.comoment + self.labels) + 16 * self.n_modes
 
     # -------------------------------------------------------------------- checkpoints
     def _meta(self) -> dict[str, Any]:
