@@ -21,7 +21,8 @@ from torch import Tensor
 
 from . import kernels
 from .clustering import cluster_samples
-from .decomposition import assign_and_fit
+from .decomposition import assign_and_fit, scan_moving
+from .layout import ParamLayout
 from .sampling import sample_weights
 from .snapshots import SnapshotBuffer
 from .switch import ModeSpaceInit
@@ -57,7 +58,7 @@ def embed_block(recordings: list[SnapshotBuffer], names: Sequence[str], params: 
     Raises:
         ValueError: NaN/inf in the recording (naming the tensor), nothing moving, fewer than 3 samples.
     """
-    trajs = [_trajectory(rec) for rec in recordings]
+    trajs = [_trajectory(rec, name, p.shape) for rec, name, p in zip(recordings, names, params)]
     t = trajs[0].n_samples
     if t < 3:
         raise ValueError(f"the block's recording has {t} snapshots; CMD needs at least 3")
@@ -65,18 +66,15 @@ def embed_block(recordings: list[SnapshotBuffer], names: Sequence[str], params: 
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + n)
-    eps = torch.finfo(trajs[0].value_dtype).eps
-    moving = torch.empty(offsets[-1], dtype=torch.bool)
-    width = max(1024, CHUNK_VALUES // t)
-    for name, traj, off, n in zip(names, trajs, offsets, sizes):
-        for i0 in range(0, n, width):
-            i1 = min(i0 + width, n)
-            x = traj.cols(i0, i1)
-            hi, lo = x.amax(dim=0), x.amin(dim=0)
-            if not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all()):
-                raise ValueError(f"the recording of {name!r} holds NaN/inf: the block cannot be embedded. Lower "
-                                 "the learning rate or clip gradients, and resume from a checkpoint")
-            moving[off + i0 : off + i1] = (hi - lo) > 4 * eps * torch.maximum(hi.abs(), lo.abs())
+    cpu = torch.device("cpu")
+    scans = []
+    for name, traj in zip(names, trajs):
+        try:
+            scans.append(scan_moving(traj, cpu, chunk_rows=max(1024, CHUNK_VALUES // t)))
+        except ValueError as e:  # decompose's NaN/inf report: where, and in which snapshot
+            raise ValueError(f"the recording of {name!r} holds NaN/inf: the block cannot be embedded ({e}). Lower "
+                             "the learning rate or clip gradients, and resume from a checkpoint") from None
+    moving = torch.cat(scans)
     if not bool(moving.any()):
         raise ValueError("no weight of the block moved while it was trained: check that its parameters receive "
                          "gradients (and that the learning rate is not 0)")
@@ -104,7 +102,7 @@ def embed_block(recordings: list[SnapshotBuffer], names: Sequence[str], params: 
         bounds = [(j, min(j + width, n)) for j in range(0, n, width)]
         mov = moving[off : off + n]
         lab, ai, _, _ = assign_and_fit(trajs[i], profiles, samples[mine] - off, clustering.labels[mine], mov, bounds,
-                                       device=torch.device("cpu"))
+                                       device=cpu)
         trajs[i] = None  # this tensor's recording is no longer needed: free it now
         recordings[0] = None
         del recordings[0]
@@ -130,6 +128,6 @@ def embed_block(recordings: list[SnapshotBuffer], names: Sequence[str], params: 
                          reference_values=ref_now, scale=scale)
 
 
-def _trajectory(rec: SnapshotBuffer) -> Trajectory:
+def _trajectory(rec: SnapshotBuffer, name: str, shape: Sequence[int]) -> Trajectory:
     data, steps = rec.raw()
-    return Trajectory(data, None, steps, rec.anchor)
+    return Trajectory(data, ParamLayout([name], [tuple(shape)]), steps, rec.anchor)
