@@ -453,3 +453,16 @@ def test_a_nan_gradient_of_r_skips_the_step_and_changes_nothing():
     assert str(opt.base.state_dict()) == str(state)
     losses = train(model, opt, 3, PER_BLOCK + 1)  # and training goes on, finite
     assert all(torch.isfinite(torch.tensor(losses))) and torch.isfinite(opt.spaces[0].r_full()).all()
+
+
+def test_a_ddp_wrapped_model_is_refused_with_the_reason(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        ddp = nn.parallel.DistributedDataParallel(Stack())
+        with pytest.raises(TypeError, match="BlockwiseCMD trains on one process.*DistributedDataParallel.*CMDOptimizer"):
+            modeopt.BlockwiseCMD(ddp, torch.optim.AdamW(ddp.parameters(), lr=1e-2), steps_per_block=6)
+    finally:
+        dist.destroy_process_group()
