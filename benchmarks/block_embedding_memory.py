@@ -6,8 +6,8 @@ recording to a mode space, each in a fresh process (glibc returns freed blocks:
 MALLOC_MMAP_THRESHOLD_=65536), peak resident memory above the memory once the recording exists:
 
 * ``decompose``: one (T, N) recording of the block, :func:`modeopt.decompose` and the switch's
-  :func:`modeopt.switch.initial_mode_space` (what CMDOptimizer does), then compact labels and bf16 ``a``;
-* ``embed_block``: one recording per tensor, :func:`modeopt.block_embedding.embed_block`, which frees
+  :func:`modeopt.modespace.switch.initial_mode_space` (what CMDOptimizer does), then compact labels and bf16 ``a``;
+* ``embed_block``: one recording per tensor, :func:`modeopt.blockwise.embed_block`, which frees
   each tensor's recording once it is assigned (what BlockwiseCMD does).
 
     cd benchmarks && python block_embedding_memory.py        # writes results/block_embedding_memory.{json,md}
@@ -33,8 +33,8 @@ T, M = 9, 10
 def _recordings(per_tensor: bool):
     import torch
 
-    from modeopt.layout import ParamLayout
-    from modeopt.snapshots import SnapshotBuffer
+    from modeopt.trajectories.layout import ParamLayout
+    from modeopt.trajectories.snapshots import SnapshotBuffer
 
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(s, generator=g) for s in SHAPES]
@@ -62,12 +62,12 @@ def child(variant: str, k: int) -> dict:
     import torch
 
     from _common import peak_rss_mib, reset_peak_rss, rss_mib
-    from modeopt import kernels
-    from modeopt.block_embedding import embed_block
-    from modeopt.decomposition import decompose
-    from modeopt.layout import ParamLayout
-    from modeopt.switch import initial_mode_space
-    from modeopt.trajectory import Trajectory
+    from modeopt.modespace.space import kernels
+    from modeopt.blockwise.embedding import embed_block
+    from modeopt.decomposition.decompose import decompose
+    from modeopt.trajectories.layout import ParamLayout
+    from modeopt.modespace.switch import initial_mode_space
+    from modeopt.trajectories.trajectory import Trajectory
 
     torch.set_num_threads(1)
     names, ws, recs = _recordings(per_tensor=variant == "embed_block")

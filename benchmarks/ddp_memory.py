@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, machine_line, peak_rss_mib, reset_peak_rss, rss_mib, save  # noqa: E402
 
 import modeopt  # noqa: E402
-from modeopt.distributed import CommMeter, launch_local  # noqa: E402
+from modeopt.distributed.ddp import CommMeter, launch_local  # noqa: E402
 
 WIDTH, DEPTH, BATCH, M = 2048, 2, 32, 10
 WARMUP, EVERY, STEADY = 12, 4, 4

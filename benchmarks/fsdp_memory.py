@@ -7,7 +7,7 @@ the training state counted exactly from the tensors the rank holds at the optimi
 weight shards, gradient shards, optimizer state, warm-up recording, ``a`` + labels + ``r``), the
 peak resident set over steady steps (Linux VmHWM, reset at the start of each phase) and the bytes
 this rank hands to each ``torch.distributed`` collective per step
-(:func:`modeopt.sharding.count_collectives`). The children run with glibc's mmap threshold fixed
+(:func:`modeopt.distributed.sharding.count_collectives`). The children run with glibc's mmap threshold fixed
 (as in ``memory.py``), so freed blocks leave the RSS.
 
     python benchmarks/fsdp_memory.py        # ~2 min on 2 vCPUs
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, machine_line, peak_rss_mib, reset_peak_rss, rss_mib, save  # noqa: E402
 
 import modeopt  # noqa: E402
-from modeopt.distributed import launch_local  # noqa: E402
-from modeopt.sharding import count_collectives  # noqa: E402
+from modeopt.distributed.ddp import launch_local  # noqa: E402
+from modeopt.distributed.sharding import count_collectives  # noqa: E402
 
 IN, WIDTH, DEPTH, OUT, BATCH, M = 256, 1536, 2, 10, 32, 10
 WARMUP, EVERY, STEADY = 16, 4, 4

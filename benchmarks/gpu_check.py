@@ -614,7 +614,7 @@ def main() -> None:
         "torch": torch.__version__, "triton": triton_version, "torchvision": torchvision.__version__,
         "transformers": transformers.__version__, "cuda_runtime": torch.version.cuda,
         "coef_dtype": args.coef_dtype, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "modeopt_fused_cpu_kernels": modeopt.kernels.fused_available(), "smoke": s, "argv": sys.argv[1:], "machine": machine(),
+        "modeopt_fused_cpu_kernels": modeopt.modespace.kernels.fused_available(), "smoke": s, "argv": sys.argv[1:], "machine": machine(),
     }
     header["machine_line"] = machine_line(header["machine"])
     log(f"GPU check on {header['device_name']} ({dev}); torch {torch.__version__}, triton {triton_version}; "

@@ -46,7 +46,7 @@ def med(fn, k: int = 7) -> float:
 
 
 def step_costs(n: int, m: int) -> dict:
-    from modeopt import kernels
+    from modeopt.modespace.space import kernels
 
     ws = tensors(n)
     gs = [torch.randn_like(w) for w in ws]

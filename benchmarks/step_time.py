@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchvision.models import resnet18
 
 import modeopt
-from modeopt import kernels
+from modeopt.modespace.space import kernels
 
 from _common import machine, machine_line, save, summary, timed
 

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import modeopt  # noqa: E402
-from modeopt.trajectory import Trajectory  # noqa: E402
+from modeopt.trajectories.trajectory import Trajectory  # noqa: E402
 
 
 def planted_recording(n: int, t: int, m: int, *, seed: int = 0, pin: bool = False,

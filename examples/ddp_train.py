@@ -5,7 +5,7 @@
 
 Every rank trains a SmallCNN on its shard of the same global batch of real MNIST digits. In the
 warm-up DDP all-reduces all N weight gradients; at the switch every rank decomposes the same
-recording (``modeopt.distributed`` makes the seed agree and checks the result), and DDP's reducer
+recording (``modeopt.distributed.ddp`` makes the seed agree and checks the result), and DDP's reducer
 is rebuilt over the M mode scalars - the all-reduce then carries M numbers per step. Rank 0 prints
 the bytes each step handed to all-reduce, measured on the real reducer with a communication hook.
 """
@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import modeopt
 from workloads import mnist_subset
-from modeopt.distributed import CommMeter, launch_local
+from modeopt.distributed.ddp import CommMeter, launch_local
 from workloads import SmallCNN, batches, evaluate
 
 
@@ -34,7 +34,7 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
     ddp = DDP(model, device_ids=[device.index] if device is not None else None)
     meter = CommMeter.register(ddp)
     base = torch.optim.Adam(model.parameters(), lr=args.lr)
-    # Built on the DDP model: CMDOptimizer unwraps it and attaches modeopt.distributed for you.
+    # Built on the DDP model: CMDOptimizer unwraps it and attaches modeopt.distributed.ddp for you.
     opt = modeopt.CMDOptimizer(ddp, base, n_modes=args.n_modes, warmup_steps=args.warmup_steps,
                                snapshot_every=args.snapshot_every, seed=args.seed, progress=rank == 0)
     per_rank = args.batch_size // world

@@ -27,9 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import modeopt
-from modeopt import sharded_checkpoint
-from modeopt.distributed import launch_local
-from modeopt.sharding import count_collectives
+from modeopt.cmd_optimizer import sharded_checkpoint
+from modeopt.distributed.ddp import launch_local
+from modeopt.distributed.sharding import count_collectives
 from workloads import SmallCNN, batches, evaluate, mnist_subset
 
 

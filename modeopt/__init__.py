@@ -10,19 +10,19 @@ Public API:
 * :class:`Trajectory` / :class:`TrajectoryRecorder` - record and load weight trajectories.
 * :class:`ParamLayout` - which rows of a flat vector are which named tensor.
 
-Submodules: ``modeopt.distributed`` (DDP, torchrun, HF Trainer on several processes),
-``modeopt.federated`` (FedAvg in mode space), ``modeopt.analysis`` (studying training runs),
+Submodules: ``modeopt.distributed.ddp`` (DDP, torchrun, HF Trainer on several processes),
+``modeopt.cmd_optimizer.federated`` (FedAvg in mode space), ``modeopt.analysis`` (studying training runs),
 ``modeopt.integrations.hf`` (the ``Trainer`` callback).
 """
 
-from .blockwise import BlockwiseCMD
-from .decomposition import Decomposition, decompose
-from .layout import ParamLayout
-from .shadow import OnlineCMD
-from .shadow_optimizer import OnlineCMDOptimizer
-from .optimizer import CMDOptimizer
-from .snapshots import TrajectoryRecorder
-from .trajectory import Trajectory
+from modeopt.blockwise.optimizer import BlockwiseCMD
+from modeopt.decomposition.decompose import Decomposition, decompose
+from modeopt.trajectories.layout import ParamLayout
+from modeopt.online.shadow import OnlineCMD
+from modeopt.online.optimizer import OnlineCMDOptimizer
+from modeopt.cmd_optimizer.optimizer import CMDOptimizer
+from modeopt.trajectories.snapshots import TrajectoryRecorder
+from modeopt.trajectories.trajectory import Trajectory
 
 __all__ = ["CMDOptimizer", "BlockwiseCMD", "OnlineCMD", "OnlineCMDOptimizer", "decompose", "Decomposition", "Trajectory", "TrajectoryRecorder", "ParamLayout"]
 __version__ = "0.1.0"

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._wrapping import SharesBaseOptimizer
-from ._checks import check_int
-from .layout import ParamLayout
-from .param_groups import exclusion_predicate
-from .snapshots import SnapshotBuffer
-from .time_reduction import column_chunks, read_columns, time_factor
+from modeopt.optim.wrapping import SharesBaseOptimizer
+from modeopt.utils.checks import check_int
+from modeopt.trajectories.layout import ParamLayout
+from modeopt.optim.param_groups import exclusion_predicate
+from modeopt.trajectories.snapshots import SnapshotBuffer
+from modeopt.trajectories.time_reduction import column_chunks, read_columns, time_factor
 
 __all__ = ["SubspaceOptimizer", "pca_basis"]
 
@@ -31,7 +31,7 @@ __all__ = ["SubspaceOptimizer", "pca_basis"]
 def pca_basis(data: Tensor, dim: int, offset: Tensor | None = None, chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """Top-``dim`` principal directions of T samples of N weights, without an N x N matrix.
 
-    Two passes over the columns: :func:`~modeopt.time_reduction.time_factor` of the time-centred
+    Two passes over the columns: :func:`~modeopt.trajectories.time_reduction.time_factor` of the time-centred
     samples (``R``, ``T x T``), then the directions ``P = A V S^-1`` from the SVD ``R = U S V^T``.
 
     Args:
@@ -44,7 +44,7 @@ def pca_basis(data: Tensor, dim: int, offset: Tensor | None = None, chunk: int |
         (float64) of the centred samples.
     Raises:
         ValueError: ``dim`` out of range, a warm-up that spans fewer than ``dim`` directions, NaN/inf
-            samples (:class:`~modeopt.time_reduction.NonFiniteValues`), or samples that do not move.
+            samples (:class:`~modeopt.trajectories.time_reduction.NonFiniteValues`), or samples that do not move.
     """
     t, n = data.shape
     check_int("dim", dim, 1)

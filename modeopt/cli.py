@@ -64,7 +64,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
     if args.modes is None and args.threshold is None:
         args.modes = 10
     if not args.no_figures:
-        from .analysis.figures import require_matplotlib
+        from modeopt.analysis.figures import require_matplotlib
 
         require_matplotlib()  # fail before any work
     progress = False if args.quiet else None
@@ -82,7 +82,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
                      eval_every=args.eval_every, metric=args.metric, time_label=unit, title=args.title,
                      figures=not args.no_figures, progress=progress)
     if not args.quiet:
-        from .analysis.report import summary_rows as _rows
+        from modeopt.analysis.report import summary_rows as _rows
 
         width = max(len(k) for k, _ in _rows(report, args.metric))
         for k, v in _rows(report, args.metric):
@@ -140,7 +140,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .analysis import compare_dynamics, load_trajectory
 
     if not args.no_figures:
-        from .analysis.figures import require_matplotlib
+        from modeopt.analysis.figures import require_matplotlib
 
         require_matplotlib()  # fail before any work
     if args.layer is not None and args.observable != "layer":
@@ -185,7 +185,7 @@ SUBCOMMANDS: list[Callable] = [_add_analyze, _add_compare]
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``modeopt`` parser, with every subcommand of :data:`SUBCOMMANDS`."""
-    from . import __version__
+    from modeopt import __version__
 
     parser = argparse.ArgumentParser(prog="modeopt", description="modeopt: Correlation Mode Decomposition tools.")
     parser.add_argument("--version", action="version", version=f"modeopt {__version__}")

@@ -1,6 +1,6 @@
 """The processes of tests/test_distributed.py: each runs every scenario on its rank, in order.
 
-Launched by ``modeopt.distributed.launch_local`` (2 CPU processes, gloo over 127.0.0.1). Each
+Launched by ``modeopt.distributed.ddp.launch_local`` (2 CPU processes, gloo over 127.0.0.1). Each
 scenario returns a dict of plain values and tensors; a rank writes all of them to
 ``<out>/rank<r>.pt``. A scenario that raises stores its traceback instead (the others still run).
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import modeopt
-from modeopt.distributed import CommMeter, attach
+from modeopt.distributed.ddp import CommMeter, attach
 from workloads import SmallCNN
 
 GLOBAL_BATCH = 64
@@ -30,7 +30,7 @@ SGD = dict(n_modes=8, warmup_steps=30, snapshot_every=3, n_samples=300, steps=50
 
 # ----------------------------------------------------------------------------- the ranks' entry
 def run_scenarios(rank: int, world: int, out_dir: str, scenarios: list[str], data: tuple) -> None:
-    """Entry of each rank (``modeopt.distributed.launch_local``): every scenario, then one result file."""
+    """Entry of each rank (``modeopt.distributed.ddp.launch_local``): every scenario, then one result file."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     DATA[:] = data
     results: dict[str, dict] = {}
@@ -296,7 +296,7 @@ def scenario_trainer(rank: int, world: int) -> dict:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=8, max_steps=24, use_cpu=True,
                                  report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
                                  dataloader_num_workers=0, seed=0)
-        # CMDCallback attaches modeopt.distributed when the Trainer runs on more than one process.
+        # CMDCallback attaches modeopt.distributed.ddp when the Trainer runs on more than one process.
         trainer = Trainer(model=model, args=args, train_dataset=Task(), optimizers=(opt, None),
                           callbacks=[meter, CMDCallback()])
         meter.trainer = trainer

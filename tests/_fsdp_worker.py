@@ -1,6 +1,6 @@
 """The processes of tests/test_fsdp.py: CMDOptimizer on an FSDP2 (``fully_shard``) MLP, gloo on CPU.
 
-Launched by ``modeopt.distributed.launch_local``. Each scenario returns plain values and tensors;
+Launched by ``modeopt.distributed.ddp.launch_local``. Each scenario returns plain values and tensors;
 a rank writes all of them to ``<out>/rank<r>.pt``; a scenario that raises stores its traceback.
 The single-process references (:func:`reference`) run in the test process itself.
 """
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeopt
-from modeopt.sharding import count_collectives
+from modeopt.distributed.sharding import count_collectives
 
 GLOBAL_BATCH = 48
 CFG = dict(n_modes=4, warmup_steps=30, snapshot_every=3, n_samples=200, seed=1234)
@@ -107,7 +107,7 @@ def scenario_train(rank: int, world: int, kind: str, micro: int = 1) -> dict:
 
 def scenario_checkpoint(rank: int, world: int, out_dir: str, at: int, tag: str, kind: str = "adamw") -> dict:
     """Train ``at`` steps, save with DCP, train on; then resume a fresh run from the checkpoint and train on."""
-    from modeopt import sharded_checkpoint
+    from modeopt.cmd_optimizer import sharded_checkpoint
 
     path = os.path.join(out_dir, f"ckpt-{tag}")
     model = shard(make_model(), world)
@@ -137,7 +137,7 @@ def scenario_checkpoint(rank: int, world: int, out_dir: str, at: int, tag: str, 
 
 def scenario_save_only(rank: int, world: int, out_dir: str, at: int, tag: str) -> dict:
     """Train ``at`` steps and save (resumed on another world size by :func:`scenario_resume_elsewhere`)."""
-    from modeopt import sharded_checkpoint
+    from modeopt.cmd_optimizer import sharded_checkpoint
 
     model = shard(make_model(), world)
     opt = modeopt.CMDOptimizer(model, base_of(model, "adamw"), progress=False, **CFG)
@@ -149,7 +149,7 @@ def scenario_save_only(rank: int, world: int, out_dir: str, at: int, tag: str) -
 
 
 def scenario_resume_elsewhere(rank: int, world: int, out_dir: str, at: int, tag: str) -> dict:
-    from modeopt import sharded_checkpoint
+    from modeopt.cmd_optimizer import sharded_checkpoint
 
     model = shard(make_model(), world)
     opt = modeopt.CMDOptimizer(model, base_of(model, "adamw"), progress=False, **CFG)
@@ -178,7 +178,7 @@ def scenario_refusals(rank: int, world: int) -> dict:
     opt = modeopt.CMDOptimizer(plain, base_of(plain, "sgd"), **CFG)
     shard(plain, world)
     try:
-        modeopt.parallel_wrappers.check_supported(opt.model)
+        modeopt.distributed.wrappers.check_supported(opt.model)
     except TypeError as e:
         errors["sharded_later"] = str(e)
     return {"errors": errors}
@@ -203,7 +203,7 @@ def scenario_online(rank: int, world: int, out_dir: str, tag: str = "online") ->
     """modeopt.OnlineCMD beside an SGD training of the FSDP2 model: bytes per update(), per-rank state, the
     shadow weights (gathered); a DCP checkpoint at each ONLINE_SAVE_AT loaded into a second OnlineCMD of
     the same model, which then updates in lockstep with the first."""
-    from modeopt import sharded_shadow
+    from modeopt.online import sharded as sharded_shadow
 
     model = shard(make_model(), world)
     opt = base_of(model, "sgd")
@@ -284,7 +284,7 @@ def host_reads_in(fn, times: int) -> str | None:
 def scenario_online_resume(rank: int, world: int, src_dir: str) -> dict:
     """Resume scenario_online's checkpoints on this world size: train the model to the saved step (its
     weights are not in the OnlineCMD checkpoint), load, then train and update to the end."""
-    from modeopt import sharded_shadow
+    from modeopt.online import sharded as sharded_shadow
 
     out = {}
     for at in ONLINE_SAVE_AT:

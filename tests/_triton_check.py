@@ -1,4 +1,4 @@
-"""Checks of ``modeopt.kernels.triton_kernels`` against torch references, shared by the interpreter run and
+"""Checks of ``modeopt.modespace.kernels.triton_kernels`` against torch references, shared by the interpreter run and
 the CUDA run of ``tests/test_triton_kernels.py``.
 
 ``python tests/_triton_check.py [device]`` (run with ``TRITON_INTERPRET=1`` on CPU) prints one JSON
@@ -20,7 +20,7 @@ import traceback
 
 import torch
 
-from modeopt.kernels import triton_kernels as tk
+from modeopt.modespace.kernels import triton_kernels as tk
 
 SIZES = (1, 7, 1023, 5001)
 

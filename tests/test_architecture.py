@@ -131,7 +131,7 @@ def test_third_party_imports_per_layer():
         if _layer(m) == "core":
             for target, _, line in _imports(m):
                 if target.split(".")[0] == "triton":
-                    assert m.startswith("modeopt.kernels"), f"{m}:{line}: triton outside the CUDA kernels"
+                    assert m.startswith("modeopt.modespace.kernels"), f"{m}:{line}: triton outside the CUDA kernels"
     # safetensors (state-dict files) is optional everywhere, imported only when such a file is read
     bad = [b for b in bad if not b.endswith(("safetensors.torch", "safetensors"))]
     assert not bad, "imports outside the layer's dependencies:\n" + "\n".join(bad)
@@ -172,24 +172,24 @@ def test_no_private_names_across_modules():
 #: Everything here is either the module's own class seen through another instance, or torch internals
 #: for which torch has no public way; a new entry needs a reason as good.
 _DDP = ("DistributedDataParallel keeps its parameter list in its reducer and has no public way to change it; "
-        "the switch to mode space must, so modeopt.ddp_reducer (and only it) rebuilds the reducer as DDP's "
+        "the switch to mode space must, so modeopt.distributed.ddp_reducer (and only it) rebuilds the reducer as DDP's "
         "own __init__ does, listing each internal in its docstring (tests/test_distributed.py pins the behaviour)")
 PRIVATE_ALLOWED: dict[str, dict[str, str]] = {
-    "modeopt._wrapping": {"_modeopt_hooked": "this module's own marker on the functions it wraps"},
-    "modeopt.ddp_reducer": dict.fromkeys([
+    "modeopt.optim.wrapping": {"_modeopt_hooked": "this module's own marker on the functions it wraps"},
+    "modeopt.distributed.ddp_reducer": dict.fromkeys([
         "_build_debug_param_to_name_mapping", "_build_params_for_reducer", "_ddp_init_helper", "_get_active_ddp_module",
         "_get_ddp_logging_data", "_has_rebuilt_buckets", "_register_comm_hook", "_remove_autograd_hooks",
         "_set_comm_hook_name", "_set_static_graph", "_static_graph_delay_allreduce_enqueued",
         "_verify_params_across_processes"], _DDP),
-    "modeopt.kernels.labels": {"_version": "torch's in-place version counter: the only way to know that a label tensor "
+    "modeopt.modespace.kernels.labels": {"_version": "torch's in-place version counter: the only way to know that a label tensor "
                                            "checked once has not changed since (else a pass over N and a host sync per step)"},
-    "modeopt.modespace": {
+    "modeopt.modespace.space": {
         "_parameters": "swapping computed weights in and out of a module every forward: setattr accepts only an "
                        "nn.Parameter there, and torch.nn.utils.parametrize writes _parameters the same way",
         "_notice_copy_trained": "this module's own ModeSpace, reached from its autograd function's context"},
-    "modeopt.param_groups": {"_numel_cache": "LBFGS caches its parameters' total size with no public way to drop it; "
+    "modeopt.optim.param_groups": {"_numel_cache": "LBFGS caches its parameters' total size with no public way to drop it; "
                                              "after the switch its parameters are the mode scalars"},
-    "modeopt.shadow_optimizer": {"_raw_entries": "this module's own _RawWhileSwapped, reached from the optimizer"},
+    "modeopt.online.optimizer": {"_raw_entries": "this module's own _RawWhileSwapped, reached from the optimizer"},
 }
 
 

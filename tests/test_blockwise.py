@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 import modeopt
-from modeopt.block_embedding import embed_block
-from modeopt.blockwise import find_blocks
-from modeopt.layout import ParamLayout
-from modeopt.snapshots import SnapshotBuffer
-from modeopt.switch import initial_mode_space
-from modeopt.trajectory import Trajectory
+from modeopt.blockwise.embedding import embed_block
+from modeopt.blockwise.optimizer import find_blocks
+from modeopt.trajectories.layout import ParamLayout
+from modeopt.trajectories.snapshots import SnapshotBuffer
+from modeopt.modespace.switch import initial_mode_space
+from modeopt.trajectories.trajectory import Trajectory
 
 from _small import _one_thread  # noqa: F401  (fixture)
 
@@ -445,7 +445,7 @@ def test_a_nan_gradient_of_r_skips_the_step_and_changes_nothing():
     state = copy.deepcopy(opt.base.state_dict())
     opt.zero_grad()
     (nn.functional.cross_entropy(model(X[:32]), Y[:32]) * float("nan")).backward()
-    with pytest.warns(modeopt.nonfinite.NonFiniteWarning, match="skipped"):
+    with pytest.warns(modeopt.optim.nonfinite.NonFiniteWarning, match="skipped"):
         assert opt.step() is None
     assert opt.skipped_steps == 1 and opt.step_count == PER_BLOCK + 1
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -347,12 +347,13 @@ def test_cli_one_line_errors_for_unreadable_files(tmp_path, capsys):
 
 def test_progress_none_shows_bars_only_on_a_terminal(monkeypatch, capsys):
     """progress=None must reach tqdm as disable=None (tqdm then checks isatty); pytest's stderr is no tty."""
-    from modeopt import _progress, decomposition
+    from modeopt.utils import progress as _progress
+    from modeopt.decomposition.decompose import decompose as decomposition
     import importlib
 
     from modeopt.analysis import dmd
 
-    time_reduction = importlib.import_module("modeopt.time_reduction")
+    time_reduction = importlib.import_module("modeopt.trajectories.time_reduction")
 
     assert (_progress.disable(None, 10, 4), _progress.disable(None, 2, 4)) == (None, True)
     assert (_progress.disable(True, 2, 4), _progress.disable(False, 10, 4)) == (False, True)

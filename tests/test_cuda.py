@@ -28,8 +28,8 @@ bf16 autocast:
 
 Internals read on purpose (the only way to state the device contract): ``opt.space`` of a
 ``CMDOptimizer`` (``a``, ``labels``, ``r_params``, ``applied``, ``n_modes``; see
-``modeopt.modespace.ModeSpace``) and ``opt.online`` of an ``OnlineCMDOptimizer`` (``labels``,
-``mean``, ``comoment``; see ``modeopt.shadow.OnlineCMD``).
+``modeopt.modespace.space.ModeSpace``) and ``opt.online`` of an ``OnlineCMDOptimizer`` (``labels``,
+``mean``, ``comoment``; see ``modeopt.online.shadow.OnlineCMD``).
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ import torch
 from conftest import planted_trajectory, same_partition
 
 import modeopt
-import modeopt.streaming as streaming
+import modeopt.trajectories.streaming as streaming
 from modeopt import decompose
-from modeopt.layout import ParamLayout
-from modeopt.snapshots import SnapshotBuffer
-from modeopt.trajectory import Trajectory
+from modeopt.trajectories.layout import ParamLayout
+from modeopt.trajectories.snapshots import SnapshotBuffer
+from modeopt.trajectories.trajectory import Trajectory
 
 
 
@@ -110,7 +110,7 @@ def test_host_recording_is_unchanged_and_needs_no_synchronisation():
 
 
 def test_switch_device_rule():
-    from modeopt.switch import switch_device
+    from modeopt.modespace.switch import switch_device
 
     assert switch_device([torch.zeros(2)]) == torch.device("cpu")
 

@@ -2,7 +2,7 @@
 
 One launch runs every scenario of ``tests/_ddp_worker.py`` on both ranks (spawning and importing
 torch is most of the cost); the tests below read what each rank wrote. Payloads are measured with
-a DDP communication hook (:class:`modeopt.distributed.CommMeter`) on the real DDP reducer.
+a DDP communication hook (:class:`modeopt.distributed.ddp.CommMeter`) on the real DDP reducer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import modeopt
-from modeopt.distributed import attach, launch_local
+from modeopt.distributed.ddp import attach, launch_local
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeopt import CMDOptimizer, OnlineCMD, OnlineCMDOptimizer
-from modeopt.optimizer import NonFiniteWarning
-from modeopt.snapshots import SnapshotBuffer
+from modeopt.cmd_optimizer.optimizer import NonFiniteWarning
+from modeopt.trajectories.snapshots import SnapshotBuffer
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,7 +348,7 @@ def test_without_fallocate_the_file_is_written_with_zeros(tmp_path, monkeypatch)
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
     monkeypatch.setattr(os, "posix_fallocate", unsupported)
-    monkeypatch.setattr("modeopt.snapshots._ZERO_CHUNK", 1000)  # several chunks
+    monkeypatch.setattr("modeopt.trajectories.snapshots._ZERO_CHUNK", 1000)  # several chunks
     buf = SnapshotBuffer(1000, capacity=3, directory=tmp_path)
     assert buf.data.shape == (3, 1000) and bool((buf.data == 0).all())
     writes = []
@@ -368,7 +368,7 @@ def test_without_fallocate_the_file_is_written_with_zeros(tmp_path, monkeypatch)
 
 def test_a_real_full_tmpfs_fails_at_allocation_not_with_sigbus(small_tmpfs):
     res = _run_script(f"""
-        from modeopt.snapshots import SnapshotBuffer
+        from modeopt.trajectories.snapshots import SnapshotBuffer
         buf = SnapshotBuffer(200_000, capacity=3, directory="{small_tmpfs}")  # 2.4 MB > 1 MiB
         buf.data.fill_(1.0)
         print("WROTE")

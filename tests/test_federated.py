@@ -1,10 +1,10 @@
-"""modeopt.federated: FedAvg rounds through a CMDOptimizer server; clients in its mode space."""
+"""modeopt.cmd_optimizer.federated: FedAvg rounds through a CMDOptimizer server; clients in its mode space."""
 
 import torch
 import torch.nn.functional as F
 
 import modeopt
-from modeopt import federated
+from modeopt.cmd_optimizer import federated
 from workloads import SmallCNN
 
 

@@ -2,7 +2,7 @@
 
 One 2-rank launch runs every scenario of ``tests/_fsdp_worker.py`` (spawning and importing torch
 is most of the cost); a 1-rank launch resumes its checkpoints on another world size. The tests read
-what each rank wrote. Payloads are counted by :func:`modeopt.sharding.count_collectives`, which
+what each rank wrote. Payloads are counted by :func:`modeopt.distributed.sharding.count_collectives`, which
 wraps the ``torch.distributed`` collectives FSDP2 and modeopt call.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from modeopt.distributed import launch_local
+from modeopt.distributed.ddp import launch_local
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -281,7 +281,7 @@ def test_online_update_sends_m_floats(runs):
 @pytest.mark.parametrize("tag", ["online", "online_bf16"])
 @pytest.mark.parametrize("at", worker.ONLINE_SAVE_AT)
 def test_online_dcp_round_trip_is_bit_exact(runs, at, tag):
-    """Saved with modeopt.sharded_shadow.save at a step of the recording and one after the fit, loaded into a
+    """Saved with modeopt.online.sharded.save at a step of the recording and one after the fit, loaded into a
     second OnlineCMD of the same model (built with another seed), which then updates beside the first:
     equal state at the load and at the end, bit for bit."""
     for r in both(runs, tag):
@@ -322,7 +322,7 @@ def test_online_nan_and_misuse_say_why(runs):
         assert "not recorded on any rank" in msg
         assert ("another rank" in msg) == (rank == 0)
     # a state whose shards are not rank 0's: refused on every rank (the check is collective), saying what to do
-    assert "saved on 2 ranks, this run has 2): load it with modeopt.sharded_shadow.load" in res[0]["errors"]["wrong_shards"]
+    assert "saved on 2 ranks, this run has 2): load it with modeopt.online.sharded.load" in res[0]["errors"]["wrong_shards"]
     assert res[1]["errors"]["wrong_shards"] == "ValueError: this sharded OnlineCMD state does not fit: on another rank"
     e = res[0]["errors"]
     assert e["averaged_model"].startswith("NotImplementedError") and "cmd_state_dict()" in e["averaged_model"]

@@ -31,7 +31,7 @@ def test_fresh_venv_with_core_dependencies_trains_through_the_switch(tmp_path):
     assert {"torch", "numpy", "scipy", "tqdm", "modeopt"} <= names
     assert not names & {"transformers", "torchvision", "matplotlib", "accelerate", "safetensors", "peft"}, names
     probe = CORE_SCRIPT + (
-        "\nfrom modeopt.kernels import fused_available\n"
+        "\nfrom modeopt.modespace.kernels import fused_available\n"
         f"assert fused_available() or {shutil.which('cc') is None and shutil.which('gcc') is None}, "
         "'the C kernels did not build from the installed package'\n"
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from modeopt.kernels import c_library
+from modeopt.modespace.kernels import c_library
 
 CC = c_library.compiler()
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # steps through a switch; prints the largest relative difference and whether the fused path ran.
 PROBE = textwrap.dedent("""
     import json, torch, modeopt
-    from modeopt import kernels
+    from modeopt.modespace.space import kernels
     g = torch.Generator().manual_seed(0)
     m, sizes = 5, [300_000, 37]  # more than one piece of work, and an odd tail
     ldt = kernels.label_dtype(m)
@@ -209,8 +209,8 @@ def test_kernels_disabled_ignore_a_bad_cache_silently(tmp_path):
 
 OUT_OF_RANGE = textwrap.dedent("""
     import torch
-    from modeopt import kernels
-    from modeopt.modespace import ModeSpace
+    from modeopt.modespace.space import kernels
+    from modeopt.modespace.space import ModeSpace
     print("fused", kernels.fused_available())
     n, m = 1000, 4
     w = torch.randn(n)
@@ -272,7 +272,7 @@ def test_missing_c_source_falls_back_with_the_reason(tmp_path):
     """An installation without its package data (the C source) says so, once, and trains on the torch path."""
     env = {k: v for k, v in os.environ.items() if k not in ("MODEOPT_KERNELS", "CC")}
     env.update(MODEOPT_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
-    script = ("from pathlib import Path\nfrom modeopt.kernels import c_library\n"
+    script = ("from pathlib import Path\nfrom modeopt.modespace.kernels import c_library\n"
               f"c_library.SOURCE = Path({str(tmp_path / 'gone.c')!r})\n" + PROBE)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import modeopt
-from modeopt import kernels
-from modeopt.kernels import cpu
+from modeopt.modespace.space import kernels
+from modeopt.modespace.kernels import cpu
 from workloads import SmallCNN, batches
 
 needs_fused = pytest.mark.skipif(not kernels.fused_available(), reason="no C compiler: fused kernels unavailable")
@@ -133,7 +133,7 @@ def test_build_cache_and_fallback_without_compiler(tmp_path):
     """A fresh cache builds the library once; without a compiler the torch path takes over."""
     code = textwrap.dedent("""
         import torch, modeopt, json
-        from modeopt import kernels
+        from modeopt.modespace.space import kernels
         from workloads import SmallCNN
         m = SmallCNN()
         opt = modeopt.CMDOptimizer(m, torch.optim.SGD(m.parameters(), lr=0.1), n_modes=2, warmup_steps=3,

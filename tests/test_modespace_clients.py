@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import modeopt
-from modeopt.modespace import ModeSpace
+from modeopt.modespace.space import ModeSpace
 from workloads import SmallCNN
 
 

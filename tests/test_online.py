@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import modeopt
-from modeopt import OnlineCMD, OnlineCMDOptimizer, kernels
+from modeopt import OnlineCMD, OnlineCMDOptimizer
+from modeopt.modespace.space import kernels
 from workloads import SmallCNN, batches, evaluate, train_steps
 
 

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeopt
-from modeopt import kernels
-from modeopt.modespace import ModeSpace
-from modeopt.optimizer import NonFiniteWarning
+from modeopt.modespace.space import kernels
+from modeopt.modespace.space import ModeSpace
+from modeopt.cmd_optimizer.optimizer import NonFiniteWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("mode_reduce", "mode_update", "welford_sample", "mode_assign")
@@ -111,8 +111,8 @@ def test_cuda_routing_runs_triton_where_covered_in_the_interpreter():
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import json, torch
-        from modeopt import kernels
-        from modeopt.kernels import cuda, reference
+        from modeopt.modespace.space import kernels
+        from modeopt.modespace.kernels import cuda, reference
         torch.manual_seed(0)
         out = {}
         m = 7
@@ -148,7 +148,7 @@ def test_cuda_routing_runs_triton_where_covered_in_the_interpreter():
         # the per-device self-test of the first CUDA use, here on the interpreter's CPU tensors
         out["self_test"] = cuda.triton_self_test(torch.device("cpu"))
         import warnings
-        from modeopt.kernels import triton_kernels
+        from modeopt.modespace.kernels import triton_kernels
         good = triton_kernels.update
         triton_kernels.update = lambda *args: None  # a kernel that "runs" but writes nothing
         with warnings.catch_warnings(record=True) as rec:

@@ -419,7 +419,7 @@ def test_nan_at_the_switch_is_refused_and_training_state_kept(mnist):
     opt.max_switch_delay = 0  # raise at once (by default the switch waits some steps for finite weights)
     with pytest.raises(ValueError, match=r"refuses to embed at step 9: parameter 'fc1.weight' holds NaN/inf\. "
                                          r"The training state is unchanged \(still in warm-up\)"), \
-            pytest.warns(modeopt.optimizer.NonFiniteWarning, match="this snapshot is not recorded"):
+            pytest.warns(modeopt.cmd_optimizer.optimizer.NonFiniteWarning, match="this snapshot is not recorded"):
         opt.step()
     assert opt.phase == "warmup" and opt._step == 9 and not any("modeopt_r" in n for n, _ in model.named_parameters())
     assert all(p.requires_grad for p in model.parameters())

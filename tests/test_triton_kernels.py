@@ -1,4 +1,4 @@
-"""Tests of the Triton kernels (``modeopt.kernels.triton_kernels``) against torch references.
+"""Tests of the Triton kernels (``modeopt.modespace.kernels.triton_kernels``) against torch references.
 
 On this CPU-only machine they run in Triton's interpreter: ``TRITON_INTERPRET=1`` must be in the
 environment before the kernels are decorated, so one subprocess runs every case of
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeopt.kernels import triton_kernels as tk
+from modeopt.modespace.kernels import triton_kernels as tk
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _triton_check as check  # noqa: E402

@@ -150,7 +150,7 @@ def cmd_bf16(model, lr, spec):
 
 def _blockwise(model, lr, spec, *, top_down: bool):
     import modeopt
-    from modeopt.blockwise import find_blocks
+    from modeopt.blockwise.optimizer import find_blocks
 
     blocks = find_blocks(model)  # bert.encoder.layer.0. ... .5.
     if top_down:

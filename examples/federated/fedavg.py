@@ -5,7 +5,7 @@ method runs the same rounds with the same client data, seeds and local training:
 
 * ``FedAvg`` - clients send all N weights every round (the baseline).
 * ``CMD-FedAvg`` - the first ``--warmup-rounds`` are plain FedAvg (N weights each way); the server
-  (a CMDOptimizer over SGD(lr=1), see ``modeopt.federated``) records the global model every round
+  (a CMDOptimizer over SGD(lr=1), see ``modeopt.cmd_optimizer.federated``) records the global model every round
   and then switches to mode space; from then on clients train and send only the M mode scalars
   (variant "M only": everything embedded) or the M scalars plus the biases (variant "M + biases").
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import modeopt
-from modeopt import federated
+from modeopt.cmd_optimizer import federated
 from workloads import mnist_subset
 from workloads import SmallCNN, evaluate
 

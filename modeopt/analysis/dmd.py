@@ -6,7 +6,7 @@ Exact DMD (Tu et al. 2014) at rank r fits one linear map to consecutive snapshot
 (the paper's Eq. 1).
 
 Memory: one pass over the weights in chunks computes the ``T x T`` triangular factor ``R`` of a
-thin QR of ``W (N x T)`` (:func:`modeopt.time_reduction.time_factor`), so nothing of size
+thin QR of ``W (N x T)`` (:func:`modeopt.trajectories.time_reduction.time_factor`), so nothing of size
 ``N x N`` or ``N x r`` is formed and the SVD keeps full float64 accuracy. Since the modes are ``Phi = Y C`` with
 ``Y = [x_1 .. x_{T-1}]`` and a ``(T-1) x r`` matrix ``C``, every reconstructed snapshot is a
 combination of the recorded ones, ``x_hat_t = Y coef[:, t]``: :class:`DMD` keeps the trajectory
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_int
-from ..layout import ParamLayout
-from ..time_reduction import column_chunks, read_columns
-from ..trajectory import Trajectory, as_tensor, load_named_into
+from modeopt.utils.checks import check_int
+from modeopt.trajectories.layout import ParamLayout
+from modeopt.trajectories.time_reduction import column_chunks, read_columns
+from modeopt.trajectories.trajectory import Trajectory, as_tensor, load_named_into
 from .factor import trajectory_factor, warn_uneven_steps
 
 __all__ = ["DMD", "dmd"]

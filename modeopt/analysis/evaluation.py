@@ -22,7 +22,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._checks import check_int
+from modeopt.utils.checks import check_int
 
 __all__ = ["AccuracyCurves", "accuracy_curves", "resolve_eval"]
 

@@ -1,6 +1,6 @@
 """What the DMD-based analyses share: a trajectory's ``T x T`` time factor, and the spacing check.
 
-:func:`trajectory_factor` is :func:`modeopt.time_reduction.time_factor` on a trajectory's values,
+:func:`trajectory_factor` is :func:`modeopt.trajectories.time_reduction.time_factor` on a trajectory's values,
 with a progress bar, and NaN/inf reported by step and tensor element rather than by row and column.
 :func:`warn_uneven_steps` warns that DMD takes the samples as evenly spaced.
 """
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import _progress
-from ..time_reduction import NonFiniteValues, time_factor
-from ..trajectory import Trajectory
+from modeopt.utils import progress as _progress
+from modeopt.trajectories.time_reduction import NonFiniteValues, time_factor
+from modeopt.trajectories.trajectory import Trajectory
 
 __all__ = ["trajectory_factor", "warn_uneven_steps"]
 
@@ -51,7 +51,7 @@ def trajectory_factor(
 
     Raises:
         ValueError: NaN/inf in the values (naming the step and tensor element), and
-            :class:`~modeopt.time_reduction.NotMoving` for centred values that do not move.
+            :class:`~modeopt.trajectories.time_reduction.NotMoving` for centred values that do not move.
     """
 
     def bar(chunks):

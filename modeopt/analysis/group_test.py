@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._checks import check_int
+from modeopt.utils.checks import check_int
 from .koopman import KoopmanSpectrum
 from .spectrum_matching import spectrum_distance
 

@@ -10,7 +10,7 @@ Accepted (what ``modeopt analyze`` takes):
 * a list of checkpoint files, in natural order of their names (or as given: ``keep_order``).
 
 Checkpoints may be plain state dicts or training checkpoints with a ``model`` / ``state_dict``
-entry (see :func:`modeopt.trajectory.load_state_dict_file`); every floating-point tensor of the
+entry (see :func:`modeopt.trajectories.trajectory.load_state_dict_file`); every floating-point tensor of the
 first one is kept.
 """
 
@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import check_int
-from ..layout import ParamLayout
-from ..checkpoint_files import load_state_dict_file
-from ..checkpoint_files import why_unreadable as _why_unreadable
-from ..trajectory import Trajectory
+from modeopt.utils.checks import check_int
+from modeopt.trajectories.layout import ParamLayout
+from modeopt.trajectories.checkpoint_files import load_state_dict_file
+from modeopt.trajectories.checkpoint_files import why_unreadable as _why_unreadable
+from modeopt.trajectories.trajectory import Trajectory
 from .recording import is_snapshot_directory, load_snapshots, snapshot_unit
 
 __all__ = ["load_trajectory", "natural_key"]

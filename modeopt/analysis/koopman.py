@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_int
-from ..time_reduction import one_thread
-from ..trajectory import Trajectory
+from modeopt.utils.checks import check_int
+from modeopt.trajectories.time_reduction import one_thread
+from modeopt.trajectories.trajectory import Trajectory
 from .factor import warn_uneven_steps
 from .observable import Observable, as_trajectory, coordinates, observable_factor, resolve_observable
 

@@ -9,8 +9,8 @@ import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import check_int
-from ..trajectory import Trajectory
+from modeopt.utils.checks import check_int
+from modeopt.trajectories.trajectory import Trajectory
 from .comparison import DynamicsComparison
 from .koopman import (
     DEFAULT_DELAYS, DEFAULT_ENERGY, KoopmanSpectrum, check_length, check_settings, open_run, spectrum_from_factor,

@@ -2,7 +2,7 @@
 
 An observable is a set of columns of a trajectory: all the weights (``"pca"``), chosen tensors
 (``"layer"``) or every column of a ``(T, d)`` array (``"raw"``). One chunked pass over those
-columns gives the time-centred ``T x T`` factor ``R`` (:func:`modeopt.time_reduction.time_factor`,
+columns gives the time-centred ``T x T`` factor ``R`` (:func:`modeopt.trajectories.time_reduction.time_factor`,
 ``R^T R = Xc Xc^T`` for the centred ``(T, N)`` samples ``Xc``); its SVD gives the principal
 coordinates ``Z = V_k S_k`` (``(T, k)``). A window of samples ``s:e`` is the column block
 ``R[:, s:e]``, so one pass serves every window of a run.
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_int
-from ..time_reduction import NotMoving, one_thread
-from ..trajectory import Trajectory, as_tensor
+from modeopt.utils.checks import check_int
+from modeopt.trajectories.time_reduction import NotMoving, one_thread
+from modeopt.trajectories.trajectory import Trajectory, as_tensor
 from .factor import trajectory_factor
 
 __all__ = ["OBSERVABLES", "DEFAULT_COMPONENTS", "COORDINATE_RTOL", "Observable", "resolve_observable",

@@ -29,12 +29,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .. import _progress
-from .._checks import check_int
-from ..layout import ParamLayout
-from ..layout import select_parameters
-from ..snapshots import TrajectoryRecorder
-from ..trajectory import Trajectory
+from modeopt.utils import progress as _progress
+from modeopt.utils.checks import check_int
+from modeopt.trajectories.layout import ParamLayout
+from modeopt.trajectories.layout import select_parameters
+from modeopt.trajectories.snapshots import TrajectoryRecorder
+from modeopt.trajectories.trajectory import Trajectory
 from .atomic_files import atomic_save, atomic_write_text
 
 __all__ = ["Recording", "SnapshotWriter", "load_snapshots", "is_snapshot_directory", "recording_options",

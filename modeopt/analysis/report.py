@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .._checks import check_int
-from ..decomposition import Decomposition, decompose
-from ..trajectory import Trajectory
+from modeopt.utils.checks import check_int
+from modeopt.decomposition.decompose import Decomposition, decompose
+from modeopt.trajectories.trajectory import Trajectory
 from .dmd import DMD, dmd
 from .evaluation import AccuracyCurves, Evaluate, ModelFactory, accuracy_curves
 from .stats import (

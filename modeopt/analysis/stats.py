@@ -14,10 +14,10 @@ from scipy.cluster.hierarchy import leaves_list
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import _progress
-from .._chunking import CHUNK_ELEMENTS
-from ..decomposition import Decomposition
-from ..trajectory import Trajectory
+from modeopt.utils import progress as _progress
+from modeopt.utils.chunking import CHUNK_ELEMENTS
+from modeopt.decomposition.decompose import Decomposition
+from modeopt.trajectories.trajectory import Trajectory
 from .dmd import DMD
 
 __all__ = [

@@ -20,11 +20,11 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(f"modeopt.integrations.hf needs transformers: pip install 'modeopt[hf]' ({e})") from e
 
-from ..analysis.recording import Recording, recording_options
-from ..distributed import attach
-from ..optimizer import CMDOptimizer
-from ..sharded_optimizer import ShardedCMDOptimizer
-from ..trajectory import Trajectory
+from modeopt.analysis.recording import Recording, recording_options
+from modeopt.distributed.ddp import attach
+from modeopt.cmd_optimizer.optimizer import CMDOptimizer
+from modeopt.cmd_optimizer.sharded import ShardedCMDOptimizer
+from modeopt.trajectories.trajectory import Trajectory
 
 __all__ = ["CMDCallback", "TrajectoryCallback", "find_cmd_optimizer"]
 

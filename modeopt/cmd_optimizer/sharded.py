@@ -1,0 +1,296 @@
+"""``CMDOptimizer`` on a model sharded by FSDP2 (``fully_shard``): every rank works on its own shards.
+
+``modeopt.CMDOptimizer(model, base, ...)`` returns a :class:`ShardedCMDOptimizer` when the model's
+parameters are FSDP2 DTensors. FSDP2 keeps owning the weights in every phase: it all-gathers them
+before each forward and reduce-scatters their gradients after the backward.
+
+* warm-up: the base optimizer steps the DTensor parameters (as it would without modeopt); every
+  ``snapshot_every`` steps each rank records its local shards (``p.to_local()``), ``(T, N/world)``;
+* the switch: :func:`~modeopt.distributed.sharded_switch.decompose_shards` - the same modes, ``a`` and ``b`` as
+  :func:`~modeopt.decompose` on the whole recording in one process, each rank holding its rows only;
+* embedded: the weights stay FSDP parameters with ``requires_grad``. When FSDP2 has written a
+  shard's gradient, a post-accumulate-grad hook reduces it onto the M modes
+  (:func:`modeopt.modespace.kernels.reduce`, ``sum a_i g_i`` per mode) and drops it, so no weight gradient
+  outlives its layer's reduce-scatter. At ``step()`` one all-reduce of M float32 partial sums
+  (4 M bytes) gives every rank the same ``dL/dr``; the base optimizer steps ``r``, and each rank
+  applies ``w += a * dr[m]`` to its shards in place (:func:`modeopt.modespace.kernels.update`).
+
+Checkpoints: :mod:`~modeopt.cmd_optimizer.sharded_checkpoint` (``torch.distributed.checkpoint``, resharding).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from modeopt.modespace import kernels
+from modeopt.optim.wrapping import SharesBaseOptimizer
+from modeopt.trajectories.layout import ParamLayout
+from modeopt.optim.settings import check_settings, resolve_mode_scale
+from modeopt.distributed.wrappers import check_supported
+from modeopt.optim.param_groups import Exclude, ParamGroupGuard
+from modeopt.optim.phase_hooks import PhaseHooks
+from .sharded_checkpoint import ShardedCheckpointing
+from modeopt.distributed.sharded_switch import decompose_shards, shard_mode_space
+from modeopt.distributed.sharding import ShardMap
+from modeopt.trajectories.trajectory import Trajectory
+
+__all__ = ["ShardedCMDOptimizer", "UNSUPPORTED_OPTIONS"]
+
+logger = logging.getLogger("modeopt")
+
+#: CMDOptimizer options that the FSDP2 path refuses, and why.
+UNSUPPORTED_OPTIONS = {
+    "recluster_every": "re-clustering under FSDP2 is not implemented",
+    "recluster_steps": "re-clustering under FSDP2 is not implemented",
+    "max_snapshots": "the sharded recording keeps every snapshot of the warm-up (no ring)",
+    "record_dir": "the sharded recording is held in RAM (each rank T x N/world floats)",
+}
+
+
+class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, SharesBaseOptimizer):
+    """:class:`~modeopt.CMDOptimizer` for an FSDP2 model (build it through ``modeopt.CMDOptimizer``).
+
+    Takes CMDOptimizer's arguments except ``recluster_every``/``recluster_steps``, ``max_snapshots``
+    and ``record_dir`` (:data:`UNSUPPORTED_OPTIONS`); ``record_dtype`` must be float32. Every rank
+    must build it, step it and save it together (the switch and each embedded step are collective).
+
+    Per rank it holds: in warm-up the recording of its shards, ``T * N/world * 4`` bytes; in mode
+    space its shards' ``a`` (``coef_dtype``) and labels (1 byte for M <= 256), and ``r``.
+    """
+
+    sharded = True  #: what :mod:`modeopt.integrations.hf` checks (no DDP to attach)
+    #: drop each weight's gradient shard as soon as it is reduced onto the modes (False keeps it until
+    #: the step, as a plain optimizer would: 4 N/world bytes more; benchmarks/fsdp_memory.py measures both)
+    drop_weight_grads = True
+
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, *, n_modes: int = 10,
+                 warmup_steps: int = 500, snapshot_every: int = 10, n_samples: int = 1000, seed: int | None = None,
+                 exclude: Exclude = None, record_dtype: torch.dtype = torch.float32, init: str = "keep",
+                 mode_scale: str = "auto", coef_dtype: torch.dtype = torch.float32, progress: bool | None = None,
+                 **options: Any):
+        for name, value in options.items():
+            if name not in UNSUPPORTED_OPTIONS:
+                raise TypeError(f"CMDOptimizer() got an unexpected keyword argument {name!r}")
+            if value is not None:
+                raise ValueError(f"modeopt: {name}= is not supported with FSDP2 ({UNSUPPORTED_OPTIONS[name]}); "
+                                 "see docs/scaling-out.md")
+        check_supported(model, base_optimizer, fsdp2_ok=True)  # FSDP1 / ZeRO / tensor parallelism: refused
+        if record_dtype != torch.float32:
+            raise ValueError("modeopt: under FSDP2 the recording is float32 (record_dtype=torch.float32)")
+        check_settings(n_modes=n_modes, warmup_steps=warmup_steps, snapshot_every=snapshot_every,
+                       n_samples=n_samples, max_snapshots=None, recluster_every=None, recluster_steps=None,
+                       init=init, mode_scale=mode_scale, coef_dtype=coef_dtype, record_dtype=record_dtype)
+        self._init_shared(base_optimizer)
+        self.model = model
+        self.n_modes, self.warmup_steps, self.snapshot_every = n_modes, warmup_steps, snapshot_every
+        self.n_samples, self.init, self.coef_dtype, self.progress = n_samples, init, coef_dtype, progress
+        self.seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
+        self.mode_scale = resolve_mode_scale(mode_scale, base_optimizer)
+        self.recluster_every = None
+        self._select(exclude)
+        self.shards = ShardMap(self._emb_params)
+        self._local_layout = ParamLayout.from_named_tensors(
+            [(n, x) for n, x in zip(self._emb_names, self.shards.local_views())])
+        self.phase, self.cycle, self._step, self._phase_step = "warmup", 0, 0, 0
+        self.capacity = warmup_steps // snapshot_every
+        self.recording: Tensor | None = None  # (capacity, n_local) float32, allocated at the first snapshot
+        self.recorded_steps: list[int] = []
+        self.history: list[dict[str, Any]] = []
+        self.space: dict[str, Any] | None = None
+        self._hooks: list = []
+        self._phase_hooks: list[Callable[[Any, str], None]] = []
+        self.comm_bytes = 0  #: bytes this optimizer handed to collectives (the switch and the steps)
+        self._group_sizes = self._current_group_sizes()
+
+    @property
+    def recording_bytes(self) -> int:
+        """Bytes of this rank's warm-up recording."""
+        return 0 if self.recording is None else self.recording.numel() * self.recording.element_size()
+
+    def trainable_parameters(self) -> int:
+        """Scalars trained now (all ranks together): M plus what is not embedded, or every parameter."""
+        if self.space is None:
+            return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        emb = {id(p) for p in self._emb_params}
+        return self.space["r"].numel() + sum(p.numel() for p in self.model.parameters()
+                                             if p.requires_grad and id(p) not in emb)
+
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's training state by kind, in bytes (weights = its shards of every parameter)."""
+        def size(ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+        out = {"weights": size(p.to_local() for p in self.model.parameters()),
+               "grads": size(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                             for p in self.model.parameters() if p.grad is not None),
+               "optimizer": size(v.to_local() if hasattr(v, "to_local") else v for s in self.base.state.values()
+                                 for v in s.values() if isinstance(v, Tensor)),
+               "recording": self.recording_bytes, "a": 0, "labels": 0, "r": 0}
+        if self.space is not None:
+            out.update(a=size(self.space["a"]), labels=size(self.space["labels"]),
+                       r=size([self.space["r"], self.space["applied"], self.space["partial"]]))
+        return out
+
+    # ---------------------------------------------------------------- step
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One step: of every parameter in warm-up, of ``r`` in mode space (collective there)."""
+        if self.phase == "embedded":
+            if closure is not None:
+                raise ValueError("modeopt: closures are not supported in mode space under FSDP2")
+            self._reduce_r_grad()
+            loss = self._base_step()
+            self.sync()
+        else:
+            loss = self._base_step(closure)
+        self._step += 1
+        self._phase_step += 1
+        if self.phase == "warmup":
+            if self._phase_step % self.snapshot_every == 0:
+                self._record()
+            if self._phase_step >= self.warmup_steps:
+                self._embed()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The base optimizer's ``zero_grad``, and the mode gradients gathered since the last step."""
+        self.base.zero_grad(set_to_none=set_to_none)
+        if self.space is not None:
+            self.space["partial"].zero_()
+
+    @torch.no_grad()
+    def _record(self) -> None:
+        if self.recording is None:
+            self.recording = torch.zeros(self.capacity, self.shards.n_local, dtype=torch.float32)
+        t = len(self.recorded_steps)
+        for view, x in zip(self.shards.split(self.recording[t]), self.shards.local_views()):
+            view.copy_(x)
+        self.recorded_steps.append(self._step)
+
+    # -------------------------------------------------------------- switch
+    @torch.no_grad()
+    def _embed(self) -> None:
+        self.seed = int(self.shards.broadcast(torch.tensor([self.seed], dtype=torch.int64)))
+        t = len(self.recorded_steps)
+        traj = Trajectory(self.recording[:t], self._local_layout, list(self.recorded_steps))
+        d = decompose_shards(traj, self.shards, self._layout.numels, n_modes=self.n_modes, n_samples=self.n_samples,
+                             seed=self.seed + self.cycle, progress=self.progress)
+        row_group = torch.tensor(self._emb_group, dtype=torch.int64).repeat_interleave(
+            torch.tensor(self.shards.local_numels, dtype=torch.int64))
+        init = shard_mode_space(d, self.shards, row_group, len(self.base.param_groups), self.mode_scale)
+        k, m = d.samples.numel(), d.n_modes
+        self.comm_bytes += 8 + self.shards.n_global + 8 * k * t + 8 * m + 8 * (3 * m + m * len(self.base.param_groups))
+        self._enter(init.labels, init.a, init.r_groups, init.r)
+        if self.init == "fit":
+            ref_now = init.reference_values.to(torch.float32)
+            for x, a, b, lab in zip(self.shards.local_views(), self.shards.split(d.a), self.shards.split(d.b),
+                                    self.shards.split(d.labels)):
+                x.copy_(torch.addcmul(b, a, ref_now[lab]))
+        self.recording, self.recorded_steps = None, []
+        info = {"step": self._step, "cycle": self.cycle, "n_modes": m,
+                "sizes": d.sizes.tolist(), "scale": init.scale.tolist(),
+                "references": [self._layout.locate(int(i))[0] for i in d.reference]}
+        self.history.append(info)
+        logger.info("modeopt: step %d: embedded the %s weights of %d FSDP2-sharded tensors into %d modes "
+                    "(this rank holds %s of them)", self._step, f"{self.shards.n_global:,}", len(self._layout), m,
+                    f"{self.shards.n_local:,}")
+        self._fire("embedded")
+
+    def _enter(self, labels: Tensor, a: Tensor, r_groups: Tensor, r: Tensor) -> None:
+        """Enter mode space: this rank's flat ``(n_local,)`` labels and ``a``, the ``(M,)`` r_groups and r."""
+        m = int(r.numel())
+        groups = sorted(set(r_groups.tolist()))
+        group_modes = [torch.nonzero(r_groups == g).flatten() for g in groups]
+        dev = self.shards.device  # a, labels, r and the partial sums live with the shards (as in ModeSpace)
+        r_params = [nn.Parameter(r[idx].detach().to(dev, copy=True)) for idx in group_modes]
+        self.space = {
+            "labels": [x.to(kernels.label_dtype(m)).to(dev).contiguous() for x in self.shards.split(labels)],
+            "a": [x.to(self.coef_dtype).to(dev).contiguous() for x in self.shards.split(a)],
+            "r_groups": r_groups.to(torch.int64).clone(), "groups": groups, "group_modes": group_modes,
+            "r_params": r_params, "applied": r.detach().to(dev, torch.float32, copy=True),
+            "partial": torch.zeros(m, dtype=torch.float64, device=dev), "n_modes": m,
+        }
+        self.space["r"] = self.r_full()
+        emb = {id(p) for p in self._emb_params}
+        for gi, group in enumerate(self.base.param_groups):
+            kept = [p for p in self._orig_params[gi] if id(p) not in emb]
+            if gi in groups:
+                kept.append(r_params[groups.index(gi)])
+            group["params"][:] = kept
+        for p in self._emb_params:
+            self.base.state.pop(p, None)
+            p.grad = None
+        for j, p in enumerate(self._emb_params):
+            self._hooks.append(p.register_post_accumulate_grad_hook(
+                lambda param, j=j: self._consume_grad(j, param)))
+        self._params_changed()
+        self.phase, self._phase_step = "embedded", 0
+
+    def r_full(self) -> Tensor:
+        """``(M,)`` the mode scalars in mode order (a copy)."""
+        s = self.space
+        out = torch.empty(s["n_modes"], dtype=torch.float32, device=self.shards.device)
+        for idx, r in zip(s["group_modes"], s["r_params"]):
+            out[idx] = r.detach()
+        return out
+
+    @torch.no_grad()
+    def _consume_grad(self, j: int, param: Tensor) -> None:
+        """FSDP2 wrote this rank's shard of parameter ``j``'s gradient: reduce it onto the modes, drop it."""
+        g = param.grad
+        if g is None:
+            return
+        local = g.to_local() if hasattr(g, "to_local") else g
+        s = self.space
+        s["partial"] += kernels.reduce([local.reshape(-1)], [s["a"][j]], [s["labels"][j]], s["n_modes"])
+        if self.drop_weight_grads:
+            param.grad = None
+
+    def _reduce_r_grad(self) -> None:
+        """One all-reduce of the M partial sums (float32, 4 M bytes): every rank gets the same dL/dr."""
+        s = self.space
+        g = s["partial"].to(torch.float32)
+        dist.all_reduce(g, group=self.shards.group)
+        self.comm_bytes += g.numel() * g.element_size()
+        s["partial"].zero_()
+        if not self.drop_weight_grads:  # reduced already: FSDP2 must not add the next backward to them
+            for p in self._emb_params:
+                p.grad = None
+        # Set, not added: the gradient since the last step (the Trainer clears only model.zero_grad(),
+        # and r is not a parameter of the model here)
+        for idx, r in zip(s["group_modes"], s["r_params"]):
+            r.grad = g[idx.to(g.device)].clone()
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Write ``w += a * (r - applied)[m]`` into this rank's shards (no communication)."""
+        s = self.space
+        r = self.r_full()
+        kernels.update(self.shards.local_views(), s["a"], s["labels"], r - s["applied"])
+        s["applied"].copy_(r)
+        s["r"] = r
+
+    # -------------------------------------------------------------- export
+    def _leave(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for group, orig in zip(self.base.param_groups, self._orig_params):
+            group["params"][:] = orig
+        for r in self.space["r_params"]:
+            self.base.state.pop(r, None)
+        self._params_changed()
+        self.space = None
+
+    def export(self) -> nn.Module:
+        """Leave mode space for good: plain FSDP2 parameters, the base optimizer trains them again."""
+        if self.space is not None:
+            self._leave()
+        self.recording, self.recorded_steps = None, []
+        self.phase = "exported"
+        self._fire("exported")
+        return self.model

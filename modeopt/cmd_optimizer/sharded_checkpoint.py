@@ -1,0 +1,185 @@
+"""Sharded checkpoints of a :class:`~modeopt.cmd_optimizer.sharded.ShardedCMDOptimizer` with
+``torch.distributed.checkpoint`` (DCP), in every phase, on any world size.
+
+``opt.state_dict()`` is DCP-ready: everything sharded is a DTensor whose global shape follows the
+model's parameters, so DCP reshards it when the checkpoint is loaded on another number of ranks:
+
+* ``"meta"``: a JSON string (phase, counters, seed, history, recorded steps, the modes' param groups);
+* ``"record"`` (warm-up): per embedded parameter of shape ``S``, its recording ``(T, *S)`` sharded on
+  dim 1 like the parameter on dim 0 (a view of this rank's recording: nothing is copied);
+* ``"space"`` (mode space): per embedded parameter its ``a`` and labels (shape ``S``, ``Shard(0)``,
+  views), and the replicated ``(M,)`` ``r``, ``applied`` and ``r_groups``;
+* ``"base"``: the base optimizer's ``state_dict()`` (DTensor moments of FSDP parameters, plain
+  tensors for ``r``).
+
+Save: ``dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=path)``
+(or :func:`save`). Load with :func:`load`: DCP loads into a template of the right shapes, and the
+template depends on the saved phase, so the meta entry is read first.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from modeopt.modespace import kernels
+
+__all__ = ["ShardedCheckpointing", "save", "load"]
+
+
+def save(checkpoint_id: Any, model: nn.Module, opt: Any) -> None:
+    """``dcp.save({"model": model.state_dict(), "optim": opt.state_dict()})`` (collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=checkpoint_id)
+
+
+def load(checkpoint_id: Any, model: nn.Module, opt: Any) -> None:
+    """Resume ``model`` and ``opt`` (built as in the saved run, on any world size) from :func:`save`'s checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    head = {"optim": {"cmd": {"meta": ""}}}
+    dcp.load(head, checkpoint_id=checkpoint_id)
+    opt.prepare_load(json.loads(head["optim"]["cmd"]["meta"]))
+    sd = {"model": model.state_dict(), "optim": opt.state_dict()}
+    dcp.load(sd, checkpoint_id=checkpoint_id)
+    model.load_state_dict(sd["model"])
+    opt.load_state_dict(sd["optim"])
+
+
+def _sharded(local: Tensor, like: Tensor, dim: int, extra: tuple[int, ...] = ()) -> Tensor:
+    """``local`` (this rank's rows of a tensor shaped ``extra + like.shape``) as a DTensor sharded like ``like``."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = extra + tuple(like.shape)
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= s
+    return DTensor.from_local(local, like.device_mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape),
+                              stride=tuple(reversed(stride)))
+
+
+class ShardedCheckpointing:
+    """``state_dict`` / ``load_state_dict`` / ``prepare_load`` of ``ShardedCMDOptimizer``."""
+
+    def _meta(self) -> dict[str, Any]:
+        s = self.space
+        return {"version": 1, "phase": self.phase, "step": self._step, "phase_step": self._phase_step,
+                "cycle": self.cycle, "seed": self.seed, "n_modes": self.n_modes, "names": list(self._emb_names),
+                "history": self.history, "recorded_steps": list(self.recorded_steps),
+                "r_groups": None if s is None else s["r_groups"].tolist(),
+                "base_state": sorted(int(k) for k in self.base.state_dict()["state"]),
+                "world": self.shards.world}
+
+    def _local_shape(self, j: int) -> tuple[int, ...]:
+        return tuple(self._emb_params[j].to_local().shape)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"base", "cmd": {"meta", "record", "space"}}``, DCP-ready (module docstring)."""
+        cmd: dict[str, Any] = {"meta": json.dumps(self._meta())}
+        if self.recording is not None:
+            cap = self.recording.shape[0]
+            cmd["record"] = {str(j): _sharded(view.view(cap, *self._local_shape(j)), p, 1, (cap,))
+                             for j, (p, view) in enumerate(zip(self._emb_params, self._record_views()))}
+        if self.space is not None:
+            s = self.space
+            cmd["space"] = {
+                "a": {str(j): _sharded(x.view(self._local_shape(j)), p, 0) for j, (p, x) in
+                      enumerate(zip(self._emb_params, s["a"]))},
+                "labels": {str(j): _sharded(x.view(self._local_shape(j)), p, 0) for j, (p, x) in
+                           enumerate(zip(self._emb_params, s["labels"]))},
+                "r": self.r_full(), "applied": s["applied"], "r_groups": s["r_groups"]}
+        return {"base": self.base.state_dict(), "cmd": cmd}
+
+    def _record_views(self) -> list[Tensor]:
+        cap = self.recording.shape[0]
+        return [self.recording[:, o : o + n] for o, n in zip(self.shards.local_offsets, self.shards.local_numels)
+                ] if cap else []
+
+    def prepare_load(self, meta: dict[str, Any]) -> None:
+        """Give this optimizer the structure of a saved one (phase, recording, mode space, base state) with
+        placeholder values, so that ``state_dict()`` is a template DCP can load into (see :func:`load`)."""
+        self._check_meta(meta)
+        if self.space is not None:
+            self._leave()
+        self.recording, self.recorded_steps = None, []
+        if meta["phase"] == "warmup" and meta["recorded_steps"]:
+            self.recording = torch.zeros(self.capacity, self.shards.n_local, dtype=torch.float32)
+            self.recorded_steps = list(meta["recorded_steps"])
+        if meta["phase"] == "embedded":
+            r_groups = torch.tensor(meta["r_groups"], dtype=torch.int64)
+            n = self.shards.n_local
+            self._enter(torch.zeros(n, dtype=torch.int64), torch.zeros(n), r_groups,
+                        torch.zeros(r_groups.numel()))
+        self.phase = meta["phase"]
+        self._init_base_state(set(meta["base_state"]))
+
+    @torch.no_grad()
+    def _init_base_state(self, keep: set[int]) -> None:
+        """Create the base optimizer's state for its current parameters (a step with zero gradients at
+        lr 0, as torch.distributed.checkpoint.state_dict does), then keep only the saved indices'."""
+        params = [p for g in self.base.param_groups for p in g["params"]]
+        grads = [p.grad for p in params]
+        lrs = [g["lr"] for g in self.base.param_groups]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for g in self.base.param_groups:
+            g["lr"] = 0.0 if not isinstance(g["lr"], Tensor) else torch.zeros_like(g["lr"])
+        self.base.step()
+        for g, lr in zip(self.base.param_groups, lrs):
+            g["lr"] = lr
+        for i, (p, grad) in enumerate(zip(params, grads)):
+            p.grad = grad
+            if i not in keep:
+                self.base.state.pop(p, None)
+
+    def _check_meta(self, meta: Any) -> None:
+        if not isinstance(meta, dict) or meta.get("version") != 1:
+            raise ValueError("not a sharded CMDOptimizer checkpoint (its 'meta' entry is missing or of another version)")
+        if meta["names"] != self._emb_names:
+            raise ValueError(f"the checkpoint embeds {len(meta['names'])} other parameters than this optimizer's "
+                             f"{len(self._emb_names)}: build the model and CMDOptimizer as in the saved run")
+        if meta["phase"] not in ("warmup", "embedded", "exported"):
+            raise ValueError(f"the checkpoint's phase {meta['phase']!r} is unknown: damaged checkpoint")
+        if len(meta["recorded_steps"]) > self.capacity:
+            raise ValueError(f"the checkpoint recorded {len(meta['recorded_steps'])} snapshots, this optimizer has room "
+                             f"for {self.capacity}: build it with the saved run's warmup_steps and snapshot_every")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from ``state_dict()`` (as loaded by DCP into :meth:`prepare_load`'s template, or saved whole
+        on the same world size)."""
+        cmd = state_dict["cmd"]
+        meta = json.loads(cmd["meta"]) if isinstance(cmd["meta"], str) else cmd["meta"]
+        if (self.phase != meta["phase"] or (self.space is None) != (meta["phase"] != "embedded")
+                or len(self.recorded_steps) != len(meta["recorded_steps"])):
+            self.prepare_load(meta)
+        with torch.no_grad():
+            if self.recording is not None:
+                for j, view in enumerate(self._record_views()):
+                    src = cmd["record"][str(j)]
+                    _copy(view, src.to_local() if hasattr(src, "to_local") else src)
+            if self.space is not None:
+                s = self.space
+                for j in range(len(self._emb_params)):
+                    for key in ("a", "labels"):
+                        src = cmd["space"][key][str(j)]
+                        _copy(s[key][j], (src.to_local() if hasattr(src, "to_local") else src).reshape(-1))
+                for idx, r in zip(s["group_modes"], s["r_params"]):
+                    r.copy_(cmd["space"]["r"][idx])
+                _copy(s["applied"], cmd["space"]["applied"])
+                s["r"] = self.r_full()
+                kernels.check_labels(s["labels"], s["n_modes"])
+        self.phase, self._step, self._phase_step = meta["phase"], meta["step"], meta["phase_step"]
+        self.cycle, self.seed, self.history = meta["cycle"], meta["seed"], meta["history"]
+        self.recorded_steps = list(meta["recorded_steps"])
+        self.base.load_state_dict(state_dict["base"])
+        self._fire("loaded")
+
+
+def _copy(dst: Tensor, src: Tensor) -> None:
+    if dst.data_ptr() != src.data_ptr() or dst.stride() != src.stride():
+        dst.copy_(src.view(dst.shape) if src.is_contiguous() else src.reshape(dst.shape))

@@ -1,0 +1,176 @@
+"""The CPU implementations of the four passes: the fused C kernels where they apply, else the torch reference.
+
+The C kernels (:mod:`modeopt.modespace.kernels.c_library`) apply to float32 weights/grads, float32 or bfloat16
+``a`` (float32 ``b``; float64 moments for ``welford``), uint8/int16(uint16)/int32 labels, all
+contiguous CPU tensors, while :func:`fused_available`. Anything else runs
+:mod:`modeopt.modespace.kernels.reference`. Arguments are per-tensor lists; labels lie in ``[0, M)``
+(checked by the callers: the kernels index per-mode arrays without a bound check).
+
+Work is cut into pieces of ``PIECE`` elements in a fixed order, and every piece of ``reduce``
+accumulates into its own float64 row, folded in piece order: results do not depend on the number
+of threads (``THREADS``) or on timing. ``ctypes`` releases the GIL, so threads run pieces in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .c_library import A_NAMES, L_NAMES, UNROLL, library
+from .labels import check_sizes
+from .switch import enabled
+
+__all__ = ["fused_available", "reduce", "update", "welford", "assign", "PIECE", "THREADS"]
+
+#: Elements per piece of work (and per accumulator row of ``reduce``).
+PIECE = 1 << 18
+#: Threads the fused kernels use (``MODEOPT_KERNEL_THREADS``, default 1; docs/performance.md says why).
+THREADS = int(os.environ.get("MODEOPT_KERNEL_THREADS", "1"))
+
+_pool: ThreadPoolExecutor | None = None
+_F32 = (torch.float32,)
+_F64 = (torch.float64,)
+_A = tuple(A_NAMES)  # coefficient dtypes the C code reads
+
+
+def fused_available() -> bool:
+    """Whether the compiled CPU kernels are in use: built and loaded, and not turned off by
+    ``use_fused(False)`` or ``MODEOPT_KERNELS=torch``. The first call builds them."""
+    return enabled() and library() is not None
+
+
+def _fusable(*groups: tuple[Sequence[Tensor], tuple], labels: Sequence[Tensor]) -> bool:
+    """Whether the C kernels apply: every tensor of each ``(tensors, dtypes)`` group is a contiguous
+    CPU tensor of one of ``dtypes``, and every label tensor contiguous of a dtype the C code reads."""
+    if not fused_available():
+        return False
+    # plain loops, not generators: this runs once per tensor on every eager CPU pass (docs/performance.md)
+    for tensors, dtypes in groups:
+        for t in tensors:
+            if not (t.is_cpu and t.dtype in dtypes and t.is_contiguous()):
+                return False
+    for lab in labels:
+        if not (lab.dtype in L_NAMES and lab.is_contiguous()):
+            return False
+    return True
+
+
+def _pieces(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(tensor, start, stop) pieces of at most PIECE elements, in a fixed order."""
+    out = []
+    for t, n in enumerate(sizes):
+        for s in range(0, n, PIECE):
+            out.append((t, s, min(s + PIECE, n)))
+    return out
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(1, THREADS - 1), thread_name_prefix="modeopt")
+    return _pool
+
+
+def _run_split(fn: Callable, pieces: list) -> None:
+    """Run ``fn(piece)`` for every piece, spread over ``THREADS`` threads in contiguous runs."""
+    k = max(1, min(THREADS, len(pieces)))
+    if k == 1:
+        for p in pieces:
+            fn(p)
+        return
+    bounds = [len(pieces) * j // k for j in range(k + 1)]
+
+    def _run(lo: int, hi: int) -> None:
+        for p in pieces[lo:hi]:
+            fn(p)
+
+    futures = [_workers().submit(_run, bounds[j], bounds[j + 1]) for j in range(1, k)]
+    _run(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
+def _run_elementwise(fns: Sequence[Callable], per_tensor: Sequence[Sequence[Tensor]], shared: tuple) -> None:
+    """``fns[t](<pointer into each per_tensor[k][t] at the piece>, *shared, <piece length>)`` over
+    every piece of every tensor ``t`` (``per_tensor[0]`` gives the sizes)."""
+    rows = list(zip(*per_tensor))
+    ptrs = [tuple(map(Tensor.data_ptr, row)) for row in rows]
+
+    def _one(piece):
+        t, s, e = piece
+        if s:
+            fns[t](*[p + x.element_size() * s for p, x in zip(ptrs[t], rows[t])], *shared, e - s)
+        else:  # the first (for most tensors the only) piece
+            fns[t](*ptrs[t], *shared, e)
+
+    _run_split(_one, _pieces(list(map(Tensor.numel, per_tensor[0]))))
+
+
+def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int) -> Tensor:
+    """``(n_modes,)`` float64 ``sum_{i: label_i = m} a_i g_i`` (``None`` grads skipped); see
+    :func:`modeopt.modespace.kernels.reference.reduce`."""
+    items = [(g.reshape(-1), x, lab) for g, x, lab in zip(grads, a, labels) if g is not None]
+    if items:
+        gs, xs, ls = zip(*items)
+        if _fusable((gs, _F32), (xs, _A), labels=ls):
+            return _reduce_fused(gs, xs, ls, n_modes)
+    return reference.reduce(grads, a, labels, n_modes)
+
+
+def _reduce_fused(gs, xs, ls, n_modes: int) -> Tensor:
+    check_sizes("reduce", gs, xs, ls)
+    lib = library()
+    gs = [g.contiguous() for g in gs]
+    pieces = _pieces([g.numel() for g in gs])
+    acc = torch.zeros(len(pieces), UNROLL * n_modes, dtype=torch.float64)
+    fns = [getattr(lib, f"reduce_{A_NAMES[x.dtype]}_{L_NAMES[lab.dtype]}") for x, lab in zip(xs, ls)]
+
+    def _one(j_piece):
+        j, (t, s, e) = j_piece
+        g, x, lab = gs[t], xs[t], ls[t]
+        fns[t](g.data_ptr() + 4 * s, x.data_ptr() + x.element_size() * s, lab.data_ptr() + lab.element_size() * s,
+               e - s, acc[j].data_ptr(), n_modes)
+
+    _run_split(_one, list(enumerate(pieces)))
+    out = torch.zeros(n_modes, dtype=torch.float64)
+    for j in range(len(pieces)):  # fixed order: deterministic
+        lib.fold_banks(acc[j].data_ptr(), n_modes, out.data_ptr())
+    return out
+
+
+def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> None:
+    """In place: ``w += a * delta[label]``; see :func:`modeopt.modespace.kernels.reference.update`."""
+    if not _fusable((weights, _F32), (a, _A), labels=labels):
+        return reference.update(weights, a, labels, delta)
+    check_sizes("update", weights, a, labels)
+    lib = library()
+    d = delta.to(torch.float32).contiguous()
+    fns = [getattr(lib, f"update_{A_NAMES[x.dtype]}_{L_NAMES[lab.dtype]}") for x, lab in zip(a, labels)]
+    _run_elementwise(fns, (weights, a, labels), (d.data_ptr(),))
+
+
+def welford(flat: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequence[Tensor], labels: Sequence[Tensor],
+            dr: Tensor, n: int) -> None:
+    """One Welford/Chan sample in place, float64; see :func:`modeopt.modespace.kernels.reference.welford`."""
+    if not _fusable((flat, _F32), (mean, _F64), (comoment, _F64), labels=labels):
+        return reference.welford(flat, mean, comoment, labels, dr, n)
+    lib = library()
+    d = dr.to(torch.float64).contiguous()
+    fns = [getattr(lib, f"welford_{L_NAMES[lab.dtype]}") for lab in labels]
+    _run_elementwise(fns, (flat, mean, comoment, labels), (d.data_ptr(), 1.0 / n))
+
+
+def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], labels: Sequence[Tensor],
+           r: Tensor) -> None:
+    """In place: ``w = a * r[label] + b``; see :func:`modeopt.modespace.kernels.reference.assign`."""
+    if not _fusable((weights, _F32), (a, _F32), (b, _F32), labels=labels):
+        return reference.assign(weights, a, b, labels, r)
+    lib = library()
+    rr = r.to(torch.float32).contiguous()
+    fns = [getattr(lib, f"assign_{L_NAMES[lab.dtype]}") for lab in labels]
+    _run_elementwise(fns, (weights, a, b, labels), (rr.data_ptr(),))

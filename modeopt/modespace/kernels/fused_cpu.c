@@ -1,0 +1,113 @@
+/* Fused CPU kernels of the mode-space step (modeopt/modespace/kernels/c_library.py builds and loads this file).
+ *
+ *   reduce:  acc[bank][lab[i]] += (double)(a[i] * g[i])        over a range of elements
+ *   update:  w[i] += a[i] * delta[lab[i]]                       (float32 weights, in place)
+ *
+ * Both are memory-light passes whose cost on CPU is set by loads per element, not bandwidth:
+ * the reduction forms a*g in vectorised blocks of BLK elements held in L1, reads uint8 labels
+ * eight at a time with one 64-bit load, and scatters into UNROLL banks (element j of a group of
+ * UNROLL goes to bank j) so that consecutive elements of one mode do not wait on each other.
+ * The caller folds the banks in a fixed order (fold_banks): results depend only on the data and
+ * the range, never on threads or timing. Each product is rounded once to float32, and the sums
+ * are accumulated in double.
+ *
+ * Coefficients are float32 or bfloat16 (stored as uint16: the high half of a float32); labels
+ * are uint8, uint16 or int32.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define UNROLL 8
+#define BLK 256
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = ((uint32_t) h) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline float f32_to_f32(float x) { return x; }
+
+/* Scatter v[0..len) into the banks, labels read one by one (wide label types). */
+#define SCATTER_GENERIC(LTYPE)                                                                     \
+    static inline void scatter_##LTYPE(const float *v, const LTYPE *L, int64_t len, double *acc,   \
+                                       int64_t m) {                                                \
+        int64_t j = 0;                                                                             \
+        for (; j + UNROLL <= len; j += UNROLL)                                                     \
+            for (int k = 0; k < UNROLL; ++k) acc[k * m + (uint32_t) L[j + k]] += v[j + k];          \
+        for (; j < len; ++j) acc[(uint32_t) L[j]] += v[j];                                         \
+    }
+SCATTER_GENERIC(uint16_t)
+SCATTER_GENERIC(int32_t)
+
+/* uint8 labels: one 64-bit load gives eight of them. */
+static inline void scatter_uint8_t(const float *v, const uint8_t *L, int64_t len, double *acc, int64_t m) {
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+        uint64_t w8;
+        memcpy(&w8, L + j, 8);
+        acc[0 * m + (w8 & 255)] += v[j];
+        acc[1 * m + ((w8 >> 8) & 255)] += v[j + 1];
+        acc[2 * m + ((w8 >> 16) & 255)] += v[j + 2];
+        acc[3 * m + ((w8 >> 24) & 255)] += v[j + 3];
+        acc[4 * m + ((w8 >> 32) & 255)] += v[j + 4];
+        acc[5 * m + ((w8 >> 40) & 255)] += v[j + 5];
+        acc[6 * m + ((w8 >> 48) & 255)] += v[j + 6];
+        acc[7 * m + (w8 >> 56)] += v[j + 7];
+    }
+    for (; j < len; ++j) acc[L[j]] += v[j];
+}
+
+#define DEFINE_KERNELS(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                          \
+    void reduce_##ANAME##_##LNAME(const float *restrict g, const ATYPE *restrict a,                \
+                                  const LTYPE *restrict lab, int64_t n,                            \
+                                  double *restrict acc /* UNROLL * m, zeroed */, int64_t m) {      \
+        float v[BLK] __attribute__((aligned(64)));                                                 \
+        for (int64_t b0 = 0; b0 < n; b0 += BLK) {                                                  \
+            int64_t len = n - b0 < BLK ? n - b0 : BLK;                                             \
+            for (int64_t j = 0; j < len; ++j) v[j] = ACONV(a[b0 + j]) * g[b0 + j];                 \
+            scatter_##LTYPE(v, lab + b0, len, acc, m);                                             \
+        }                                                                                          \
+    }                                                                                              \
+    void update_##ANAME##_##LNAME(float *restrict w, const ATYPE *restrict a,                      \
+                                  const LTYPE *restrict lab, const float *restrict delta,          \
+                                  int64_t n) {                                                     \
+        for (int64_t i = 0; i < n; ++i) w[i] += ACONV(a[i]) * delta[(uint32_t) lab[i]];             \
+    }
+
+/* Online CMD. welford: one sample of Welford/Chan moments, in place, one pass:
+ *   dw = w[i] - mean[i];  mean[i] += dw * inv_n;  com[i] += dw * dr[lab[i]]
+ * (dr: the references' deviation from their updated means). assign: w[i] = a[i] * r[lab[i]] + b[i]. */
+#define DEFINE_ONLINE(LNAME, LTYPE)                                                                 \
+    void welford_##LNAME(const float *restrict w, double *restrict mean, double *restrict com,      \
+                         const LTYPE *restrict lab, const double *restrict dr, double inv_n,        \
+                         int64_t n) {                                                              \
+        for (int64_t i = 0; i < n; ++i) {                                                          \
+            double dw = (double) w[i] - mean[i];                                                   \
+            mean[i] += dw * inv_n;                                                                 \
+            com[i] += dw * dr[(uint32_t) lab[i]];                                                   \
+        }                                                                                          \
+    }                                                                                              \
+    void assign_##LNAME(float *restrict w, const float *restrict a, const float *restrict b,       \
+                        const LTYPE *restrict lab, const float *restrict r, int64_t n) {           \
+        for (int64_t i = 0; i < n; ++i) w[i] = a[i] * r[(uint32_t) lab[i]] + b[i];                  \
+    }
+DEFINE_ONLINE(u8, uint8_t)
+DEFINE_ONLINE(u16, uint16_t)
+DEFINE_ONLINE(i32, int32_t)
+
+DEFINE_KERNELS(f32, float, f32_to_f32, u8, uint8_t)
+DEFINE_KERNELS(f32, float, f32_to_f32, u16, uint16_t)
+DEFINE_KERNELS(f32, float, f32_to_f32, i32, int32_t)
+DEFINE_KERNELS(bf16, uint16_t, bf16_to_f32, u8, uint8_t)
+DEFINE_KERNELS(bf16, uint16_t, bf16_to_f32, u16, uint16_t)
+DEFINE_KERNELS(bf16, uint16_t, bf16_to_f32, i32, int32_t)
+
+/* out[j] += sum over banks of acc[bank][j], banks in order. */
+void fold_banks(const double *acc, int64_t m, double *out) {
+    for (int64_t j = 0; j < m; ++j) {
+        double s = 0.0;
+        for (int k = 0; k < UNROLL; ++k) s += acc[k * m + j];
+        out[j] += s;
+    }
+}
