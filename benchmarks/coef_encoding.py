@@ -20,7 +20,7 @@ end. Final test accuracy per seed and storage, and the relative error each stora
 
 **Bytes** - measured from the tensors a mode space holds (``ModeSpace.storage_bytes``: ``numel *
 element_size`` of ``a``, labels and scales), for the SmallCNN space above and for a MiniLM-L6-shaped
-space (its 36 weight matrices, 21.3 M weights, random labels and ``a``: the storage does not depend
+space (its word embeddings and 36 weight matrices, 22.3 M weights, random labels and ``a``: the storage does not depend
 on their values).
 
 **Kernel time** - one ``mode_update`` and one ``mode_reduce`` over the MiniLM-shaped space on the CPU
@@ -87,7 +87,7 @@ def run_seed(seed: int, args, xtr, ytr, xte, yte) -> dict:
         d = batches(xtr, ytr, 64, seed=seed)
         for _ in range(args.warmup - 1):  # the same batches as the warm-up run consumed
             next(d)
-        before = [p.detach().clone() for p in m.parameters()]
+        before = [v.detach().clone() for v in m.state_dict().values()]  # the weights (r is not in state_dict)
         _train(m, o, d, 1)  # the switch
         assert o.phase == "embedded"
         if name == "float32":
@@ -97,11 +97,19 @@ def run_seed(seed: int, args, xtr, ytr, xte, yte) -> dict:
                / sum(float(x.double().pow(2).sum()) for x in a32)) ** 0.5
         out.setdefault("a_rel_error", {})[name] = err
         out["bytes"][name] = o.space.storage_bytes()
-        moved = max(float((p - q).abs().max()) for p, q in zip(m.parameters(), before))
+        moved = max(float((p - q).abs().max()) for p, q in zip(m.state_dict().values(), before))
         out.setdefault("switch_step_max_change", {})[name] = moved
         _train(m, o, d, args.steps - args.warmup)
         out["final"][name] = evaluate(m, xte, yte)
-        print(f"seed {seed} {name}: final {out['final'][name]:.4f}, |a - a_stored| / |a| = {err:.2e}", flush=True)
+        with torch.no_grad():
+            out.setdefault("test_loss", {})[name] = float(F.cross_entropy(m(xte), yte))
+        w_end = torch.cat([v.detach().reshape(-1).float() for v in m.state_dict().values()])
+        if name == "float32":
+            w32, moved32 = w_end, w_end - torch.cat([v.reshape(-1).float() for v in before])
+        # how far the run ended from the float32 run, relative to how far that one moved after the switch
+        out.setdefault("end_vs_float32", {})[name] = float((w_end - w32).norm() / moved32.norm())
+        print(f"seed {seed} {name}: final {out['final'][name]:.4f}, test loss {out['test_loss'][name]:.4f}, "
+              f"|a - a_stored| / |a| = {err:.2e}, end vs float32 {out['end_vs_float32'][name]:.2e}", flush=True)
     return out
 
 
@@ -167,23 +175,29 @@ def main() -> None:
     runs = [run_seed(s, args, xtr, ytr, xte, yte) for s in args.seeds]
     acc = {k: _stats([r["final"][k] for r in runs]) for k in STORAGES}
     err = {k: _stats([r["a_rel_error"][k] for r in runs]) for k in STORAGES}
+    loss = {k: _stats([r["test_loss"][k] for r in runs]) for k in STORAGES}
+    dev = {k: _stats([r["end_vs_float32"][k] for r in runs]) for k in STORAGES}
     kt = {} if args.no_kernels or args.quick else kernel_times()
     payload = {"machine": machine(), "seeds": args.seeds, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
-               "modes": args.modes, "runs": runs, "accuracy": acc, "a_rel_error": err, "minilm_shaped": kt,
+               "modes": args.modes, "runs": runs, "accuracy": acc, "a_rel_error": err, "test_loss": loss,
+               "end_vs_float32": dev, "minilm_shaped": kt,
                "wall_s": time.time() - t0}
     lines = [
         f"MNIST demo setting (SmallCNN, 4,000 digits, Adam 1e-3, {args.epochs} epochs, switch to M = {args.modes} "
         f"after {args.warmup_epochs}), seeds {args.seeds}: one warm-up per seed, each storage from the switch on.",
         f"Machine: {machine_line(payload['machine'])}; shared with other jobs (load varied).",
         "",
-        "| storage of a + labels | final test accuracy, mean +- std | min .. max | per seed | "
-        "rel. error on a (mean) |",
-        "|---|---|---|---|---|",
+        "| storage of a + labels | final test accuracy, mean +- std | min .. max | per seed | test loss, mean +- std "
+        "| rel. error on a (mean) | end weights vs float32 run (mean) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for k in STORAGES:
         s = acc[k]
         lines.append(f"| {k} | {s['mean']:.4f} +- {s['std']:.4f} | {s['min']:.4f} .. {s['max']:.4f} | "
-                     + ", ".join(f"{r['final'][k]:.4f}" for r in runs) + f" | {err[k]['mean']:.2e} |")
+                     + ", ".join(f"{r['final'][k]:.4f}" for r in runs)
+                     + f" | {loss[k]['mean']:.4f} +- {loss[k]['std']:.4f} | {err[k]['mean']:.2e} | {dev[k]['mean']:.2e} |")
+    lines += ["", "rel. error on a: ||a - a_stored|| / ||a|| at the switch, against the float32 a of the same switch. "
+              "End weights vs float32 run: ||w_end - w_end(float32)|| / ||w_end(float32) - w_before_switch||."]
     lines += ["", "Bytes per embedded weight, measured from the stored tensors (numel x element size):", "",
               "| space | storage | weights | a | labels | scales | a + labels | total |", "|---|---|---|---|---|---|---|---|"]
 
