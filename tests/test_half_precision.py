@@ -370,3 +370,28 @@ def test_online_gradual_embedding_half_weights_stay_exact_over_a_thousand_steps(
     f64 = (f["b"].double() + f["a"].double() * r.double()[lab]).to(dtype)
     assert torch.equal(got.view(torch.int16), f32.view(torch.int16))
     assert ulps(got, f64) <= 1
+
+
+# ------------------------------------------------------------------------------------ torch.compile
+@pytest.mark.slow  # ~10 s of compilation
+def test_compile_fullgraph_forms_half_weights_like_eager():
+    """torch.compile(model, fullgraph=True) traces the forming (modeopt::mode_form, opaque with a fake
+    impl): the same outputs and dL/dr as eager, and a step after it moves the model as in eager."""
+    model, opt = cmd(torch.bfloat16)
+    for i in range(20):
+        step(model, opt, i)
+    x = X.bfloat16()
+    opt.zero_grad()
+    out_eager = model(x)
+    nn.functional.cross_entropy(out_eager.float(), Y).backward()
+    eager = [p.grad.clone() for p in opt.space.r_params]
+    opt.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    nn.functional.cross_entropy(out.float(), Y).backward()
+    assert torch.equal(out, out_eager)
+    for g, e in zip((p.grad for p in opt.space.r_params), eager):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    opt.step()
+    assert torch.equal(compiled(x), model(x))  # the compiled model reads the new r (not a stale constant)
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
