@@ -99,6 +99,27 @@ def test_cmd_optimizer_half_weights_stay_exact_over_a_thousand_steps(dtype):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_half_weights_with_8bit_coefficients_stay_exact():
+    """coef_dtype=torch.int8 (codes, per-mode scales, 4-bit labels) on bf16 weights: formed as
+    w_switch + q * float32(scale * dr)[m], rounded once: <= 1 ulp from the float64 value of a * dr."""
+    model, opt = cmd(torch.bfloat16, coef_dtype=torch.int8)
+    for i in range(8):
+        step(model, opt, i)
+    space = opt.space
+    w_switch = [p.detach().clone() for p in space.params]
+    r_switch = space.r_full().detach().clone()
+    for i in range(200):
+        step(model, opt, i)
+    state = model.state_dict()
+    dr = space.r_full().detach() - r_switch
+    for name, q, sc, lab, a, w0 in zip(space.names, space.a, space.a_scale, space.mode_index(),
+                                       space.coefficients(), w_switch):
+        got = state[name].reshape(-1)
+        want = (w0.float().reshape(-1) + q.float() * (sc * dr)[lab]).to(torch.bfloat16)
+        assert torch.equal(got, want), name
+        assert ulps(got, (w0.double().reshape(-1) + a.double() * dr.double()[lab]).to(torch.bfloat16)) <= 1
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_gradient_of_r_is_the_formed_weights_gradient_reduced(dtype):
     """dL/dr = sum a_i dL/dw_i with dL/dw taken at the formed (current) weights."""

@@ -87,7 +87,7 @@ def replicate(opt: CMDOptimizer, model: nn.Module) -> ModeSpace | None:
     if missing:
         raise ValueError(f"the client model lacks the server's embedded parameters {missing[:3]}")
     space = ModeSpace(model, [(n, params[n]) for n in s.names], s.mode_index(), s.a, s.r_groups,
-                      s.r_full().detach(), coef_dtype=s.a[0].dtype)
+                      s.r_full().detach(), coef_dtype=s.coef_dtype, a_scale=s.a_scale)
     pull(space, opt, model)
     return space
 

@@ -83,6 +83,10 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
         check_supported(model, base_optimizer, fsdp2_ok=True)  # FSDP1 / ZeRO / tensor parallelism: refused
         if record_dtype != torch.float32:
             raise ValueError("modeopt: under FSDP2 the recording is float32 (record_dtype=torch.float32)")
+        if coef_dtype == torch.int8:
+            raise ValueError("modeopt: coef_dtype=torch.int8 (the 8-bit encoding) is not supported with FSDP2: its "
+                             "scales per tensor and mode would be per shard and would not reshard with the "
+                             "checkpoint; use coef_dtype=torch.bfloat16 (see docs/scaling-out.md)")
         check_settings(n_modes=n_modes, warmup_steps=warmup_steps, snapshot_every=snapshot_every,
                        n_samples=n_samples, max_snapshots=None, recluster_every=None, recluster_steps=None,
                        init=init, mode_scale=mode_scale, coef_dtype=coef_dtype, record_dtype=record_dtype)

@@ -30,7 +30,8 @@ the parameters. Reading a half-precision ``module.weight`` outside the model's (
 forward gives the frozen base: use ``model.state_dict()`` or :meth:`ModeSpace.current` for values.
 
 Device-generic: ``a`` (``coef_dtype``) and the compact labels (:func:`modeopt.modespace.kernels.label_dtype`)
-live on each weight's device; ``r`` and ``r_in_weights`` on the first embedded weight's device.
+live on each weight's device (with ``coef_dtype=torch.int8``: 8-bit codes, a float32 scale per tensor
+and mode, and labels packed 4 bits per weight for ``M <= 16``; :mod:`modeopt.modespace.kernels.encoding`); ``r`` and ``r_in_weights`` on the first embedded weight's device.
 The autograd function takes only tensors and ints, so ``torch.compile(model, fullgraph=True)``
 traces the hooks, the swap and the backward (the operator is opaque to it).
 
@@ -85,17 +86,17 @@ class _ReadThrough(torch.autograd.Function):
     one fused reduction call per group rather than per tensor, while at most one group's weight
     gradients wait for their reduction at any time.
 
-    Under ``torch.compile`` the inputs are tensors and ints only (``r, n_modes, None, *weights, *a,
-    *labels``) and the backward is one call of the ``modeopt::mode_reduce`` operator, so Dynamo traces
+    Under ``torch.compile`` the inputs are tensors and ints only (``r, n_modes, None, kinds, *weights, *a,
+    *labels[, *scales]``, ``kinds`` = 3, or 4 with the scales of the 8-bit encoding) and the backward is one call of the ``modeopt::mode_reduce`` operator, so Dynamo traces
     it (the operator is opaque to the compiler, with a fake implementation for shapes). In eager
     mode ``a`` and the labels come as one non-tensor argument (``stash``): fewer inputs, a cheaper
     ``apply``; the backward then calls :func:`modeopt.modespace.kernels.reduce` (the same implementations).
     """
 
     @staticmethod
-    def forward(ctx, r: Tensor, n_modes: int, stash: tuple | None, *tensors: Tensor):  # noqa: D401
-        if stash is None:  # traced by torch.compile: tensors = weights, a, labels (n each)
-            n = len(tensors) // 3
+    def forward(ctx, r: Tensor, n_modes: int, stash: tuple | None, kinds: int, *tensors: Tensor):  # noqa: D401
+        if stash is None:  # traced by torch.compile: tensors = weights, a, labels[, scales] (n each)
+            n = len(tensors) // kinds
             weights = tensors[:n]
             ctx.save_for_backward(*tensors[n:])
         else:
@@ -104,7 +105,7 @@ class _ReadThrough(torch.autograd.Function):
             # through saved-tensor hooks: non-reentrant activation checkpointing re-runs a
             # submodule's swap in backward and would count them as extra saved tensors.)
             weights = tensors
-        ctx.stash, ctx.n_inputs = stash, len(tensors)
+        ctx.stash, ctx.n_inputs, ctx.kinds = stash, len(tensors), kinds
         ctx.n_modes, ctx.r_dtype, ctx.r_device = n_modes, r.dtype, r.device
         ctx.set_materialize_grads(False)  # a weight the forward did not use gets None, not zeros
         return tuple(w.view_as(w) for w in weights)
@@ -114,14 +115,16 @@ class _ReadThrough(torch.autograd.Function):
         none = (None,) * ctx.n_inputs
         if ctx.stash is None:  # compiled: dense gradients (Dynamo refuses to read .layout here)
             saved = ctx.saved_tensors
-            n = len(saved) // 2
-            g_r = torch.ops.modeopt.mode_reduce(list(grads), list(saved[:n]), list(saved[n:]), ctx.n_modes)
-            return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + none
+            n = len(saved) // (ctx.kinds - 1)
+            scales = list(saved[2 * n:]) if ctx.kinds == 4 else []
+            g_r = torch.ops.modeopt.mode_reduce(list(grads), list(saved[:n]), list(saved[n:2 * n]), ctx.n_modes,
+                                                scales)
+            return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None, None) + none
         # A sparse gradient (nn.Embedding(sparse=True)) is densified: the reduction reads every row.
         grads = [g.to_dense() if g is not None and g.layout != torch.strided else g for g in grads]
         ctx.stash[2]._notice_copy_trained()
-        g_r = kernels.reduce(grads, ctx.stash[0], ctx.stash[1], ctx.n_modes)
-        return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + none
+        g_r = kernels.reduce(grads, ctx.stash[0], ctx.stash[1], ctx.n_modes, ctx.stash[3])
+        return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None, None) + none
 
 
 class ModeSpace:
@@ -134,15 +137,24 @@ class ModeSpace:
         a: per parameter, the coefficient of each element (flat).
         r_groups: which param group each mode's scalar belongs to: ``(M,)`` int.
         r_init: ``(M,)`` initial mode values.
-        coef_dtype: storage of ``a`` (float32, or bfloat16: the model is then exactly ``a_bf16 * r + b``).
+        coef_dtype: storage of ``a``: float32; bfloat16 (the model is then exactly ``a_bf16 * r + b``); or
+            int8, the compact encoding (:mod:`modeopt.modespace.kernels.encoding`): 8-bit codes ``q`` with
+            a float32 scale per (tensor, mode), the model exactly ``q * scale * r + b``, and labels
+            packed 4 bits per weight when ``M <= 16`` (1.5 bytes per weight with the codes).
+        a_scale: only with ``coef_dtype=torch.int8``: per parameter the ``(M,)`` scales of codes
+            given in ``a`` (int8), as a saved mode space holds them; None quantises float ``a``.
         r_prefix: name of the ``r`` parameters (``<r_prefix><j>``); mode spaces with different prefixes
             may hold disjoint parameters of one model at the same time (one per block, see
             :class:`~modeopt.BlockwiseCMD`).
 
     Attributes:
         names, params: the embedded parameters (``requires_grad=False`` while in mode space).
-        labels: per parameter, ``(numel,)`` compact mode labels on its device (:meth:`mode_index` gives int64).
-        a: per parameter, ``(numel,)`` coefficients in ``coef_dtype`` on its device.
+        labels: per parameter, ``(numel,)`` compact mode labels on its device (:meth:`mode_index` gives int64),
+            or ``(ceil(numel / 2),)`` uint8 packed two per byte (``coef_dtype=torch.int8``, ``M <= 16``).
+        a: per parameter, ``(numel,)`` coefficients in ``coef_dtype`` on its device (int8: codes;
+            :meth:`coefficients` gives the float32 values they stand for).
+        a_scale: per parameter, ``(M,)`` float32 scales of the codes (``coef_dtype=torch.int8``), else None.
+        coef_dtype: the storage of ``a``.
         n_modes: M. ``r_groups``: ``(M,)`` int64 on the CPU. ``groups``: the param groups that hold modes.
         r_params, r_names: one ``modeopt_r<j>`` parameter per group in ``groups``, holding that group's
             modes ``r_groups == g`` in increasing order; :meth:`r_full` is ``(M,)`` in mode order.
@@ -170,6 +182,7 @@ class ModeSpace:
         r_init: Tensor,
         coef_dtype: torch.dtype = torch.float32,
         r_prefix: str = PREFIX,
+        a_scale: Sequence[Tensor] | None = None,
     ):
         # coef_dtype: storage of a; bf16 halves it. The rounded a is used both by the backward and
         # by the weight update, so the model stays exactly w = a_rounded * r + b.
@@ -192,10 +205,21 @@ class ModeSpace:
         # Once, here (one host sync): the fused kernels index per-mode arrays by label unchecked.
         kernels.check_labels([lab.reshape(-1) for lab in labels], self.n_modes, what="ModeSpace labels")
         # Compact labels on every device and path (1 byte for M <= 256, 2 up to 65,536; see
-        # kernels.label_dtype), and a in coef_dtype, each on its weight's device.
+        # kernels.label_dtype; half a byte with the 8-bit encoding for M <= 16), and a in coef_dtype,
+        # each on its weight's device.
+        if coef_dtype not in (torch.float32, torch.bfloat16, torch.int8):
+            raise ValueError(f"ModeSpace: coef_dtype must be torch.float32, torch.bfloat16 or torch.int8, got "
+                             f"{coef_dtype!r}")
+        if a_scale is not None and coef_dtype != torch.int8:
+            raise ValueError("ModeSpace: a_scale is given only with coef_dtype=torch.int8 (int8 codes in a)")
+        self.coef_dtype = coef_dtype
         ldt = kernels.label_dtype(self.n_modes)
         self.labels = [lab.reshape(-1).to(ldt).to(p.device).contiguous() for lab, p in zip(labels, self.params)]
-        self.a = [x.reshape(-1).to(device=p.device, dtype=coef_dtype).contiguous() for x, p in zip(a, self.params)]
+        self.a_scale: list[Tensor] | None = None
+        if coef_dtype != torch.int8:
+            self.a = [x.reshape(-1).to(device=p.device, dtype=coef_dtype).contiguous() for x, p in zip(a, self.params)]
+        else:
+            self._encode(a, a_scale)
         self.r_groups = r_groups.detach().to(device="cpu", dtype=torch.int64)
         self.groups = sorted(set(self.r_groups.tolist()))
         # r (and r_in_weights) live on the first embedded weight's device; deltas are copied per device.
@@ -238,9 +262,49 @@ class ModeSpace:
         self._handles: list = []
         self._install()
 
+    def _encode(self, a: Sequence[Tensor], a_scale: Sequence[Tensor] | None) -> None:
+        """The 8-bit encoding: ``a`` quantised per (tensor, mode) (or taken as codes with ``a_scale``),
+        labels packed two per byte for ``M <= 16``. The weights are not touched: quantising changes only
+        the direction each weight moves in (see :mod:`modeopt.modespace.kernels.encoding`)."""
+        m = self.n_modes
+        if a_scale is None:
+            pairs = [kernels.quantize(x.reshape(-1).to(p.device), kernels.as_index(lab), m)
+                     for x, lab, p in zip(a, self.labels, self.params)]
+            self.a = [q.contiguous() for q, _ in pairs]
+            self.a_scale = [sc.contiguous() for _, sc in pairs]
+        else:
+            if len(a_scale) != len(self.params) or any(x.dtype != torch.int8 for x in a) \
+                    or any(tuple(sc.shape) != (m,) or not sc.is_floating_point() for sc in a_scale):
+                raise ValueError(f"ModeSpace: with a_scale, a must hold int8 codes and a_scale one ({m},) float "
+                                 "tensor per parameter")
+            self.a = [x.reshape(-1).to(p.device).contiguous() for x, p in zip(a, self.params)]
+            self.a_scale = [sc.to(device=p.device, dtype=torch.float32).contiguous()
+                            for sc, p in zip(a_scale, self.params)]
+        if kernels.packs_labels(torch.int8, m):
+            self.labels = [kernels.pack_labels(lab) for lab in self.labels]
+
     def mode_index(self) -> list[Tensor]:
         """Per embedded tensor, the mode of each element as int64 (``labels`` may be stored compactly)."""
-        return [kernels.as_index(lab).to(torch.int64) for lab in self.labels]
+        return [kernels.as_index(self._plain_labels(j)).to(torch.int64) for j in range(len(self.params))]
+
+    def _plain_labels(self, j: int) -> Tensor:
+        """Tensor ``j``'s labels, one per weight (packed ones unpacked)."""
+        lab, n = self.labels[j], self.params[j].numel()
+        return kernels.unpack_labels(lab, n) if kernels.is_packed(lab, n) else lab
+
+    def coefficients(self) -> list[Tensor]:
+        """Per embedded tensor, ``(numel,)`` float32 coefficients: ``a`` itself, or what the 8-bit codes stand
+        for (``q * scale[m]``, rounded once to float32)."""
+        if self.a_scale is None:
+            return [x.to(torch.float32) for x in self.a]
+        return [kernels.dequantize(q, sc, idx) for q, sc, idx in zip(self.a, self.a_scale, self.mode_index())]
+
+    def storage_bytes(self) -> dict:
+        """Bytes of the per-weight mode-space storage (``a``, labels, scales), read from the tensors
+        (:func:`modeopt.modespace.kernels.encoding.storage_bytes`)."""
+        from modeopt.modespace.kernels.encoding import storage_bytes
+
+        return storage_bytes(self.a, self.labels, self.a_scale)
 
     # ---------------------------------------------------------- structure
     def _find_owners(self, model: nn.Module) -> dict[nn.Module, list[tuple[str, int]]]:
@@ -342,12 +406,13 @@ class ModeSpace:
             r = self.r_full()
             for index in groups:
                 weights = [formed.get(i, self.params[i]) for i in index]
+                scales = () if self.a_scale is None else [self.a_scale[i] for i in index]
                 if compiling:  # tensors only, for Dynamo
-                    outs = _ReadThrough.apply(r, self.n_modes, None, *weights,
-                                              *(self.a[i] for i in index), *(self.labels[i] for i in index))
+                    outs = _ReadThrough.apply(r, self.n_modes, None, 3 + bool(scales), *weights,
+                                              *(self.a[i] for i in index), *(self.labels[i] for i in index), *scales)
                 else:
-                    stash = ([self.a[i] for i in index], [self.labels[i] for i in index], self)
-                    outs = _ReadThrough.apply(r, self.n_modes, stash, *weights)
+                    stash = ([self.a[i] for i in index], [self.labels[i] for i in index], self, scales)
+                    outs = _ReadThrough.apply(r, self.n_modes, stash, 3, *weights)
                 out_of.update(zip(index, outs))
         else:  # no autograd: only the half-precision weights need another tensor
             out_of = formed
@@ -376,12 +441,12 @@ class ModeSpace:
             by_dev.setdefault(self.params[i].device, []).append(i)
         for device, idx in by_dev.items():
             d = self._delta(device) if delta is None else delta.to(device)
+            scales = [] if self.a_scale is None else [self.a_scale[i] for i in idx]
+            args = ([self.params[i] for i in idx], [self.a[i] for i in idx], [self.labels[i] for i in idx], d)
             if torch.compiler.is_compiling():
-                ws = torch.ops.modeopt.mode_form([self.params[i] for i in idx], [self.a[i] for i in idx],
-                                                 [self.labels[i] for i in idx], d)
+                ws = torch.ops.modeopt.mode_form(*args, scales)
             else:
-                ws = kernels.form([self.params[i] for i in idx], [self.a[i] for i in idx],
-                                  [self.labels[i] for i in idx], d)
+                ws = kernels.form(*args, scales)
             out.update(zip(idx, ws))
         return out
 
@@ -470,7 +535,8 @@ class ModeSpace:
             # non_blocking only towards an accelerator: a CPU kernel must not read a copy in flight
             d = delta if device == delta.device else delta.to(device, non_blocking=device.type != "cpu")
             kernels.update([self.params[i] for i in index], [self.a[i] for i in index],
-                           [self.labels[i] for i in index], d)
+                           [self.labels[i] for i in index], d,
+                           scales=None if self.a_scale is None else [self.a_scale[i] for i in index])
         self.r_in_weights.copy_(r)
         return True
 
