@@ -171,6 +171,10 @@ class ModeSpace:
     PREFIX = "modeopt_r"
     #: weights per autograd node of the root swap (the extra gradient memory it may hold).
     GROUP_ELEMENTS = 1 << 21
+    #: bfloat16/float16 weights kept as a frozen base and formed in each forward (exact; module
+    #: docstring). False restores the earlier in-place update of every weight (rounding every step):
+    #: read when a space is built; for comparisons (benchmarks/half_precision_drift.py) only.
+    HALF_FORMED = True
 
     def __init__(
         self,
@@ -242,8 +246,8 @@ class ModeSpace:
         self.r_in_weights = self.r_full().detach().clone()
         #: ``(M,)`` the ``r`` the frozen half-precision bases hold (float32, on r's device)
         self.r_base = self.r_in_weights.clone()
-        self.half = [i for i, p in enumerate(self.params) if p.dtype in HALF_DTYPES]
-        self._is_half = [p.dtype in HALF_DTYPES for p in self.params]
+        self._is_half = [self.HALF_FORMED and p.dtype in HALF_DTYPES for p in self.params]
+        self.half = [i for i, h in enumerate(self._is_half) if h]
         # the in-place (float32) tensors by device (update calls, one per device); the half ones too
         by_dev: dict[torch.device, list[int]] = {}
         half_dev: dict[torch.device, list[int]] = {}
