@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from modeopt.modespace.kernels.encoding import PACK_MAX_MODES, is_packed, unpack_labels
-from modeopt.modespace.space import ModeSpace
+from modeopt.modespace.space import ModeSpace, check_base_state
 from modeopt.trajectories.snapshots import SnapshotBuffer
 
 __all__ = ["DAMAGED", "space_state", "check_blockwise_state", "space_from_state"]
@@ -20,11 +20,13 @@ DAMAGED = "damaged checkpoint, or one saved by an optimizer built differently"
 
 def space_state(space: ModeSpace) -> dict[str, Any]:
     """A finished block's mode space: parameter names, per tensor its labels and ``a`` (as stored),
-    per mode its param group, ``r`` and the ``r`` its weights hold; with the 8-bit encoding also
-    ``"a_scale"`` (per tensor the ``(M,)`` scales of the int8 codes ``a``; labels packed for M <= 16)."""
+    per mode its param group, ``r`` and the ``r`` its weights hold (those ``model.state_dict()`` gives);
+    for bfloat16/float16 weights their frozen bases (``half_base``: :meth:`ModeSpace.base_state`, the
+    parameters themselves; None without such weights, and absent in older checkpoints); with the 8-bit
+    encoding also ``"a_scale"`` (per tensor the ``(M,)`` scales of the int8 codes ``a``; labels packed for M <= 16)."""
     out = {"names": list(space.names), "labels": list(space.labels), "a": list(space.a),
            "r_groups": space.r_groups.clone(), "r": space.r_full().detach().clone(),
-           "r_in_weights": space.r_in_weights.clone()}
+           "r_in_weights": space.r_in_weights.clone(), "half_base": space.base_state() if space.half else None}
     if space.a_scale is not None:
         out["a_scale"] = list(space.a_scale)
     return out
@@ -81,6 +83,8 @@ def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups
         t = _plain(t, p.numel())
         if t.numel() and not (0 <= int(t.min()) and int(t.max()) < m):
             raise ValueError(f"block {b}'s saved labels must lie in [0, {m}): {DAMAGED}")
+    if saved.get("half_base") is not None:
+        check_base_state(saved["half_base"], [n for n, _ in emb], [p for _, p in emb], m, f"block {b}'s checkpoint")
 
 
 def check_blockwise_state(state: Any, *, blocks: Sequence[Sequence[str]], emb: Sequence[Sequence[tuple[str, Tensor]]],
@@ -120,6 +124,7 @@ def space_from_state(model: nn.Module, emb: Sequence[tuple[str, nn.Parameter]], 
     space = ModeSpace(model, list(emb), labels, a, saved["r_groups"].to(torch.int64), saved["r"].to(torch.float32),
                       coef_dtype=saved["a"][0].dtype, r_prefix=r_prefix, a_scale=saved.get("a_scale"))
     space.r_in_weights.copy_(saved["r_in_weights"])
+    space.load_base_state(saved.get("half_base"))
     return space
 
 

@@ -7,7 +7,8 @@ implementation per device and a torch reference everywhere.
 (:func:`reduce` and :func:`update` also read the compact 8-bit encoding of a mode space - int8 ``a``
 with a scale per tensor and mode, labels packed 4 bits per weight: :mod:`~modeopt.modespace.kernels.encoding`.)
 * :func:`welford` - one Welford/Chan sample of float64 per-weight moments in place;
-* :func:`assign` - ``w_i = a_i * r[label_i] + b_i`` in place.
+* :func:`assign` - ``w_i = a_i * r[label_i] + b_i`` in place;
+* :func:`form` - ``w_i + a_i * delta[label_i]`` out of place, rounded once (half-precision forward).
 
 Every pass calls its operator (``torch.ops.modeopt.*``, registered by :mod:`modeopt.modespace.kernels.ops`
 when this package is imported); the dispatcher picks the implementation for the tensors' device:
@@ -39,7 +40,7 @@ from .encoding import dequantize, is_packed, pack_labels, packs_labels, quantize
 from .labels import as_index, check_labels, check_sizes, label_dtype
 from .switch import KernelWarning, use_fused
 
-__all__ = ["reduce", "update", "welford", "assign", "fused_available", "use_fused", "label_dtype", "as_index",
+__all__ = ["reduce", "update", "welford", "assign", "form", "fused_available", "use_fused", "label_dtype", "as_index",
            "check_labels", "KernelWarning", "CPU_DIRECT", "quantize", "dequantize", "pack_labels", "unpack_labels",
            "packs_labels", "is_packed"]
 
@@ -137,3 +138,24 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
         cpu.assign(list(weights), list(a), list(b), list(labels), r)
     else:
         torch.ops.modeopt.mode_assign(list(weights), list(a), list(b), list(labels), r)
+
+
+@torch.no_grad()
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+         scales: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """Per tensor a new ``(float32(w) + float32(a) * float32(delta)[label]).to(w.dtype)``: the sum in
+    float32 (a rounded product, then the add), rounded once to the weight's dtype (to nearest even,
+    as torch's ``.to()``), contiguous, of ``w``'s shape. The same bits on every implementation.
+
+    Args:
+        weights: the stored (frozen) weights, any shape and float dtype; read only.
+        a, labels: per tensor, flat coefficients and compact labels in ``[0, M)``.
+        delta: ``(M,)`` change of the mode scalars since the weights' value, on their device.
+        scales: the 8-bit encoding, as in :func:`update` (tensor ``t`` reads ``float32(scales[t] * delta)``).
+    """
+    if not len(weights):
+        return []
+    scales = list(scales or ())
+    if _direct(delta):
+        return cpu.form(list(weights), list(a), list(labels), delta, scales)
+    return torch.ops.modeopt.mode_form(list(weights), list(a), list(labels), delta, scales)

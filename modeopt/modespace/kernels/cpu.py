@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .c_library import A_NAMES, L_NAMES, PACKED, UNROLL, library
+from .c_library import A_NAMES, L_NAMES, PACKED, UNROLL, W_NAMES, library
 from .encoding import is_packed
 from .switch import enabled
 
-__all__ = ["fused_available", "reduce", "update", "welford", "assign", "PIECE", "THREADS"]
+__all__ = ["fused_available", "reduce", "update", "welford", "assign", "form", "PIECE", "THREADS"]
 
 #: Elements per piece of work (and per accumulator row of ``reduce``).
 PIECE = 1 << 18
@@ -38,6 +38,7 @@ _pool: ThreadPoolExecutor | None = None
 _F32 = (torch.float32,)
 _F64 = (torch.float64,)
 _A = tuple(A_NAMES)  # coefficient dtypes the C code reads
+_HALF = tuple(W_NAMES)  # weight dtypes form_* reads and writes
 
 
 def fused_available() -> bool:
@@ -226,3 +227,31 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
     rr = r.to(torch.float32).contiguous()
     fns = [getattr(lib, f"assign_{L_NAMES[lab.dtype]}") for lab in labels]
     _run_elementwise(fns, (weights, a, b, labels), (rr.data_ptr(),))
+
+
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+         scales: Sequence[Tensor] = ()) -> list[Tensor]:
+    """Out of place: ``w(float(w) + a * delta[label])`` per tensor; see
+    :func:`modeopt.modespace.kernels.reference.form` (bit for bit the same; ``scales``: the 8-bit encoding)."""
+    scales = list(scales or ())
+    _check_scaled("form", a, scales, delta.numel())
+    if not _fusable((weights, _HALF), (a, _A), labels=labels):
+        return reference.form(weights, a, labels, delta, scales or None)
+    _sizes_ok("form", weights, a, labels)
+    lib = library()
+    d = delta.to(torch.float32).contiguous()
+    ds = [d] * len(weights) if not scales else [(s.to(torch.float32) * d).contiguous() for s in scales]
+    out = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+    names = [_label_name(lab, w.numel()) for w, lab in zip(weights, labels)]
+    fns = [getattr(lib, f"form_{W_NAMES[w.dtype]}_{A_NAMES[x.dtype]}_{ln}") for w, x, ln in zip(weights, a, names)]
+    ptrs = [(w.data_ptr(), x.data_ptr(), x.element_size(), lab.data_ptr(), lab.element_size(), o.data_ptr(),
+             dt.data_ptr()) for w, x, lab, o, dt in zip(weights, a, labels, out, ds)]
+
+    def _one(piece):
+        t, s, e = piece
+        w, x, xs, lab, ls, o, dp = ptrs[t]
+        off = s // 2 if names[t] == PACKED else ls * s
+        fns[t](w + 2 * s, x + xs * s, lab + off, o + 2 * s, dp, e - s)
+
+    _run_split(_one, _pieces([w.numel() for w in weights]))
+    return out

@@ -17,7 +17,7 @@ from torch import Tensor
 from .encoding import is_packed, unpack_labels
 from .labels import as_index
 
-__all__ = ["reduce", "update", "welford", "assign", "segment_sum", "unpacked"]
+__all__ = ["reduce", "update", "welford", "assign", "form", "segment_sum", "unpacked"]
 
 #: (kind, dtype) -> a reusable CPU buffer.
 _scratch: dict[tuple, Tensor] = {}
@@ -130,3 +130,19 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
     for w, x, y, lab in zip(weights, a, b, labels):
         new = torch.addcmul(y.to(torch.float32), x.to(torch.float32), rr[as_index(lab)])
         w.copy_(new.view(w.shape))
+
+
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+         scales: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """Out of place: ``(float32(w) + float32(a) * float32(delta)[label]).to(w.dtype)`` per tensor, a new
+    contiguous tensor of ``w``'s shape and dtype: the sum is formed in float32 (the product rounded,
+    then the add) and rounded once. Weights of any shape and layout (labels follow the logical,
+    row-major order); ``delta`` is ``(M,)``. With ``scales`` (8-bit encoding), as :func:`update`:
+    ``a`` are int8 codes and tensor ``t`` reads ``d_t = float32(scales[t] * delta)``; labels may be packed."""
+    d32 = delta.to(torch.float32)
+    out = []
+    for j, (w, x, lab) in enumerate(zip(weights, a, labels)):
+        d = d32 if scales is None else scales[j].to(torch.float32) * d32
+        prod = x.to(torch.float32) * d[as_index(unpacked(lab, w.numel())).to(torch.int64)]
+        out.append((w.reshape(-1).to(torch.float32) + prod).to(w.dtype).view(w.shape))
+    return out
