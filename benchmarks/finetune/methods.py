@@ -148,7 +148,7 @@ def cmd_bf16(model, lr, spec):
     return _cmd(model, lr, spec, coef_dtype=torch.bfloat16, record_dtype=torch.bfloat16)
 
 
-def _blockwise(model, lr, spec, *, top_down: bool, coef_dtype=None):
+def _blockwise(model, lr, spec, *, top_down: bool, coef_dtype=torch.bfloat16):
     import modeopt
     from modeopt.blockwise.optimizer import find_blocks
 
@@ -159,7 +159,7 @@ def _blockwise(model, lr, spec, *, top_down: bool, coef_dtype=None):
     every = 2 if per_block >= 6 else 1
     opt = modeopt.BlockwiseCMD(model, _adamw(model.parameters(), lr, spec), blocks, steps_per_block=per_block,
                                n_modes=10, snapshot_every=every, train_always=["bert.pooler.", HEAD], n_samples=300,
-                               seed=spec.seed, **({} if coef_dtype is None else {"coef_dtype": coef_dtype}))
+                               seed=spec.seed, coef_dtype=coef_dtype)  # bf16: the recorded results
     seen = {"recording_bytes": 0}
 
     def on_step(step: int) -> None:
