@@ -175,6 +175,9 @@ class ModeSpace:
     #: docstring). False restores the earlier in-place update of every weight (rounding every step):
     #: read when a space is built; for comparisons (benchmarks/half_precision_drift.py) only.
     HALF_FORMED = True
+    #: the saved-tensor hooks that re-form a formed weight in backward instead of keeping it (False:
+    #: autograd keeps the formed weights, a copy of them until the backward; for comparisons only)
+    RECOMPUTE_FORMED = True
 
     def __init__(
         self,
@@ -403,7 +406,7 @@ class ModeSpace:
         compiling = torch.compiler.is_compiling()
         # half-precision weights: formed from their frozen base, one rounding (module docstring)
         formed = self._form([i for index in groups for i in index if self._is_half[i]])
-        if grad and formed and not compiling:
+        if grad and formed and not compiling and self.RECOMPUTE_FORMED:
             self._enter_saving(formed)
         out_of: dict[int, Tensor] = {}  # a shared parameter gets one output, read by all its owners
         if grad:
