@@ -377,7 +377,7 @@ def _memory_cmd(args, dev, meter, out, base, steps) -> dict:
     out["cmd_embedded_peak_mib"] = meter.peak()
     s = opt.space
     n_emb = sum(x.numel() for x in s.a)
-    ms_bytes = sum(x.numel() * x.element_size() for x in s.a) + sum(x.numel() * x.element_size() for x in s.labels)
+    ms_bytes = s.storage_bytes()["total"]  # a, labels and (int8 encoding) the scales, from the tensors
     out.update({
         "embedded_weights": n_emb, "mode_space_bytes": ms_bytes, "bytes_per_embedded_weight": ms_bytes / n_emb,
         "a_dtype": str(s.a[0].dtype), "labels_dtype": str(s.labels[0].dtype),
@@ -633,7 +633,7 @@ def main() -> None:
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                     help="ResNet in channels_last (default: on for cuda, off on cpu)")
     ap.add_argument("--gpt2-batch", type=int, default=8)
-    ap.add_argument("--coef-dtype", choices=["float32", "bfloat16"], default="float32",
+    ap.add_argument("--coef-dtype", choices=["float32", "bfloat16", "int8"], default="float32",
                     help="storage of a in mode space (the library's default is float32)")
     ap.add_argument("--switch-n", type=int, default=None, help="weights for the switch time (default 100e6; smoke 1e6)")
     ap.add_argument("--switch-small", type=int, default=None, help="first, small N of the switch (default 10e6)")

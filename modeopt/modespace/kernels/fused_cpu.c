@@ -126,7 +126,7 @@ static inline void scatter_u4(const float *v, const uint8_t *L, int64_t len, dou
     for (; j < len; ++j) acc[LGET_u4(L, j)] += v[j];
 }
 
-#define DEFINE_KERNELS(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                          \
+#define DEFINE_REDUCE(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                           \
     void reduce_##ANAME##_##LNAME(const float *restrict g, const ATYPE *restrict a,                \
                                   const LTYPE *restrict lab, int64_t n,                            \
                                   double *restrict acc /* UNROLL * m, zeroed */, int64_t m) {      \
@@ -136,11 +136,14 @@ static inline void scatter_u4(const float *v, const uint8_t *L, int64_t len, dou
             for (int64_t j = 0; j < len; ++j) v[j] = ACONV(a[b0 + j]) * g[b0 + j];                 \
             scatter_##LNAME(v, LOFF_##LNAME(lab, b0), len, acc, m);                                \
         }                                                                                          \
-    }                                                                                              \
+    }
+
+#define DEFINE_KERNELS(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                          \
+    DEFINE_REDUCE(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                               \
     void update_##ANAME##_##LNAME(float *restrict w, const ATYPE *restrict a,                      \
                                   const LTYPE *restrict lab, const float *restrict delta,          \
                                   int64_t n) {                                                     \
-        for (int64_t i = 0; i < n; ++i) w[i] += ACONV(a[i]) * delta[LGET_##LNAME(lab, i)];         \
+        for (int64_t i = 0; i < n; ++i) w[i] += ACONV(a[i]) * delta[(uint32_t) lab[i]];             \
     }
 
 /* Online CMD. welford: one sample of Welford/Chan moments, in place, one pass:
@@ -164,11 +167,25 @@ DEFINE_ONLINE(u8, uint8_t)
 DEFINE_ONLINE(u16, uint16_t)
 DEFINE_ONLINE(i32, int32_t)
 
+/* Packed labels: one byte gives the labels of two consecutive elements (n may be odd). */
+#define DEFINE_UPDATE_U4(ANAME, ATYPE, ACONV)                                                      \
+    void update_##ANAME##_u4(float *restrict w, const ATYPE *restrict a,                           \
+                             const uint8_t *restrict lab, const float *restrict delta, int64_t n) { \
+        int64_t i = 0;                                                                             \
+        for (; i + 2 <= n; i += 2) {                                                               \
+            uint32_t b = lab[i >> 1];                                                              \
+            w[i] += ACONV(a[i]) * delta[b & 15];                                                   \
+            w[i + 1] += ACONV(a[i + 1]) * delta[b >> 4];                                           \
+        }                                                                                          \
+        if (i < n) w[i] += ACONV(a[i]) * delta[lab[i >> 1] & 15];                                  \
+    }
+
 #define DEFINE_FOR_A(ANAME, ATYPE, ACONV)                                                          \
     DEFINE_KERNELS(ANAME, ATYPE, ACONV, u8, uint8_t)                                               \
     DEFINE_KERNELS(ANAME, ATYPE, ACONV, u16, uint16_t)                                             \
     DEFINE_KERNELS(ANAME, ATYPE, ACONV, i32, int32_t)                                              \
-    DEFINE_KERNELS(ANAME, ATYPE, ACONV, u4, uint8_t)
+    DEFINE_REDUCE(ANAME, ATYPE, ACONV, u4, uint8_t)                                                \
+    DEFINE_UPDATE_U4(ANAME, ATYPE, ACONV)
 DEFINE_FOR_A(f32, float, f32_to_f32)
 DEFINE_FOR_A(bf16, uint16_t, bf16_to_f32)
 DEFINE_FOR_A(i8, int8_t, i8_to_f32)

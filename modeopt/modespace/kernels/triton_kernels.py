@@ -47,7 +47,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-_WHO = "modeopt.modespace.kernels.triton_kernels"
+from .triton_checks import (A_DTYPES, ASSIGN_A_DTYPES, LABEL_DTYPES, LABEL_MAX_MODES, WEIGHT_DTYPES, WHO as _WHO,
+                            check_rows, check_scales, device_of, is_packed, launch_on, same_len)
 
 __all__ = ["available", "supports", "compiled", "reduce_tiles", "reduce", "update", "welford", "assign", "form",
            "MAX_REDUCE_MODES", "REDUCE_CHUNK", "ELEMENTWISE_BLOCK", "WEIGHT_DTYPES", "A_DTYPES", "ASSIGN_A_DTYPES",
@@ -66,15 +67,6 @@ REDUCE_CHUNK = 16384
 #: Elements per program of the element-wise passes.
 ELEMENTWISE_BLOCK = 1024
 
-#: dtypes of weights and grads (computed in float32, stored back in the weight's dtype).
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: dtypes of the coefficients ``a`` (int8: codes of the 8-bit encoding, :func:`reduce`/:func:`update` only).
-A_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
-#: dtypes of ``a`` in :func:`assign`.
-ASSIGN_A_DTYPES = (torch.float32, torch.bfloat16)
-#: Label dtypes, and the most modes each holds (int16 holds uint16 values).
-LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
-LABEL_MAX_MODES = {torch.uint8: 256, torch.int16: 65536, torch.int32: 2**31 - 1, torch.int64: 2**31 - 1}
 
 triton = tl = _load_labels = _narrow = _block_by_label = None  # set by compiled() on first use
 _k = None  # the built kernels (a namespace), or None before the first use
@@ -250,54 +242,6 @@ def compiled():
 
 
 # --------------------------------------------------------------------------------------------
-# validation
-
-
-def _device_of(tensors: Sequence[Tensor]) -> torch.device:
-    devs = {t.device for t in tensors}
-    if len(devs) != 1:
-        raise ValueError(f"{_WHO}: all tensors must be on one device, got {sorted(map(str, devs))}")
-    dev = next(iter(devs))
-    if dev.type != "cuda" and not _interpret:
-        raise RuntimeError(f"{_WHO}: tensors on {dev} need CUDA, or TRITON_INTERPRET=1 set "
-                           "before the kernels are first built (Triton's CPU interpreter)")
-    return dev
-
-
-def _check(name: str, t: Tensor, n: int, dtypes: tuple, what: str) -> None:
-    if t.dtype not in dtypes:
-        raise TypeError(f"{_WHO}: {what} {name} has dtype {t.dtype}; expected one of "
-                        f"{[str(d) for d in dtypes]}")
-    if t.numel() != n:
-        raise ValueError(f"{_WHO}: {what} {name} has {t.numel()} elements; expected {n}")
-    if not t.is_contiguous():
-        raise ValueError(f"{_WHO}: {what} {name} must be contiguous (call .contiguous(); "
-                         "in-place passes need the tensor itself contiguous)")
-
-
-def _check_labels(name: str, lab: Tensor, n: int, n_modes: int) -> None:
-    _check(name, lab, n, LABEL_DTYPES, "labels")
-    if n_modes > LABEL_MAX_MODES[lab.dtype]:
-        raise ValueError(f"{_WHO}: labels {name} of dtype {lab.dtype} cannot hold {n_modes} modes")
-
-
-def _same_len(**lists) -> int:
-    lens = {k: len(v) for k, v in lists.items()}
-    if len(set(lens.values())) > 1:
-        raise ValueError(f"{_WHO}: per-tensor lists differ in length: {lens}")
-    return next(iter(lens.values()))
-
-
-def _launch(dev: torch.device):
-    """Launches happen on the tensors' CUDA device (Triton launches on the current one)."""
-    if dev.type == "cuda":
-        return torch.cuda.device(dev)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------------
 # the passes
 
 
@@ -325,17 +269,17 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
     if not supports(n_modes):
         raise NotImplementedError(f"{_WHO}.reduce handles 1..{MAX_REDUCE_MODES} modes, "
                                   f"got {n_modes}: use a sort-based reduction")
-    _same_len(grads=grads, a=a, labels=labels)
+    same_len(grads=grads, a=a, labels=labels)
     scales = list(scales or ())
-    _check_scales(a, scales, n_modes)
+    check_scales(a, scales, n_modes)
     keep = [j for j, g in enumerate(grads) if g is not None]
     items = [(grads[j], a[j], labels[j]) for j in keep]
     if not items:
         dev = a[0].device if len(a) else torch.device("cpu")
         return torch.zeros(n_modes, dtype=torch.float64, device=dev)
     k = compiled()
-    dev = _device_of([t for item in items for t in item])
-    _check_rows(items, [("grad", WEIGHT_DTYPES), ("a", A_DTYPES)], n_modes, packed_ok=True)
+    dev = device_of([t for item in items for t in item], _interpret)
+    check_rows(items, [("grad", WEIGHT_DTYPES), ("a", A_DTYPES)], n_modes, packed_ok=True)
     block, mode_tile = reduce_tiles(n_modes)
     iters = max(1, -(-(chunk or REDUCE_CHUNK) // block))
     span = block * iters
@@ -346,12 +290,12 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
     # Every (row, column) is written by exactly one program: no zeroing needed.
     partials = torch.empty(sum(rows), m_pad, dtype=torch.float64, device=dev)
     row0 = 0
-    with _launch(dev):
+    with launch_on(dev):
         for j, ((g, x, lab), nr) in enumerate(zip(items, rows)):
             if nr:
                 k.reduce[(nr * n_tiles,)](g, x, lab, partials, g.numel(), row0, n_tiles, m_pad,
                                           LABEL_U16=lab.dtype == torch.int16, BLOCK=block,
-                                          MODE_TILE=mode_tile, ITERS=iters, LABEL_U4=_packed(lab, g.numel()),
+                                          MODE_TILE=mode_tile, ITERS=iters, LABEL_U4=is_packed(lab, g.numel()),
                                           num_warps=4)
                 if scales:  # the 8-bit encoding: this tensor's sums times its scales, in float64
                     partials[row0:row0 + nr, :n_modes] *= scales[keep[j]].to(device=dev, dtype=torch.float64)
@@ -362,43 +306,12 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
     return partials.sum(0)[:n_modes].contiguous()
 
 
-def _packed(lab: Tensor, n: int) -> bool:
-    """Whether ``lab`` holds the packed 4-bit labels of ``n`` weights (uint8, ``ceil(n/2)`` bytes, ``n >= 2``)."""
-    return n >= 2 and lab.dtype == torch.uint8 and lab.numel() == (n + 1) // 2
-
-
-def _check_scales(a: Sequence[Tensor], scales: Sequence[Tensor], n_modes: int) -> None:
-    """int8 codes need one ``(n_modes,)`` scale per tensor; float ``a`` none."""
-    if scales:
-        if len(scales) != len(a) or any(s.numel() != n_modes for s in scales):
-            raise ValueError(f"{_WHO}: scales must hold one ({n_modes},) tensor per tensor")
-    elif any(x.dtype == torch.int8 for x in a):
-        raise ValueError(f"{_WHO}: int8 coefficients are codes of the 8-bit encoding and need their scales")
-
-
-def _check_rows(rows: list[tuple[Tensor, ...]], specs: Sequence[tuple[str, tuple]], n_modes: int,
-                packed_ok: bool = False) -> None:
-    """Every row is one tensor's ``(weight, *others, labels)``; ``specs`` names and types all but the
-    labels: each must have the weight's ``numel``, be contiguous and of a listed dtype. With
-    ``packed_ok`` the labels may be packed 4 bits per weight (for at most 16 modes)."""
-    for t, row in enumerate(rows):
-        n = row[0].numel()
-        for x, (what, dtypes) in zip(row, specs):
-            _check(f"[{t}]", x, n, dtypes, what)
-        if packed_ok and _packed(row[-1], n):
-            _check(f"[{t}]", row[-1], (n + 1) // 2, (torch.uint8,), "packed labels")
-            if n_modes > 16:
-                raise ValueError(f"{_WHO}: packed labels [{t}] hold at most 16 modes, got {n_modes}")
-        else:
-            _check_labels(f"[{t}]", row[-1], n, n_modes)
-
-
 def _launch_elementwise(kernel, dev: torch.device, rows: list[tuple[Tensor, ...]], shared: tuple,
                         n_modes: int) -> None:
     """``kernel(*row, *shared, numel, n_modes)`` over every element of each non-empty row, in blocks
     of ``ELEMENTWISE_BLOCK`` (the row ends with its labels)."""
     k = compiled()
-    with _launch(dev):
+    with launch_on(dev):
         for row in rows:
             size = row[0].numel()
             if size:
@@ -421,24 +334,24 @@ def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tens
         scales: the 8-bit encoding: per tensor ``(M,)`` float32; tensor ``t`` reads
             ``float32(scales[t] * delta)`` in place of ``delta``. None (or empty) for float ``a``.
     """
-    _same_len(weights=weights, a=a, labels=labels)
+    same_len(weights=weights, a=a, labels=labels)
     if not weights:
         return
     scales = list(scales or ())
-    _check_scales(a, scales, delta.numel())
+    check_scales(a, scales, delta.numel())
     k = compiled()
-    dev = _device_of([*weights, *a, *labels, delta])
+    dev = device_of([*weights, *a, *labels, delta], _interpret)
     rows = list(zip(weights, a, labels))
-    _check_rows(rows, [("weight", WEIGHT_DTYPES), ("a", A_DTYPES)], delta.numel(), packed_ok=True)
+    check_rows(rows, [("weight", WEIGHT_DTYPES), ("a", A_DTYPES)], delta.numel(), packed_ok=True)
     d = delta.to(torch.float32).contiguous()
-    with _launch(dev):
+    with launch_on(dev):
         for j, (w, x, lab) in enumerate(rows):
             size = w.numel()
             if size:
                 dj = d if not scales else (scales[j].to(device=dev, dtype=torch.float32) * d).contiguous()
                 k.update[(k.cdiv(size, ELEMENTWISE_BLOCK),)](w, x, lab, dj, size, delta.numel(),
                                                              LABEL_U16=lab.dtype == torch.int16,
-                                                             BLOCK=ELEMENTWISE_BLOCK, LABEL_U4=_packed(lab, size),
+                                                             BLOCK=ELEMENTWISE_BLOCK, LABEL_U4=is_packed(lab, size),
                                                              num_warps=4, enable_fp_fusion=False)
 
 
@@ -457,15 +370,15 @@ def welford(weights: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequenc
         dr: ``(M,)`` float64 (other float dtypes are converted): the references minus their updated means.
         n: the sample count including this sample (``n >= 1``).
     """
-    _same_len(weights=weights, mean=mean, comoment=comoment, labels=labels)
+    same_len(weights=weights, mean=mean, comoment=comoment, labels=labels)
     if not weights:
         return
     if n < 1:
         raise ValueError(f"{_WHO}.welford: n must be >= 1, got {n}")
     k = compiled()
-    dev = _device_of([*weights, *mean, *comoment, *labels, dr])
+    dev = device_of([*weights, *mean, *comoment, *labels, dr], _interpret)
     rows = list(zip(weights, mean, comoment, labels))
-    _check_rows(rows, [("weight", WEIGHT_DTYPES), ("mean", (torch.float64,)), ("comoment", (torch.float64,))],
+    check_rows(rows, [("weight", WEIGHT_DTYPES), ("mean", (torch.float64,)), ("comoment", (torch.float64,))],
                 dr.numel())
     inv_n = torch.full((1,), 1.0 / n, dtype=torch.float64, device=dev)
     _launch_elementwise(k.welford, dev, rows, (dr.to(torch.float64).contiguous(), inv_n), dr.numel())
@@ -482,13 +395,13 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
         labels: per tensor, uint8/int16(uint16)/int32/int64 labels in ``[0, M)``.
         r: ``(M,)`` mode scalars (any float dtype; rounded to float32 first).
     """
-    _same_len(weights=weights, a=a, b=b, labels=labels)
+    same_len(weights=weights, a=a, b=b, labels=labels)
     if not weights:
         return
     k = compiled()
-    dev = _device_of([*weights, *a, *b, *labels, r])
+    dev = device_of([*weights, *a, *b, *labels, r], _interpret)
     rows = list(zip(weights, a, b, labels))
-    _check_rows(rows, [("weight", WEIGHT_DTYPES), ("a", ASSIGN_A_DTYPES), ("b", (torch.float32,))], r.numel())
+    check_rows(rows, [("weight", WEIGHT_DTYPES), ("a", ASSIGN_A_DTYPES), ("b", (torch.float32,))], r.numel())
     _launch_elementwise(k.assign, dev, rows, (r.to(torch.float32).contiguous(),), r.numel())
 
 
@@ -505,25 +418,25 @@ def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor
         delta: ``(M,)`` (any float dtype; rounded to float32 first).
         scales: the 8-bit encoding, as in :func:`update`: tensor ``t`` reads ``float32(scales[t] * delta)``.
     """
-    _same_len(weights=weights, a=a, labels=labels)
+    same_len(weights=weights, a=a, labels=labels)
     if not weights:
         return []
     scales = list(scales or ())
-    _check_scales(a, scales, delta.numel())
+    check_scales(a, scales, delta.numel())
     k = compiled()
-    dev = _device_of([*weights, *a, *labels, delta])
-    _check_rows(list(zip(weights, a, labels)), [("weight", WEIGHT_DTYPES), ("a", A_DTYPES)], delta.numel(),
+    dev = device_of([*weights, *a, *labels, delta], _interpret)
+    check_rows(list(zip(weights, a, labels)), [("weight", WEIGHT_DTYPES), ("a", A_DTYPES)], delta.numel(),
                 packed_ok=True)
     out = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
     d = delta.to(torch.float32).contiguous()
     # the kernel takes (w, a, labels, out, delta): the row's labels are not last, so launch directly
-    with _launch(dev):
+    with launch_on(dev):
         for j, (w, x, lab, o) in enumerate(zip(weights, a, labels, out)):
             size = w.numel()
             if size:
                 dj = d if not scales else (scales[j].to(device=dev, dtype=torch.float32) * d).contiguous()
                 k.form[(k.cdiv(size, ELEMENTWISE_BLOCK),)](w, x, lab, o, dj, size, delta.numel(),
                                                          LABEL_U16=lab.dtype == torch.int16,
-                                                         BLOCK=ELEMENTWISE_BLOCK, LABEL_U4=_packed(lab, size),
+                                                         BLOCK=ELEMENTWISE_BLOCK, LABEL_U4=is_packed(lab, size),
                                                          num_warps=4, enable_fp_fusion=False)
     return out
