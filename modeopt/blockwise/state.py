@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from modeopt.modespace.kernels.encoding import PACK_MAX_MODES, is_packed, unpack_labels
-from modeopt.modespace.space import ModeSpace, check_base_state
+from modeopt.modespace.half import check_base_state
+from modeopt.modespace.space import ModeSpace
 from modeopt.trajectories.snapshots import SnapshotBuffer
 
 __all__ = ["DAMAGED", "space_state", "check_blockwise_state", "space_from_state"]

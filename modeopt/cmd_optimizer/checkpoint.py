@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from modeopt.modespace import kernels
-from modeopt.modespace.space import check_base_state
+from modeopt.modespace.half import check_base_state
 from modeopt.utils.checks import check_int, describe, short_names
 from modeopt.optim.nonfinite import NonFiniteWarning
 from modeopt.trajectories.snapshots import SnapshotBuffer
