@@ -78,6 +78,7 @@ class Net(pl.LightningModule):
         self.seen: list[float] = []
         self.losses: list[float] = []
         self.val: list[float] = []
+        self.out_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -85,7 +86,9 @@ class Net(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         self.seen.append(float(x[:, 0].sum()))
-        loss = F.cross_entropy(self(x), y)
+        logits = self(x)
+        self.out_dtype = logits.dtype  # bfloat16 under precision="bf16-mixed"
+        loss = F.cross_entropy(logits, y)
         self.losses.append(loss.item())
         return loss
 
@@ -127,20 +130,21 @@ def scenario_cmd(rank: int, world: int) -> dict:
     from modeopt.distributed.ddp import CommMeter
 
     module = Net("cmd", "step")
-    meter = CommMeter()
     log: list[dict] = []
 
-    class Meter(pl.Callback):
+    class Meter(pl.Callback):  # Lightning registers DDPStrategy(ddp_comm_hook=...) on CUDA only
+        def on_fit_start(self, trainer, pl_module):
+            self.meter = CommMeter.register(trainer.strategy.model)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.phase = trainer.optimizers[0].phase  # the phase this batch's backward runs in
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            nbytes = meter.take()[0]
-            log.append({"step": trainer.global_step, "phase": trainer.optimizers[0].phase, "bytes": nbytes})
+            nbytes = self.meter.take()[0]
+            log.append({"step": trainer.global_step, "phase": self.phase, "bytes": nbytes})
 
-    from lightning.pytorch.strategies import DDPStrategy
-
-    strategy = DDPStrategy(ddp_comm_state=meter, ddp_comm_hook=CommMeter.hook)
     cb = CMDCallback()
-    trainer = pl.Trainer(max_epochs=2, devices=2, num_nodes=1, strategy=strategy, callbacks=[cb, Meter()],
-                         enable_checkpointing=False, **QUIET)
+    trainer = _ddp_trainer([cb, Meter()], max_epochs=2)
     trainer.fit(module, _ddp_loader(data()))
     opt = trainer.optimizers[0]
     return {"log": log, "phase": opt.phase, "n_modes": opt.space.n_modes if opt.space is not None else None,
