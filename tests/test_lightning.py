@@ -284,6 +284,16 @@ def test_callback_refuses_bad_arguments_and_cmd_optimizers():
         OnlineCMDCallback(**good).cmd_state_dict()
 
 
+def test_callback_goes_on_over_a_second_fit_of_the_same_module():
+    cb = OnlineCMDCallback(n_modes=3, fit_at=12, snapshot_every=2, n_samples=60)
+    module = W.Net("adamw", None)
+    with pytest.warns(UserWarning, match="will not be fitted"):
+        fit(module, epochs=1, callbacks=[cb])
+    assert cb.online.calls == 8 and cb.online.phase == "recording"
+    fit(module, epochs=1, callbacks=[cb])  # a new Trainer: its global_step starts at 0 again
+    assert cb.online.calls == 16 and cb.online.phase == "fitted"
+
+
 def test_cmd_callback_records_the_switch_and_refuses_nothing_in_one_process():
     cb = CMDCallback()
     trainer = fit(W.Net("cmd", "step"), epochs=2, callbacks=[cb])

@@ -152,15 +152,21 @@ class OnlineCMDCallback(Callback):
                 raise TypeError(f"OnlineCMDCallback models an ordinary training; {type(inner).__name__} already "
                                 "trains in mode space (its weights are a CMD model): use a plain optimizer with the "
                                 "callback, or the CMD optimizer without it")
+        resuming = self._pending is not None
         self._build(trainer, pl_module)
-        if isinstance(trainer.max_steps, int) and trainer.max_steps >= 0:
-            total = trainer.max_steps
-        else:
-            total = trainer.estimated_stepping_batches
-        if self.online is not None and self.online.phase == "recording" and total < self.online.fit_at:
-            warnings.warn(f"OnlineCMDCallback: fit_at={self.online.fit_at} optimizer steps, but this fit runs about "
-                          f"{total:g}: the shadow model will not be fitted (evaluation keeps the raw weights)",
-                          stacklevel=2)
+        assert self.online is not None
+        if not resuming:  # a new fit (or another fit of the same module): count this trainer's steps
+            self._last_step = trainer.global_step
+        if self.online.phase == "recording":
+            try:
+                total = trainer.estimated_stepping_batches  # max_steps, or epochs x batches / accumulation
+            except Exception:  # noqa: BLE001 - only a warning depends on it; never stop the training
+                return
+            ahead = self.online.calls + total - (self._last_step if resuming else trainer.global_step)
+            if ahead < self.online.fit_at:
+                warnings.warn(f"OnlineCMDCallback: fit_at={self.online.fit_at} optimizer steps, but this fit reaches "
+                              f"about {ahead:g}: the shadow model will not be fitted (evaluation keeps the raw "
+                              "weights)", stacklevel=2)
 
     def _build(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
         if self.online is None or self.online.model is not pl_module:
