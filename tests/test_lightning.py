@@ -6,6 +6,7 @@ few dozen steps."""
 from __future__ import annotations
 
 import importlib.util
+import types
 import warnings
 
 import pytest
@@ -282,6 +283,10 @@ def test_callback_refuses_bad_arguments_and_cmd_optimizers():
     assert not cb.exported and cb.online.phase == "recording"
     with pytest.raises(RuntimeError, match="no shadow model yet"):
         OnlineCMDCallback(**good).cmd_state_dict()
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(TypeError, match="not FSDPStrategy"):  # refused before anything is built
+        OnlineCMDCallback(**good).setup(types.SimpleNamespace(strategy=FSDPStrategy()), W.Net(), "fit")
 
 
 def test_callback_goes_on_over_a_second_fit_of_the_same_module():
