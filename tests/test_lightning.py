@@ -114,6 +114,38 @@ def test_bf16_mixed(kind):
     assert losses[-W.STEPS_PER_EPOCH:].mean() < 0.8 * losses[:W.STEPS_PER_EPOCH].mean()
 
 
+class _EvaluatesTheShadow(W.Net):
+    """OnlineCMDOptimizer's eval()/train() around validation, as docs/lightning.md shows."""
+
+    def on_validation_epoch_start(self):
+        self.trainer.optimizers[0].eval()
+
+    def on_validation_epoch_end(self):
+        self.trainer.optimizers[0].train()
+
+
+def test_online_cmd_optimizer_eval_and_train_around_validation(tmp_path):
+    module, seen, ds = _EvaluatesTheShadow("online", None), [], W.data()
+
+    class Probe(pl.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            opt = trainer.optimizers[0]
+            if opt.online.phase == "fitted" and not trainer.sanity_checking and batch_idx == 0:
+                # the tensors themselves: state_dict() reports the raw weights while they are swapped out
+                live = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+                seen.append((live, dict(opt.cmd_state_dict())))
+                trainer.save_checkpoint(tmp_path / "during.ckpt")
+
+    trainer = pl.Trainer(max_epochs=3, callbacks=[Probe()], enable_checkpointing=False, **W.QUIET)
+    trainer.fit(module, W.loader(ds), DataLoader(ds, batch_size=64))
+    assert len(seen) == 2 and not trainer.optimizers[0].swapped
+    for evaluated, shadow in seen:
+        assert same({k: evaluated[k] for k in shadow}, shadow)
+    # the last validation ran after the last step: a checkpoint saved in it holds those (raw) weights
+    assert same(torch.load(tmp_path / "during.ckpt", weights_only=True)["state_dict"], W.weights(module))
+    assert not same(W.weights(module), {**W.weights(module), **seen[-1][1]})
+
+
 # ----------------------------------------------------------------------------- resuming
 def _checkpointed_run(kind: str, tmp_path, **ckpt_args) -> tuple[W.Net, list, OnlineCMDCallback | None, pl.Trainer]:
     callback = OnlineCMDCallback(n_modes=3, fit_at=12, snapshot_every=2, n_samples=60) if kind == "callback" else None
