@@ -100,7 +100,7 @@ class ModeSpace(Swapping, HalfPrecision):
             weights, and the formed half-precision ones (what the model computes with, what
             ``model.state_dict()`` gives).
         r_base: ``(M,)`` the ``r`` the frozen bases of the half-precision weights hold (their value at the
-            switch, or at the last re-base); equal to ``r_in_weights`` in a space without them.
+            switch, or at the last re-base); unused in a space without them.
         half: the indices of the half-precision (bfloat16/float16) embedded weights.
         requires_grad_before: per parameter, its ``requires_grad`` before, restored by :meth:`remove`.
     """
