@@ -473,3 +473,26 @@ def test_activation_checkpointing_inside_the_model():
         nn.functional.cross_entropy(model(X.bfloat16()).float(), Y).backward()
         grads.append(opt.space.r_params[0].grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+def test_a_model_pickled_in_mode_space_before_half_weights_were_formed_still_loads():
+    """``torch.save(model)`` of a model in mode space written before this change: its ModeSpace lacks
+    the half-precision attributes; it loads, computes the same, and keeps updating in place."""
+    model, opt = cmd(torch.bfloat16)
+    for i in range(10):
+        step(model, opt, i)
+    space = opt.space
+    x = X.bfloat16()
+    space.rebase()  # the parameters hold the current values, as an old (in-place) space's did
+    with torch.no_grad():
+        want = model(x)
+    for key in ("_is_half", "half", "_half_by_device", "r_base", "_saving", "_formed_at"):
+        del space.__dict__[key]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
+    old = next(h for h in loaded._forward_pre_hooks.values()).__self__
+    assert old.half == [] and torch.equal(old.r_base, old.r_in_weights)
