@@ -111,3 +111,5 @@ def pull(space: ModeSpace | None, opt: CMDOptimizer, model: nn.Module) -> None:
         for rp, g in zip(space.r_params, space.groups):
             rp.copy_(r[opt.space.r_groups == g])
         space.r_in_weights.copy_(r)  # the replica's weights (copied above) already hold r
+        # bf16/fp16 parameters hold the server's frozen bases (copied above), at the server's r_base
+        space.r_base.copy_(opt.space.r_base.to(space.r_base.device))

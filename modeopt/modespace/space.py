@@ -100,7 +100,7 @@ class ModeSpace(Swapping, HalfPrecision):
             weights, and the formed half-precision ones (what the model computes with, what
             ``model.state_dict()`` gives).
         r_base: ``(M,)`` the ``r`` the frozen bases of the half-precision weights hold (their value at the
-            switch, or at the last re-base); equal to ``r_in_weights`` in a space without them.
+            switch, or at the last re-base); unused in a space without them.
         half: the indices of the half-precision (bfloat16/float16) embedded weights.
         requires_grad_before: per parameter, its ``requires_grad`` before, restored by :meth:`remove`.
     """
@@ -398,6 +398,13 @@ class ModeSpace(Swapping, HalfPrecision):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__["_copied"] = True
+        # pickled before half-precision weights were formed (or coefficients encoded): every weight was
+        # updated in place, and stays so
+        if "_is_half" not in state:
+            self.__dict__.update(_is_half=[False] * len(self.params), half=[], _half_by_device=[],
+                                 r_base=self.r_in_weights.clone(), _saving=None, _formed_at={})
+        if "a_scale" not in state:
+            self.__dict__.update(a_scale=None, coef_dtype=self.a[0].dtype if self.a else torch.float32)
 
     def _notice_copy_trained(self) -> None:
         if self.__dict__.get("_copied") and not self.__dict__.get("_warned_copy"):
