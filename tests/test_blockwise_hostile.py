@@ -93,12 +93,15 @@ def test_1_nan_already_in_the_weights_is_an_error_naming_the_tensor_not_an_endle
 
 
 def test_1_a_step_that_makes_a_trained_weight_overflow_is_an_error_naming_it():
-    model, opt = make()
+    torch.manual_seed(0)
+    model = Stack()
+    opt = modeopt.BlockwiseCMD(model, torch.optim.SGD(model.parameters(), lr=0.05), find_blocks_of(model),
+                               steps_per_block=PER_BLOCK, n_modes=3, n_samples=200)
     train(model, opt, 2)
-    opt.param_groups[0]["lr"] = 1e39  # AdamW moves each weight by ~lr: beyond float32
-    backward(model, opt, 2)
-    with pytest.raises(ValueError, match=r"step 3 made parameter 'layers.0.0.weight' non-finite \(NaN/inf\) from "
-                       r"a finite gradient: lower the learning rate.*resume from a checkpoint"):
+    opt.param_groups[0]["lr"] = 1e30
+    backward(model, opt, 2, scale=1e10)  # finite gradients; the step moves the weights by ~1e40: inf in float32
+    with pytest.raises(ValueError, match=r"step 3: parameter 'layers.0.0.weight' is NaN/inf after the step, from a "
+                       r"finite gradient: the step overflowed \(lower the learning rate.*resume from a checkpoint"):
         opt.step()
 
 
@@ -145,7 +148,7 @@ def test_3_an_r_overflowing_from_a_finite_gradient_is_put_back_with_a_warning():
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     r_before = opt.spaces[0].r_full().detach().clone()
     with pytest.warns(NonFiniteWarning, match=r"step 8: block 0's mode scalars r overflowed to NaN/inf from a "
-                      r"finite gradient: put back.*lower the learning rate"):
+                      r"finite gradient: put back.*Lower the learning rate"):
         opt.step()
     assert torch.equal(opt.spaces[0].r_full().detach(), r_before)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
@@ -171,8 +174,8 @@ def _nan(t):
     ("the recording's baseline", lambda sd: _nan(sd["blockwise"]["buffer"][0]["anchor"]),
      r"recording of 'layers.1.0.weight' holds NaN/inf"),
     ("recordings out of step", lambda sd: sd["blockwise"]["buffer"][0].update(steps=[6, 7, 8, 10]),
-     r"recording of 'layers.1.0.weight' was taken at steps \[6, 7, 8, 10\], that of 'layers.1.2.weight' at "
-     r"\[6, 7, 8, 9\]"),
+     r"recording of 'layers.1.2.weight' was taken at steps \[6, 7, 8, 9\], that of 'layers.1.0.weight' at "
+     r"\[6, 7, 8, 10\]"),
     ("skipped_steps", lambda sd: sd["blockwise"].update(skipped_steps=-1), r"skipped_steps"),
     ("n_modes", lambda sd: sd["blockwise"].update(n_modes="4"), r"n_modes"),
 ], ids=lambda c: c[0])
@@ -279,9 +282,9 @@ def test_7_coef_and_record_dtypes_are_validated():
     adam = lambda: torch.optim.AdamW(model.parameters(), lr=1e-2)  # noqa: E731
     with pytest.raises(ValueError, match=r"coef_dtype must be torch.float32 or torch.bfloat16, got torch.int32"):
         modeopt.BlockwiseCMD(model, adam(), steps_per_block=PER_BLOCK, coef_dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"record_dtype must be a floating-point torch.dtype, got torch.int8"):
+    with pytest.raises(ValueError, match=r"record_dtype must be a floating-point torch.dtype.*, got torch.int8"):
         modeopt.BlockwiseCMD(model, adam(), steps_per_block=PER_BLOCK, record_dtype=torch.int8)
-    with pytest.raises(ValueError, match=r"record_dtype must be a floating-point torch.dtype, got 'bf16'"):
+    with pytest.raises(ValueError, match=r"record_dtype must be a floating-point torch.dtype.*, got 'bf16'"):
         modeopt.BlockwiseCMD(model, adam(), steps_per_block=PER_BLOCK, record_dtype="bf16")
 
 
@@ -316,7 +319,7 @@ def test_rough_edges_bad_arguments_say_what_to_do():
         modeopt.BlockwiseCMD(model, adam(), ["layers.0.", ["a.", 4]], steps_per_block=PER_BLOCK)
     with pytest.raises(TypeError, match=r"train_always must be a list of parameter-name prefixes.*got 7"):
         modeopt.BlockwiseCMD(model, adam(), steps_per_block=PER_BLOCK, train_always=[7])
-    with pytest.raises(TypeError, match=r"exclude must be a predicate f\(name, param\) or a list of fnmatch patterns, "
+    with pytest.raises(TypeError, match=r"exclude must be a predicate f\(name, param\) or a list of fnmatch patterns.*"
                        r"got 5"):
         modeopt.BlockwiseCMD(model, adam(), steps_per_block=PER_BLOCK, exclude=5)
     with pytest.raises(TypeError, match=r"model must be an nn.Module, got NoneType"):
@@ -338,7 +341,7 @@ def find_blocks_of(model):
 def test_rough_edges_a_checkpoint_with_other_n_modes_warns_and_is_adopted():
     model, opt = make(n_modes=4)
     train(model, opt, PER_BLOCK + 2)
-    sd = opt.state_dict()
+    sd = copy.deepcopy(opt.state_dict())  # torch's state_dict() holds the live moments
     model2, opt2 = make(n_modes=6)
     model2.load_state_dict(model.state_dict())
     with pytest.warns(UserWarning, match=r"the checkpoint was trained with n_modes=4; this BlockwiseCMD was built "

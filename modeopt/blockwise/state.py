@@ -3,6 +3,7 @@ checks that a saved state fits the optimizer it is loaded into, all made before 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,8 @@ from torch import Tensor, nn
 from modeopt.modespace.space import ModeSpace
 from modeopt.trajectories.snapshots import SnapshotBuffer
 
-__all__ = ["DAMAGED", "space_state", "check_blockwise_state", "space_from_state"]
+__all__ = ["DAMAGED", "space_state", "check_blockwise_state", "space_from_state", "check_recording",
+           "check_base_groups", "check_base_values"]
 
 DAMAGED = "damaged checkpoint, or one saved by an optimizer built differently"
 
@@ -40,8 +42,10 @@ def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups
         t = saved[key]
         if not (isinstance(t, Tensor) and tuple(t.shape) == (m,)):
             raise ValueError(f"block {b}'s saved {key} must have shape ({m},): {DAMAGED}")
-    if not bool(torch.isfinite(saved["r_in_weights"]).all()):
-        raise ValueError(f"block {b}'s saved r_in_weights holds NaN/inf: {DAMAGED}")
+    for key in ("r", "r_in_weights"):
+        if not bool(torch.isfinite(saved[key]).all()):
+            raise ValueError(f"block {b}'s saved {key} holds NaN/inf: {DAMAGED} (a diverged run's r is never saved: "
+                             "BlockwiseCMD puts back an r that overflows); resume from an intact checkpoint")
     if r_groups.is_floating_point() or not bool(((r_groups >= 0) & (r_groups < n_groups)).all()):
         raise ValueError(f"block {b}'s saved r_groups must be integers in [0, {n_groups}): {DAMAGED}")
     for key in ("labels", "a"):
@@ -51,8 +55,11 @@ def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups
             raise ValueError(f"block {b}'s saved {key} do not match its {len(emb)} tensors' sizes: {DAMAGED}")
     if any(t.is_floating_point() or t.is_complex() for t in saved["labels"]):
         raise ValueError(f"block {b}'s saved labels must be integers: {DAMAGED}")
-    if any(not t.is_floating_point() or not bool(torch.isfinite(t).all()) for t in saved["a"]):
-        raise ValueError(f"block {b}'s saved coefficients a must be finite floats: {DAMAGED}")
+    for t, (name, _) in zip(saved["a"], emb):
+        if not t.is_floating_point():
+            raise ValueError(f"block {b}'s saved coefficients a of {name!r} must be floats, got {t.dtype}: {DAMAGED}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"block {b}'s saved coefficients a of {name!r} hold NaN/inf (non-finite): {DAMAGED}")
     for t in saved["labels"]:
         if t.numel() and not (0 <= int(t.min()) and int(t.max()) < m):
             raise ValueError(f"block {b}'s saved labels must lie in [0, {m}): {DAMAGED}")
@@ -104,12 +111,27 @@ def check_recording(saved: Any, emb: Sequence[tuple[str, Tensor]], record_dtype:
     if not isinstance(saved, list) or len(saved) != len(emb):
         raise ValueError(f"the checkpoint's recording of block {block} must hold {len(emb)} tensors' snapshots: "
                          "damaged checkpoint, or other blocks")
+    first = None
     for state, (name, p) in zip(saved, emb):
-        SnapshotBuffer(p.numel(), dtype=record_dtype, capacity=capacity).checked_state(state)
+        try:
+            _, dropped = SnapshotBuffer(p.numel(), dtype=record_dtype, capacity=capacity).checked_state(state)
+        except ValueError as e:
+            raise ValueError(f"the checkpoint's recording of {name!r}: {e}") from None
         data = state["data"]
         if data.dim() != 2 or data.shape[1] != p.numel() or not 1 <= data.shape[0] <= capacity:
             raise ValueError(f"the checkpoint's recording of {name!r} has shape {tuple(data.shape)}, expected "
                              f"(<= {capacity}, {p.numel()}): damaged checkpoint, or other blocks")
+        if dropped:
+            # CMDOptimizer drops such a snapshot on load; here each tensor has its own recording, and a row
+            # dropped from one of them only would break the block's embedding later (sizes no longer match).
+            raise ValueError(f"the checkpoint's recording of {name!r} holds NaN/inf (the snapshots of steps {dropped}, "
+                             f"or its baseline): {DAMAGED}; resume from an intact checkpoint")
+        steps = (list(state["steps"]), state["count"])
+        if first is None:
+            first = (name, steps)
+        elif steps != first[1]:
+            raise ValueError(f"the checkpoint's recording of {name!r} was taken at steps {steps[0]}, that of "
+                             f"{first[0]!r} at {first[1][0]}: the block's tensors are recorded together; {DAMAGED}")
 
 
 def check_base_groups(base_state: Any, want: Sequence[int], saved_active: int) -> None:
@@ -132,3 +154,37 @@ def check_base_groups(base_state: Any, want: Sequence[int], saved_active: int) -
             or not all(isinstance(v, dict) for v in saved_state.values())):
         raise ValueError("the checkpoint's base optimizer state is not a torch.optim state_dict (a 'state' dict "
                          f"of dicts, keyed by distinct ids of its param groups' 'params'): {DAMAGED}")
+
+
+def check_base_values(base_state: Mapping[str, Any], names: Sequence[str]) -> None:
+    """No NaN/inf in the saved base optimizer's state, nor NaN in its hyper-parameters (checked by
+    :func:`check_base_groups` first). ``names``: the name of each saved parameter id's tensor, in the
+    order of the saved param groups' ``params``.
+
+    Loaded, a NaN moment would make its tensor NaN at the next step (a finished block's ``r``: the
+    block would never move again).
+    """
+    ids = [i for g in base_state["param_groups"] for i in g["params"]]
+    name_of = dict(zip(ids, names))
+    for i, st in base_state["state"].items():
+        for key, v in st.items():
+            if _nonfinite(v, nan_only=False):
+                raise ValueError(f"the checkpoint's base optimizer's state {key!r} of {name_of.get(i, i)!r} holds "
+                                 f"NaN/inf: {DAMAGED}; resume from an intact checkpoint")
+    for gi, g in enumerate(base_state["param_groups"]):
+        for key, v in g.items():
+            if key != "params" and _nonfinite(v, nan_only=True):
+                raise ValueError(f"the checkpoint's base param group {gi} has {key}={v!r} (NaN): {DAMAGED}")
+
+
+def _nonfinite(v: Any, *, nan_only: bool) -> bool:
+    """Whether a state value (tensor, float, or a tuple/list of them) holds NaN (or inf unless ``nan_only``)."""
+    if isinstance(v, Tensor):
+        if not (v.is_floating_point() or v.is_complex()) or v.numel() == 0:
+            return False
+        return bool(torch.isnan(v).any()) if nan_only else not bool(torch.isfinite(v).all())
+    if isinstance(v, float):
+        return math.isnan(v) if nan_only else not math.isfinite(v)
+    if isinstance(v, (list, tuple)):
+        return any(_nonfinite(x, nan_only=nan_only) for x in v)
+    return False
