@@ -25,27 +25,24 @@ split over groups has modes in each).
 
 from __future__ import annotations
 
-import difflib
 import logging
-import math
-import numbers
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from modeopt.utils.checks import check_base_class, check_int, check_no_duplicates
 from modeopt.optim.wrapping import SharesBaseOptimizer
-from .state import (check_base_groups, check_base_values, check_blockwise_state, check_recording, space_from_state,
-                    space_state)
+from .arguments import check_arguments, check_train_always, warn_half_precision
+from .nonfinite import BlockwiseNonFinite
+from .state import (check_base_groups, check_blockwise_state, check_recording, checked_counters, saved_param_names,
+                    space_from_state, space_state)
 from .embedding import embed_block
 from modeopt.trajectories.layout import ParamLayout
 from modeopt.modespace.space import ModeSpace
-from modeopt.optim.nonfinite import NonFiniteWarning
-from modeopt.optim.settings import check_dtypes, check_snapshot_count, resolve_mode_scale
-from modeopt.distributed.wrappers import sharding_wrapper
+from modeopt.optim.nonfinite import check_optimizer_state_finite, evaluate_first, finite
+from modeopt.optim.settings import resolve_mode_scale
 from modeopt.optim.param_groups import Exclude, exclusion_predicate, forget_whole_set_state
 from modeopt.trajectories.snapshots import SnapshotBuffer
 
@@ -85,50 +82,7 @@ def _prefixes(block) -> tuple[str, ...]:
     return (block,) if isinstance(block, str) else tuple(block)
 
 
-def _check_prefix_list(arg: str, value: Any, nested: bool) -> None:
-    """``value`` must be a list of name prefixes (``nested``: each may be a list of them, a block of several)."""
-    if isinstance(value, str):  # would be read as one prefix per character
-        raise TypeError(f"{arg} must be a list of parameter-name prefixes, got the string {value!r}: pass [{value!r}]")
-    what = (f"{arg} must be a list of parameter-name prefixes (each a string, or a list of strings for a block "
-            "of several)" if nested else f"{arg} must be a list of parameter-name prefixes (strings)")
-    if not isinstance(value, Iterable):
-        raise TypeError(f"{what}, got {value!r}")
-    for item in value:
-        ok = isinstance(item, str) or (nested and isinstance(item, (list, tuple))
-                                       and all(isinstance(x, str) for x in item))
-        if not ok:
-            raise TypeError(f"{what}, got {item!r} in it")
-
-
-def _finite(tensors: Iterable[Tensor | None]) -> bool:
-    """Whether every given tensor (``None`` ignored; a sparse one by its values) is finite: one host sync per device."""
-    flags: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        if t is None:
-            continue
-        if t.is_sparse:
-            t = t.coalesce().values()
-        if t.is_floating_point() or t.is_complex():
-            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
-    return all(bool(torch.stack(f).all()) for f in flags.values())
-
-
-def _warn_half_precision(params: Iterable[tuple[str, Tensor]]) -> None:
-    """Warn that finished blocks in bf16/fp16 drift from ``a * r + b``.
-
-    Kept in one function on purpose: when mode space applies ``r`` exactly in half precision
-    (the half-precision issue), this warning is dropped or reworded here and in docs/finetuning.md.
-    """
-    low = sorted({str(p.dtype).replace("torch.", "") for _, p in params if p.dtype in (torch.bfloat16, torch.float16)})
-    if low:
-        warnings.warn(
-            f"modeopt: BlockwiseCMD on {'/'.join(low)} weights: a finished block applies each change of its r to its "
-            "weights in place (w += a * dr), and in half precision the rounding of every step accumulates, so "
-            "the weights drift away from a * r + b. Keep float32 weights under torch.autocast (mixed precision) "
-            "instead; see docs/finetuning.md, 'NaN/inf, checkpoints and arguments'", stacklevel=3)
-
-
-class BlockwiseCMD(SharesBaseOptimizer):
+class BlockwiseCMD(BlockwiseNonFinite, SharesBaseOptimizer):
     """Wraps a ``torch.optim`` optimizer: trains blocks one at a time, each then in its own mode space.
 
     Args:
@@ -182,39 +136,9 @@ class BlockwiseCMD(SharesBaseOptimizer):
         coef_dtype: torch.dtype = torch.bfloat16,
         mode_scale: str = "auto",
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(base_optimizer, SharesBaseOptimizer):
-            raise TypeError(f"base_optimizer is already a {type(base_optimizer).__name__}: wrap the plain torch.optim "
-                            "optimizer (built on model.parameters()) once")
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
-        check_base_class(base_optimizer)  # Muon, SparseAdam: cannot train the mode scalars r
-        check_int("steps_per_block", steps_per_block, 1)
-        check_int("n_modes", n_modes, 1)
-        check_int("snapshot_every", snapshot_every, 1)
-        check_int("n_samples", n_samples, 1)
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        check_snapshot_count("steps_per_block", steps_per_block, snapshot_every)
-        if n_modes > n_samples:
-            raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more weights")
-        if mode_scale not in ("auto", "rms", "norm"):
-            raise ValueError(f"mode_scale must be 'auto', 'rms' or 'norm', got {mode_scale!r}")
-        check_dtypes(coef_dtype, record_dtype)
-        wrapped = sharding_wrapper(model) or (
-            "DistributedDataParallel" if isinstance(model, nn.parallel.DistributedDataParallel) else None)
-        if wrapped is not None:
-            raise TypeError(f"BlockwiseCMD trains on one process; the model is wrapped in {wrapped}, whose reducer "
-                            "or shards are built for a fixed set of trainable parameters. Use CMDOptimizer for "
-                            "DDP / FSDP2 (docs/scaling-out.md)")
-        if any(n.rsplit(".", 1)[-1].startswith("modeopt_") for n, _ in model.named_parameters()):
-            raise RuntimeError("the model is already in mode space (it has modeopt_* parameters): one mode-space "
-                               "optimizer per model")
-        if blocks is not None:
-            _check_prefix_list("blocks", blocks, nested=True)
-        _check_prefix_list("train_always", train_always, nested=False)
-        check_no_duplicates(model, base_optimizer)
+        check_arguments(model, base_optimizer, blocks=blocks, train_always=train_always, steps_per_block=steps_per_block,
+                        n_modes=n_modes, snapshot_every=snapshot_every, n_samples=n_samples, seed=seed,
+                        mode_scale=mode_scale, coef_dtype=coef_dtype, record_dtype=record_dtype)
         self.model = model
         self.steps_per_block, self.n_modes, self.snapshot_every = steps_per_block, n_modes, snapshot_every
         self.n_samples, self.seed = n_samples, int(seed)
@@ -235,7 +159,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
         self.r_restores = 0
         self._warned_skip = self._warned_restore = False
         self._buffers: list[SnapshotBuffer] = []  # the active block's recording, one per tensor
-        _warn_half_precision(e for emb in self._emb for e in emb)
+        warn_half_precision(e for emb in self._emb for e in emb)
         self._regroup()
         self._start_block()
 
@@ -291,37 +215,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
                                  f"(none matches its prefixes, or all are excluded): check the prefixes{hint}")
             if n < self.n_modes:
                 raise ValueError(f"block {b} has {n} weights to embed, fewer than n_modes={self.n_modes}")
-        self._check_train_always(names)
-
-    def _check_train_always(self, names: dict[int, str]) -> None:
-        """Every ``train_always`` prefix must select a parameter the base optimizer trains: a typo, or a
-        head tied to the embedding (GPT-2's ``lm_head``), would otherwise leave it frozen all run, silently."""
-        held = {id(p) for params in self._orig for p in params}
-        always = {id(p) for p in self._always}
-        every = list(self.model.named_parameters(remove_duplicate=False))
-        for prefix in self.train_always:
-            if any(id(p) in always and names[id(p)].startswith(prefix) for _, p in every):
-                continue
-            hits = [(n, p) for n, p in every if n.startswith(prefix)]
-            if not hits:
-                heads = sorted({n[: i + 1] for n, _ in every for i, c in enumerate(n) if c == "."})
-                close = difflib.get_close_matches(prefix, heads, n=1)
-                hint = f": did you mean {close[0]!r}?" if close else ": check the prefix (names from model.named_parameters())"
-                raise ValueError(f"train_always prefix {prefix!r} matches no parameter of the model{hint}")
-            tied = [(n, names[id(p)]) for n, p in hits if names.get(id(p)) != n]
-            if len(tied) == len(hits):
-                n, owner = tied[0]
-                head = owner.rsplit(".", 1)[0] + "." if "." in owner else owner
-                raise ValueError(f"train_always prefix {prefix!r} matches only {n!r}, tied to {owner!r} (the same tensor, "
-                                 f"named there in model.named_parameters()): name the owner, e.g. train_always="
-                                 f"[{head!r}]")
-            canonical = [(n, p) for n, p in hits if names.get(id(p)) == n]
-            if not any(id(p) in held for _, p in canonical):
-                raise ValueError(f"train_always prefix {prefix!r} matches only parameters the base optimizer does not "
-                                 f"hold ({[n for n, _ in canonical][:3]}): build it on model.parameters()")
-            raise ValueError(f"train_always prefix {prefix!r} matches only parameters frozen (requires_grad=False) "
-                             f"before wrapping ({[n for n, _ in canonical][:3]}), which stay frozen: unfreeze them, "
-                             "or drop the prefix")
+        check_train_always(self.model, self.train_always, self._always, self._orig, names)
 
     def _trained(self) -> set[int]:
         """ids of the weights the base optimizer trains now (r not included)."""
@@ -413,11 +307,11 @@ class BlockwiseCMD(SharesBaseOptimizer):
             raise RuntimeError("this BlockwiseCMD was exported: its model holds plain weights now; build a new "
                                "optimizer to train it further")
         loss = None
-        if closure is not None:
-            closure, loss = self._evaluate_first(closure)
+        if closure is not None:  # evaluated now, so that its gradients are checked before anything changes
+            closure, loss = evaluate_first(closure, self._sync_finite)
         trained = [p for group in self.base.param_groups for p in group["params"]]
-        if not _finite([p.grad for p in trained]):
-            self._skip([p for p in trained if not _finite([p.grad])][0])
+        if not finite([p.grad for p in trained]):
+            self._skip([p for p in trained if not finite([p.grad])][0])
             return loss
         loss = self._base_step(closure)
         self._check_new_values(trained)
@@ -432,84 +326,6 @@ class BlockwiseCMD(SharesBaseOptimizer):
             if self._in_block >= self.steps_per_block:
                 self._embed_active()
         return loss
-
-    def _evaluate_first(self, closure: Callable[[], Any]) -> tuple[Callable[[], Any], Any]:
-        """Evaluate ``closure`` once before the base step, so that its gradients can be checked before
-        anything changes; returns a closure for the base that hands out this evaluation first (torch's
-        optimizers evaluate the closure first thing) and evaluates afresh from then on (LBFGS)."""
-        spaces = self.spaces
-
-        def evaluate():  # the weights must follow r before every evaluation (e.g. LBFGS's line search)
-            for space in spaces:
-                space.sync(finite_only=True)
-            return closure()
-
-        with torch.enable_grad():
-            first = [evaluate()]
-
-        def again():
-            return first.pop() if first else evaluate()
-
-        return again, first[0]
-
-    def _names(self) -> dict[int, str]:
-        return {id(p): n for n, p in self.model.named_parameters()}
-
-    def _skip(self, bad: Tensor) -> None:
-        """A step with a non-finite gradient: an error if the weights hold NaN/inf (each later step would
-        be skipped too), else skipped like GradScaler does: counted, warned about once."""
-        step = self._step + 1
-        for kind, named in (("parameter", self.model.named_parameters()), ("buffer", self.model.named_buffers())):
-            for name, t in named:
-                if t.is_floating_point() and not _finite([t]):
-                    raise ValueError(
-                        f"modeopt: step {step}: {kind} {name!r} holds NaN/inf, so every gradient would and every step "
-                        "would be skipped; nothing changed. The training diverged (lower the learning rate, clip "
-                        "gradients) or the weights were loaded so: resume from a checkpoint")
-        self.skipped_steps += 1
-        if not self._warned_skip:
-            self._warned_skip = True
-            warnings.warn(f"modeopt: step {step}: the gradient of {self._names().get(id(bad), 'a parameter')!r} holds "
-                          "NaN/inf: the step is skipped (nothing changes, the step is not counted), as GradScaler "
-                          "does. Later skips are counted in opt.skipped_steps without a warning",
-                          NonFiniteWarning, stacklevel=3)
-
-    @torch.no_grad()
-    def _check_new_values(self, trained: list[Tensor]) -> None:
-        """After the base step (finite gradients): a finished block's ``r`` that overflowed is put back
-        to the value its weights hold; a trained weight that did is an error naming it."""
-        if _finite(trained):  # one host sync per device, the usual case
-            return
-        step = self._step + 1
-        restored = []
-        for b, space in enumerate(self.spaces):
-            if _finite(space.r_params):
-                continue
-            restored.append(b)
-            for value, p in zip(space.group_values(space.r_in_weights), space.r_params):
-                p.copy_(value.to(device=p.device, dtype=p.dtype))
-                st = self.base.state.get(p)
-                if st and not _finite([v for v in st.values() if isinstance(v, Tensor) and v.is_floating_point()]):
-                    self.base.state.pop(p)  # a fresh state: Adam's moments of an inf step are inf/NaN
-        r_ids = {id(p) for space in self.spaces for p in space.r_params}
-        names = self._names()
-        for p in trained:
-            if id(p) not in r_ids and not _finite([p]):
-                raise ValueError(
-                    f"modeopt: step {step}: parameter {names.get(id(p), '?')!r} is NaN/inf after the step, from a "
-                    "finite gradient: the step overflowed (lower the learning rate, clip gradients) or the weight "
-                    "held NaN/inf before it (check the weights you loaded). The weights now hold it: resume from "
-                    "a checkpoint")
-        if restored:
-            self.r_restores += 1
-            if not self._warned_restore:
-                self._warned_restore = True
-                warnings.warn(
-                    f"modeopt: step {step}: block {restored[0]}'s mode scalars r overflowed to NaN/inf from a finite "
-                    "gradient: put back to the value its weights hold (its non-finite optimizer state dropped), so "
-                    "the block did not move this step; the rest of the step was applied and counted. Lower the "
-                    "learning rate. Later ones are counted in opt.r_restores without a warning",
-                    NonFiniteWarning, stacklevel=4)
 
     @property
     def recording_bytes(self) -> int:
@@ -561,36 +377,6 @@ class BlockwiseCMD(SharesBaseOptimizer):
             "buffer": [b.state_dict() for b in self._buffers] if self._buffers else None,
             "spaces": [space_state(s) for s in self.spaces], "history": [dict(h) for h in self.history]}}
 
-    def _checked_counters(self, st: dict[str, Any]) -> dict[str, int]:
-        """The run's counters and M (absent in checkpoints from before they were saved: 0 skips, this n_modes)."""
-        out = {}
-        for key, low, default in (("skipped_steps", 0, 0), ("r_restores", 0, 0), ("n_modes", 1, self.n_modes)):
-            value = st.get(key, default)
-            try:
-                check_int(f"the checkpoint's {key}", value, low)
-            except ValueError as e:
-                raise ValueError(f"{e}: damaged checkpoint") from None
-            out[key] = value
-        m = out["n_modes"]
-        if m > self.n_samples or any(m > sum(p.numel() for _, p in emb) for emb in self._emb[st["active"]:]):
-            raise ValueError(f"the checkpoint's n_modes={m} exceeds this optimizer's n_samples={self.n_samples} or "
-                             "the weights of a block still to embed: build the model and BlockwiseCMD as in the saved run")
-        if any(s["r"].numel() > m for s in st["spaces"]):
-            raise ValueError(f"the checkpoint has a block with more mode scalars than its n_modes={m}: damaged checkpoint")
-        return out
-
-    def _saved_param_names(self, trained: set[int], spaces: Sequence[dict[str, Any]]) -> list[str]:
-        """The names of the base optimizer's tensors in a saved phase, in param-group order (``_regroup``'s)."""
-        names = self._names()
-        owner = list(self.model.named_modules())[-1][0]  # where a ModeSpace registers its r (ModeSpace.r_owner)
-        r_of: dict[int, list[str]] = {}
-        for b, saved in enumerate(spaces):
-            for j, g in enumerate(sorted(set(saved["r_groups"].tolist()))):
-                r = f"{R_PREFIX.format(b)}{j}"
-                r_of.setdefault(g, []).append(f"{owner}.{r}" if owner else r)
-        return [n for gi, orig in enumerate(self._orig)
-                for n in [names.get(id(p), "?") for p in orig if id(p) in trained] + r_of.get(gi, [])]
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`, into an optimizer built the same way on a model whose
         weights were loaded from the same checkpoint (``model.load_state_dict`` first). Every check
@@ -603,7 +389,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
                              "dict opt.state_dict() returned")
         st = check_blockwise_state(state_dict["blockwise"], blocks=self.blocks, emb=self._emb,
                                    n_groups=len(self.base.param_groups), steps_per_block=self.steps_per_block)
-        counters = self._checked_counters(st)
+        counters = checked_counters(st, n_modes=self.n_modes, n_samples=self.n_samples, emb=self._emb)
         active = st["active"]
         if active < len(self.blocks):
             check_recording(st["buffer"], self._emb[active], self.record_dtype,
@@ -616,7 +402,8 @@ class BlockwiseCMD(SharesBaseOptimizer):
         want = [sum(id(p) in trained for p in orig) + sum(gi in s["r_groups"].tolist() for s in st["spaces"])
                 for gi, orig in enumerate(self._orig)]
         check_base_groups(state_dict["base"], want, active)
-        check_base_values(state_dict["base"], self._saved_param_names(trained, st["spaces"]))
+        check_optimizer_state_finite(state_dict["base"], saved_param_names(self.model, self._orig, trained, st["spaces"],
+                                                                           R_PREFIX))
         if counters["n_modes"] != self.n_modes:
             warnings.warn(f"modeopt: the checkpoint was trained with n_modes={counters['n_modes']}; this BlockwiseCMD "
                           f"was built with n_modes={self.n_modes}: opt.n_modes is now {counters['n_modes']}, as in "

@@ -3,7 +3,6 @@ checks that a saved state fits the optimizer it is loaded into, all made before 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,10 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from modeopt.modespace.space import ModeSpace
+from modeopt.utils.checks import check_int
 from modeopt.trajectories.snapshots import SnapshotBuffer
 
 __all__ = ["DAMAGED", "space_state", "check_blockwise_state", "space_from_state", "check_recording",
-           "check_base_groups", "check_base_values"]
+           "check_base_groups", "checked_counters", "saved_param_names"]
 
 DAMAGED = "damaged checkpoint, or one saved by an optimizer built differently"
 
@@ -156,35 +156,35 @@ def check_base_groups(base_state: Any, want: Sequence[int], saved_active: int) -
                          f"of dicts, keyed by distinct ids of its param groups' 'params'): {DAMAGED}")
 
 
-def check_base_values(base_state: Mapping[str, Any], names: Sequence[str]) -> None:
-    """No NaN/inf in the saved base optimizer's state, nor NaN in its hyper-parameters (checked by
-    :func:`check_base_groups` first). ``names``: the name of each saved parameter id's tensor, in the
-    order of the saved param groups' ``params``.
+def checked_counters(st: Mapping[str, Any], *, n_modes: int, n_samples: int,
+                     emb: Sequence[Sequence[tuple[str, Tensor]]]) -> dict[str, int]:
+    """The run's counters and M (absent in checkpoints from before they were saved: 0 skips, this n_modes)."""
+    out = {}
+    for key, low, default in (("skipped_steps", 0, 0), ("r_restores", 0, 0), ("n_modes", 1, n_modes)):
+        value = st.get(key, default)
+        try:
+            check_int(f"the checkpoint's {key}", value, low)
+        except ValueError as e:
+            raise ValueError(f"{e}: damaged checkpoint") from None
+        out[key] = value
+    m = out["n_modes"]
+    if m > n_samples or any(m > sum(p.numel() for _, p in block) for block in emb[st["active"]:]):
+        raise ValueError(f"the checkpoint's n_modes={m} exceeds this optimizer's n_samples={n_samples} or "
+                         "the weights of a block still to embed: build the model and BlockwiseCMD as in the saved run")
+    if any(s["r"].numel() > m for s in st["spaces"]):
+        raise ValueError(f"the checkpoint has a block with more mode scalars than its n_modes={m}: damaged checkpoint")
+    return out
 
-    Loaded, a NaN moment would make its tensor NaN at the next step (a finished block's ``r``: the
-    block would never move again).
-    """
-    ids = [i for g in base_state["param_groups"] for i in g["params"]]
-    name_of = dict(zip(ids, names))
-    for i, st in base_state["state"].items():
-        for key, v in st.items():
-            if _nonfinite(v, nan_only=False):
-                raise ValueError(f"the checkpoint's base optimizer's state {key!r} of {name_of.get(i, i)!r} holds "
-                                 f"NaN/inf: {DAMAGED}; resume from an intact checkpoint")
-    for gi, g in enumerate(base_state["param_groups"]):
-        for key, v in g.items():
-            if key != "params" and _nonfinite(v, nan_only=True):
-                raise ValueError(f"the checkpoint's base param group {gi} has {key}={v!r} (NaN): {DAMAGED}")
 
-
-def _nonfinite(v: Any, *, nan_only: bool) -> bool:
-    """Whether a state value (tensor, float, or a tuple/list of them) holds NaN (or inf unless ``nan_only``)."""
-    if isinstance(v, Tensor):
-        if not (v.is_floating_point() or v.is_complex()) or v.numel() == 0:
-            return False
-        return bool(torch.isnan(v).any()) if nan_only else not bool(torch.isfinite(v).all())
-    if isinstance(v, float):
-        return math.isnan(v) if nan_only else not math.isfinite(v)
-    if isinstance(v, (list, tuple)):
-        return any(_nonfinite(x, nan_only=nan_only) for x in v)
-    return False
+def saved_param_names(model: nn.Module, orig: Sequence[Sequence[Tensor]], trained: set[int],
+                      spaces: Sequence[Mapping[str, Any]], r_prefix: str) -> list[str]:
+    """The names of the base optimizer's tensors in a saved phase, in param-group order (``_regroup``'s)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    owner = list(model.named_modules())[-1][0]  # where a ModeSpace registers its r (ModeSpace.r_owner)
+    r_of: dict[int, list[str]] = {}
+    for b, saved in enumerate(spaces):
+        for j, g in enumerate(sorted(set(saved["r_groups"].tolist()))):
+            r = f"{r_prefix.format(b)}{j}"
+            r_of.setdefault(g, []).append(f"{owner}.{r}" if owner else r)
+    return [n for gi, params in enumerate(orig)
+            for n in [names.get(id(p), "?") for p in params if id(p) in trained] + r_of.get(gi, [])]

@@ -12,14 +12,16 @@ policy and its trade-offs: ``docs/optimizer.md``, "Non-finite steps".
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["NonFiniteWarning", "NonFiniteGuard", "all_finite"]
+__all__ = ["NonFiniteWarning", "NonFiniteGuard", "all_finite", "finite", "evaluate_first", "first_nonfinite_weight",
+           "check_optimizer_state_finite"]
 
 
 class NonFiniteWarning(RuntimeWarning):
@@ -29,6 +31,50 @@ class NonFiniteWarning(RuntimeWarning):
 def all_finite(tensors: Iterable[Tensor | None]) -> bool:
     """Whether every given tensor (``None`` entries ignored) holds only finite values (host syncs)."""
     return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+
+
+def finite(tensors: Iterable[Tensor | None]) -> bool:
+    """Whether every given tensor (``None`` ignored; a sparse one by its values) is finite: one host
+    synchronisation per device, whatever the number of tensors."""
+    flags: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        if t.is_sparse:
+            t = t.coalesce().values()
+        if t.is_floating_point() or t.is_complex():
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
+def first_nonfinite_weight(model: torch.nn.Module) -> str | None:
+    """``"parameter 'name'"`` / ``"buffer 'name'"`` of the model's first float tensor holding NaN/inf, or None."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_floating_point() and not finite([t]):
+                return f"{kind} {name!r}"
+    return None
+
+
+def evaluate_first(closure: Callable[[], Any], before: Callable[[], None] | None = None) -> tuple[Callable[[], Any], Any]:
+    """Evaluate ``closure`` once now (under ``enable_grad``, after ``before()``), so that its gradients can be
+    checked before the base step changes anything. Returns ``(closure for the base, the loss)``: the
+    base's first call gets this evaluation (torch's optimizers evaluate the closure first thing, before
+    any change), later calls (LBFGS) evaluate afresh, each after ``before()``."""
+
+    def evaluate():
+        if before is not None:
+            before()
+        return closure()
+
+    with torch.enable_grad():
+        first = [evaluate()]
+    loss = first[0]
+
+    def again():
+        return first.pop() if first else evaluate()
+
+    return again, loss
 
 
 def _undoable(v: Any, p: Tensor) -> bool:
@@ -186,3 +232,38 @@ class NonFiniteGuard:
             f"modeopt: step {step}: {what} holds NaN/inf: the step is skipped, like GradScaler does (weights "
             "and r unchanged, the step is not counted). Later skips are counted in opt.skipped_steps "
             "without a warning", stacklevel=3)
+
+
+def check_optimizer_state_finite(base_state: Mapping[str, Any], names: Sequence[str]) -> None:
+    """No NaN/inf in the saved base optimizer's state, nor NaN in its hyper-parameters (checked by
+    the caller first: a ``torch.optim`` state_dict with ``param_groups`` of dicts with a ``params`` list,
+    and a ``state`` dict). ``names``: the name of each saved parameter id's tensor, in the order of the
+    saved param groups' ``params``. Raises ``ValueError`` naming the tensor and the state entry.
+
+    Loaded, a NaN moment would make its tensor NaN at the next step (a finished block's ``r``: the
+    block would never move again; a shadow model's moments: poisoned for good).
+    """
+    ids = [i for g in base_state["param_groups"] for i in g["params"]]
+    name_of = dict(zip(ids, names))
+    for i, st in base_state["state"].items():
+        for key, v in st.items():
+            if _nonfinite(v, nan_only=False):
+                raise ValueError(f"the checkpoint's base optimizer's state {key!r} of {name_of.get(i, i)!r} holds "
+                                 f"NaN/inf: damaged checkpoint; resume from an intact checkpoint")
+    for gi, g in enumerate(base_state["param_groups"]):
+        for key, v in g.items():
+            if key != "params" and _nonfinite(v, nan_only=True):
+                raise ValueError(f"the checkpoint's base param group {gi} has {key}={v!r} (NaN): damaged checkpoint")
+
+
+def _nonfinite(v: Any, *, nan_only: bool) -> bool:
+    """Whether a state value (tensor, float, or a tuple/list of them) holds NaN (or inf unless ``nan_only``)."""
+    if isinstance(v, Tensor):
+        if not (v.is_floating_point() or v.is_complex()) or v.numel() == 0:
+            return False
+        return bool(torch.isnan(v).any()) if nan_only else not bool(torch.isfinite(v).all())
+    if isinstance(v, float):
+        return math.isnan(v) if nan_only else not math.isfinite(v)
+    if isinstance(v, (list, tuple)):
+        return any(_nonfinite(x, nan_only=nan_only) for x in v)
+    return False
