@@ -372,3 +372,138 @@ def test_rough_edges_skipped_steps_and_r_restores_survive_resume():
     del old["blockwise"]["skipped_steps"], old["blockwise"]["r_restores"], old["blockwise"]["n_modes"]
     opt2.load_state_dict(old)
     assert opt2.skipped_steps == 0 and opt2.r_restores == 0
+
+
+# ================================================================== OnlineCMDOptimizer: the same hostile pass
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+YO = torch.randint(0, 4, (len(X),), generator=torch.Generator().manual_seed(3))
+
+
+def online(granularity="tensor", **kw):
+    torch.manual_seed(0)
+    model = MLP()
+    args = dict(n_modes=3, fit_at=6, snapshot_every=2, seed=0, embed_every=3, embed_fraction=0.5,
+                granularity=granularity)
+    args.update(kw)
+    return model, modeopt.OnlineCMDOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2), **args)
+
+
+def online_loss(model, opt, i, scale=1.0):
+    idx = torch.arange(i * 32, i * 32 + 32) % len(X)
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(X[idx]), YO[idx]) * scale
+    loss.backward()
+    return loss
+
+
+def online_train(model, opt, steps, start=0):
+    for i in range(start, start + steps):
+        online_loss(model, opt, i)
+        opt.step()
+
+
+def same_tree(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and same(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same_tree(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("at", [2, 6, 13], ids=["recording", "at-the-fit", "fitted-and-frozen"])
+@pytest.mark.parametrize("closure", [False, True], ids=["step", "closure"])
+def test_online_a_nonfinite_gradient_skips_the_step_in_every_phase_and_the_shadow_stays_finite(at, closure):
+    """Before: the base wrote the NaN into the weights and, after the fit, into the shadow's moments, silently."""
+    model, opt = online()
+    online_train(model, opt, at)
+    if at == 13:
+        assert opt.frozen  # gradual embedding froze a tensor
+    before = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    step = at + 1
+    with pytest.warns(NonFiniteWarning, match=rf"OnlineCMDOptimizer: step {step}: the gradient of 'fc\d.\w+' holds "
+                      r"NaN/inf: the step is skipped \(nothing changes, the step is not counted\)"):
+        if closure:
+            assert torch.isnan(opt.step(lambda: online_loss(model, opt, at, scale=NAN)))
+        else:
+            online_loss(model, opt, at, scale=NAN)
+            assert opt.step() is None
+    assert opt.skipped_steps == 1 and opt.online.calls == at
+    assert same_tree(model.state_dict(), before[0]) and same_tree(opt.state_dict(), before[1] | {"skipped_steps": 1})
+    online_train(model, opt, 6, at)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.online.phase == "fitted" and all(torch.isfinite(w).all() for w in opt.cmd_state_dict().values())
+
+
+def test_online_nan_already_in_the_weights_is_an_error_naming_the_tensor():
+    model, opt = online()
+    online_train(model, opt, 8)
+    with torch.no_grad():
+        model.fc2.bias[1] = NAN
+    online_loss(model, opt, 8)
+    with pytest.raises(ValueError, match=r"step 9: parameter 'fc2.bias' holds NaN/inf, so every gradient would and "
+                       r"every step would be skipped; nothing changed.*resume from a checkpoint"):
+        opt.step()
+    assert opt.online.calls == 8 and opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "weight"])
+def test_online_nan_in_the_base_optimizers_state_is_refused_naming_the_tensor(granularity):
+    model, opt = online(granularity)
+    online_train(model, opt, 13)
+    assert opt.frozen
+    sd = copy.deepcopy(opt.state_dict())
+    groups = [p for g in opt.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    k = len(groups) - 1
+    _nan(sd["base"]["state"][sd["base"]["param_groups"][0]["params"][k]]["exp_avg_sq"])
+    model2, opt2 = online(granularity)
+    model2.load_state_dict(model.state_dict())
+    before = copy.deepcopy(opt2.state_dict())
+    with pytest.raises(ValueError, match=rf"base optimizer's state 'exp_avg_sq' of '{names[id(groups[k])]}' holds "
+                       r"NaN/inf"):
+        opt2.load_state_dict(sd)
+    assert same_tree(opt2.state_dict(), before)
+
+
+def test_online_skipped_steps_survive_resume_and_bad_counters_are_refused():
+    model, opt = online()
+    online_train(model, opt, 4)
+    with pytest.warns(NonFiniteWarning):
+        online_loss(model, opt, 4, scale=NAN)
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    model2, opt2 = online()
+    opt2.load_state_dict(sd)
+    assert opt2.skipped_steps == 1
+    with pytest.raises(ValueError, match=r"the state's skipped_steps must be an integer >= 0, got -3: damaged"):
+        opt2.load_state_dict(sd | {"skipped_steps": -3})
+    old = {k: v for k, v in sd.items() if k != "skipped_steps"}  # saved before the counter was
+    opt2.load_state_dict(old)
+    assert opt2.skipped_steps == 0
+
+
+def test_online_bad_arguments_say_what_to_do():
+    torch.manual_seed(0)
+    model = MLP()
+    adam = lambda: torch.optim.Adam(model.parameters())  # noqa: E731
+    with pytest.raises(TypeError, match=r"names must be a list of parameter/buffer names or a predicate "
+                       r"f\(name, tensor\), got the string 'fc1.weight': pass \['fc1.weight'\]"):
+        modeopt.OnlineCMDOptimizer(model, adam(), fit_at=6, names="fc1.weight")
+    with pytest.raises(TypeError, match=r"names must be a list of parameter/buffer names or a predicate .*got 5"):
+        modeopt.OnlineCMDOptimizer(model, adam(), fit_at=6, names=5)
+    with pytest.raises(ValueError, match=r"names lists 'fc1.weight' twice"):
+        modeopt.OnlineCMDOptimizer(model, adam(), fit_at=6, names=["fc1.weight", "fc2.weight", "fc1.weight"])
+    cmd = modeopt.CMDOptimizer(model, adam(), warmup_steps=30)
+    with pytest.raises(TypeError, match=r"base_optimizer is already a CMDOptimizer: wrap the plain torch.optim "
+                       r"optimizer"):
+        modeopt.OnlineCMDOptimizer(model, cmd, fit_at=6)

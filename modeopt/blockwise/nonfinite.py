@@ -13,15 +13,14 @@ import warnings
 import torch
 from torch import Tensor
 
-from modeopt.optim.nonfinite import NonFiniteWarning, finite, first_nonfinite_weight
+from modeopt.optim.nonfinite import NonFiniteWarning, SkipsNonFiniteSteps, finite
 
 __all__ = ["BlockwiseNonFinite"]
 
 
-class BlockwiseNonFinite:
+class BlockwiseNonFinite(SkipsNonFiniteSteps):
     """The step's NaN/inf policy: checks, the skip, the put-back of an overflowing ``r``."""
 
-    _warned_skip: bool = False
     _warned_restore: bool = False
 
     def _sync_finite(self) -> None:
@@ -30,24 +29,6 @@ class BlockwiseNonFinite:
 
     def _names(self) -> dict[int, str]:
         return {id(p): n for n, p in self.model.named_parameters()}
-
-    def _skip(self, bad: Tensor) -> None:
-        """A step with a non-finite gradient: an error if the weights hold NaN/inf (each later step would
-        be skipped too), else skipped like GradScaler does: counted, warned about once."""
-        step = self._step + 1
-        bad_weight = first_nonfinite_weight(self.model)
-        if bad_weight is not None:
-            raise ValueError(
-                f"modeopt: step {step}: {bad_weight} holds NaN/inf, so every gradient would and every step would be "
-                "skipped; nothing changed. The training diverged (lower the learning rate, clip gradients) or the "
-                "weights were loaded so: resume from a checkpoint")
-        self.skipped_steps += 1
-        if not self._warned_skip:
-            self._warned_skip = True
-            warnings.warn(f"modeopt: step {step}: the gradient of {self._names().get(id(bad), 'a parameter')!r} holds "
-                          "NaN/inf: the step is skipped (nothing changes, the step is not counted), as GradScaler "
-                          "does. Later skips are counted in opt.skipped_steps without a warning",
-                          NonFiniteWarning, stacklevel=3)
 
     @torch.no_grad()
     def _check_new_values(self, trained: list[Tensor]) -> None:

@@ -41,7 +41,7 @@ from .state import (check_base_groups, check_blockwise_state, check_recording, c
 from .embedding import embed_block
 from modeopt.trajectories.layout import ParamLayout
 from modeopt.modespace.space import ModeSpace
-from modeopt.optim.nonfinite import check_optimizer_state_finite, evaluate_first, finite
+from modeopt.optim.nonfinite import check_optimizer_state_finite, evaluate_first
 from modeopt.optim.settings import resolve_mode_scale
 from modeopt.optim.param_groups import Exclude, exclusion_predicate, forget_whole_set_state
 from modeopt.trajectories.snapshots import SnapshotBuffer
@@ -157,7 +157,6 @@ class BlockwiseCMD(BlockwiseNonFinite, SharesBaseOptimizer):
         self.skipped_steps = 0
         #: steps in which some finished block's ``r`` overflowed to NaN/inf from a finite gradient and was put back
         self.r_restores = 0
-        self._warned_skip = self._warned_restore = False
         self._buffers: list[SnapshotBuffer] = []  # the active block's recording, one per tensor
         warn_half_precision(e for emb in self._emb for e in emb)
         self._regroup()
@@ -310,8 +309,7 @@ class BlockwiseCMD(BlockwiseNonFinite, SharesBaseOptimizer):
         if closure is not None:  # evaluated now, so that its gradients are checked before anything changes
             closure, loss = evaluate_first(closure, self._sync_finite)
         trained = [p for group in self.base.param_groups for p in group["params"]]
-        if not finite([p.grad for p in trained]):
-            self._skip([p for p in trained if not finite([p.grad])][0])
+        if self._skips_nonfinite(trained, self._step + 1):
             return loss
         loss = self._base_step(closure)
         self._check_new_values(trained)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["NonFiniteWarning", "NonFiniteGuard", "all_finite", "finite", "evaluate_first", "first_nonfinite_weight",
+__all__ = ["NonFiniteWarning", "NonFiniteGuard", "SkipsNonFiniteSteps", "all_finite", "finite", "evaluate_first", "first_nonfinite_weight",
            "check_optimizer_state_finite"]
 
 
@@ -75,6 +75,40 @@ def evaluate_first(closure: Callable[[], Any], before: Callable[[], None] | None
         return first.pop() if first else evaluate()
 
     return again, loss
+
+
+class SkipsNonFiniteSteps:
+    """GradScaler-like skipping for a wrapper whose base optimizer trains weights (``BlockwiseCMD``,
+    ``OnlineCMDOptimizer``): a step with a non-finite gradient of a tensor it would change is not taken.
+
+    The host class has ``model`` and a ``skipped_steps`` counter; :meth:`_skips_nonfinite` is called
+    before the base step, with the tensors the step would change and the number of that step.
+    """
+
+    _warned_skip: bool = False
+
+    def _skips_nonfinite(self, params: Sequence[Tensor], step: int) -> bool:
+        """True if the gradient of some tensor of ``params`` holds NaN/inf: the step is to be skipped
+        (counted in ``skipped_steps``, one ``NonFiniteWarning`` the first time). ``ValueError`` instead,
+        naming the tensor, if the model's weights already hold NaN/inf: every later step would be skipped
+        too. One host synchronisation per device."""
+        if finite(p.grad for p in params):
+            return False
+        bad_weight = first_nonfinite_weight(self.model)
+        if bad_weight is not None:
+            raise ValueError(
+                f"modeopt: step {step}: {bad_weight} holds NaN/inf, so every gradient would and every step would be "
+                "skipped; nothing changed. The training diverged (lower the learning rate, clip gradients) or the "
+                "weights were loaded so: resume from a checkpoint")
+        self.skipped_steps += 1
+        if not self._warned_skip:
+            self._warned_skip = True
+            bad = next(p for p in params if not finite([p.grad]))
+            name = next((n for n, p in self.model.named_parameters() if p is bad), "a parameter")
+            warnings.warn(f"{type(self).__name__}: step {step}: the gradient of {name!r} holds NaN/inf: the step is "
+                          "skipped (nothing changes, the step is not counted), as GradScaler does. Later skips are "
+                          "counted in opt.skipped_steps without a warning", NonFiniteWarning, stacklevel=4)
+        return True
 
 
 def _undoable(v: Any, p: Tensor) -> bool:
@@ -243,15 +277,18 @@ def check_optimizer_state_finite(base_state: Mapping[str, Any], names: Sequence[
     Loaded, a NaN moment would make its tensor NaN at the next step (a finished block's ``r``: the
     block would never move again; a shadow model's moments: poisoned for good).
     """
-    ids = [i for g in base_state["param_groups"] for i in g["params"]]
+    groups, state = base_state.get("param_groups"), base_state.get("state")
+    if not isinstance(groups, (list, tuple)) or not isinstance(state, Mapping):
+        return  # not a state_dict at all: the caller's structural checks (or torch's) say so
+    ids = [i for g in groups if isinstance(g, Mapping) for i in g.get("params", ())]
     name_of = dict(zip(ids, names))
-    for i, st in base_state["state"].items():
-        for key, v in st.items():
+    for i, st in state.items():
+        for key, v in (st.items() if isinstance(st, Mapping) else ()):
             if _nonfinite(v, nan_only=False):
                 raise ValueError(f"the checkpoint's base optimizer's state {key!r} of {name_of.get(i, i)!r} holds "
                                  f"NaN/inf: damaged checkpoint; resume from an intact checkpoint")
-    for gi, g in enumerate(base_state["param_groups"]):
-        for key, v in g.items():
+    for gi, g in enumerate(groups):
+        for key, v in (g.items() if isinstance(g, Mapping) else ()):
             if key != "params" and _nonfinite(v, nan_only=True):
                 raise ValueError(f"the checkpoint's base param group {gi} has {key}={v!r} (NaN): damaged checkpoint")
 
