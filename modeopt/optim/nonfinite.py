@@ -296,6 +296,8 @@ def check_optimizer_state_finite(base_state: Mapping[str, Any], names: Sequence[
 def _nonfinite(v: Any, *, nan_only: bool) -> bool:
     """Whether a state value (tensor, float, or a tuple/list of them) holds NaN (or inf unless ``nan_only``)."""
     if isinstance(v, Tensor):
+        if hasattr(v, "to_local"):  # a DTensor (FSDP2): this rank's part; the caller makes the ranks agree
+            v = v.to_local()
         if not (v.is_floating_point() or v.is_complex()) or v.numel() == 0:
             return False
         return bool(torch.isnan(v).any()) if nan_only else not bool(torch.isfinite(v).all())
