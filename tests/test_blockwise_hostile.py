@@ -105,6 +105,29 @@ def test_1_a_step_that_makes_a_trained_weight_overflow_is_an_error_naming_it():
         opt.step()
 
 
+def test_1_finite_weights_whose_every_step_is_skipped_stop_the_run_after_max_consecutive_skips():
+    """Found by the second pass: Adam at lr=1e30 moves the weights to ~1e30, finite, and every forward
+    overflows from then on: each step was skipped, silently after the first warning, for ever."""
+    model, opt = make()
+    train(model, opt, 2)
+    opt.max_consecutive_skips = 3
+    with pytest.warns(NonFiniteWarning):
+        for _ in range(3):
+            backward(model, opt, 2, scale=NAN)
+            opt.step()
+    train(model, opt, 1, 2)  # a step taken: the count starts again
+    for _ in range(3):
+        backward(model, opt, 3, scale=NAN)
+        opt.step()
+    before = frozen_state(model, opt)
+    backward(model, opt, 3, scale=NAN)
+    with pytest.raises(ValueError, match=r"step 4: the last 4 steps were all skipped \(NaN/inf gradients from finite "
+                       r"weights\).*the training is stuck; nothing changed.*opt.max_consecutive_skips"):
+        opt.step()
+    assert_unchanged(model, opt, before)
+    assert opt.skipped_steps == 6
+
+
 # ------------------------------------------------------------------ 2: step(closure)
 def test_2_a_nan_loss_in_a_closure_skips_the_step_like_without_one():
     model, opt = make()

@@ -86,6 +86,11 @@ class SkipsNonFiniteSteps:
     """
 
     _warned_skip: bool = False
+    _consecutive_skips: int = 0
+    #: Skipped steps in a row after which a step raises ``ValueError`` instead: with finite weights, a
+    #: gradient that is NaN/inf at every step (weights so large that the forward overflows, a loss that is
+    #: NaN for every batch) would otherwise skip every step for ever, silently after the first warning.
+    max_consecutive_skips: int = 10
 
     def _skips_nonfinite(self, params: Sequence[Tensor], step: int) -> bool:
         """True if the gradient of some tensor of ``params`` holds NaN/inf: the step is to be skipped
@@ -93,6 +98,7 @@ class SkipsNonFiniteSteps:
         naming the tensor, if the model's weights already hold NaN/inf: every later step would be skipped
         too. One host synchronisation per device."""
         if finite(p.grad for p in params):
+            self._consecutive_skips = 0
             return False
         bad_weight = first_nonfinite_weight(self.model)
         if bad_weight is not None:
@@ -100,6 +106,14 @@ class SkipsNonFiniteSteps:
                 f"modeopt: step {step}: {bad_weight} holds NaN/inf, so every gradient would and every step would be "
                 "skipped; nothing changed. The training diverged (lower the learning rate, clip gradients) or the "
                 "weights were loaded so: resume from a checkpoint")
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise ValueError(
+                f"modeopt: step {step}: the last {self._consecutive_skips + 1} steps were all skipped (NaN/inf gradients "
+                "from finite weights): the training is stuck; nothing changed. The weights may have grown so large "
+                "that the forward overflows (lower the learning rate, clip gradients, resume from a checkpoint), or "
+                "the loss is NaN for every batch (check the data and the loss); raise opt.max_consecutive_skips to "
+                "allow longer runs of skips")
+        self._consecutive_skips += 1
         self.skipped_steps += 1
         if not self._warned_skip:
             self._warned_skip = True
