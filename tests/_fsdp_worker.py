@@ -227,6 +227,12 @@ def scenario_hostile(rank: int, world: int, out_dir: str) -> dict:
                    "skipped": getattr(opt, "skipped_steps", None)}
     losses = train(model, opt, data, 3, rank, world)
     out["skip"]["finite_after"] = all(torch.isfinite(torch.tensor(losses))) and bool(torch.isfinite(opt.r_full()).all())
+    opt.max_consecutive_skips = 0  # a run of skips too long: every rank raises alike
+    x, y = _local_batch(data, rank, world)
+    opt.zero_grad()
+    (F.cross_entropy(model(x), y) * float("nan")).backward()
+    out["skip"]["stuck"] = _attempt(opt.step)
+    opt.max_consecutive_skips = 10
 
     path = os.path.join(out_dir, "ckpt-hostile")
     sharded_checkpoint.save(path, model, opt)

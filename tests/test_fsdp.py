@@ -351,6 +351,8 @@ def test_hostile_use_nan_and_damaged_checkpoints_every_rank_decides_alike(runs):
     for rank, r in enumerate(both(runs, "hostile")):
         skip = r["skip"]
         assert skip["unchanged"] and skip["returned"] is None and skip["skipped"] == 1 and skip["finite_after"], skip
+        assert skip["stuck"].startswith("ValueError: modeopt (FSDP2): step 36: the last 1 embedded steps were all "
+                                        "skipped"), skip["stuck"]
         assert [w for w in skip["warnings"] if "step 33: the gradient of the mode scalars r holds NaN/inf on every "
                 "rank: the step is skipped on every rank" in w], skip["warnings"]
         load = r["load"]

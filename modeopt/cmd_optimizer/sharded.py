@@ -111,7 +111,9 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
         #: embedded steps skipped because r's gradient (all-reduced: the same on every rank) or new value held
         #: NaN/inf (not counted, as with GradScaler; see CMDOptimizer)
         self.skipped_steps = 0
-        self._warned_skip = False
+        self._warned_skip, self._consecutive_skips = False, 0
+        #: skipped embedded steps in a row after which a step raises ValueError (the run is stuck), as BlockwiseCMD
+        self.max_consecutive_skips = 10
         self._group_sizes = self._current_group_sizes()
 
     @property
@@ -154,6 +156,7 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
             if not finite(r.grad for r in s["r_params"]):
                 self._skip_step("the gradient of the mode scalars r")
                 return None
+            self._consecutive_skips = 0
             loss = self._base_step()
             if not finite(s["r_params"]):
                 with torch.no_grad():
@@ -177,7 +180,14 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
         return loss
 
     def _skip_step(self, what: str) -> None:
-        """An embedded step not taken (weights and r as before it, not counted): counted, warned about once."""
+        """An embedded step not taken (weights and r as before it, not counted): counted, warned about once;
+        ``ValueError`` (on every rank: the decision is the same everywhere) once the run of skips is too long."""
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise ValueError(f"modeopt (FSDP2): step {self._step + 1}: the last {self._consecutive_skips + 1} embedded steps "
+                             f"were all skipped ({what} held NaN/inf): the training is stuck. Lower the learning rate "
+                             "or clip gradients and resume from a checkpoint; raise opt.max_consecutive_skips to allow "
+                             "longer runs of skips")
+        self._consecutive_skips += 1
         self.skipped_steps += 1
         if not self._warned_skip:
             self._warned_skip = True
