@@ -53,7 +53,8 @@ class BlockwiseNonFinite(SkipsNonFiniteSteps):
             if id(p) not in r_ids and not finite([p]):
                 raise ValueError(
                     f"modeopt: step {step}: parameter {names.get(id(p), '?')!r} is NaN/inf after the step, from a "
-                    "finite gradient: the step overflowed (lower the learning rate, clip gradients) or the weight "
+                    "finite gradient: the step overflowed (lower the learning rate, clip gradients), a later "
+                    "evaluation of the closure returned NaN/inf (LBFGS's line search: check the loss), or the weight "
                     "held NaN/inf before it (check the weights you loaded). The weights now hold it: resume from "
                     "a checkpoint")
         if restored:
