@@ -530,3 +530,25 @@ def test_online_bad_arguments_say_what_to_do():
     with pytest.raises(TypeError, match=r"base_optimizer is already a CMDOptimizer: wrap the plain torch.optim "
                        r"optimizer"):
         modeopt.OnlineCMDOptimizer(model, cmd, fit_at=6)
+
+
+# ================================================================== CMDOptimizer (the reference) had the same gap
+@pytest.mark.parametrize("stop", [3, 9], ids=["warm-up", "embedded"])
+def test_cmd_optimizer_refuses_nan_in_the_base_optimizers_state_naming_the_tensor(stop):
+    torch.manual_seed(0)
+    model = MLP()
+    opt = modeopt.CMDOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2), n_modes=3, warmup_steps=6,
+                               snapshot_every=2, n_samples=50, seed=0)
+    online_train(model, opt, stop)
+    sd = copy.deepcopy(opt.state_dict())
+    last = max(sd["base"]["state"])
+    _nan(sd["base"]["state"][last]["exp_avg"])
+    torch.manual_seed(0)
+    model2 = MLP()
+    opt2 = modeopt.CMDOptimizer(model2, torch.optim.Adam(model2.parameters(), lr=1e-2), n_modes=3, warmup_steps=6,
+                                snapshot_every=2, n_samples=50, seed=0)
+    before = copy.deepcopy(opt2.state_dict())
+    name = "fc2.bias" if stop == 3 else "fc2.modeopt_r0"
+    with pytest.raises(ValueError, match=rf"base optimizer's state 'exp_avg' of '{name}' holds NaN/inf"):
+        opt2.load_state_dict(sd)
+    assert same_tree(opt2.state_dict(), before)
