@@ -179,8 +179,8 @@ def select_parameters(
     """Named tensors of ``model`` chosen by a list of names (parameters or buffers) or a predicate
     ``f(name, param) -> bool`` over its parameters; ``None``: :func:`model_parameters` (trainable floats).
 
-    Raises ``KeyError`` for a name the model lacks, ``ValueError`` for a non-float choice, a name listed
-    twice or an empty choice, ``TypeError`` for ``names`` that is neither.
+    Raises ``KeyError`` for a name the model lacks, ``ValueError`` for a non-float choice or an empty
+    one, ``TypeError`` for ``names`` that is neither a list nor a predicate.
     """
     if isinstance(names, str) or not (names is None or callable(names) or isinstance(names, Iterable)):
         what = f"the string {names!r}: pass [{names!r}]" if isinstance(names, str) else repr(names)
@@ -193,9 +193,6 @@ def select_parameters(
         all_named = dict(model.named_parameters())
         all_named.update(dict(model.named_buffers()))
         names = list(names)
-        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
-        if twice is not None:
-            raise ValueError(f"names lists {twice!r} twice: give each tensor once")
         missing = [n for n in names if not isinstance(n, str) or n not in all_named]
         if missing:
             raise KeyError(f"not parameters or buffers of the model: {missing}")
