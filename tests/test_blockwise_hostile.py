@@ -128,6 +128,20 @@ def test_1_finite_weights_whose_every_step_is_skipped_stop_the_run_after_max_con
     assert opt.skipped_steps == 6
 
 
+def test_the_finiteness_check_is_exact_also_when_a_sum_of_finite_values_overflows():
+    """finite() reads sums first (a NaN/inf element makes the sum NaN/inf) and only then the elements."""
+    from modeopt.optim.nonfinite import finite
+
+    big = torch.full((1000,), 3e38)  # finite, its sum overflows
+    assert finite([big]) and finite([big.bfloat16()]) and finite([torch.full((10,), 6e4, dtype=torch.float16)])
+    for bad in (NAN, float("inf"), -float("inf")):
+        x = torch.randn(100)
+        x[7] = bad
+        assert not finite([torch.randn(3), x]) and not finite([big, x])
+    assert not finite([torch.tensor([float("inf"), -float("inf")])])  # sums to NaN
+    assert finite([None, torch.zeros(0), torch.arange(3)])
+
+
 # ------------------------------------------------------------------ 2: step(closure)
 def test_2_a_nan_loss_in_a_closure_skips_the_step_like_without_one():
     model, opt = make()
