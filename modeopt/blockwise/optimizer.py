@@ -117,6 +117,9 @@ class BlockwiseCMD(BlockwiseNonFinite, SharesBaseOptimizer):
         active: index of the active block (``len(blocks)`` when none is).
         spaces: the finished blocks' :class:`~modeopt.modespace.space.ModeSpace`, in block order.
         history: per finished block, what its embedding found (step, mode sizes, references).
+        skipped_steps, r_restores: steps skipped for a NaN/inf gradient; steps in which an overflowing
+            ``r`` was put back (both saved in ``state_dict()``); ``max_consecutive_skips`` (10): skips in
+            a row after which a step raises (docs/finetuning.md, "NaN/inf, checkpoints and arguments").
     """
 
     def __init__(
