@@ -64,10 +64,10 @@ def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups
     scales = saved.get("a_scale")  # the 8-bit encoding (absent in float spaces and older checkpoints)
     if scales is not None and not (
             isinstance(scales, Sequence) and len(scales) == len(emb)
-            and all(isinstance(t, Tensor) and tuple(t.shape) == (m,) and t.is_floating_point()
-                    and bool(torch.isfinite(t).all()) and bool((t >= 0).all()) for t in scales)):
-        raise ValueError(f"block {b}'s saved a_scale must hold one finite, non-negative ({m},) float tensor per "
-                         f"tensor: {DAMAGED}")
+            and all(isinstance(t, Tensor) and tuple(t.shape) == (m,) and t.is_floating_point() for t in scales)):
+        raise ValueError(f"block {b}'s saved a_scale must hold one ({m},) float tensor per tensor: {DAMAGED}")
+    if scales is not None and not all(bool(torch.isfinite(t).all()) and bool((t >= 0).all()) for t in scales):
+        raise ValueError(f"block {b}'s saved a_scale holds NaN/inf or negative scales: {DAMAGED}")
     ts = saved["a"]
     if not (isinstance(ts, Sequence) and len(ts) == len(emb)
             and all(isinstance(t, Tensor) and t.numel() == p.numel() for t, (_, p) in zip(ts, emb))):
