@@ -233,10 +233,19 @@ PRIVATE_ALLOWED: dict[str, dict[str, str]] = {
         "_verify_params_across_processes"], _DDP),
     "modeopt.modespace.kernels.labels": {"_version": "torch's in-place version counter: the only way to know that a label tensor "
                                            "checked once has not changed since (else a pass over N and a host sync per step)"},
-    "modeopt.modespace.space": {
+    "modeopt.modespace.swapping": {
         "_parameters": "swapping computed weights in and out of a module every forward: setattr accepts only an "
-                       "nn.Parameter there, and torch.nn.utils.parametrize writes _parameters the same way",
-        "_notice_copy_trained": "this module's own ModeSpace, reached from its autograd function's context"},
+                       "nn.Parameter there, and torch.nn.utils.parametrize writes _parameters the same way"},
+    "modeopt.modespace.read_through": {
+        "_notice_copy_trained": "the ModeSpace, reached from its autograd function's context"},
+    "modeopt.modespace.half": {
+        **dict.fromkeys(["_form", "_formed_at", "_is_half", "_owners"],
+                        "the ModeSpace (of which HalfPrecision is a part) that the module-level hooks serve"),
+        **dict.fromkeys(["_C", "_autograd", "_top_saved_tensors_default_hooks"],
+                        "torch has no public way to read the saved-tensor hooks already active; the formed-weight "
+                        "hooks chain to them (e.g. save_on_cpu) instead of silently replacing them"),
+        "_current_graph_task_id": "torch has no public way to ask whether a backward is running (activation "
+                                  "checkpointing re-runs a forward there, under its own saved-tensor hooks)"},
     "modeopt.optim.param_groups": {"_numel_cache": "LBFGS caches its parameters' total size with no public way to drop it; "
                                              "after the switch its parameters are the mode scalars"},
     "modeopt.online.optimizer": {"_raw_entries": "this module's own _RawWhileSwapped, reached from the optimizer"},

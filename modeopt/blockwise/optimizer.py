@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from modeopt.optim.wrapping import SharesBaseOptimizer
-from .arguments import check_arguments, check_train_always, warn_half_precision
+from .arguments import check_arguments, check_train_always
 from .nonfinite import BlockwiseNonFinite
 from .state import (check_base_groups, check_blockwise_state, check_recording, checked_counters, saved_param_names,
                     space_from_state, space_state)
@@ -103,14 +103,16 @@ class BlockwiseCMD(BlockwiseNonFinite, SharesBaseOptimizer):
         n_samples: K, weights sampled for each block's clustering.
         seed: seed of block ``b``'s sampling is ``seed + b``.
         record_dtype: storage of the active block's snapshots (bf16: movements from the block's start).
-        coef_dtype: storage of ``a`` of the finished blocks (bf16 halves it).
+        coef_dtype: storage of ``a`` of the finished blocks: bfloat16 (2 B), float32, or int8 (8-bit codes with a
+            scale per tensor and mode, labels packed 4 bits per weight for ``n_modes <= 16``: 1.5 B per weight
+            for ``a`` and label together; :mod:`modeopt.modespace.kernels.encoding`).
         mode_scale: ``"rms"`` (an Adam step of ``lr`` on ``r`` moves its weights by ~``lr``), ``"norm"``
             (SGD on ``r`` is the projection of the SGD step onto the modes; with ``"rms"`` it is ~N_m
             times larger) or ``"auto"``: ``"rms"`` for Adam-type bases, ``"norm"`` otherwise.
 
     Memory at any step, beyond the model and activations: the active block's gradients, base state
     and ``steps_per_block // snapshot_every + 1`` snapshots of it; ``a`` (2 or 4 B) and a label
-    (1 B for M <= 256) per weight of each finished block; the always-trained parameters' state.
+    (1 B for M <= 256) per weight of each finished block (int8: 1.5 B for both when M <= 16); the always-trained parameters' state.
 
     Attributes:
         phase: ``"block"`` while a block is active, ``"embedded"`` once every block is, ``"exported"``.
@@ -161,7 +163,6 @@ class BlockwiseCMD(BlockwiseNonFinite, SharesBaseOptimizer):
         #: steps in which some finished block's ``r`` overflowed to NaN/inf from a finite gradient and was put back
         self.r_restores = 0
         self._buffers: list[SnapshotBuffer] = []  # the active block's recording, one per tensor
-        warn_half_precision(e for emb in self._emb for e in emb)
         self._regroup()
         self._start_block()
 

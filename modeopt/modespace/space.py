@@ -13,8 +13,12 @@ tensors. Gradients reach ``r`` through a custom autograd function:
 After the optimizer changes ``r``, :meth:`ModeSpace.sync` writes ``w += a * dr[m]`` in place
 (``torch.ops.modeopt.mode_update``), without a host synchronisation.
 
+**Half-precision weights** (bfloat16, float16) are not updated in place: they keep their value at
+the switch, frozen, and every forward forms them from it, rounded once (:mod:`modeopt.modespace.half`).
+
 Device-generic: ``a`` (``coef_dtype``) and the compact labels (:func:`modeopt.modespace.kernels.label_dtype`)
-live on each weight's device; ``r`` and ``r_in_weights`` on the first embedded weight's device.
+live on each weight's device (with ``coef_dtype=torch.int8``: 8-bit codes, a float32 scale per tensor
+and mode, and labels packed 4 bits per weight for ``M <= 16``; :mod:`modeopt.modespace.kernels.encoding`); ``r`` and ``r_in_weights`` on the first embedded weight's device.
 The autograd function takes only tensors and ints, so ``torch.compile(model, fullgraph=True)``
 traces the hooks, the swap and the backward (the operator is opaque to it).
 
@@ -54,57 +58,13 @@ import torch
 from torch import Tensor, nn
 
 from modeopt.modespace import kernels
+from modeopt.modespace.half import HALF_DTYPES, HalfPrecision, check_base_state, current_values, load_current_values
+from modeopt.modespace.swapping import Swapping
 
-__all__ = ["ModeSpace"]
-
-
-class _ReadThrough(torch.autograd.Function):
-    """Forward: the stored weights themselves. Backward: their gradients reduced onto the modes.
-
-    One node serves a group of consecutive weights on one device (see ``ModeSpace.GROUP_ELEMENTS``):
-    one fused reduction call per group rather than per tensor, while at most one group's weight
-    gradients wait for their reduction at any time.
-
-    Under ``torch.compile`` the inputs are tensors and ints only (``r, n_modes, None, *weights, *a,
-    *labels``) and the backward is one call of the ``modeopt::mode_reduce`` operator, so Dynamo traces
-    it (the operator is opaque to the compiler, with a fake implementation for shapes). In eager
-    mode ``a`` and the labels come as one non-tensor argument (``stash``): fewer inputs, a cheaper
-    ``apply``; the backward then calls :func:`modeopt.modespace.kernels.reduce` (the same implementations).
-    """
-
-    @staticmethod
-    def forward(ctx, r: Tensor, n_modes: int, stash: tuple | None, *tensors: Tensor):  # noqa: D401
-        if stash is None:  # traced by torch.compile: tensors = weights, a, labels (n each)
-            n = len(tensors) // 3
-            weights = tensors[:n]
-            ctx.save_for_backward(*tensors[n:])
-        else:
-            # Eager: ``stash = (a, labels)`` of the group, long-lived tensors that are never modified,
-            # so plain references do; fewer inputs keep apply() cheap. (Saved tensors would also go
-            # through saved-tensor hooks: non-reentrant activation checkpointing re-runs a
-            # submodule's swap in backward and would count them as extra saved tensors.)
-            weights = tensors
-        ctx.stash, ctx.n_inputs = stash, len(tensors)
-        ctx.n_modes, ctx.r_dtype, ctx.r_device = n_modes, r.dtype, r.device
-        ctx.set_materialize_grads(False)  # a weight the forward did not use gets None, not zeros
-        return tuple(w.view_as(w) for w in weights)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None):
-        none = (None,) * ctx.n_inputs
-        if ctx.stash is None:  # compiled: dense gradients (Dynamo refuses to read .layout here)
-            saved = ctx.saved_tensors
-            n = len(saved) // 2
-            g_r = torch.ops.modeopt.mode_reduce(list(grads), list(saved[:n]), list(saved[n:]), ctx.n_modes)
-            return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + none
-        # A sparse gradient (nn.Embedding(sparse=True)) is densified: the reduction reads every row.
-        grads = [g.to_dense() if g is not None and g.layout != torch.strided else g for g in grads]
-        ctx.stash[2]._notice_copy_trained()
-        g_r = kernels.reduce(grads, ctx.stash[0], ctx.stash[1], ctx.n_modes)
-        return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + none
+__all__ = ["ModeSpace", "HALF_DTYPES", "check_base_state"]
 
 
-class ModeSpace:
+class ModeSpace(Swapping, HalfPrecision):
     """The model in mode space: which weights are embedded, their ``a`` and modes, and ``r``.
 
     Args:
@@ -114,26 +74,47 @@ class ModeSpace:
         a: per parameter, the coefficient of each element (flat).
         r_groups: which param group each mode's scalar belongs to: ``(M,)`` int.
         r_init: ``(M,)`` initial mode values.
-        coef_dtype: storage of ``a`` (float32, or bfloat16: the model is then exactly ``a_bf16 * r + b``).
+        coef_dtype: storage of ``a``: float32; bfloat16 (the model is then exactly ``a_bf16 * r + b``); or
+            int8, the compact encoding (:mod:`modeopt.modespace.kernels.encoding`): 8-bit codes ``q`` with
+            a float32 scale per (tensor, mode), the model exactly ``q * scale * r + b``, and labels
+            packed 4 bits per weight when ``M <= 16`` (1.5 bytes per weight with the codes).
+        a_scale: only with ``coef_dtype=torch.int8``: per parameter the ``(M,)`` scales of codes
+            given in ``a`` (int8), as a saved mode space holds them; None quantises float ``a``.
         r_prefix: name of the ``r`` parameters (``<r_prefix><j>``); mode spaces with different prefixes
             may hold disjoint parameters of one model at the same time (one per block, see
             :class:`~modeopt.BlockwiseCMD`).
 
     Attributes:
         names, params: the embedded parameters (``requires_grad=False`` while in mode space).
-        labels: per parameter, ``(numel,)`` compact mode labels on its device (:meth:`mode_index` gives int64).
-        a: per parameter, ``(numel,)`` coefficients in ``coef_dtype`` on its device.
+        labels: per parameter, ``(numel,)`` compact mode labels on its device (:meth:`mode_index` gives int64),
+            or ``(ceil(numel / 2),)`` uint8 packed two per byte (``coef_dtype=torch.int8``, ``M <= 16``).
+        a: per parameter, ``(numel,)`` coefficients in ``coef_dtype`` on its device (int8: codes;
+            :meth:`coefficients` gives the float32 values they stand for).
+        a_scale: per parameter, ``(M,)`` float32 scales of the codes (``coef_dtype=torch.int8``), else None.
+        coef_dtype: the storage of ``a``.
         n_modes: M. ``r_groups``: ``(M,)`` int64 on the CPU. ``groups``: the param groups that hold modes.
         r_params, r_names: one ``modeopt_r<j>`` parameter per group in ``groups``, holding that group's
             modes ``r_groups == g`` in increasing order; :meth:`r_full` is ``(M,)`` in mode order.
         r_owner, r_owner_name: the module that holds them (the model's last module, or the root).
-        r_in_weights: ``(M,)`` the ``r`` the weights currently hold (see :meth:`sync`).
+        r_in_weights: ``(M,)`` the ``r`` the weights currently hold (see :meth:`sync`): the stored float32
+            weights, and the formed half-precision ones (what the model computes with, what
+            ``model.state_dict()`` gives).
+        r_base: ``(M,)`` the ``r`` the frozen bases of the half-precision weights hold (their value at the
+            switch, or at the last re-base); unused in a space without them.
+        half: the indices of the half-precision (bfloat16/float16) embedded weights.
         requires_grad_before: per parameter, its ``requires_grad`` before, restored by :meth:`remove`.
     """
 
     PREFIX = "modeopt_r"
     #: weights per autograd node of the root swap (the extra gradient memory it may hold).
     GROUP_ELEMENTS = 1 << 21
+    #: bfloat16/float16 weights kept as a frozen base and formed in each forward (exact; module
+    #: docstring). False restores the earlier in-place update of every weight (rounding every step):
+    #: read when a space is built; for comparisons (benchmarks/half_precision_drift.py) only.
+    HALF_FORMED = True
+    #: the saved-tensor hooks that re-form a formed weight in backward instead of keeping it (False:
+    #: autograd keeps the formed weights, a copy of them until the backward; for comparisons only)
+    RECOMPUTE_FORMED = True
 
     def __init__(
         self,
@@ -145,6 +126,7 @@ class ModeSpace:
         r_init: Tensor,
         coef_dtype: torch.dtype = torch.float32,
         r_prefix: str = PREFIX,
+        a_scale: Sequence[Tensor] | None = None,
     ):
         # coef_dtype: storage of a; bf16 halves it. The rounded a is used both by the backward and
         # by the weight update, so the model stays exactly w = a_rounded * r + b.
@@ -167,10 +149,21 @@ class ModeSpace:
         # Once, here (one host sync): the fused kernels index per-mode arrays by label unchecked.
         kernels.check_labels([lab.reshape(-1) for lab in labels], self.n_modes, what="ModeSpace labels")
         # Compact labels on every device and path (1 byte for M <= 256, 2 up to 65,536; see
-        # kernels.label_dtype), and a in coef_dtype, each on its weight's device.
+        # kernels.label_dtype; half a byte with the 8-bit encoding for M <= 16), and a in coef_dtype,
+        # each on its weight's device.
+        if coef_dtype not in (torch.float32, torch.bfloat16, torch.int8):
+            raise ValueError(f"ModeSpace: coef_dtype must be torch.float32, torch.bfloat16 or torch.int8, got "
+                             f"{coef_dtype!r}")
+        if a_scale is not None and coef_dtype != torch.int8:
+            raise ValueError("ModeSpace: a_scale is given only with coef_dtype=torch.int8 (int8 codes in a)")
+        self.coef_dtype = coef_dtype
         ldt = kernels.label_dtype(self.n_modes)
         self.labels = [lab.reshape(-1).to(ldt).to(p.device).contiguous() for lab, p in zip(labels, self.params)]
-        self.a = [x.reshape(-1).to(device=p.device, dtype=coef_dtype).contiguous() for x, p in zip(a, self.params)]
+        self.a_scale: list[Tensor] | None = None
+        if coef_dtype != torch.int8:
+            self.a = [x.reshape(-1).to(device=p.device, dtype=coef_dtype).contiguous() for x, p in zip(a, self.params)]
+        else:
+            self._encode(a, a_scale)
         self.r_groups = r_groups.detach().to(device="cpu", dtype=torch.int64)
         self.groups = sorted(set(self.r_groups.tolist()))
         # r (and r_in_weights) live on the first embedded weight's device; deltas are copied per device.
@@ -191,11 +184,19 @@ class ModeSpace:
         #: ``(M,)`` the value of ``r`` the weights currently hold (``w = a * r_in_weights[m] + b``);
         #: :meth:`sync` writes ``a * (r - r_in_weights)[m]`` into them and sets it to ``r``.
         self.r_in_weights = self.r_full().detach().clone()
-        # the embedded tensors by device (update calls, one per device)
+        #: ``(M,)`` the ``r`` the frozen half-precision bases hold (float32, on r's device)
+        self.r_base = self.r_in_weights.clone()
+        self._is_half = [self.HALF_FORMED and p.dtype in HALF_DTYPES for p in self.params]
+        self.half = [i for i, h in enumerate(self._is_half) if h]
+        # the in-place (float32) tensors by device (update calls, one per device); the half ones too
         by_dev: dict[torch.device, list[int]] = {}
+        half_dev: dict[torch.device, list[int]] = {}
         for i, p in enumerate(self.params):
-            by_dev.setdefault(p.device, []).append(i)
+            (half_dev if self._is_half[i] else by_dev).setdefault(p.device, []).append(i)
         self._by_device = list(by_dev.items())
+        self._half_by_device = list(half_dev.items())
+        self._saving = None  # the saved-tensor hooks while a forward runs (see _enter_saving)
+        self._formed_at: dict[int, int] = {}  # storage address of a formed weight -> its index, in a forward
         self.requires_grad_before = [p.requires_grad for p in self.params]
         self._owners = self._find_owners(model)
         self._groups = self._group(range(len(self.params)))
@@ -205,9 +206,49 @@ class ModeSpace:
         self._handles: list = []
         self._install()
 
+    def _encode(self, a: Sequence[Tensor], a_scale: Sequence[Tensor] | None) -> None:
+        """The 8-bit encoding: ``a`` quantised per (tensor, mode) (or taken as codes with ``a_scale``),
+        labels packed two per byte for ``M <= 16``. The weights are not touched: quantising changes only
+        the direction each weight moves in (see :mod:`modeopt.modespace.kernels.encoding`)."""
+        m = self.n_modes
+        if a_scale is None:
+            pairs = [kernels.quantize(x.reshape(-1).to(p.device), kernels.as_index(lab), m)
+                     for x, lab, p in zip(a, self.labels, self.params)]
+            self.a = [q.contiguous() for q, _ in pairs]
+            self.a_scale = [sc.contiguous() for _, sc in pairs]
+        else:
+            if len(a_scale) != len(self.params) or any(x.dtype != torch.int8 for x in a) \
+                    or any(tuple(sc.shape) != (m,) or not sc.is_floating_point() for sc in a_scale):
+                raise ValueError(f"ModeSpace: with a_scale, a must hold int8 codes and a_scale one ({m},) float "
+                                 "tensor per parameter")
+            self.a = [x.reshape(-1).to(p.device).contiguous() for x, p in zip(a, self.params)]
+            self.a_scale = [sc.to(device=p.device, dtype=torch.float32).contiguous()
+                            for sc, p in zip(a_scale, self.params)]
+        if kernels.packs_labels(torch.int8, m):
+            self.labels = [kernels.pack_labels(lab) for lab in self.labels]
+
     def mode_index(self) -> list[Tensor]:
         """Per embedded tensor, the mode of each element as int64 (``labels`` may be stored compactly)."""
-        return [kernels.as_index(lab).to(torch.int64) for lab in self.labels]
+        return [kernels.as_index(self._plain_labels(j)).to(torch.int64) for j in range(len(self.params))]
+
+    def _plain_labels(self, j: int) -> Tensor:
+        """Tensor ``j``'s labels, one per weight (packed ones unpacked)."""
+        lab, n = self.labels[j], self.params[j].numel()
+        return kernels.unpack_labels(lab, n) if kernels.is_packed(lab, n) else lab
+
+    def coefficients(self) -> list[Tensor]:
+        """Per embedded tensor, ``(numel,)`` float32 coefficients: ``a`` itself, or what the 8-bit codes stand
+        for (``q * scale[m]``, rounded once to float32)."""
+        if self.a_scale is None:
+            return [x.to(torch.float32) for x in self.a]
+        return [kernels.dequantize(q, sc, idx) for q, sc, idx in zip(self.a, self.a_scale, self.mode_index())]
+
+    def storage_bytes(self) -> dict:
+        """Bytes of the per-weight mode-space storage (``a``, labels, scales), read from the tensors
+        (:func:`modeopt.modespace.kernels.encoding.storage_bytes`)."""
+        from modeopt.modespace.kernels.encoding import storage_bytes
+
+        return storage_bytes(self.a, self.labels, self.a_scale)
 
     # ---------------------------------------------------------- structure
     def _find_owners(self, model: nn.Module) -> dict[nn.Module, list[tuple[str, int]]]:
@@ -251,6 +292,12 @@ class ModeSpace:
         for p in self.params:
             p.requires_grad_(False)
             p.grad = None
+        for mod, entries in self._owners.items():
+            if any(self._is_half[i] for _, i in entries):
+                # state_dict gives, and load_state_dict takes, the current values of the half weights
+                self._handles.append(mod.register_state_dict_post_hook(functools.partial(current_values, self)))
+                self._handles.append(mod.register_load_state_dict_pre_hook(
+                    functools.partial(load_current_values, self)))
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
         self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
         for mod in self._owners:
@@ -260,8 +307,10 @@ class ModeSpace:
             self._handles.append(mod.register_forward_hook(self._owner_post, always_call=True))
 
     def remove(self) -> None:
-        """Leave mode space: hooks and ``modeopt_r*`` removed, ``requires_grad`` restored."""
+        """Leave mode space: hooks and ``modeopt_r*`` removed, ``requires_grad`` restored; the
+        half-precision parameters get their current (formed) values."""
         self._restore()
+        self.rebase()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -287,60 +336,12 @@ class ModeSpace:
             return self.r_params[0]
         return torch.cat(list(self.r_params))[self._gather]
 
-    def _swap(self, modules, groups=None) -> None:
-        if groups is None:
-            groups = self._group(sorted({i for mod in modules for _, i in self._owners[mod]}))
-        r = self.r_full()
-        out_of: dict[int, Tensor] = {}  # a shared parameter gets one output, read by all its owners
-        compiling = torch.compiler.is_compiling()
-        for index in groups:
-            if compiling:  # tensors only, for Dynamo
-                outs = _ReadThrough.apply(r, self.n_modes, None, *(self.params[i] for i in index),
-                                          *(self.a[i] for i in index), *(self.labels[i] for i in index))
-            else:
-                stash = ([self.a[i] for i in index], [self.labels[i] for i in index], self)
-                outs = _ReadThrough.apply(r, self.n_modes, stash, *(self.params[i] for i in index))
-            out_of.update(zip(index, outs))
-        for mod in modules:
-            for attr, i in self._owners[mod]:
-                # direct entry, as torch.nn.utils.parametrize: setattr takes only nn.Parameter (module docstring)
-                mod._parameters[attr] = out_of[i]
-                self._swapped.append((mod, attr, self.params[i]))
-        self._active = True
-
-    def _restore(self) -> None:
-        for mod, attr, p in self._swapped:
-            mod._parameters[attr] = p
-        self._swapped.clear()
-        self._active = False
-
-    def _root_pre(self, module, args):
-        if not self._active and torch.is_grad_enabled():
-            self._swap(self._owners, self._groups)
-            self._root_owned = True
-        else:
-            self._root_owned = False
-
-    def _root_post(self, module, args, output):
-        if self._root_owned:
-            self._restore()
-            self._root_owned = False
-
-    def _owner_pre(self, module, args):
-        # Runs when a submodule is called on its own (or re-run by activation checkpointing).
-        if not self._active and torch.is_grad_enabled():
-            self._swap([module])
-            self._swapped_by = module
-
-    def _owner_post(self, module, args, output):
-        if self._swapped_by is module:
-            self._restore()
-            self._swapped_by = None
-
     # ------------------------------------------------------------- update
     @torch.no_grad()
     def sync(self, finite_only: bool = False) -> bool:
-        """Write ``w += a * (r - r_in_weights)[m]`` into every embedded weight (one pass per device).
+        """Write ``w += a * (r - r_in_weights)[m]`` into every float32 embedded weight (one pass per
+        device), and set ``r_in_weights`` to ``r``: the half-precision weights, formed from their
+        frozen base in each forward, then follow it without a pass (module docstring).
 
         Never synchronises with the host: it does not test whether ``r`` moved (a zero change is a
         pass that writes the values the weights already hold). Returns True (a pass ran).
@@ -360,7 +361,8 @@ class ModeSpace:
             # non_blocking only towards an accelerator: a CPU kernel must not read a copy in flight
             d = delta if device == delta.device else delta.to(device, non_blocking=device.type != "cpu")
             kernels.update([self.params[i] for i in index], [self.a[i] for i in index],
-                           [self.labels[i] for i in index], d)
+                           [self.labels[i] for i in index], d,
+                           scales=None if self.a_scale is None else [self.a_scale[i] for i in index])
         self.r_in_weights.copy_(r)
         return True
 
@@ -375,8 +377,12 @@ class ModeSpace:
 
         Only the stored weights change: ``a``, the modes, ``r`` and ``r_in_weights`` do not, so the
         weights are then no longer ``a * r_in_weights[m] + b`` for the old ``b`` - their ``b`` is
-        whatever the new values imply, and later :meth:`sync` calls move them from there.
+        whatever the new values imply, and later :meth:`sync` calls move them from there. The
+        half-precision weights are re-based first (:meth:`rebase`), so their new values are exact.
         """
+        values = list(values)
+        if self.half:
+            self.rebase()
         for p, v in zip(self.params, values):
             p.copy_(v.reshape(p.shape))
 
@@ -392,6 +398,13 @@ class ModeSpace:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__["_copied"] = True
+        # pickled before half-precision weights were formed (or coefficients encoded): every weight was
+        # updated in place, and stays so
+        if "_is_half" not in state:
+            self.__dict__.update(_is_half=[False] * len(self.params), half=[], _half_by_device=[],
+                                 r_base=self.r_in_weights.clone(), _saving=None, _formed_at={})
+        if "a_scale" not in state:
+            self.__dict__.update(a_scale=None, coef_dtype=self.a[0].dtype if self.a else torch.float32)
 
     def _notice_copy_trained(self) -> None:
         if self.__dict__.get("_copied") and not self.__dict__.get("_warned_copy"):
