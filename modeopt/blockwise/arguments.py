@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import difflib
 import numbers
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ from modeopt.optim.settings import check_dtypes, check_snapshot_count
 from modeopt.optim.wrapping import SharesBaseOptimizer
 from modeopt.utils.checks import check_base_class, check_int, check_no_duplicates
 
-__all__ = ["check_arguments", "check_train_always", "warn_half_precision"]
+__all__ = ["check_arguments", "check_train_always"]
 
 
 def check_arguments(model: Any, base_optimizer: Any, *, blocks: Any, train_always: Any, steps_per_block: Any,
@@ -73,22 +72,6 @@ def _check_prefix_list(arg: str, value: Any, nested: bool) -> None:
                                        and all(isinstance(x, str) for x in item))
         if not ok:
             raise TypeError(f"{what}, got {item!r} in it")
-
-
-def warn_half_precision(params: Iterable[tuple[str, Tensor]]) -> None:
-    """Warn that finished blocks in bf16/fp16 drift from ``a * r + b``.
-
-    Kept in one function on purpose: when mode space applies ``r`` exactly in half precision
-    (the half-precision issue), this warning is dropped or reworded here and in docs/finetuning.md.
-    """
-    low = sorted({str(p.dtype).replace("torch.", "") for _, p in params if p.dtype in (torch.bfloat16, torch.float16)})
-    if low:
-        warnings.warn(
-            f"modeopt: BlockwiseCMD on {'/'.join(low)} weights: a finished block applies each change of its r to its "
-            "weights in place (w += a * dr), and in half precision the rounding of every step accumulates, so "
-            "the weights drift away from a * r + b. Keep float32 weights under torch.autocast (mixed precision) "
-            "instead; see docs/finetuning.md, 'NaN/inf, checkpoints and arguments'", stacklevel=3)
-
 
 
 def check_train_always(model: nn.Module, train_always: Sequence[str], always: Sequence[Tensor],

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from modeopt.optim.wrapping import SharesBaseOptimizer
-from .arguments import check_arguments, check_train_always, warn_half_precision
+from .arguments import check_arguments, check_train_always
 from .nonfinite import BlockwiseNonFinite
 from .state import (check_base_groups, check_blockwise_state, check_recording, checked_counters, saved_param_names,
                     space_from_state, space_state)
@@ -164,7 +164,6 @@ class BlockwiseCMD(BlockwiseNonFinite, SharesBaseOptimizer):
         #: steps in which some finished block's ``r`` overflowed to NaN/inf from a finite gradient and was put back
         self.r_restores = 0
         self._buffers: list[SnapshotBuffer] = []  # the active block's recording, one per tensor
-        warn_half_precision(e for emb in self._emb for e in emb)
         self._regroup()
         self._start_block()
 
