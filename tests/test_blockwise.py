@@ -181,10 +181,11 @@ def test_export_gives_plain_weights_that_load_into_the_original_class():
 
 
 def test_damaged_checkpoints_are_refused_and_change_nothing():
-    model, opt = make()
+    # bf16 a (float coefficients to damage); the int8 default's cases: tests/test_coef_encoding.py
+    model, opt = make(coef_dtype=torch.bfloat16)
     train(model, opt, PER_BLOCK + 2)
     good = opt.state_dict()
-    model2, opt2 = make()
+    model2, opt2 = make(coef_dtype=torch.bfloat16)
     model2.load_state_dict(model.state_dict())
     snapshot = copy.deepcopy(opt2.state_dict())
 

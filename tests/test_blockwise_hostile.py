@@ -329,7 +329,8 @@ def test_7_coef_and_record_dtypes_are_validated():
     torch.manual_seed(0)
     model = Stack()
     adam = lambda: torch.optim.AdamW(model.parameters(), lr=1e-2)  # noqa: E731
-    with pytest.raises(ValueError, match=r"coef_dtype must be torch.float32, torch.bfloat16 or torch.int8.*got torch.int32"):
+    with pytest.raises(ValueError, match=r"coef_dtype must be torch.float32, torch.bfloat16 or torch.int8.*"
+                                         r"got torch.int32"):
         modeopt.BlockwiseCMD(model, adam(), steps_per_block=PER_BLOCK, coef_dtype=torch.int32)
     with pytest.raises(ValueError, match=r"record_dtype must be a floating-point torch.dtype.*, got torch.int8"):
         modeopt.BlockwiseCMD(model, adam(), steps_per_block=PER_BLOCK, record_dtype=torch.int8)

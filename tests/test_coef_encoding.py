@@ -280,7 +280,11 @@ def test_blockwise_int8_resumes_bit_for_bit_after_a_finished_block():
     assert train_blockwise(model2, opt2, 2 * PER_BLOCK, save_at) == rest
     for (n, p), (_, q) in zip(model.state_dict().items(), model2.state_dict().items()):
         assert torch.equal(p, q), n
-    ck = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-    ck["opt"]["blockwise"]["spaces"][0]["a_scale"][0][0] = -1.0
-    with pytest.raises(ValueError, match="a_scale"):
-        make_blockwise(seed=7, coef_dtype=torch.int8)[1].load_state_dict(ck["opt"])
+    for key, value, msg in (("a_scale", -1.0, "a_scale"), ("labels", 0xFF, r"labels must lie in \[0, 3\)"),
+                            ("a_scale", float("nan"), "a_scale")):
+        ck = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+        ck["opt"]["blockwise"]["spaces"][0][key][0][0] = value
+        fresh_model, fresh = make_blockwise(seed=7)  # the default: int8
+        with pytest.raises(ValueError, match=msg):
+            fresh.load_state_dict(ck["opt"])
+        assert not fresh.spaces and not any("modeopt" in n for n, _ in fresh_model.named_parameters())

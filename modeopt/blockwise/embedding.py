@@ -7,8 +7,9 @@ fine-tuning step. Here the same algorithm runs with the assignment done one tens
 each tensor has its own recording, freed as soon as that tensor is assigned; the clustering of
 the K sampled weights is shared by the block, each tensor's labels are narrowed
 to the compact label dtype and its ``a`` kept in float32 only until the per-mode scales are known,
-then cast to ``coef_dtype``. What outlives a tensor's pass is 5 bytes per weight (1 label + 4 of
-``a``) and, at the end, 1 + ``coef_dtype`` bytes.
+then cast to ``coef_dtype`` (int8: kept in float32 and quantised by ``ModeSpace``). What outlives a
+tensor's pass is 5 bytes per weight (1 label + 4 of ``a``) and, at the end, 1 + ``coef_dtype`` bytes
+(1.5 in the mode space with int8 codes and 4-bit labels).
 """
 
 from __future__ import annotations

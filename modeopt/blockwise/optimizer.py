@@ -103,16 +103,17 @@ class BlockwiseCMD(BlockwiseNonFinite, SharesBaseOptimizer):
         n_samples: K, weights sampled for each block's clustering.
         seed: seed of block ``b``'s sampling is ``seed + b``.
         record_dtype: storage of the active block's snapshots (bf16: movements from the block's start).
-        coef_dtype: storage of ``a`` of the finished blocks: bfloat16 (2 B), float32, or int8 (8-bit codes with a
-            scale per tensor and mode, labels packed 4 bits per weight for ``n_modes <= 16``: 1.5 B per weight
-            for ``a`` and label together; :mod:`modeopt.modespace.kernels.encoding`).
+        coef_dtype: storage of ``a`` of the finished blocks: int8 (the default: 8-bit codes with a scale per
+            tensor and mode, labels packed 4 bits per weight for ``n_modes <= 16``: 1.5 B per weight for ``a``
+            and label together; :mod:`modeopt.modespace.kernels.encoding`; chosen by measurement, see
+            docs/performance.md "The compact encoding"), bfloat16 (2 B + a 1 B label) or float32.
         mode_scale: ``"rms"`` (an Adam step of ``lr`` on ``r`` moves its weights by ~``lr``), ``"norm"``
             (SGD on ``r`` is the projection of the SGD step onto the modes; with ``"rms"`` it is ~N_m
             times larger) or ``"auto"``: ``"rms"`` for Adam-type bases, ``"norm"`` otherwise.
 
     Memory at any step, beyond the model and activations: the active block's gradients, base state
-    and ``steps_per_block // snapshot_every + 1`` snapshots of it; ``a`` (2 or 4 B) and a label
-    (1 B for M <= 256) per weight of each finished block (int8: 1.5 B for both when M <= 16); the always-trained parameters' state.
+    and ``steps_per_block // snapshot_every + 1`` snapshots of it; ``a`` and label per weight of each
+    finished block: 1.5 B with the default int8 encoding and M <= 16 (3 B with bf16 ``a``); the always-trained parameters' state.
 
     Attributes:
         phase: ``"block"`` while a block is active, ``"embedded"`` once every block is, ``"exported"``.
@@ -138,7 +139,7 @@ class BlockwiseCMD(BlockwiseNonFinite, SharesBaseOptimizer):
         n_samples: int = 1000,
         seed: int = 0,
         record_dtype: torch.dtype = torch.bfloat16,
-        coef_dtype: torch.dtype = torch.bfloat16,
+        coef_dtype: torch.dtype = torch.int8,
         mode_scale: str = "auto",
     ):
         check_arguments(model, base_optimizer, blocks=blocks, train_always=train_always, steps_per_block=steps_per_block,

@@ -64,10 +64,10 @@ def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups
     scales = saved.get("a_scale")  # the 8-bit encoding (absent in float spaces and older checkpoints)
     if scales is not None and not (
             isinstance(scales, Sequence) and len(scales) == len(emb)
-            and all(isinstance(t, Tensor) and tuple(t.shape) == (m,) and t.is_floating_point()
-                    and bool(torch.isfinite(t).all()) and bool((t >= 0).all()) for t in scales)):
-        raise ValueError(f"block {b}'s saved a_scale must hold one finite, non-negative ({m},) float tensor per "
-                         f"tensor: {DAMAGED}")
+            and all(isinstance(t, Tensor) and tuple(t.shape) == (m,) and t.is_floating_point() for t in scales)):
+        raise ValueError(f"block {b}'s saved a_scale must hold one ({m},) float tensor per tensor: {DAMAGED}")
+    if scales is not None and not all(bool(torch.isfinite(t).all()) and bool((t >= 0).all()) for t in scales):
+        raise ValueError(f"block {b}'s saved a_scale holds NaN/inf or negative scales: {DAMAGED}")
     ts = saved["a"]
     if not (isinstance(ts, Sequence) and len(ts) == len(emb)
             and all(isinstance(t, Tensor) and t.numel() == p.numel() for t, (_, p) in zip(ts, emb))):
@@ -81,14 +81,13 @@ def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups
     if any(t.is_floating_point() or t.is_complex() for t in saved["labels"]):
         raise ValueError(f"block {b}'s saved labels must be integers: {DAMAGED}")
     for t, (name, _) in zip(saved["a"], emb):
-        if scales is None:
-            if not t.is_floating_point():
-                raise ValueError(f"block {b}'s saved coefficients a of {name!r} must be floats, got {t.dtype}: {DAMAGED}")
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"block {b}'s saved coefficients a of {name!r} hold NaN/inf (non-finite): {DAMAGED}")
-        elif t.dtype != torch.int8:
+        if scales is None and not t.is_floating_point():
+            raise ValueError(f"block {b}'s saved coefficients a of {name!r} must be floats, got {t.dtype}: {DAMAGED}")
+        if scales is not None and t.dtype != torch.int8:
             raise ValueError(f"block {b}'s saved a of {name!r} must be int8 codes with its a_scale (the 8-bit "
-                             f"encoding): {DAMAGED}")
+                             f"encoding), got {t.dtype}: {DAMAGED}")
+        if scales is None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"block {b}'s saved coefficients a of {name!r} hold NaN/inf (non-finite): {DAMAGED}")
     for t, (_, p) in zip(saved["labels"], emb):
         t = _plain(t, p.numel())
         if t.numel() and not (0 <= int(t.min()) and int(t.max()) < m):

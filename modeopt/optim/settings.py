@@ -9,7 +9,8 @@ import torch
 
 from modeopt.utils.checks import check_int
 
-__all__ = ["SCALE_INVARIANT", "check_coef_dtype", "check_dtypes", "check_settings", "check_snapshot_count", "resolve_mode_scale"]
+__all__ = ["SCALE_INVARIANT", "check_coef_dtype", "check_dtypes", "check_settings", "check_snapshot_count",
+           "resolve_mode_scale"]
 
 def check_snapshot_count(name: str, steps: int, every: int) -> None:
     """Raise ``ValueError`` unless ``steps`` full-training steps record at least 3 snapshots (CMD's minimum)."""
@@ -59,9 +60,11 @@ def check_settings(*, n_modes: int, warmup_steps: int, snapshot_every: int, n_sa
 
 
 def check_dtypes(coef_dtype: torch.dtype, record_dtype: torch.dtype) -> None:
-    """``coef_dtype`` (storage of ``a``, see :func:`check_coef_dtype`); ``record_dtype`` (snapshots) a float dtype.
+    """``coef_dtype`` (storage of ``a``) float32, bfloat16 or int8 (the 8-bit encoding,
+    :func:`check_coef_dtype`); ``record_dtype`` (snapshots) a float dtype.
 
-    An integer recording would store nothing of the movements.
+    Any other integer ``a`` would truncate every coefficient to -1/0/1 and train on; an integer
+    recording would store nothing of the movements.
     """
     check_coef_dtype(coef_dtype)
     if not (isinstance(record_dtype, torch.dtype) and record_dtype.is_floating_point):
@@ -72,7 +75,7 @@ def check_dtypes(coef_dtype: torch.dtype, record_dtype: torch.dtype) -> None:
 def check_coef_dtype(coef_dtype: object) -> None:
     """``coef_dtype`` must be float32, bfloat16 or int8 (the 8-bit encoding of ``a`` with 4-bit labels
     for M <= 16; :mod:`modeopt.modespace.kernels.encoding`)."""
-    if coef_dtype not in (torch.float32, torch.bfloat16, torch.int8):
+    if not isinstance(coef_dtype, torch.dtype) or coef_dtype not in (torch.float32, torch.bfloat16, torch.int8):
         raise ValueError(f"coef_dtype must be torch.float32, torch.bfloat16 or torch.int8 (8-bit coefficients with "
                          f"a scale per tensor and mode, 4-bit labels for n_modes <= 16), got {coef_dtype!r}")
 
