@@ -42,6 +42,18 @@ def mnist():
     return mnist_subset()
 
 
+@pytest.fixture(scope="session")
+def fresh_process(tmp_path_factory):
+    """Runs code in a process that has never built or loaded modeopt's kernel library: a fork of a
+    server that imported torch and modeopt once (tests/_forkserver.py); ``.run(code, env=, unset=)``
+    returns a ``subprocess.CompletedProcess``."""
+    from _forkserver import ForkServer
+
+    server = ForkServer(tmp_path_factory.mktemp("forks"))
+    yield server
+    server.close()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

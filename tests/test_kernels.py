@@ -135,9 +135,9 @@ def test_build_cache_and_fallback_without_compiler(tmp_path):
         import torch, modeopt, json
         from modeopt.modespace.space import kernels
         from workloads import SmallCNN
-        m = SmallCNN()
+        m = SmallCNN(width=4)  # the size does not matter here: building, caching, falling back do
         opt = modeopt.CMDOptimizer(m, torch.optim.SGD(m.parameters(), lr=0.1), n_modes=2, warmup_steps=3,
-                                   snapshot_every=1, progress=False)
+                                   snapshot_every=1, n_samples=60, progress=False)
         for _ in range(5):
             opt.zero_grad(); m(torch.randn(4, 1, 28, 28)).sum().backward(); opt.step()
         print(json.dumps({"fused": kernels.fused_available(), "phase": opt.phase}))
