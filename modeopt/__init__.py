@@ -16,7 +16,7 @@ Submodules: ``modeopt.distributed.ddp`` (DDP, torchrun, HF Trainer on several pr
 """
 
 from modeopt.blockwise.optimizer import BlockwiseCMD
-from modeopt.decomposition.decompose import Decomposition, decompose
+from modeopt.decomposition.algorithm import Decomposition, decompose
 from modeopt.trajectories.layout import ParamLayout
 from modeopt.online.shadow import OnlineCMD
 from modeopt.online.optimizer import OnlineCMDOptimizer

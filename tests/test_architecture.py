@@ -33,6 +33,24 @@ LAYER_MAY_IMPORT = {
 }
 
 
+#: inside the core, which subpackages each one may import besides itself (docs/architecture.md draws it):
+#: the mechanism at the bottom, the trainers built on it, and none of the trainers on another.
+_BELOW_TRAINERS = {"utils", "trajectories", "decomposition", "modespace", "distributed", "optim"}
+PACKAGE_MAY_IMPORT = {
+    "utils": set(),
+    "trajectories": {"utils"},
+    "decomposition": {"utils", "trajectories"},
+    "modespace": {"utils", "trajectories", "decomposition"},
+    "distributed": {"utils", "trajectories", "decomposition"},
+    "optim": {"utils", "trajectories"},
+    "cmd_optimizer": _BELOW_TRAINERS,
+    "blockwise": _BELOW_TRAINERS,
+    "online": _BELOW_TRAINERS,
+    "baselines": _BELOW_TRAINERS,
+    "analysis": {"utils", "trajectories", "decomposition"},
+}
+
+
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -117,6 +135,31 @@ def test_layers_only_look_down():
             if _layer(dep) not in LAYER_MAY_IMPORT[layer]:
                 bad.append(f"{MODULES[m].relative_to(ROOT)}:{line} ({layer}) imports {dep} ({_layer(dep)})")
     assert not bad, "a layer imports one above it:\n" + "\n".join(bad)
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_every_subpackage_has_a_place():
+    """A new subpackage (or top-level module) must be given its place in PACKAGE_MAY_IMPORT."""
+    known = set(PACKAGE_MAY_IMPORT) | {"", "integrations", "cli"}
+    assert {_package(m) for m in MODULES} <= known, sorted({_package(m) for m in MODULES} - known)
+
+
+def test_core_packages_only_look_down():
+    """Trainers build on the mechanism; the mechanism never reaches up, and no trainer reaches into another."""
+    bad = []
+    for m in MODULES:
+        pkg = _package(m)
+        if pkg not in PACKAGE_MAY_IMPORT:
+            continue
+        for dep, line in _modeopt_edges(m):
+            dpkg = _package(dep)
+            if dpkg != pkg and dpkg not in PACKAGE_MAY_IMPORT[pkg]:
+                bad.append(f"{MODULES[m].relative_to(ROOT)}:{line} ({pkg}) imports {dep} ({dpkg or 'modeopt'})")
+    assert not bad, "a subpackage imports one it may not (docs/architecture.md):\n" + "\n".join(bad)
 
 
 def test_third_party_imports_per_layer():
@@ -354,3 +397,18 @@ def test_public_names_have_docstrings():
     for m, path in MODULES.items():
         walk(TREES[m], "", path)
     assert not missing, "public names without a docstring:\n" + "\n".join(missing)
+
+
+
+def test_a_model_pickled_in_mode_space_before_the_move_still_loads():
+    """``torch.save(model)`` in mode space pickles the state-dict hooks by module path; before the package
+    moved into folders that path was ``modeopt.modespace._drop_r`` / ``_r_not_missing``."""
+    import io
+    import pickle
+
+    import modeopt.modespace.space as space
+
+    unpickler = pickle.Unpickler(io.BytesIO(b""))
+    assert unpickler.find_class("modeopt.modespace", "_drop_r") is space.drop_r_entries
+    assert unpickler.find_class("modeopt.modespace", "_r_not_missing") is space.r_never_missing
+    assert unpickler.find_class("modeopt.modespace", "ModeSpace") is space.ModeSpace

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from modeopt.modespace import kernels
 from modeopt.decomposition.clustering import cluster_samples
-from modeopt.decomposition.decompose import assign_and_fit, scan_moving
+from modeopt.decomposition.algorithm import assign_and_fit, scan_moving
 from modeopt.trajectories.layout import ParamLayout
 from modeopt.decomposition.sampling import sample_weights
 from modeopt.trajectories.snapshots import SnapshotBuffer

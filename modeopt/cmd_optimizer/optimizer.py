@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from modeopt.utils.checks import check_base_class, check_no_duplicates
 from modeopt.optim.wrapping import SharesBaseOptimizer
 from .checkpoint import Checkpointing
-from modeopt.decomposition.decompose import decompose
+from modeopt.decomposition.algorithm import decompose
 from modeopt.distributed.ddp import attach
 from modeopt.modespace.space import ModeSpace
 from modeopt.optim.nonfinite import NonFiniteGuard, NonFiniteWarning, all_finite

@@ -246,8 +246,8 @@ class ModeSpace:
                 self.model.register_parameter(name, r)
         # functools.partial of module-level functions: picklable (torch.save(model)), deep-copyable,
         # and torch may tag them with attributes (``_from_public_api``), which bound methods refuse.
-        self._handles.append(self.r_owner.register_state_dict_post_hook(functools.partial(_drop_r, self)))
-        self._handles.append(self.r_owner.register_load_state_dict_post_hook(functools.partial(_r_not_missing, self)))
+        self._handles.append(self.r_owner.register_state_dict_post_hook(functools.partial(drop_r_entries, self)))
+        self._handles.append(self.r_owner.register_load_state_dict_post_hook(functools.partial(r_never_missing, self)))
         for p in self.params:
             p.requires_grad_(False)
             p.grad = None
@@ -404,14 +404,14 @@ class ModeSpace:
                 "load the copy's state_dict() into a fresh model) and give it its own optimizer", stacklevel=2)
 
 
-def _drop_r(space: ModeSpace, module, state_dict, prefix: str, local_metadata) -> None:
+def drop_r_entries(space: ModeSpace, module, state_dict, prefix: str, local_metadata) -> None:
     """State-dict post-hook of the module that holds ``r``: checkpoints never hold it."""
     for name in space.r_names:
         state_dict.pop(prefix + name, None)
 
 
-def _r_not_missing(space: ModeSpace, module, incompatible_keys) -> None:
-    """Load-state-dict post-hook: checkpoints never hold ``r`` (see :func:`_drop_r`), so a strict load
+def r_never_missing(space: ModeSpace, module, incompatible_keys) -> None:
+    """Load-state-dict post-hook: checkpoints never hold ``r`` (see :func:`drop_r_entries`), so a strict load
     must not ask for it."""
     keep = [k for k in incompatible_keys.missing_keys
             if not any(k == n or k.endswith("." + n) for n in space.r_names)]
