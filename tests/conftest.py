@@ -54,6 +54,21 @@ def fresh_process(tmp_path_factory):
     server.close()
 
 
+@pytest.fixture(scope="session")
+def two_rank_launch(tmp_path_factory):
+    """``{suite: output directory}`` after one 2-rank launch of every suite registered in
+    ``tests/_two_ranks.SUITES`` (the DDP and FSDP2 tests; see that module)."""
+    from _two_ranks import SUITES, run_suites
+
+    from modeopt.distributed.ddp import launch_local
+
+    outs = {name: tmp_path_factory.mktemp(name) for name in SUITES}
+    suites = [SUITES[name](out) for name, out in outs.items()]
+    wall = launch_local(run_suites, (suites,), nprocs=2, timeout=240 * len(suites))
+    print(f"\none 2-rank launch for {', '.join(outs)}: {wall:.1f} s")
+    return outs
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
