@@ -56,20 +56,22 @@ def _check_report(tmp_path, methods: list[str]) -> dict:
         assert 0 <= s["test_acc"]["mean"] <= 1 and 0 <= s["val_acc"]["mean"] <= 1, name
         assert s["peak_mib"]["mean"] > 0 and s["wall_s"]["mean"] > 0 and s["trainable_max"] > 0, name
         assert {"best_lr", "grid", "peak_step", "trained_over_run", "n_weights"} <= set(s), name
-    assert m["lora"]["trainable_max"] < 1e5
+    if "lora" in m:
+        assert m["lora"]["trainable_max"] < 1e5
     # one encoder layer (1.77 M) + its biases/norms + pooler + head; its only block embedded at step 3
     assert 1.7e6 < m["blockwise_td"]["trainable_max"] < 2.5e6
     return m
 
 
 def test_quick_run_reports_and_resumes(tmp_path):
-    """The harness end to end on two methods (a fresh process each): report files, trainable counts, and
-    --resume skips the finished runs. Full fine-tuning's memory next to LoRA's: the slow twin below."""
-    _quick(tmp_path, ["lora", "blockwise_td"])
-    _check_report(tmp_path, ["lora", "blockwise_td"])
-    again = _quick(tmp_path, ["lora", "blockwise_td"], "--resume")
-    assert "lr 0.0003" not in again.stdout
-    assert len((tmp_path / "finetune_reviews.jsonl").read_text().splitlines()) == 2
+    """The harness end to end on one method (its run in a fresh process): report files, the trainable
+    count, and --resume skips the finished run. LoRA next to full fine-tuning (memory, trainable
+    counts): the slow twin below; LoRA on the real MiniLM also runs in tests/test_evidence_runner.py."""
+    first = _quick(tmp_path, ["blockwise_td"])
+    _check_report(tmp_path, ["blockwise_td"])
+    again = _quick(tmp_path, ["blockwise_td"], "--resume")
+    assert " seed 0: val " in first.stdout and " seed 0: val " not in again.stdout  # the line of a run that ran
+    assert len((tmp_path / "finetune_reviews.jsonl").read_text().splitlines()) == 1
 
 
 @pytest.mark.slow
