@@ -12,7 +12,8 @@ Public API:
 
 Submodules: ``modeopt.distributed.ddp`` (DDP, torchrun, HF Trainer on several processes),
 ``modeopt.cmd_optimizer.federated`` (FedAvg in mode space), ``modeopt.analysis`` (studying training runs),
-``modeopt.integrations.hf`` (the ``Trainer`` callback).
+``modeopt.integrations.hf`` (the ``Trainer`` callback), ``modeopt.integrations.lightning`` (PyTorch
+Lightning callbacks).
 """
 
 from modeopt.blockwise.optimizer import BlockwiseCMD

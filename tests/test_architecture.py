@@ -21,7 +21,7 @@ CORE_DEPS = {"torch", "numpy", "scipy", "tqdm"}
 LAYER_DEPS = {
     "core": CORE_DEPS | {"triton"},  # triton: only the CUDA kernels, imported when a CUDA tensor needs them
     "analysis": CORE_DEPS | {"matplotlib", "PIL"},
-    "integrations": CORE_DEPS | {"transformers"},
+    "integrations": CORE_DEPS | {"transformers", "lightning"},
     "cli": CORE_DEPS,
 }
 #: which layers each layer may import (layers only look down).
@@ -175,6 +175,13 @@ def test_third_party_imports_per_layer():
             for target, _, line in _imports(m):
                 if target.split(".")[0] == "triton":
                     assert m.startswith("modeopt.modespace.kernels"), f"{m}:{line}: triton outside the CUDA kernels"
+    # each optional framework is imported by its own integration module only
+    for m in MODULES:
+        for target, _, line in _imports(m):
+            top = target.split(".")[0]
+            own = {"transformers": "modeopt.integrations.hf", "lightning": "modeopt.integrations.lightning"}.get(top)
+            if own is not None and m != own:
+                bad.append(f"{MODULES[m].relative_to(ROOT)}:{line} imports {target} (only {own} may)")
     # safetensors (state-dict files) is optional everywhere, imported only when such a file is read
     bad = [b for b in bad if not b.endswith(("safetensors.torch", "safetensors"))]
     assert not bad, "imports outside the layer's dependencies:\n" + "\n".join(bad)
@@ -259,7 +266,7 @@ def test_private_attributes_of_other_objects_are_listed():
                      f"in PRIVATE_ALLOWED with the reason): {bad}")
 
 
-BLOCKED = ["transformers", "torchvision", "matplotlib", "safetensors", "accelerate", "peft", "sklearn", "PIL",
+BLOCKED = ["transformers", "lightning", "pytorch_lightning", "lightning_fabric", "torchvision", "matplotlib", "safetensors", "accelerate", "peft", "sklearn", "PIL",
            "workloads", "mlxtend", "scattertext", "triton"]
 
 
@@ -342,6 +349,10 @@ def test_importing_changes_no_environment_variable():
     script = textwrap.dedent("""
         import os, pkgutil, importlib
         import torch, torch._inductor  # torch's compiler sets TORCHINDUCTOR_CACHE_DIR on import: torch's doing
+        try:
+            import lightning.pytorch  # sets PYTORCH_NVML_BASED_CUDA_CHECK on import: lightning's doing
+        except ImportError:
+            pass
         before = dict(os.environ)
         import modeopt
         for info in pkgutil.walk_packages(modeopt.__path__, "modeopt."):
