@@ -58,9 +58,13 @@ def fresh_process(tmp_path_factory):
 def two_rank_launch(tmp_path_factory):
     """``{suite: output directory}`` after one 2-rank launch of every suite registered in
     ``tests/_two_ranks.SUITES`` (the DDP and FSDP2 tests; see that module)."""
+    import torch.distributed as dist
     from _two_ranks import SUITES, run_suites
 
     from modeopt.distributed.ddp import launch_local
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
 
     outs = {name: tmp_path_factory.mktemp(name) for name in SUITES}
     suites = [SUITES[name](out) for name, out in outs.items()]
