@@ -8,7 +8,8 @@ for the library, the same as a fresh process. Environment variables are applied 
 the case runs (modeopt reads ``CC``, ``MODEOPT_CACHE`` and ``MODEOPT_KERNELS`` when the library is
 first wanted, not at import).
 
-Protocol (one JSON object per line): the test writes ``{"code", "env", "unset", "stdout", "stderr"}``
+Protocol (one JSON object per line): the test writes ``{"code", "env", "unset", "timeout", "stdout",
+"stderr"}``
 to the server's stdin; the server forks, the child runs ``code`` as ``__main__`` with its output in
 the two files, and the server answers ``{"returncode": n}`` (negative: killed by that signal, as
 :mod:`subprocess` reports it).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -39,6 +41,7 @@ def _serve() -> None:
         pid = os.fork()
         if pid == 0:  # the child: becomes the case's process
             code = 1
+            signal.alarm(req["timeout"])  # a hung case dies by SIGALRM (return code -14), as a timeout would
             try:
                 for k in req["unset"]:
                     os.environ.pop(k, None)
@@ -75,12 +78,12 @@ class ForkServer:
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=ROOT)
 
-    def run(self, code: str, env: dict[str, str] | None = None, unset: tuple[str, ...] = ()
+    def run(self, code: str, env: dict[str, str] | None = None, unset: tuple[str, ...] = (), timeout: int = 300
             ) -> subprocess.CompletedProcess:
         self.n += 1
         out, err = self.tmp / f"case{self.n}.out", self.tmp / f"case{self.n}.err"
         self.proc.stdin.write(json.dumps({"code": code, "env": env or {}, "unset": list(unset),
-                                          "stdout": str(out), "stderr": str(err)}) + "\n")
+                                          "timeout": timeout, "stdout": str(out), "stderr": str(err)}) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
