@@ -42,6 +42,37 @@ def mnist():
     return mnist_subset()
 
 
+@pytest.fixture(scope="session")
+def fresh_process(tmp_path_factory):
+    """Runs code in a process that has never built or loaded modeopt's kernel library: a fork of a
+    server that imported torch and modeopt once (tests/_forkserver.py); ``.run(code, env=, unset=)``
+    returns a ``subprocess.CompletedProcess``."""
+    from _forkserver import ForkServer
+
+    server = ForkServer(tmp_path_factory.mktemp("forks"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def two_rank_launch(tmp_path_factory):
+    """``{suite: output directory}`` after one 2-rank launch of every suite registered in
+    ``tests/_two_ranks.SUITES`` (the DDP and FSDP2 tests; see that module)."""
+    import torch.distributed as dist
+    from _two_ranks import SUITES, run_suites
+
+    from modeopt.distributed.ddp import launch_local
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+
+    outs = {name: tmp_path_factory.mktemp(name) for name in SUITES}
+    suites = [SUITES[name](out) for name, out in outs.items()]
+    wall = launch_local(run_suites, (suites,), nprocs=2, timeout=240 * len(suites))
+    print(f"\none 2-rank launch for {', '.join(outs)}: {wall:.1f} s")
+    return outs
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,12 +1,14 @@
 """CMDOptimizer under DistributedDataParallel: 2 real CPU processes (gloo over 127.0.0.1).
 
-One launch runs every scenario of ``tests/_ddp_worker.py`` on both ranks (spawning and importing
-torch is most of the cost); the tests below read what each rank wrote. Payloads are measured with
+One launch runs every scenario of ``tests/_ddp_worker.py`` on both ranks, the same launch as the
+FSDP2 suite's (``tests/_two_ranks.py``: spawning and importing torch is most of the cost); the tests
+below read what each rank wrote. Payloads are measured with
 a DDP communication hook (:class:`modeopt.distributed.ddp.CommMeter`) on the real DDP reducer.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from itertools import groupby
 
@@ -15,12 +17,13 @@ import torch
 import torch.distributed as dist
 
 import modeopt
-from modeopt.distributed.ddp import attach, launch_local
+from modeopt.distributed.ddp import attach
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 import _ddp_worker as worker  # noqa: E402  (tests/ is on sys.path; the spawned ranks import it too)
+from _two_ranks import SUITES  # noqa: E402
 
 HAS_HF = importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("accelerate") is not None
 SCENARIOS = ["sgd", "adamw", "static", "repair", "unattached", "unsupported"] + (["trainer"] if HAS_HF else [])
@@ -30,15 +33,24 @@ N_TRAIN = 2000
 ATOL = 1e-5
 
 
+@functools.lru_cache(maxsize=1)
+def _data() -> tuple:
+    """The first N_TRAIN real MNIST training digits and labels."""
+    from workloads import mnist_subset
+
+    x, y = mnist_subset()[:2]
+    return x[:N_TRAIN].clone(), y[:N_TRAIN].clone()
+
+
+SUITES["ddp"] = lambda out: ("_ddp_worker", "run_scenarios", (str(out), SCENARIOS, _data()))
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, mnist):
-    out = tmp_path_factory.mktemp("ddp")
-    data = (mnist[0][:N_TRAIN].clone(), mnist[1][:N_TRAIN].clone())
-    wall = launch_local(worker.run_scenarios, (str(out), SCENARIOS, data), nprocs=2, timeout=240)
+def runs(two_rank_launch):
+    out = two_rank_launch["ddp"]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    print(f"\n2-process launch: {wall:.1f} s; per scenario (rank 0): "
-          + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in ranks[0].items()))
-    return {"ranks": ranks, "reference": worker.single_process_sgd(data)}
+    print("\nDDP, per scenario (rank 0): " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in ranks[0].items()))
+    return {"ranks": ranks, "reference": worker.single_process_sgd(_data())}
 
 
 def both(runs, name: str) -> tuple[dict, dict]:

@@ -1,16 +1,13 @@
 """Faults: damaged or foreign checkpoints, a full disk under record_dir, NaN/inf, tied weights, bad set-ups.
 
-Cases that crashed the process before (segfault, malloc abort, SIGBUS) run in a subprocess and must
+Cases that crashed the process before (segfault, malloc abort, SIGBUS) run in a fresh process and must
 end in a clean Python error: exit status 1 and the message on stderr.
 """
 
 import errno
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +19,6 @@ from modeopt.cmd_optimizer.optimizer import NonFiniteWarning
 from modeopt.trajectories.snapshots import SnapshotBuffer
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _r0(model):
@@ -99,10 +95,11 @@ def _assert_unchanged(before, model, opt):
     assert before["params"] == after["params"] and before["groups"] == after["groups"]
 
 
-def _run_script(body: str):
+def _run_script(fresh, body: str):
+    """``body`` in a fresh process (a fork of the server in tests/_forkserver.py, which imported torch and
+    modeopt once): a crash there is a negative return code, not a crashed test session."""
     code = "import torch, torch.nn.functional as F\nfrom torch import nn\ntorch.set_num_threads(1)\n" + textwrap.dedent(body)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return fresh.run(code)
 
 
 # ------------------------------------------- 6. checkpoints that do not fit
@@ -136,8 +133,9 @@ print("TRAINED ON")
     (16, 16, "sd['cmd']['space']['labels'][2][5] = 200",
      r"checkpoint tensor '2.weight' has mode labels from 0 to 200, but the checkpoint has 2 modes"),
 ])
-def test_a_foreign_or_damaged_checkpoint_is_a_clean_error_in_a_fresh_process(saved, loaded, edit, message, tmp_path):
-    res = _run_script(_SAVE_AND_LOAD.format(saved=saved, loaded=loaded, edit=edit, path=tmp_path / "opt.pt"))
+def test_a_foreign_or_damaged_checkpoint_is_a_clean_error_in_a_fresh_process(saved, loaded, edit, message, tmp_path,
+                                                                            fresh_process):
+    res = _run_script(fresh_process, _SAVE_AND_LOAD.format(saved=saved, loaded=loaded, edit=edit, path=tmp_path / "opt.pt"))
     assert res.returncode == 1, (res.returncode, res.stderr[-2000:])  # not a signal (negative) nor success
     assert "ValueError: " + message.replace("\\", "") in res.stderr.replace("\\", "")
     assert "the checkpoint is from a different model" in res.stderr or "damaged or was edited" in res.stderr
@@ -264,8 +262,8 @@ def test_online_cmd_rejects_foreign_and_damaged_state_unchanged():
         assert online.phase == "fitted" and online.calls == 8
 
 
-def test_online_cmd_labels_out_of_range_are_a_clean_error_in_a_fresh_process(tmp_path):
-    res = _run_script(f"""
+def test_online_cmd_labels_out_of_range_are_a_clean_error_in_a_fresh_process(tmp_path, fresh_process):
+    res = _run_script(fresh_process, f"""
         from modeopt import OnlineCMD, OnlineCMDOptimizer
         def make():
             torch.manual_seed(0)
@@ -366,8 +364,8 @@ def test_without_fallocate_the_file_is_written_with_zeros(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []  # the half-written file is gone
 
 
-def test_a_real_full_tmpfs_fails_at_allocation_not_with_sigbus(small_tmpfs):
-    res = _run_script(f"""
+def test_a_real_full_tmpfs_fails_at_allocation_not_with_sigbus(small_tmpfs, fresh_process):
+    res = _run_script(fresh_process, f"""
         from modeopt.trajectories.snapshots import SnapshotBuffer
         buf = SnapshotBuffer(200_000, capacity=3, directory="{small_tmpfs}")  # 2.4 MB > 1 MiB
         buf.data.fill_(1.0)

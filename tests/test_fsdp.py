@@ -1,7 +1,7 @@
 """CMDOptimizer on an FSDP2 (``fully_shard``) model: real CPU processes, gloo over 127.0.0.1.
 
-One 2-rank launch runs every scenario of ``tests/_fsdp_worker.py`` (spawning and importing torch
-is most of the cost); a 1-rank launch resumes its checkpoints on another world size. The tests read
+One 2-rank launch runs every scenario of ``tests/_fsdp_worker.py``, the same launch as the DDP
+suite's (``tests/_two_ranks.py``: spawning and importing torch is most of the cost); a 1-rank launch resumes its checkpoints on another world size. The tests read
 what each rank wrote. Payloads are counted by :func:`modeopt.distributed.sharding.count_collectives`, which
 wraps the ``torch.distributed`` collectives FSDP2 and modeopt call.
 """
@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover
     pytest.skip("this torch has no FSDP2 (fully_shard)", allow_module_level=True)
 
 import _fsdp_worker as worker  # noqa: E402  (tests/ is on sys.path; the spawned ranks import it too)
+from _two_ranks import SUITES  # noqa: E402
 
 HAS_ACCELERATE = all(importlib.util.find_spec(m) is not None for m in ("accelerate", "transformers"))
 
@@ -50,13 +51,14 @@ def read(out, world: int) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+SUITES["fsdp"] = lambda out: ("_fsdp_worker", "run", (str(out), scenarios(str(out))))
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    wall = launch_local(worker.run, (str(out), scenarios(str(out))), nprocs=2, timeout=240)
+def runs(two_rank_launch):
+    out = two_rank_launch["fsdp"]
     ranks = read(out, 2)
-    print(f"\n2-rank FSDP2 launch: {wall:.1f} s; per scenario (rank 0): "
-          + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in ranks[0].items()))
+    print("\nFSDP2, per scenario (rank 0): " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in ranks[0].items()))
     return {"out": out, "ranks": ranks, "reference": {k: worker.reference(k) for k in ("sgd", "adamw", "excl", "bf16")},
             "online_reference": {k: worker.online_reference(k) for k in worker.ONLINE_EXTRA}}
 

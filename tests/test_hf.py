@@ -421,7 +421,8 @@ def test_trainer_resume_with_a_bf16_ring_recording(tmp_path):
 
 # ------------------------------------------------------------------ (c) the real MiniLM
 def _minilm_review_run(out, *, seed: int, n_train: int, n_test: int, steps: int, warmup: int, n_modes: int,
-                       freeze_word_embeddings: bool):
+                       freeze_word_embeddings: bool, logging_steps: int = 10, snapshot_every: int = 3, batch: int = 16,
+                       max_length: int = 64):
     """Fine-tune the real pretrained MiniLM-L6 on real reviews through the Trainer with
     CMDOptimizer(AdamW, lr 2e-4, linear schedule): ``warmup`` recorded steps (every 3rd), then
     ``n_modes`` mode scalars (+ biases, LayerNorms and the fresh head) until ``steps``."""
@@ -440,11 +441,11 @@ def _minilm_review_run(out, *, seed: int, n_train: int, n_test: int, steps: int,
         # 11.7 M of the 22.7 M weights, frozen as usual for short fine-tunes; CMDOptimizer leaves
         # parameters outside the base optimizer alone, which halves the recording and the switch.
         model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
-    enc = tok(train_x, truncation=True, max_length=64)
+    enc = tok(train_x, truncation=True, max_length=max_length)
     train = [{"input_ids": i, "attention_mask": m, "labels": int(y)}
              for i, m, y in zip(enc["input_ids"], enc["attention_mask"], train_y)]
     collate = DataCollatorWithPadding(tok)
-    test_enc = tok(test_x, truncation=True, max_length=64)
+    test_enc = tok(test_x, truncation=True, max_length=max_length)
 
     @torch.no_grad()
     def accuracy() -> float:
@@ -460,7 +461,7 @@ def _minilm_review_run(out, *, seed: int, n_train: int, n_test: int, steps: int,
         return correct / len(test_x)
 
     base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    opt = modeopt.CMDOptimizer(model, base, n_modes=n_modes, warmup_steps=warmup, snapshot_every=3,
+    opt = modeopt.CMDOptimizer(model, base, n_modes=n_modes, warmup_steps=warmup, snapshot_every=snapshot_every,
                                n_samples=max(1000, 30 * n_modes), seed=seed,
                                exclude=lambda n, p: p.ndim < 2 or n.startswith("classifier"), progress=False)
     n_free = sum(p.numel() for n, p in model.named_parameters()
@@ -472,8 +473,9 @@ def _minilm_review_run(out, *, seed: int, n_train: int, n_test: int, steps: int,
             if state.global_step == warmup:
                 seen["phase"], seen["trainable"], seen["acc"] = opt.phase, opt.trainable_parameters(), accuracy()
 
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=16,
-                             learning_rate=2e-4, warmup_steps=steps // 10, logging_steps=10, save_strategy="no",
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
+                             learning_rate=2e-4, warmup_steps=steps // 10, logging_steps=logging_steps,
+                             save_strategy="no",
                              report_to=[], use_cpu=True, disable_tqdm=True, log_level="error", seed=seed,
                              train_sampling_strategy="group_by_length")
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate,
@@ -487,10 +489,22 @@ def _minilm_review_run(out, *, seed: int, n_train: int, n_test: int, steps: int,
           f"majority {majority:.3f}, trainable after the switch {seen['trainable']:,}, {res['seconds']:.0f} s")
     assert seen["phase"] == "embedded" and opt.phase == "embedded"
     assert seen["trainable"] == n_modes + n_free == opt.trainable_parameters()
-    assert all(math.isfinite(v) for v in losses) and len(losses) == steps // 10
+    assert all(math.isfinite(v) for v in losses) and len(losses) == steps // logging_steps
     return res
 
 
+def test_real_minilm_switches_to_mode_space_in_the_trainer(tmp_path):
+    """The fast twin of the slow evidence run below: the real MiniLM and reviews through the Trainer,
+    6 recorded steps (every 2nd) of 8 reviews cut to 32 tokens, then 4 modes: the switch happens at
+    the step it should, the trainable count is the modes plus the free parameters, every logged loss
+    is finite and evaluation runs in both phases. (Whether it learns needs the longer run: -m slow.)"""
+    res = _minilm_review_run(tmp_path, seed=0, n_train=72, n_test=40, steps=9, warmup=6, n_modes=4,
+                             freeze_word_embeddings=True, logging_steps=3, snapshot_every=2, batch=8,
+                             max_length=32)
+    assert 0 <= res["acc"] <= 1 and 0 <= res["seen"]["acc"] <= 1 and len(res["losses"]) == 3
+
+
+@pytest.mark.slow
 def test_real_minilm_review_sentiment_in_mode_space(tmp_path):
     """480 reviews, 30 warm-up + 30 embedded steps of 20 modes, word embeddings frozen.
 

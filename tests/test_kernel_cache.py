@@ -1,8 +1,10 @@
 """The compiled-kernel cache never breaks training (issue #15, item 8) and the kernels never index
 out of bounds (item 6).
 
-Each case runs in a fresh interpreter (the library is built and loaded once per process) with its
-own ``MODEOPT_CACHE``, pre-seeded with a bad file at the exact name the library is cached under.
+Each case runs in a fresh process (the library is built and loaded once per process): a fork of a
+server that imported torch and modeopt but never touched the library (tests/_forkserver.py; one
+interpreter start instead of one per case), with its own ``MODEOPT_CACHE``, pre-seeded with a bad
+file at the exact name the library is cached under.
 Every case must exit 0, warn exactly once (naming the cause and the fix) and compute what the torch
 reference computes; where the cache is writable, the bad file must have been replaced by a good one.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,7 +23,6 @@ from modeopt.modespace.kernels import c_library
 
 CC = c_library.compiler()
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
-ROOT = Path(__file__).resolve().parents[1]
 
 # Runs every entry point on the fused path (if in use) and on the torch path, and a few mode-space
 # steps through a switch; prints the largest relative difference and whether the fused path ran.
@@ -68,10 +68,8 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(cache: Path, **env_extra) -> tuple[dict, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEOPT_KERNELS", "CC")}
-    env.update(MODEOPT_CACHE=str(cache), PYTHONPATH=str(ROOT), **env_extra)
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
+def _probe(fresh, cache: Path, **env_extra) -> tuple[dict, str]:
+    out = fresh.run(PROBE, env={"MODEOPT_CACHE": str(cache), **env_extra}, unset=("MODEOPT_KERNELS", "CC"))
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 
@@ -134,12 +132,12 @@ CAUSES = {"empty": "has no recorded digest", "garbage": "has no recorded digest"
 
 @needs_cc
 @pytest.mark.parametrize("kind", list(SEEDS))
-def test_a_bad_cached_library_is_rebuilt_with_one_warning(kind, tmp_path, real_so):
+def test_a_bad_cached_library_is_rebuilt_with_one_warning(kind, tmp_path, real_so, fresh_process):
     cache = tmp_path / "cache"
     cache.mkdir()
     path = c_library.library_path(CC, cache)
     SEEDS[kind](path, tmp_path, real_so)
-    res, err = _probe(cache)
+    res, err = _probe(fresh_process, cache)
     warns = _warnings(err)
     assert len(warns) == 1, err[-3000:]
     assert str(path) in warns[0] and CAUSES[kind] in warns[0] and "The fused kernels are in use" in warns[0]
@@ -148,17 +146,17 @@ def test_a_bad_cached_library_is_rebuilt_with_one_warning(kind, tmp_path, real_s
     _assert_repaired(path)
     assert sorted(p.name for p in cache.iterdir()) == [path.name, path.name + ".sha256"]  # no temporaries
     if kind == "truncated":  # the next process uses the repaired file silently (once: each probe costs seconds)
-        res, err = _probe(cache)
+        res, err = _probe(fresh_process, cache)
         assert res["fused"] and not _warnings(err), err[-3000:]
 
 
 @needs_cc
-def test_a_bad_cached_library_that_cannot_be_rebuilt_falls_back_to_torch(tmp_path):
+def test_a_bad_cached_library_that_cannot_be_rebuilt_falls_back_to_torch(tmp_path, fresh_process):
     cache = tmp_path / "cache"
     cache.mkdir()
     path = c_library.library_path("/bin/false", cache)
     path.write_bytes(os.urandom(4096))
-    res, err = _probe(cache, CC="/bin/false")
+    res, err = _probe(fresh_process, cache, CC="/bin/false")
     warns = _warnings(err)
     assert len(warns) == 1, err[-3000:]
     assert "has no recorded digest" in warns[0] and "compiling with /bin/false failed" in warns[0]
@@ -169,7 +167,7 @@ def test_a_bad_cached_library_that_cannot_be_rebuilt_falls_back_to_torch(tmp_pat
 
 @needs_cc
 @pytest.mark.parametrize("how", ["under_a_file", "read_only"])
-def test_an_unwritable_cache_builds_into_a_temporary_directory(how, tmp_path):
+def test_an_unwritable_cache_builds_into_a_temporary_directory(how, tmp_path, fresh_process):
     if how == "under_a_file":
         (tmp_path / "file").write_text("not a directory")
         cache = tmp_path / "file" / "cache"
@@ -180,7 +178,7 @@ def test_an_unwritable_cache_builds_into_a_temporary_directory(how, tmp_path):
         cache.mkdir()
         cache.chmod(0o500)
     try:
-        res, err = _probe(cache)
+        res, err = _probe(fresh_process, cache)
     finally:
         if how == "read_only":
             cache.chmod(0o700)
@@ -190,19 +188,19 @@ def test_an_unwritable_cache_builds_into_a_temporary_directory(how, tmp_path):
     assert res["fused"] and res["err"] < 1e-6 and res["phase"] == "embedded"
 
 
-def test_an_unwritable_cache_without_a_working_compiler_falls_back_to_torch(tmp_path):
+def test_an_unwritable_cache_without_a_working_compiler_falls_back_to_torch(tmp_path, fresh_process):
     (tmp_path / "file").write_text("not a directory")
-    res, err = _probe(tmp_path / "file" / "cache", CC="/bin/false")
+    res, err = _probe(fresh_process, tmp_path / "file" / "cache", CC="/bin/false")
     warns = _warnings(err)
     assert len(warns) == 1 and "is not writable" in warns[0] and "torch path" in warns[0], err[-3000:]
     assert not res["fused"] and res["err"] == 0.0 and res["phase"] == "embedded"
 
 
 @needs_cc
-def test_kernels_disabled_ignore_a_bad_cache_silently(tmp_path):
+def test_kernels_disabled_ignore_a_bad_cache_silently(tmp_path, fresh_process):
     path = c_library.library_path(CC, tmp_path)
     path.write_bytes(b"")
-    res, err = _probe(tmp_path, MODEOPT_KERNELS="torch")
+    res, err = _probe(fresh_process, tmp_path, MODEOPT_KERNELS="torch")
     assert not res["fused"] and not _warnings(err) and res["err"] == 0.0
     assert path.read_bytes() == b""  # not touched
 
@@ -250,10 +248,8 @@ OUT_OF_RANGE = textwrap.dedent("""
 """)
 
 
-def test_out_of_range_labels_raise_value_error_not_a_signal(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MODEOPT_KERNELS"}
-    env.update(MODEOPT_CACHE=str(tmp_path), PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", OUT_OF_RANGE], capture_output=True, text=True, env=env, timeout=300)
+def test_out_of_range_labels_raise_value_error_not_a_signal(tmp_path, fresh_process):
+    out = fresh_process.run(OUT_OF_RANGE, env={"MODEOPT_CACHE": str(tmp_path)}, unset=("MODEOPT_KERNELS",))
     assert out.returncode == 0, (out.returncode, out.stderr[-3000:])  # a negative code would be a signal
     lines = out.stdout.splitlines()
     assert lines[0] == f"fused {CC is not None}"
@@ -268,13 +264,11 @@ def test_out_of_range_labels_raise_value_error_not_a_signal(tmp_path):
     assert "sizes ValueError: welford: tensor 0 has arguments of [1000, 999, 1000, 1000] elements" in out.stdout
 
 
-def test_missing_c_source_falls_back_with_the_reason(tmp_path):
+def test_missing_c_source_falls_back_with_the_reason(tmp_path, fresh_process):
     """An installation without its package data (the C source) says so, once, and trains on the torch path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEOPT_KERNELS", "CC")}
-    env.update(MODEOPT_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
     script = ("from pathlib import Path\nfrom modeopt.modespace.kernels import c_library\n"
               f"c_library.SOURCE = Path({str(tmp_path / 'gone.c')!r})\n" + PROBE)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    out = fresh_process.run(script, env={"MODEOPT_CACHE": str(tmp_path / "cache")}, unset=("MODEOPT_KERNELS", "CC"))
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["fused"] is False and res["err"] == 0.0 and res["phase"] == "embedded"

@@ -129,15 +129,16 @@ def test_bf16_coefficients_keep_the_model_exactly_affine(mnist):
         assert torch.allclose(p.view(-1), w.view(-1) + a.float() * dr[lab], atol=2e-6)
 
 
-def test_build_cache_and_fallback_without_compiler(tmp_path):
-    """A fresh cache builds the library once; without a compiler the torch path takes over."""
+def test_build_cache_and_fallback_without_compiler(tmp_path, fresh_process):
+    """A fresh cache builds the library once (in a new interpreter, as a user's first import does);
+    without a compiler the torch path takes over (a fork of tests/_forkserver.py suffices there)."""
     code = textwrap.dedent("""
         import torch, modeopt, json
         from modeopt.modespace.space import kernels
         from workloads import SmallCNN
-        m = SmallCNN()
+        m = SmallCNN(width=4)  # the size does not matter here: building, caching, falling back do
         opt = modeopt.CMDOptimizer(m, torch.optim.SGD(m.parameters(), lr=0.1), n_modes=2, warmup_steps=3,
-                                   snapshot_every=1, progress=False)
+                                   snapshot_every=1, n_samples=60, progress=False)
         for _ in range(5):
             opt.zero_grad(); m(torch.randn(4, 1, 28, 28)).sum().backward(); opt.step()
         print(json.dumps({"fused": kernels.fused_available(), "phase": opt.phase}))
@@ -147,6 +148,6 @@ def test_build_cache_and_fallback_without_compiler(tmp_path):
     assert '"phase": "embedded"' in out.stdout
     if '"fused": true' in out.stdout:
         assert len(list(tmp_path.glob("kernels-*.so"))) == 1
-    env_nocc = dict(env, CC="/nonexistent/cc", MODEOPT_CACHE=str(tmp_path / "empty"))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_nocc, check=True)
+    out = fresh_process.run(code, env={"CC": "/nonexistent/cc", "MODEOPT_CACHE": str(tmp_path / "empty")})
+    assert out.returncode == 0, out.stderr[-3000:]
     assert '"fused": false' in out.stdout and '"phase": "embedded"' in out.stdout

@@ -23,6 +23,7 @@ import modeopt  # noqa: E402
 from modeopt.integrations.lightning import CMDCallback, OnlineCMDCallback  # noqa: E402
 
 import _lightning_worker as W  # noqa: E402  (tests/ is on sys.path; the spawned ranks import it too)
+from _two_ranks import SUITES  # noqa: E402
 
 KINDS = ["cmd", "blockwise", "online"]
 pytestmark = [pytest.mark.filterwarnings(f"ignore:{m}") for m in (
@@ -339,16 +340,17 @@ def test_cmd_callback_records_the_switch_and_refuses_nothing_in_one_process():
 
 
 # ----------------------------------------------------------------------------- DDP: one 2-process launch
-@pytest.fixture(scope="module")
-def ddp(tmp_path_factory):
-    import torch.distributed as dist
+# (shared with the DDP and FSDP2 suites: tests/_two_ranks.py)
+SUITES["lightning"] = lambda out: ("_lightning_worker", "run_scenarios", (str(out), list(W.SCENARIOS)))
 
-    from modeopt.distributed.ddp import launch_local
+
+@pytest.fixture(scope="module")
+def ddp(request):
+    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("lightning-ddp")
-    launch_local(W.run_scenarios, (str(out), list(W.SCENARIOS)), nprocs=2, timeout=240)
+    out = request.getfixturevalue("two_rank_launch")["lightning"]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
