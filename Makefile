@@ -16,10 +16,10 @@ demo: $(STAMP)
 	$(VENV)/bin/python examples/demo.py
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=15
+	$(VENV)/bin/python -m pytest -q -n 2 --durations=15
 
 test-all: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=15 -m ''
+	$(VENV)/bin/python -m pytest -q -n 2 --durations=15 -m ''
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m pip install -q -e '.[bench]'

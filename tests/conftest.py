@@ -9,6 +9,15 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# `make test` runs the suite in pytest-xdist workers (one per core). Each worker then gets its share of the
+# cores: torch's default (every core in every worker) oversubscribes the machine, and small tests, most of
+# this suite, are several times slower when their threads fight. Set before any test's process starts,
+# so the processes tests launch inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+
 
 def planted_trajectory(n=20_000, t=30, m=5, noise=1e-4, seed=0, dtype=torch.float32):
     """A trajectory built from m mutually uncorrelated (orthonormal, centred) profiles.
