@@ -298,8 +298,57 @@ def check_errors(device: str) -> list[dict]:
     return r.rows
 
 
+# --------------------------------------------------------------------------------------------- form
+
+
+def _form_case(sizes, m, w_dtype, a_dtype, l_dtype, device, seed, scale=1e-3):
+    """``tk.form`` (out of place ``w + a * delta[label]``, one rounding) against the torch expression,
+    bitwise, with the weights left untouched; deltas ``scale`` small so most sums fall between two
+    neighbouring half-precision values (rounding decides every element)."""
+
+    def run():
+        gen = torch.Generator().manual_seed(seed)
+        ws = [_rand(n, w_dtype, gen, device) for n in sizes]
+        a = [_rand(n, a_dtype, gen, device) for n in sizes]
+        labels = [_labels(n, m, l_dtype, gen, device, high=True) for n in sizes]
+        delta = (torch.randn(m, generator=gen) * scale).to(device)
+        before = [w.clone() for w in ws]
+        refs = [(w.float() + x.float() * delta[_index(lab)]).to(w.dtype) for w, x, lab in zip(ws, a, labels)]
+        outs = tk.form(ws, a, labels, delta)
+        bad = _mismatches(outs, refs)
+        untouched = all(torch.equal(_bits(w), _bits(w0)) for w, w0 in zip(ws, before))
+        shapes = all(o.shape == w.shape and o.dtype == w.dtype for o, w in zip(outs, ws))
+        return sum(bad) == 0 and untouched and shapes, f"mismatches {bad}, untouched {untouched}, shapes {shapes}"
+
+    return run
+
+
+def check_form(device: str) -> list[dict]:
+    r = _Results()
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    u8, i16, i32 = torch.uint8, torch.int16, torch.int32
+    r.case("bf16 w, bf16 a, u8 M=5", _form_case(SIZES, 5, bf16, bf16, u8, device, 11))
+    r.case("bf16 w, f32 a, int16 M=40000", _form_case(SIZES, 40000, bf16, f32, i16, device, 12))
+    r.case("fp16 w, f32 a, u8 M=3", _form_case(SIZES, 3, f16, f32, u8, device, 13))
+    r.case("fp16 w, bf16 a, int32 M=70000, large deltas", _form_case(SIZES, 70000, f16, bf16, i32, device, 14, 10.0))
+    r.case("f32 w, f32 a, u8 M=2", _form_case((1, 1023), 2, f32, f32, u8, device, 15))
+
+    def shaped():  # a 3-D weight: output of its shape, labels in row-major order
+        gen = torch.Generator().manual_seed(16)
+        w = torch.randn(5, 3, 7, generator=gen).to(bf16).to(device)
+        a = torch.randn(105, generator=gen).to(device)
+        lab = _labels(105, 3, u8, gen, device)
+        delta = torch.randn(3, generator=gen).to(device) * 1e-2
+        ref = (w.reshape(-1).float() + a * delta[_index(lab)]).to(bf16).view(w.shape)
+        out = tk.form([w], [a], [lab], delta)[0]
+        return out.shape == w.shape and _mismatches([out], [ref]) == [0], ""
+
+    r.case("3-D weight", shaped)
+    return r.rows
+
+
 CHECKS = {"reduce": check_reduce, "update": check_update, "welford": check_welford, "assign": check_assign,
-          "errors": check_errors}
+          "form": check_form, "errors": check_errors}
 
 
 def run_all(device: str, names: list[str] | None = None) -> dict[str, list[dict]]:

@@ -28,11 +28,12 @@ from torch import nn
 
 import modeopt
 from modeopt.modespace.space import kernels
+from modeopt.modespace.kernels import reference
 from modeopt.modespace.space import ModeSpace
 from modeopt.cmd_optimizer.optimizer import NonFiniteWarning
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ("mode_reduce", "mode_update", "welford_sample", "mode_assign")
+OPS = ("mode_reduce", "mode_update", "welford_sample", "mode_assign", "mode_form")
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +75,32 @@ def test_opcheck_every_op(fused):
         b = [torch.randn(x.numel()) for x in w]
         torch.library.opcheck(torch.ops.modeopt.mode_assign.default,
                               ([x.clone() for x in w], a, b, lab, torch.randn(5)))
+        torch.library.opcheck(torch.ops.modeopt.mode_form.default,
+                              ([w[0].bfloat16(), w[1].half(), w[2].view(8, 8).bfloat16()], a, lab, torch.randn(5)))
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("a_dtype, label_dtype", [(torch.float32, torch.uint8), (torch.bfloat16, torch.int16),
+                                                  (torch.float32, torch.int32)])
+def test_form_is_one_rounding_bit_for_bit_on_every_cpu_path(w_dtype, a_dtype, label_dtype):
+    """mode_form (C kernel, torch reference, the operator) = the float32 sum rounded once to the
+    weight's dtype, bit for bit, over magnitudes from subnormal to large and small deltas (most sums
+    fall between two neighbours, so rounding decides every element); the weights stay untouched."""
+    g = torch.Generator().manual_seed(3)
+    n, m = 4099, 300 if label_dtype != torch.uint8 else 7
+    w = (torch.randn(n, generator=g) * torch.logspace(-7, 4, n)).to(w_dtype)
+    w[:4] = torch.tensor([0.0, -0.0, float("inf"), -float("inf")]).to(w_dtype)
+    a = torch.randn(n, generator=g).to(a_dtype)
+    lab = torch.randint(0, m, (n,), generator=g).to(label_dtype)
+    delta = torch.randn(m, generator=g) * 1e-3
+    want = (w.float() + a.float() * delta[lab.long() & 0xFFFF]).to(w_dtype)
+    before = w.clone()
+    outs = [reference.form([w], [a], [lab], delta)[0], torch.ops.modeopt.mode_form([w], [a], [lab], delta)[0]]
+    with kernels.use_fused(True):
+        outs.append(kernels.form([w], [a], [lab], delta)[0])
+    for out in outs:
+        assert out.dtype == w_dtype and torch.equal(out.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(w.view(torch.int16), before.view(torch.int16))
 
 
 @pytest.mark.parametrize("m, label_dtype", [(5, torch.uint8), (40_000, torch.int16), (70_000, torch.int32)])

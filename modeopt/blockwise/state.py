@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from modeopt.modespace.space import ModeSpace
+from modeopt.modespace.space import ModeSpace, check_base_state
 from modeopt.trajectories.snapshots import SnapshotBuffer
 
 __all__ = ["DAMAGED", "space_state", "check_blockwise_state", "space_from_state"]
@@ -19,10 +19,12 @@ DAMAGED = "damaged checkpoint, or one saved by an optimizer built differently"
 
 def space_state(space: ModeSpace) -> dict[str, Any]:
     """A finished block's mode space: parameter names, per tensor its labels and ``a`` (as stored),
-    per mode its param group, ``r`` and the ``r`` its weights hold."""
+    per mode its param group, ``r`` and the ``r`` its weights hold (those ``model.state_dict()`` gives);
+    for bfloat16/float16 weights their frozen bases (``half_base``: :meth:`ModeSpace.base_state`, the
+    parameters themselves; None without such weights, and absent in older checkpoints)."""
     return {"names": list(space.names), "labels": list(space.labels), "a": list(space.a),
             "r_groups": space.r_groups.clone(), "r": space.r_full().detach().clone(),
-            "r_in_weights": space.r_in_weights.clone()}
+            "r_in_weights": space.r_in_weights.clone(), "half_base": space.base_state() if space.half else None}
 
 
 def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups: int) -> None:
@@ -56,6 +58,8 @@ def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups
     for t in saved["labels"]:
         if t.numel() and not (0 <= int(t.min()) and int(t.max()) < m):
             raise ValueError(f"block {b}'s saved labels must lie in [0, {m}): {DAMAGED}")
+    if saved.get("half_base") is not None:
+        check_base_state(saved["half_base"], [n for n, _ in emb], [p for _, p in emb], m, f"block {b}'s checkpoint")
 
 
 def check_blockwise_state(state: Any, *, blocks: Sequence[Sequence[str]], emb: Sequence[Sequence[tuple[str, Tensor]]],
@@ -95,6 +99,7 @@ def space_from_state(model: nn.Module, emb: Sequence[tuple[str, nn.Parameter]], 
                       saved["r_groups"].to(torch.int64), saved["r"].to(torch.float32),
                       coef_dtype=saved["a"][0].dtype, r_prefix=r_prefix)
     space.r_in_weights.copy_(saved["r_in_weights"])
+    space.load_base_state(saved.get("half_base"))
     return space
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from modeopt.modespace import kernels
+from modeopt.modespace.space import check_base_state
 from modeopt.utils.checks import check_int, describe, short_names
 from modeopt.optim.nonfinite import NonFiniteWarning
 from modeopt.trajectories.snapshots import SnapshotBuffer
@@ -74,17 +75,22 @@ class Checkpointing:
     def mode_space_state(self) -> dict[str, Any] | None:
         """The current mode space as copies of its tensors (None outside mode space).
 
-        ``{"labels", "a", "r_groups", "r", "applied"}``: per embedded tensor the mode labels (stored
+        ``{"labels", "a", "r_groups", "r", "applied", "half_base"}``: per embedded tensor the mode labels (stored
         compactly, see :func:`modeopt.modespace.kernels.label_dtype`; read them with ``kernels.as_index``) and the
         coefficients ``a`` (flat, on the weight's device), ``(M,)`` int64 ``r_groups``, the ``(M,)`` mode
-        scalars ``r`` and the ``r`` the weights reflect (``ModeSpace.r_in_weights``). It is the
+        scalars ``r`` and the ``r`` the weights reflect (``ModeSpace.r_in_weights``; the model's
+        ``state_dict()`` holds the weights at that ``r``), and for bfloat16/float16 weights their frozen
+        bases (:meth:`ModeSpace.base_state <modeopt.modespace.space.ModeSpace.base_state>`: the
+        parameters themselves, not copies, and the ``r`` they hold; None without such weights;
+        checkpoints without the key load as bases equal to the model's weights). It is the
         ``"space"`` entry of ``state_dict()["cmd"]``, and what :meth:`load_mode_space` takes.
         """
         s = self.space
         if s is None:
             return None
         return {"labels": [lab.clone() for lab in s.labels], "a": [x.clone() for x in s.a],
-                "r_groups": s.r_groups.clone(), "r": s.r_full().detach().clone(), "applied": s.r_in_weights.clone()}
+                "r_groups": s.r_groups.clone(), "r": s.r_full().detach().clone(), "applied": s.r_in_weights.clone(),
+                "half_base": s.base_state() if s.half else None}
 
     def load_mode_space(self, state: Mapping[str, Any]) -> None:
         """Enter the mode space ``state`` (from :meth:`mode_space_state`, e.g. another rank's).
@@ -108,6 +114,7 @@ class Checkpointing:
     def _enter_saved(self, saved: Mapping[str, Any]) -> None:
         self._enter(labels=saved["labels"], a=saved["a"], r_groups=saved["r_groups"], r=saved["r"])
         self.space.r_in_weights.copy_(saved["applied"])
+        self.space.load_base_state(saved.get("half_base"))
 
     # ------------------------------------------------- validation (read-only: changes nothing)
 
@@ -251,6 +258,8 @@ class Checkpointing:
                 raise ValueError(f"checkpoint tensor {name!r}: its coefficients a reach |a| = {float(x.abs().max()):.3g}, "
                                  f"above {bound:.3g}, which no switch produces (each mode's a is normalised): damaged "
                                  "checkpoint; resume from an intact one")
+        if saved.get("half_base") is not None:
+            check_base_state(saved["half_base"], self._emb_names, self._emb_params, m)
         return {int(g) for g in r_groups.tolist()}
 
     def _check_saved_base(self, base: Any, r_groups: set[int] | None) -> None:

@@ -172,7 +172,6 @@ class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording,
         self.space: ModeSpace | None = None
         self.history: list[dict[str, Any]] = []
         self._warned_no_grad = False
-        self._warned_low_precision = False
         self._group_sizes = self._current_group_sizes()
         if ddp is not None:
             attach(self, ddp)
@@ -326,17 +325,6 @@ class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording,
         self.space = space
         self.phase = "embedded"
         self._phase_step = 0
-        low = sorted({str(p.dtype).replace("torch.", "") for p in self._emb_params
-                      if p.dtype in (torch.bfloat16, torch.float16)})
-        if low and not self._warned_low_precision:
-            self._warned_low_precision = True
-            warnings.warn(
-                f"modeopt: the embedded weights are {'/'.join(low)}. Mode space applies each change of r to "
-                "them in place (w += a * dr), and in half precision the rounding of every step accumulates: "
-                "the weights drift away from a * r + b (measured on a bf16 MLP with AdamW: after 400 embedded "
-                "steps the error was 60 % of the intended movement). Keep float32 weights and train under "
-                "torch.autocast (mixed precision) instead; see docs/optimizer.md, 'Half-precision weights'",
-                stacklevel=5)
 
     def _unembed(self) -> None:
         space = self.space

@@ -4,7 +4,8 @@ implementation per device and a torch reference everywhere.
 * :func:`reduce` - ``dL/dr_m = sum_{i: label_i = m} a_i g_i`` over many tensors, float64, deterministic;
 * :func:`update` - ``w_i += a_i * delta[label_i]`` in place;
 * :func:`welford` - one Welford/Chan sample of float64 per-weight moments in place;
-* :func:`assign` - ``w_i = a_i * r[label_i] + b_i`` in place.
+* :func:`assign` - ``w_i = a_i * r[label_i] + b_i`` in place;
+* :func:`form` - ``w_i + a_i * delta[label_i]`` out of place, rounded once (half-precision forward).
 
 Every pass calls its operator (``torch.ops.modeopt.*``, registered by :mod:`modeopt.modespace.kernels.ops`
 when this package is imported); the dispatcher picks the implementation for the tensors' device:
@@ -35,7 +36,7 @@ from .cpu import fused_available
 from .labels import as_index, check_labels, check_sizes, label_dtype
 from .switch import KernelWarning, use_fused
 
-__all__ = ["reduce", "update", "welford", "assign", "fused_available", "use_fused", "label_dtype", "as_index",
+__all__ = ["reduce", "update", "welford", "assign", "form", "fused_available", "use_fused", "label_dtype", "as_index",
            "check_labels", "KernelWarning", "CPU_DIRECT"]
 
 #: Eager calls on CPU tensors run the operator's CPU implementation directly, skipping the
@@ -126,3 +127,21 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
         cpu.assign(list(weights), list(a), list(b), list(labels), r)
     else:
         torch.ops.modeopt.mode_assign(list(weights), list(a), list(b), list(labels), r)
+
+
+@torch.no_grad()
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> list[Tensor]:
+    """Per tensor a new ``(float32(w) + float32(a) * float32(delta)[label]).to(w.dtype)``: the sum in
+    float32 (a rounded product, then the add), rounded once to the weight's dtype (to nearest even,
+    as torch's ``.to()``), contiguous, of ``w``'s shape. The same bits on every implementation.
+
+    Args:
+        weights: the stored (frozen) weights, any shape and float dtype; read only.
+        a, labels: per tensor, flat coefficients and compact labels in ``[0, M)``.
+        delta: ``(M,)`` change of the mode scalars since the weights' value, on their device.
+    """
+    if not len(weights):
+        return []
+    if _direct(delta):
+        return cpu.form(list(weights), list(a), list(labels), delta)
+    return torch.ops.modeopt.mode_form(list(weights), list(a), list(labels), delta)

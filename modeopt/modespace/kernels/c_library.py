@@ -15,7 +15,9 @@ Entry points (``ctypes`` releases the GIL while they run; ``a`` is ``f32`` or ``
   ``g``, ``acc`` float64 of ``UNROLL * M``; ``fold_banks(acc, M, out)`` adds the banks into ``out``;
 * ``update_<a>_<l>(w, a, lab, delta, n)`` - ``w[i] += a[i] * delta[lab[i]]``, float32 ``w``, ``delta``;
 * ``welford_<l>(w, mean, com, lab, dr, inv_n, n)`` - float32 ``w``, float64 moments and ``dr``;
-* ``assign_<l>(w, a, b, lab, r, n)`` - ``w[i] = a[i] * r[lab[i]] + b[i]``, all float32.
+* ``assign_<l>(w, a, b, lab, r, n)`` - ``w[i] = a[i] * r[lab[i]] + b[i]``, all float32;
+* ``form_<w>_<a>_<l>(w, a, lab, out, delta, n)`` - ``out[i] = w(float(w[i]) + a[i] * delta[lab[i]])``
+  out of place, ``w``/``out`` bfloat16 or float16 (:data:`W_NAMES`), float32 ``delta``, one rounding.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 from .switch import KernelWarning
 
-__all__ = ["SOURCE", "UNROLL", "A_NAMES", "L_NAMES", "library", "compiler", "library_path", "digest_path",
+__all__ = ["SOURCE", "UNROLL", "A_NAMES", "L_NAMES", "W_NAMES", "library", "compiler", "library_path", "digest_path",
            "sha256", "compile_library", "load"]
 
 logger = logging.getLogger("modeopt")
@@ -49,6 +51,8 @@ UNROLL = 8
 A_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 #: Label dtypes the C code covers (int16 read as uint16), and their names in the entry points.
 L_NAMES = {torch.uint8: "u8", torch.int16: "u16", torch.int32: "i32"}
+#: Half-precision weight dtypes ``form_*`` covers, and their names in the entry points.
+W_NAMES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 
 _lib = None
 _lib_tried = False
@@ -59,7 +63,8 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MODEOPT_CACHE", Path.home() / ".cache" / "modeopt"))
 
 
-_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99"]
+# -ffp-contract=off: a * d + w is a rounded product then an add, as in torch and Triton (no FMA)
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off"]
 
 
 def compiler() -> str | None:
@@ -136,6 +141,8 @@ def load(path: Path) -> ctypes.CDLL:
             for ln in L_NAMES.values():
                 getattr(lib, f"reduce_{an}_{ln}").argtypes = [vp, vp, vp, i64, vp, i64]
                 getattr(lib, f"update_{an}_{ln}").argtypes = [vp, vp, vp, vp, i64]
+                for wn in W_NAMES.values():
+                    getattr(lib, f"form_{wn}_{an}_{ln}").argtypes = [vp, vp, vp, vp, vp, i64]
         lib.fold_banks.argtypes = [vp, i64, vp]
         for ln in L_NAMES.values():
             getattr(lib, f"welford_{ln}").argtypes = [vp, vp, vp, vp, vp, ctypes.c_double, i64]
@@ -171,6 +178,14 @@ def _self_test(lib: ctypes.CDLL) -> None:
                 getattr(lib, f"update_{an}_{ln}")(y.data_ptr(), x.data_ptr(), lt.data_ptr(), delta.data_ptr(), n)
                 if not torch.allclose(y, w + xf * delta[lab], rtol=1e-6, atol=1e-6):
                     raise _KernelError(f"its update_{an}_{ln} disagrees with the torch reference")
+                for wdt, wn in W_NAMES.items():
+                    wh = w.to(wdt)
+                    got = torch.empty_like(wh)
+                    getattr(lib, f"form_{wn}_{an}_{ln}")(wh.data_ptr(), x.data_ptr(), lt.data_ptr(),
+                                                         got.data_ptr(), delta.data_ptr(), n)
+                    want = (wh.to(torch.float32) + xf * delta[lab]).to(wdt)
+                    if not torch.equal(got, want):  # one rounding, bit for bit
+                        raise _KernelError(f"its form_{wn}_{an}_{ln} disagrees with the torch reference")
         for ldt, ln in L_NAMES.items():
             lt = lab.to(ldt)
             mean = torch.randn(n, generator=g, dtype=torch.float64)

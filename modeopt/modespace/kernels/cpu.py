@@ -21,11 +21,11 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .c_library import A_NAMES, L_NAMES, UNROLL, library
+from .c_library import A_NAMES, L_NAMES, UNROLL, W_NAMES, library
 from .labels import check_sizes
 from .switch import enabled
 
-__all__ = ["fused_available", "reduce", "update", "welford", "assign", "PIECE", "THREADS"]
+__all__ = ["fused_available", "reduce", "update", "welford", "assign", "form", "PIECE", "THREADS"]
 
 #: Elements per piece of work (and per accumulator row of ``reduce``).
 PIECE = 1 << 18
@@ -36,6 +36,7 @@ _pool: ThreadPoolExecutor | None = None
 _F32 = (torch.float32,)
 _F64 = (torch.float64,)
 _A = tuple(A_NAMES)  # coefficient dtypes the C code reads
+_HALF = tuple(W_NAMES)  # weight dtypes form_* reads and writes
 
 
 def fused_available() -> bool:
@@ -174,3 +175,18 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
     rr = r.to(torch.float32).contiguous()
     fns = [getattr(lib, f"assign_{L_NAMES[lab.dtype]}") for lab in labels]
     _run_elementwise(fns, (weights, a, b, labels), (rr.data_ptr(),))
+
+
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> list[Tensor]:
+    """Out of place: ``w(float(w) + a * delta[label])`` per tensor; see
+    :func:`modeopt.modespace.kernels.reference.form` (bit for bit the same)."""
+    if not _fusable((weights, _HALF), (a, _A), labels=labels):
+        return reference.form(weights, a, labels, delta)
+    check_sizes("form", weights, a, labels)
+    lib = library()
+    d = delta.to(torch.float32).contiguous()
+    out = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+    fns = [getattr(lib, f"form_{W_NAMES[w.dtype]}_{A_NAMES[x.dtype]}_{L_NAMES[lab.dtype]}")
+           for w, x, lab in zip(weights, a, labels)]
+    _run_elementwise(fns, (weights, a, labels, out), (d.data_ptr(),))
+    return out

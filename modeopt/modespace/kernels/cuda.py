@@ -19,7 +19,7 @@ from torch import Tensor
 from . import reference, triton_kernels
 from .switch import KernelWarning, torch_only
 
-__all__ = ["triton_usable", "triton_self_test", "reduce", "update", "welford", "assign"]
+__all__ = ["triton_usable", "triton_self_test", "reduce", "update", "welford", "assign", "form"]
 
 _F32 = (torch.float32,)
 _F64 = (torch.float64,)
@@ -88,6 +88,9 @@ def triton_self_test(device: torch.device) -> bool:
         reference.assign([y2], [x], [b], [lab], d)
         if not _close(y1, y2, 1e-6):
             raise RuntimeError("assign disagrees with the torch reference")
+        for half in (torch.bfloat16, torch.float16):
+            if not torch.equal(tk.form([w.to(half)], [x], [lab], d)[0], reference.form([w.to(half)], [x], [lab], d)[0]):
+                raise RuntimeError(f"form ({half}) disagrees with the torch reference")
     except Exception as e:  # noqa: BLE001 - a Triton that cannot compile here: the torch path works
         warnings.warn(f"modeopt: the Triton kernels failed their self-test on {device} ({e!r}); mode-space "
                       "passes there use the (slower) torch path. MODEOPT_KERNELS=torch silences this",
@@ -153,3 +156,13 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
             and _covered((weights, tk.WEIGHT_DTYPES), (a, tk.A_DTYPES), (b, _F32), labels=labels, n_modes=r.numel())):
         return tk.assign(weights, a, b, labels, r)
     return reference.assign(weights, a, b, labels, r)
+
+
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> list[Tensor]:
+    """Out of place: ``w + a * delta[label]`` rounded once to ``w``'s dtype, Triton where every tensor
+    is covered, else the torch reference; see :func:`modeopt.modespace.kernels.reference.form`."""
+    tk = triton_kernels
+    if (triton_usable(delta.device)
+            and _covered((weights, tk.WEIGHT_DTYPES), (a, tk.A_DTYPES), labels=labels, n_modes=delta.numel())):
+        return tk.form(weights, a, labels, delta)
+    return reference.form(weights, a, labels, delta)

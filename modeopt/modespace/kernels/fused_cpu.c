@@ -13,9 +13,17 @@
  *
  * Coefficients are float32 or bfloat16 (stored as uint16: the high half of a float32); labels
  * are uint8, uint16 or int32.
+ *
+ *   form:    out[i] = half(float(w[i]) + a[i] * delta[lab[i]])  (bf16/fp16 weights, out of place)
+ *
+ * form is the forward of a half-precision weight kept as its frozen switch-time value: the sum is
+ * formed in float32 (product rounded, then the add: no FMA, -ffp-contract=off) and
+ * rounded once to the weight's dtype, to nearest even exactly as torch's .to() does (the conversions
+ * below are c10's, bit for bit, including NaN, infinities and subnormals).
  */
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 
 #define UNROLL 8
 #define BLK 256
@@ -27,6 +35,41 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 static inline float f32_to_f32(float x) { return x; }
+
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }
+
+/* float32 -> bfloat16, round to nearest even; NaN -> 0x7FC0 (c10::round_to_nearest_even). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u = f32_bits(f);
+    if (f != f) return 0x7FC0;
+    return (uint16_t) ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* fp16 <-> float32 as c10::detail::fp16_ieee_{to,from}_fp32_value (exact, RNE, subnormals). */
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t w = (uint32_t) h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = bits_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = bits_f32((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t result = sign | (two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized));
+    return bits_f32(result);
+}
+static inline uint16_t f32_to_f16(float f) {
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = f32_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = bits_f32((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f32_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+    const uint32_t mantissa_bits = bits & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t) ((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
 
 /* Scatter v[0..len) into the banks, labels read one by one (wide label types). */
 #define SCATTER_GENERIC(LTYPE)                                                                     \
@@ -111,3 +154,24 @@ void fold_banks(const double *acc, int64_t m, double *out) {
         out[j] += s;
     }
 }
+
+/* out[i] = W(float(w[i]) + a[i] * delta[lab[i]]) for bf16/fp16 weights (stored as uint16). The
+ * product is a separate statement, and the build passes -ffp-contract=off: never an FMA. */
+#define DEFINE_FORM(WNAME, WTO, WFROM, ANAME, ATYPE, ACONV, LNAME, LTYPE)                          \
+    void form_##WNAME##_##ANAME##_##LNAME(const uint16_t *restrict w, const ATYPE *restrict a,     \
+                                          const LTYPE *restrict lab, uint16_t *restrict out,       \
+                                          const float *restrict delta, int64_t n) {                \
+        for (int64_t i = 0; i < n; ++i) {                                                          \
+            const float p = ACONV(a[i]) * delta[(uint32_t) lab[i]];                             \
+            out[i] = WFROM(WTO(w[i]) + p);                                                         \
+        }                                                                                          \
+    }
+#define DEFINE_FORM_W(WNAME, WTO, WFROM)                                                           \
+    DEFINE_FORM(WNAME, WTO, WFROM, f32, float, f32_to_f32, u8, uint8_t)                            \
+    DEFINE_FORM(WNAME, WTO, WFROM, f32, float, f32_to_f32, u16, uint16_t)                          \
+    DEFINE_FORM(WNAME, WTO, WFROM, f32, float, f32_to_f32, i32, int32_t)                           \
+    DEFINE_FORM(WNAME, WTO, WFROM, bf16, uint16_t, bf16_to_f32, u8, uint8_t)                       \
+    DEFINE_FORM(WNAME, WTO, WFROM, bf16, uint16_t, bf16_to_f32, u16, uint16_t)                     \
+    DEFINE_FORM(WNAME, WTO, WFROM, bf16, uint16_t, bf16_to_f32, i32, int32_t)
+DEFINE_FORM_W(bf16, bf16_to_f32, f32_to_bf16)
+DEFINE_FORM_W(f16, f16_to_f32, f32_to_f16)

@@ -11,6 +11,8 @@ labels, delta)``
 comoment!, labels, dr, n)``
 ``modeopt::mode_assign(weights!, a, b,     ``w = a * r[label] + b`` in place
 labels, r)``
+``modeopt::mode_form(weights, a, labels,   per tensor a new ``(w + a * delta[label]).to(w.dtype)``,
+delta) -> Tensor[]``                       summed in float32 and rounded once (half-precision forward)
 =========================================  ==============================================================
 
 Implementations, chosen by the dispatcher from the tensors' device:
@@ -43,7 +45,7 @@ from torch import Tensor
 
 from . import cpu, cuda, reference
 
-__all__ = ["mode_reduce", "mode_update", "welford_sample", "mode_assign"]
+__all__ = ["mode_reduce", "mode_update", "welford_sample", "mode_assign", "mode_form"]
 
 
 # ------------------------------------------------------------------------------------ mode_reduce
@@ -111,3 +113,19 @@ mode_assign.register_kernel("cuda")(cuda.assign)
 @mode_assign.register_fake
 def _(weights, a, b, labels, r):
     return None
+
+
+# -------------------------------------------------------------------------------------- mode_form
+@torch.library.custom_op("modeopt::mode_form", mutates_args=())
+def mode_form(weights: list[Tensor], a: list[Tensor], labels: list[Tensor], delta: Tensor) -> list[Tensor]:
+    """Out of place: per tensor ``(float32(w) + float32(a) * delta[label]).to(w.dtype)``, contiguous."""
+    return reference.form(weights, a, labels, delta)
+
+
+mode_form.register_kernel("cpu")(cpu.form)
+mode_form.register_kernel("cuda")(cuda.form)
+
+
+@mode_form.register_fake
+def _(weights, a, labels, delta):
+    return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]

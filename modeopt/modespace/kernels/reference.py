@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .labels import as_index
 
-__all__ = ["reduce", "update", "welford", "assign", "segment_sum"]
+__all__ = ["reduce", "update", "welford", "assign", "form", "segment_sum"]
 
 #: (kind, dtype) -> a reusable CPU buffer.
 _scratch: dict[tuple, Tensor] = {}
@@ -113,3 +113,16 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
     for w, x, y, lab in zip(weights, a, b, labels):
         new = torch.addcmul(y.to(torch.float32), x.to(torch.float32), rr[as_index(lab)])
         w.copy_(new.view(w.shape))
+
+
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> list[Tensor]:
+    """Out of place: ``(float32(w) + float32(a) * float32(delta)[label]).to(w.dtype)`` per tensor, a new
+    contiguous tensor of ``w``'s shape and dtype: the sum is formed in float32 (the product rounded,
+    then the add) and rounded once. Weights of any shape and layout (labels follow the logical,
+    row-major order); ``delta`` is ``(M,)``."""
+    d = delta.to(torch.float32)
+    out = []
+    for w, x, lab in zip(weights, a, labels):
+        prod = x.to(torch.float32) * d[as_index(lab).to(torch.int64)]
+        out.append((w.reshape(-1).to(torch.float32) + prod).to(w.dtype).view(w.shape))
+    return out

@@ -5,7 +5,8 @@ Same semantics as :mod:`modeopt.modespace.kernels.reference` (the torch referenc
 * :func:`reduce`  - ``out[m] = sum_{i: label_i = m} a_i * g_i`` over many tensors, float64, deterministic;
 * :func:`update`  - ``w += a * delta[label]`` in place;
 * :func:`welford` - one Welford/Chan sample of float64 moments in place;
-* :func:`assign`  - ``w = a * r[label] + b`` in place.
+* :func:`assign`  - ``w = a * r[label] + b`` in place;
+* :func:`form`    - ``out = w + a * delta[label]`` out of place (half-precision weights, one rounding).
 
 Every tensor argument is a contiguous tensor on one device (weights and grads may have any shape;
 they are read in their logical row-major order, like the labels). Supported dtypes:
@@ -45,7 +46,7 @@ from torch import Tensor
 
 _WHO = "modeopt.modespace.kernels.triton_kernels"
 
-__all__ = ["available", "supports", "compiled", "reduce_tiles", "reduce", "update", "welford", "assign",
+__all__ = ["available", "supports", "compiled", "reduce_tiles", "reduce", "update", "welford", "assign", "form",
            "MAX_REDUCE_MODES", "REDUCE_CHUNK", "ELEMENTWISE_BLOCK", "WEIGHT_DTYPES", "A_DTYPES", "LABEL_DTYPES",
            "LABEL_MAX_MODES"]
 
@@ -213,8 +214,18 @@ def compiled():
             out = a * r + b  # no FMA (enable_fp_fusion=False): same roundings as the torch reference
             tl.store(w_ptr + offs, _narrow(out, w_ptr), mask=mask)
 
+        @triton.jit
+        def _form_kernel(w_ptr, a_ptr, lab_ptr, out_ptr, d_ptr, n, n_modes,
+                         LABEL_U16: tl.constexpr, BLOCK: tl.constexpr):
+            offs, mask, d = _block_by_label(lab_ptr, d_ptr, n, n_modes, LABEL_U16, BLOCK)
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            out = w + a * d  # no FMA (enable_fp_fusion=False): a rounded product, then the add
+            tl.store(out_ptr + offs, _narrow(out, out_ptr), mask=mask)
+
         class _K:
             cdiv = staticmethod(triton.cdiv)
+            form = _form_kernel
             reduce = _reduce_kernel
             update = _update_kernel
             welford = _welford_kernel
@@ -423,3 +434,35 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
     rows = list(zip(weights, a, b, labels))
     _check_rows(rows, [("weight", WEIGHT_DTYPES), ("a", A_DTYPES), ("b", (torch.float32,))], r.numel())
     _launch_elementwise(k.assign, dev, rows, (r.to(torch.float32).contiguous(),), r.numel())
+
+
+@torch.no_grad()
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> list[Tensor]:
+    """Out of place, for every tensor: ``(float32(w) + float32(a) * float32(delta)[label]).to(w.dtype)``,
+    a new contiguous tensor of ``w``'s shape (rounded once, to nearest even, like torch's ``.to()``).
+
+    Args:
+        weights: float32/bfloat16/float16 contiguous tensors (any shape), read only.
+        a: per tensor, float32/bfloat16 coefficients, flat, ``w.numel()`` elements.
+        labels: per tensor, uint8/int16(uint16)/int32/int64 labels in ``[0, M)``.
+        delta: ``(M,)`` (any float dtype; rounded to float32 first).
+    """
+    _same_len(weights=weights, a=a, labels=labels)
+    if not weights:
+        return []
+    k = compiled()
+    dev = _device_of([*weights, *a, *labels, delta])
+    _check_rows(list(zip(weights, a, labels)), [("weight", WEIGHT_DTYPES), ("a", A_DTYPES)], delta.numel())
+    out = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+    rows = [(w, x, lab, o) for w, x, lab, o in zip(weights, a, labels, out)]
+    # the kernel takes (w, a, labels, out, delta): the row's labels are not last, so launch directly
+    with _launch(dev):
+        d = delta.to(torch.float32).contiguous()
+        for w, x, lab, o in rows:
+            size = w.numel()
+            if size:
+                k.form[(k.cdiv(size, ELEMENTWISE_BLOCK),)](w, x, lab, o, d, size, delta.numel(),
+                                                         LABEL_U16=lab.dtype == torch.int16,
+                                                         BLOCK=ELEMENTWISE_BLOCK, num_warps=4,
+                                                         enable_fp_fusion=False)
+    return out
