@@ -67,17 +67,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-#: LlamaConfig fields of the two sizes. "scale": 12 layers of width 1536 (MLP 4096, 12 heads of 128),
-#: a 32,000-token vocabulary, untied head: 437.9 M weights (876 MB in bf16).
+#: LlamaConfig fields by size. "scale": 8 layers of width 1536 (MLP 4096, 12 heads of 128), a 32,000-token
+#: vocabulary, untied head: 324.8 M weights (650 MB in bf16). "m80" (83 M) and "mid" (20 M): the same shape,
+#: smaller, for what cannot run at "scale" here (docs/scale.md).
 SIZES = {
-    "scale": dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
+    "scale": dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=8,
                   num_attention_heads=12, num_key_value_heads=12),
+    "m80": dict(vocab_size=16000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=8),
     "mid": dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                 num_attention_heads=8, num_key_value_heads=8),
     "smoke": dict(vocab_size=2000, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=4),
 }
-SHAPES = {"scale": (1, 64), "mid": (1, 32), "smoke": (1, 16)}  # batch x sequence length
+SHAPES = {"scale": (1, 32), "m80": (1, 32), "mid": (1, 32), "smoke": (1, 16)}  # batch x sequence length
 LR = 5e-5  # the Trainer's default
 N_MODES = 10
 STEPS_PER_BLOCK = 3  # BlockwiseCMD: the fewest that record 3 snapshots at snapshot_every = 1
@@ -309,7 +312,8 @@ class Blockwise(Method):
         out["recording"] = int(self.opt.recording_bytes)
         out["a"] = nbytes(t for s in self.opt.spaces for t in s.a)
         out["labels"] = nbytes(t for s in self.opt.spaces for t in s.labels)
-        out["r"] = nbytes(t for s in self.opt.spaces for t in s.r_params) + nbytes(s.r_in_weights for s in self.opt.spaces)
+        out["r"] = (nbytes(t for s in self.opt.spaces for t in s.r_params)
+                    + nbytes(t for s in self.opt.spaces for t in (s.r_in_weights, getattr(s, "r_base", None))))
         return out
 
     def formula(self, phase):
@@ -321,9 +325,9 @@ class Blockwise(Method):
         # last block's embedding with every other block finished.
         emb = [sum(p.numel() for _, p in e) for e in self.opt._emb]
         last = emb[-1]
-        done = sum(emb[:-1]) if phase == "block" else sum(emb)
+        done = sum(emb[:-1]) if phase in ("block", "embed") else sum(emb)
         t = STEPS_PER_BLOCK + 1
-        if phase == "block":
+        if phase in ("block", "embed"):
             return {"grads": 2 * last, "optimizer_state": 4 * last, "recording": (2 * t + 4) * last,
                     "a": 2 * done, "labels": done, "embedding_transient": 12 * last}
         return {"a": 2 * done, "labels": done}
@@ -362,7 +366,7 @@ class CMD(Method):
         if sp is not None:
             out["a"] = nbytes(sp.a)
             out["labels"] = nbytes(sp.labels)
-            out["r"] = nbytes(sp.r_params) + nbytes([sp.r_in_weights])
+            out["r"] = nbytes(sp.r_params) + nbytes([sp.r_in_weights, getattr(sp, "r_base", None)])
         return out
 
     def n_emb(self) -> int:
@@ -549,48 +553,30 @@ def run_child(spec: dict, log_dir: Path) -> dict:
         os.unlink(out)
 
 
-def _mib(b: float) -> str:
-    return f"{b / 2**20:,.0f}"
-
-
-def report(payload: dict) -> str:
-    rows = payload["rows"]
-    m = payload["machine"]
+def _size_table(size: str, rows: dict) -> list[str]:
     any_row = next(iter(rows.values()))
     n = any_row["n_weights"]
-    cfg = any_row["config"]
+    cfg = ", ".join(f"{k}={v}" for k, v in any_row["config"].items())
     lines = [
-        f"# Fine-tuning a bf16 decoder at scale: {n / 1e6:,.1f} M weights",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_mib']:,} MiB RAM, no GPU; torch {m['torch']}; "
-        f"{any_row['threads']} torch thread(s) per run. Model: LlamaForCausalLM from LlamaConfig({', '.join(f'{k}={v}' for k, v in cfg.items())}), "
-        f"random weights built in bf16, untied head; synthetic tokens, batch {any_row['batch']} x {any_row['seq']}; AdamW "
-        f"fused, lr {LR:g}, weight decay 0 (the Trainer's default for a bf16 model). Each method in a fresh process. "
-        "Produced by `benchmarks/scale.py`" + (" --smoke" if payload["args"].get("smoke") else "") + ".",
-        "",
-        "Peak = whole-run VmHWM minus the RSS right after the model was built (one no-grad forward done, high-water "
-        "mark reset there). Anonymous / file-backed = the largest sampled RssAnon / RssFile above that baseline "
-        "(a `record_dir` recording is file-backed page cache). B/w = bytes per model weight.",
-        "",
-        "| method | commit | peak MiB | B/w | / plain | / LoRA | anon peak MiB | file peak MiB | trainable at end | load avg (start, end) |",
+        f"## {size}: {n / 1e6:,.1f} M weights", "",
+        f"LlamaForCausalLM(LlamaConfig({cfg}), untied head), built in bf16 with random weights; synthetic tokens, "
+        f"batch {any_row['batch']} x {any_row['seq']}; {any_row['threads']} torch threads.", "",
+        "| method | commit | peak MiB | B/w | / plain | / LoRA | anon peak MiB | file peak MiB | trainable at end "
+        "| load avg (start, end) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     plain = rows.get("plain", {}).get("peak_mib")
     lora = rows.get("lora", {}).get("peak_mib")
-    for name, r in rows.items():
+    for r in rows.values():
         p = r["peak_mib"]
         lines.append(
             f"| {r['label']} | {r['commit']} | {p:,.0f} | {p * 2**20 / n:.2f} | "
             f"{(f'{p / plain:.2f}' if plain else '-')} | {(f'{p / lora:.2f}' if lora else '-')} | "
             f"{r['peak_sampled']['RssAnon']:,.0f} | {r['peak_sampled']['RssFile']:,.0f} | {r['trainable_end']:,} | "
             f"{r['loadavg_start'][0]:.1f}, {r['loadavg_end'][0]:.1f} |")
-    lines += ["", "## Per phase: median step time, peak, and bytes per weight beside the accounting", "",
-              "Census = the tensors the method holds after the phase's last step (gradients, optimizer state, "
-              "recording, `a`, labels, `r`, BAdam's float32 copies), its largest over the phase's steps; formula = "
-              "what the code's documentation predicts for that phase (docs/scale.md). Sampled peak: the sampler's "
-              "largest VmRSS above the baseline during the phase's steps (the optimizer's construction is phase "
-              "`setup`).", "",
-              "| method | phase | steps | median step s | sampled peak MiB | sampled B/w | census B/w | formula B/w | formula terms (B/w) |",
+    lines += ["", "Per phase: median step time (s), sampled peak, and bytes per weight: sampled / census / formula.", "",
+              "| method | phase | steps | median step s | sampled peak MiB | sampled B/w | census B/w | formula B/w "
+              "| formula terms (B/w) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         for ph, v in r["phases"].items():
@@ -600,12 +586,33 @@ def report(payload: dict) -> str:
             terms = ", ".join(f"{k} {b / n:.2f}" for k, b in v["formula"].items()) or "-"
             lines.append(f"| {name} | {ph} | {v['steps']} | {v['median_s']:.2f} | {s:,.0f} | {s * 2**20 / n:.2f} | "
                          f"{census / n:.2f} | {(f'{formula / n:.2f}' if formula else '-')} | {terms} |")
-    lines += ["", "## Where the memory is: sampled peak above the baseline by stage (MiB)", "",
-              "| method | phase / stage | VmRSS | RssAnon | RssFile |", "|---|---|---|---|---|"]
+    lines += ["", "Where the peak is: the largest sampled RSS above the baseline by phase / stage (MiB), top 4 "
+              "per method.", "", "| method | phase / stage | VmRSS | RssAnon | RssFile |", "|---|---|---|---|---|"]
     for name, r in rows.items():
-        for key, v in sorted(r["sampled_by_stage"].items(), key=lambda kv: -kv[1]["VmRSS"])[:6]:
+        for key, v in sorted(r["sampled_by_stage"].items(), key=lambda kv: -kv[1]["VmRSS"])[:4]:
             lines.append(f"| {name} | {key} | {v['VmRSS']:,.0f} | {v['RssAnon']:,.0f} | {v['RssFile']:,.0f} |")
-    lines += ["", "## Targets", ""] + [f"- {t}" for t in targets(rows)]
+    t = targets(rows)
+    if t:
+        lines += ["", f"Targets at {size}:", ""] + [f"- {x}" for x in t]
+    return lines + [""]
+
+
+def report(payload: dict) -> str:
+    m = payload["machine"]
+    lines = [
+        "# Fine-tuning a bf16 decoder: whole-run peak memory and step time by method", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_mib']:,} MiB RAM, no GPU; torch {m['torch']}. "
+        "Shared with other jobs: the load average at the start and end of each run is beside it, and step times "
+        "are inflated by it. Produced by `benchmarks/scale.py`; see docs/scale.md.", "",
+        "AdamW fused, lr 5e-5, weight decay 0 (what `transformers.Trainer` builds for a bf16 model). Each method in a "
+        "fresh process. Peak = whole-run VmHWM minus the RSS right after the model was built (one no-grad forward "
+        "done, high-water mark reset there); anon / file = the largest sampled RssAnon / RssFile above that "
+        "baseline (a `record_dir` recording is file-backed page cache). B/w = bytes per model weight. Census = the "
+        "tensors the method holds after a step (gradients, optimizer state, recording, `a`, labels, `r`, BAdam's "
+        "float32 copies), largest over the phase; formula = what the code's documented accounting predicts.", "",
+    ]
+    for size in sorted(payload["sizes"], key=lambda k: -next(iter(payload["sizes"][k].values()))["n_weights"]):
+        lines += _size_table(size, payload["sizes"][size])
     return "\n".join(lines)
 
 
@@ -629,21 +636,39 @@ def targets(rows: dict) -> list[str]:
     return out
 
 
+def _store(path: Path, size: str, name: str, row: dict, mach: dict) -> dict:
+    """Put one row into ``path`` (read again under a lock: runs of other sizes may write it meanwhile)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(tempfile.gettempdir()) / "scale-results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        payload = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
+        payload["machine"] = mach
+        rows = payload["sizes"].setdefault(size, {})
+        rows[name] = row
+        payload["sizes"][size] = {k: rows[k] for k in METHODS if k in rows}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        tmp.replace(path)
+    return payload
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="the tiny config, results in /tmp/scale-smoke")
-    ap.add_argument("--size", choices=list(SIZES), default=None, help="a config by name (default: scale; "
-                    "--smoke: smoke); another than scale writes to <tmp>/scale-<size> unless --out")
+    ap.add_argument("--smoke", action="store_true", help="the tiny config; results in <tmp>/scale-smoke")
+    ap.add_argument("--size", choices=list(SIZES), default=None, help="a config by name (default: scale; --smoke: "
+                    "smoke)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--steps", type=int, default=4, help="steps of each method's last phase (train / embedded)")
     ap.add_argument("--badam-every", type=int, default=2, help="BAdam: steps per block before it switches")
     ap.add_argument("--n-samples", type=int, default=1000, help="K of CMDOptimizer / BlockwiseCMD")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per method")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per method")
     ap.add_argument("--record-root", default=None, help="where record_dir's file goes (default: the temp dir)")
-    ap.add_argument("--merge", action="store_true", help="keep the rows of the existing scale.json not re-run")
+    ap.add_argument("--fresh", action="store_true", help="start a new scale.json instead of updating its rows")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results (--smoke: <tmp>/scale-smoke)")
     ap.add_argument("--log-dir", type=Path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -656,35 +681,27 @@ def main() -> None:
     from _common import machine
 
     size = args.size or ("smoke" if args.smoke else "scale")
-    out = args.out or (HERE / "results" if size == "scale" else Path(tempfile.gettempdir()) / f"scale-{size}")
+    out = args.out or (Path(tempfile.gettempdir()) / "scale-smoke" if args.smoke else HERE / "results")
     log_dir = args.log_dir or Path(tempfile.gettempdir()) / "scale-logs"
     path = out / "scale.json"
-    old = json.loads(path.read_text()) if path.exists() and (args.merge or args.report_only) else None
-    if args.report_only:
-        md = report(old)
-        (out / "scale.md").write_text(md + "\n")
-        print(md)
-        return
-    rows = dict(old["rows"]) if old else {}
-    batch, seq = SHAPES[size]
-    commit = _commit()
-    for name in args.methods:
-        spec = {"method": name, "size": size, "batch": batch, "seq": seq, "steps": args.steps,
-                "threads": args.threads, "badam_every": args.badam_every, "n_samples": args.n_samples,
-                "record_root": args.record_root, "timeout": args.timeout, "commit": commit,
-                "max_steps": 12 * SIZES[size]["num_hidden_layers"] * STEPS_PER_BLOCK + 50}
-        t = time.perf_counter()
-        r = run_child(spec, log_dir)
-        rows[name] = r
-        print(f"{name:10s} peak {r['peak_mib']:9,.1f} MiB ({r['peak_mib'] * 2**20 / r['n_weights']:.2f} B/w)  "
-              + "  ".join(f"{ph} {v['median_s']:.2f} s" for ph, v in r["phases"].items())
-              + f"  load {r['loadavg_start'][0]:.1f}->{r['loadavg_end'][0]:.1f}  ({time.perf_counter() - t:.0f} s)",
-              flush=True)
-    order = [k for k in METHODS if k in rows]
-    payload = {"machine": machine(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "rows": {k: rows[k] for k in order}}
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    if args.fresh and path.exists():
+        path.unlink()
+    payload = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
+    if not args.report_only:
+        batch, seq = SHAPES[size]
+        commit = _commit()
+        for name in args.methods:
+            spec = {"method": name, "size": size, "batch": batch, "seq": seq, "steps": args.steps,
+                    "threads": args.threads, "badam_every": args.badam_every, "n_samples": args.n_samples,
+                    "record_root": args.record_root, "timeout": args.timeout, "commit": commit,
+                    "max_steps": 2 * SIZES[size]["num_hidden_layers"] * STEPS_PER_BLOCK + 50}
+            t = time.perf_counter()
+            r = run_child(spec, log_dir)
+            payload = _store(path, size, name, r, machine())  # after every method: a later failure keeps it
+            print(f"{name:10s} peak {r['peak_mib']:9,.1f} MiB ({r['peak_mib'] * 2**20 / r['n_weights']:.2f} B/w)  "
+                  + "  ".join(f"{ph} {v['median_s']:.2f} s" for ph, v in r["phases"].items())
+                  + f"  load {r['loadavg_start'][0]:.1f}->{r['loadavg_end'][0]:.1f}  "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
     md = report(payload)
     (out / "scale.md").write_text(md + "\n")
     print("\n" + md)
