@@ -113,6 +113,8 @@ class Sampler:
         self.step, self.stage = 0, "other"  # step 0: building the optimizer
         self.base = _status()
         self.peaks: dict[tuple[int, str], dict[str, int]] = {}
+        #: per wrapped stage, per call: bytes of the tensors its result holds, by field
+        self.returned: dict[str, list[dict[str, int]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -161,7 +163,9 @@ class Sampler:
 
         def wrapped(*args, **kwargs):
             with sampler.in_stage(stage):
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
+            sampler.returned.setdefault(stage, []).append(_tensor_bytes(out))
+            return out
 
         setattr(mod, attr, wrapped)
         return True
@@ -174,6 +178,22 @@ class Sampler:
             for k in self.KEYS:
                 cur[k] = max(cur[k], v[k])
         return out
+
+
+def _tensor_bytes(obj) -> dict[str, int]:
+    """Bytes of the tensors a function returned, by field (dataclass / namedtuple / object fields, lists
+    of tensors summed); {} for anything else (a module, a ModeSpace's own fields are counted by the census)."""
+    import torch
+
+    fields = getattr(obj, "__dataclass_fields__", None)
+    items = ({k: getattr(obj, k) for k in fields} if fields else obj._asdict() if hasattr(obj, "_asdict") else {})
+    out = {}
+    for k, v in items.items():
+        ts = v if isinstance(v, (list, tuple)) else [v]
+        b = nbytes(t for t in ts if isinstance(t, torch.Tensor))
+        if b:
+            out[k] = b
+    return out
 
 
 def reset_hwm() -> bool:
@@ -250,6 +270,11 @@ class Lora(Method):
         self.model = get_peft_model(self.model, cfg)
         self.adapters = [p for p in self.model.parameters() if p.requires_grad]
         return _adamw(self.adapters)
+
+    def census(self):
+        out = super().census()
+        out["extra_params"] = nbytes(self.adapters)  # new weights, beyond the model as loaded
+        return out
 
     def formula(self, phase):
         # peft keeps the adapters in float32 for a bf16 base (autocast_adapter_dtype): 4 B grad + 8 B AdamW each;
@@ -513,6 +538,7 @@ def child(spec: dict) -> dict:
         "peak_mib": (end["VmHWM"] - base_status["VmRSS"]) / 2**20,
         "peak_sampled": {k: max(v[k] for v in sampled.values()) for k in Sampler.KEYS},
         "sampled_by_phase": sampled, "sampled_by_stage": stages, "stages_wrapped": wrapped,
+        "returned_bytes": sampler.returned,
         "phases": phases, "steps": steps, "info": m.info(), "record_file_bytes_at_end": rec_file,
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "process_s": time.perf_counter() - t_start,
     }
