@@ -639,6 +639,12 @@ def report(payload: dict) -> str:
     ]
     for size in sorted(payload["sizes"], key=lambda k: -next(iter(payload["sizes"][k].values()))["n_weights"]):
         lines += _size_table(size, payload["sizes"][size])
+    for key, part in payload.get("partial", {}).items():
+        lines += [f"## Partial run: {key} (stopped after {len(part['steps'])} steps: {part['why']})", "",
+                  f"From its log ({part['commit']}); peak = VmHWM above the baseline after each step.", "",
+                  "| step | phase | s | peak MiB |", "|---|---|---|---|"]
+        lines += [f"| {st['step']} | {st['phase']} | {st['s']:.1f} | {st['hwm_mib']:,.1f} |" for st in part["steps"]]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -694,6 +700,8 @@ def main() -> None:
     ap.add_argument("--record-root", default=None, help="where record_dir's file goes (default: the temp dir)")
     ap.add_argument("--fresh", action="store_true", help="start a new scale.json instead of updating its rows")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--add-partial", nargs=4, metavar=("METHOD", "LOG", "COMMIT", "WHY"), default=None,
+                    help="store the steps a child printed to LOG before it was stopped (with --size)")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results (--smoke: <tmp>/scale-smoke)")
     ap.add_argument("--log-dir", type=Path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -713,7 +721,14 @@ def main() -> None:
     if args.fresh and path.exists():
         path.unlink()
     payload = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
-    if not args.report_only:
+    if args.add_partial:
+        method, log, commit, why = args.add_partial
+        pat = r"^step\s+(\d+) (\w+)\s+([\d.]+) s\s+loss ([\d.]+)\s+hwm\s+([\d.]+) MiB"
+        steps = [{"step": int(a), "phase": b, "s": float(c), "loss": float(d), "hwm_mib": float(e)}
+                 for a, b, c, d, e in re.findall(pat, Path(log).read_text(), re.M)]
+        payload.setdefault("partial", {})[f"{size}/{method}"] = {"steps": steps, "why": why, "commit": commit}
+        path.write_text(json.dumps(payload, indent=1) + "\n")
+    elif not args.report_only:
         batch, seq = SHAPES[size]
         commit = _commit()
         for name in args.methods:
