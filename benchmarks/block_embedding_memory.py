@@ -64,7 +64,7 @@ def child(variant: str, k: int) -> dict:
     from _common import peak_rss_mib, reset_peak_rss, rss_mib
     from modeopt.modespace.space import kernels
     from modeopt.blockwise.embedding import embed_block
-    from modeopt.decomposition.decompose import decompose
+    from modeopt.decomposition.algorithm import decompose
     from modeopt.trajectories.layout import ParamLayout
     from modeopt.modespace.switch import initial_mode_space
     from modeopt.trajectories.trajectory import Trajectory

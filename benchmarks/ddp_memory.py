@@ -72,7 +72,8 @@ def rank_main(rank: int, world: int, out_dir: str) -> None:
                 optimizer_state=nbytes(v for st in opt.base.state.values() for v in st.values()
                                        if torch.is_tensor(v)),
                 recording=opt.recording_bytes,
-                mode_space=0 if space is None else nbytes([*space.a, *space.labels, space.r_in_weights]),
+                mode_space=0 if space is None else nbytes([*space.a, *space.labels, *(space.a_scale or []),
+                                                         space.r_in_weights]),
             )
 
     def measure(phase: str) -> None:

@@ -2,7 +2,7 @@
 
 Made for a session that holds one GPU for a few minutes: everything runs from one command, every
 part has a time cap (rounds are cut rather than overrunning), and a part that fails records its
-error and the script goes on. The whole run stays under ``--budget`` seconds (default 450: under 8
+error and the script goes on. The whole run stays under ``--budget`` seconds (default 540: under 10
 minutes on one H200, with the start-up).
 
     PYTHONPATH=. python3 benchmarks/gpu_check.py                       # on the GPU machine
@@ -24,6 +24,12 @@ c. Peak ``torch.cuda.max_memory_allocated`` per phase on the GPT-2 model at batc
 d. Switch time per 100 M weights with T = 20 snapshots (``benchmarks/switch_time.py``'s
    ``measure_switch`` if present, else ``modeopt.decompose`` of a planted (N, 20) trajectory;
    measured at a small N first and at 100 M only if that fits the part's time, else extrapolated).
+h. Exact half precision (issue 25): bf16 weights in mode space formed from their frozen switch-time
+   value in each forward against the in-place update it replaced (``ModeSpace.HALF_FORMED = False``)
+   and plain AdamW on the bf16 weights, ResNet18 (batch 64, 32x32) and a MiniLM-L12-H384-shaped BERT
+   (batch 32, seq 64), with ``benchmarks/half_precision_step_time.py``'s models: step-time ratio
+   formed / in-place (median over interleaved rounds) and the peak ``max_memory_allocated`` of three
+   steps above the allocation before them, also without the re-forming in backward (``formed_kept``).
 e. The targets: embedded/plain step <= 1.00 (AdamW fused), <= 1.05 (SGD + momentum); mode space
    <= 3 B per embedded weight; embedded-phase peak <= 0.6x plain AdamW's (GPT-2, batch 8); switch
    <= 2 s per 100 M weights.
@@ -371,7 +377,7 @@ def _memory_cmd(args, dev, meter, out, base, steps) -> dict:
     out["cmd_embedded_peak_mib"] = meter.peak()
     s = opt.space
     n_emb = sum(x.numel() for x in s.a)
-    ms_bytes = sum(x.numel() * x.element_size() for x in s.a) + sum(x.numel() * x.element_size() for x in s.labels)
+    ms_bytes = s.storage_bytes()["total"]  # a, labels and (int8 encoding) the scales, from the tensors
     out.update({
         "embedded_weights": n_emb, "mode_space_bytes": ms_bytes, "bytes_per_embedded_weight": ms_bytes / n_emb,
         "a_dtype": str(s.a[0].dtype), "labels_dtype": str(s.labels[0].dtype),
@@ -408,6 +414,43 @@ def _seconds(d: dict) -> float:
         if isinstance(d.get(k), (int, float)):
             return float(d[k])
     raise KeyError(f"measure_switch returned no time under a known key: {sorted(d)}")
+
+
+def part_half(args, dev, clock: Clock, cap: float, reserve: float) -> dict:
+    """h. bf16 mode space, formed vs in-place vs plain: step-time ratios and step memory per model."""
+    import half_precision_step_time as hp
+
+    deadline = clock.deadline(cap, reserve)
+    models = ["resnet18"] if args.smoke else ["resnet18", "minilm"]
+    batch = {"resnet18": 8 if args.smoke else 64, "minilm": 4 if args.smoke else 32}
+    out: dict = {"models": {}}
+    for i, name in enumerate(models):
+        end = time.perf_counter() + (deadline - time.perf_counter()) / (len(models) - i)
+        runs = {v: hp.prepared(v, name, dev, batch[name], 4, 10) for v in hp.VARIANTS}
+        for run in runs.values():
+            run()
+        times = {v: [] for v in hp.VARIANTS}
+        ratios: list[float] = []
+        rnd = 0
+        while rnd < 2 or (time.perf_counter() < end - 10 and rnd < args.rounds):
+            order = hp.VARIANTS[rnd % 3:] + hp.VARIANTS[:rnd % 3]
+            this = {v: timed(runs[v], dev) for v in order}
+            for v in hp.VARIANTS:
+                times[v].append(this[v])
+            ratios.append(this["formed"] / this["in_place"])
+            rnd += 1
+        del runs
+        free(dev)
+        row = {"rounds": rnd, "batch": batch[name], "median_ms": {v: statistics.median(t) * 1e3 for v, t in times.items()},
+               "formed_over_in_place": statistics.median(ratios)}
+        if dev.type == "cuda" and time.perf_counter() < end:
+            row["step_peak_above_mib"] = {}
+            for v in hp.MEMORY_VARIANTS:
+                row["step_peak_above_mib"][v] = hp.memory_cuda(v, name, batch[name], 4, 10, dev)["step_peak_above_mib"]
+                free(dev)
+        out["models"][name] = row
+        log(f"half {name}: {row}")
+    return out
 
 
 def part_switch(args, dev, clock: Clock, cap: float, reserve: float) -> dict:
@@ -556,7 +599,21 @@ def markdown(results: dict, args) -> str:
         lines.append(f"{sw['how']}: " + "; ".join(f"N = {r['N']:,}: {r['seconds']:.2f} s" for r in sw["rows"])
                      + f" -> {sw['s_per_100M']:.2f} s per 100 M weights"
                      + (" (extrapolated linearly)" if sw["extrapolated"] else ""))
-    errors = [k for k in ("tests", "steps", "memory", "switch") if "error" in results.get(k, {})]
+    hh = results.get("half")
+    lines += ["", "## Exact half precision (bf16 weights: formed from the frozen base vs the in-place update)", ""]
+    if hh is None:
+        lines.append("not run (--parts)")
+    elif "error" in hh:
+        lines.append(f"error: {hh['error'][:300]}")
+    else:
+        lines += ["| model | plain ms | in-place ms | formed ms | formed / in-place | step peak MiB (plain / in-place / "
+                  "formed / formed, kept) |", "|---|---|---|---|---|---|"]
+        for name, r in hh["models"].items():
+            t, mem = r["median_ms"], r.get("step_peak_above_mib")
+            mem_s = " / ".join(f"{mem[v]:.0f}" for v in ("plain", "in_place", "formed", "formed_kept")) if mem else "-"
+            lines.append(f"| {name} (batch {r['batch']}, {r['rounds']} rounds) | {t['plain']:.1f} | {t['in_place']:.1f} "
+                         f"| {t['formed']:.1f} | {r['formed_over_in_place']:.3f}x | {mem_s} |")
+    errors = [k for k in ("tests", "steps", "memory", "switch", "half") if "error" in results.get(k, {})]
     if errors:
         lines += ["", f"Parts that failed: {errors} (tracebacks in the JSON)."]
     return "\n".join(lines)
@@ -566,9 +623,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny models and caps (CPU rehearsal, ~2 minutes)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 450; smoke 170)")
-    ap.add_argument("--parts", nargs="+", default=["tests", "steps", "memory", "switch"],
-                    choices=["tests", "steps", "memory", "switch"])
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 540; smoke 200)")
+    ap.add_argument("--parts", nargs="+", default=["tests", "steps", "memory", "switch", "half"],
+                    choices=["tests", "steps", "memory", "switch", "half"])
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per configuration (default 30; smoke 6)")
     ap.add_argument("--warm-rounds", type=int, default=None, help="rounds excluded (default 3; smoke 1)")
     ap.add_argument("--min-rounds", type=int, default=None, help="rounds timed even past the cap (default 5; smoke 2)")
@@ -576,7 +633,7 @@ def main() -> None:
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                     help="ResNet in channels_last (default: on for cuda, off on cpu)")
     ap.add_argument("--gpt2-batch", type=int, default=8)
-    ap.add_argument("--coef-dtype", choices=["float32", "bfloat16"], default="float32",
+    ap.add_argument("--coef-dtype", choices=["float32", "bfloat16", "int8"], default="float32",
                     help="storage of a in mode space (the library's default is float32)")
     ap.add_argument("--switch-n", type=int, default=None, help="weights for the switch time (default 100e6; smoke 1e6)")
     ap.add_argument("--switch-small", type=int, default=None, help="first, small N of the switch (default 10e6)")
@@ -586,7 +643,7 @@ def main() -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA GPU here: use --smoke --device cpu to rehearse")
     s = args.smoke
-    args.budget = args.budget or (170.0 if s else 450.0)
+    args.budget = args.budget or (200.0 if s else 540.0)
     args.rounds = args.rounds or (6 if s else 30)
     args.warm_rounds = args.warm_rounds if args.warm_rounds is not None else (1 if s else 3)
     args.steps_per_round = args.steps_per_round or (1 if s else 2)
@@ -596,7 +653,8 @@ def main() -> None:
     args.switch_small = args.switch_small or (200_000 if s else 10_000_000)
     name = args.out or ("gpu_smoke" if s else "gpu")
     CMD_KW["coef_dtype"] = getattr(torch, args.coef_dtype)
-    caps = {"tests": 60 if s else 150, "steps": 60 if s else 170, "memory": 20 if s else 50, "switch": 15 if s else 60}
+    caps = {"tests": 60 if s else 150, "steps": 60 if s else 170, "memory": 20 if s else 50, "switch": 15 if s else 60,
+            "half": 40 if s else 90}
     if dev.type == "cpu":
         torch.set_num_threads(1)  # the rehearsal box is 2 shared cores: two threads only fight
     clock = Clock(args.budget)
@@ -622,7 +680,7 @@ def main() -> None:
     results: dict = {"header": header, "targets_spec": TARGETS}
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    parts = [p for p in ["tests", "steps", "memory", "switch"] if p in args.parts]
+    parts = [p for p in ["tests", "steps", "memory", "switch", "half"] if p in args.parts]
     reserve = lambda after: sum(caps[p] for p in parts[parts.index(after) + 1:]) * 0.5  # noqa: E731
 
     for p in parts:
@@ -638,6 +696,8 @@ def main() -> None:
             run_part(results, p, part_memory, args, dev)
         elif p == "switch":
             run_part(results, p, part_switch, args, dev, clock, caps[p], reserve(p))
+        elif p == "half":
+            run_part(results, p, part_half, args, dev, clock, caps[p], reserve(p))
         free(dev)
 
     header["total_seconds"] = time.perf_counter() - T0

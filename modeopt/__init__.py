@@ -12,11 +12,12 @@ Public API:
 
 Submodules: ``modeopt.distributed.ddp`` (DDP, torchrun, HF Trainer on several processes),
 ``modeopt.cmd_optimizer.federated`` (FedAvg in mode space), ``modeopt.analysis`` (studying training runs),
-``modeopt.integrations.hf`` (the ``Trainer`` callback).
+``modeopt.integrations.hf`` (the ``Trainer`` callback), ``modeopt.integrations.lightning`` (PyTorch
+Lightning callbacks).
 """
 
 from modeopt.blockwise.optimizer import BlockwiseCMD
-from modeopt.decomposition.decompose import Decomposition, decompose
+from modeopt.decomposition.algorithm import Decomposition, decompose
 from modeopt.trajectories.layout import ParamLayout
 from modeopt.online.shadow import OnlineCMD
 from modeopt.online.optimizer import OnlineCMDOptimizer

@@ -260,6 +260,107 @@ def check_assign(device: str) -> list[dict]:
     return r.rows
 
 
+# ------------------------------------------------------------------------------- the 8-bit encoding
+
+
+def _encoded(sizes, m, gen, device):
+    """int8 codes, their per-mode scales, the labels (packed when m <= 16) and the plain label index."""
+    from modeopt.modespace.kernels import encoding
+
+    q, scales, labels, index = [], [], [], []
+    for n in sizes:
+        idx = torch.randint(0, m, (n,), generator=gen)
+        if n:
+            idx[: min(n, m)] = torch.arange(m - min(n, m), m)  # the top labels (nibble 15) occur
+        x, s = encoding.quantize(torch.randn(n, generator=gen), idx, m)
+        q.append(x.to(device))
+        scales.append(s.to(device))
+        labels.append((encoding.pack_labels(idx) if m <= 16 else idx.to(torch.uint8)).to(device))
+        index.append(idx)
+    return q, scales, labels, index
+
+
+def _encoded_reduce_case(sizes, m, g_dtype, device, seed, none_at=()):
+    """reduce of int8 codes: within 1e-6 of sum |q s g| of a float64 reference per mode, deterministic."""
+
+    def run():
+        gen = torch.Generator().manual_seed(seed)
+        q, scales, labels, index = _encoded(sizes, m, gen, device)
+        grads = [None if t in none_at else _rand(n, g_dtype, gen, device) for t, n in enumerate(sizes)]
+        out1 = tk.reduce(grads, q, labels, m, scales)
+        out2 = tk.reduce(grads, q, labels, m, scales)
+        ref = torch.zeros(m, dtype=torch.float64)
+        mag = torch.zeros(m, dtype=torch.float64)
+        for g, x, s, idx in zip(grads, q, scales, index):
+            if g is None:
+                continue
+            v = g.cpu().double() * x.cpu().double() * s.cpu().double()[idx]
+            ref += torch.bincount(idx, weights=v, minlength=m)
+            mag += torch.bincount(idx, weights=v.abs(), minlength=m)
+        err = (out1.cpu() - ref).abs()
+        det = torch.equal(out1, out2)
+        return bool((err <= 1e-6 * mag).all()) and det, f"max err {float(err.max()):.2e}, deterministic {det}"
+
+    return run
+
+
+def _encoded_update_case(sizes, m, w_dtype, device, seed):
+    """update of int8 codes: bitwise ``(w.float() + q.float() * (s * delta.float())[label]).to(w.dtype)``."""
+
+    def run():
+        gen = torch.Generator().manual_seed(seed)
+        q, scales, labels, index = _encoded(sizes, m, gen, device)
+        ws = [_rand(n, w_dtype, gen, device) for n in sizes]
+        delta = torch.randn(m, generator=gen).to(device)
+        refs = [(w.float() + x.float() * (s * delta)[idx.to(device)]).to(w.dtype)
+                for w, x, s, idx in zip(ws, q, scales, index)]
+        tk.update(ws, q, labels, delta, scales)
+        bad = _mismatches(ws, refs)
+        return sum(bad) == 0, f"mismatches per tensor {bad}"
+
+    return run
+
+
+def _encoded_form_case(sizes, m, w_dtype, device, seed):
+    """form of int8 codes (out of place): bitwise the encoded update's result, weights untouched."""
+
+    def run():
+        gen = torch.Generator().manual_seed(seed)
+        q, scales, labels, index = _encoded(sizes, m, gen, device)
+        ws = [_rand(n, w_dtype, gen, device) for n in sizes]
+        delta = (torch.randn(m, generator=gen) * 1e-3).to(device)
+        refs = [(w.float() + x.float() * (s * delta)[idx.to(device)]).to(w.dtype)
+                for w, x, s, idx in zip(ws, q, scales, index)]
+        before = [w.clone() for w in ws]
+        outs = tk.form(ws, q, labels, delta, scales)
+        bad = _mismatches(outs, refs)
+        untouched = all(torch.equal(_bits(w), _bits(w0)) for w, w0 in zip(ws, before))
+        return sum(bad) == 0 and untouched, f"mismatches per tensor {bad}, untouched {untouched}"
+
+    return run
+
+
+def check_encoding(device: str) -> list[dict]:
+    r = _Results()
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    r.case("reduce packed M=16, odd sizes, a None grad", _encoded_reduce_case(SIZES, 16, f32, device, 1, none_at=(1,)))
+    r.case("reduce packed M=3, bf16 grads", _encoded_reduce_case(SIZES, 3, bf16, device, 2))
+    r.case("reduce int8 codes, u8 labels M=40", _encoded_reduce_case(SIZES, 40, f16, device, 3))
+    r.case("update packed M=16 f32 w", _encoded_update_case(SIZES, 16, f32, device, 4))
+    r.case("update packed M=10 bf16 w", _encoded_update_case(SIZES, 10, bf16, device, 5))
+    r.case("update int8 codes, u8 labels M=40 fp16 w", _encoded_update_case(SIZES, 40, f16, device, 6))
+    r.case("form packed M=16 bf16 w", _encoded_form_case(SIZES, 16, bf16, device, 7))
+    r.case("form int8 codes, u8 labels M=40 fp16 w", _encoded_form_case(SIZES, 40, f16, device, 8))
+    ones = torch.ones(5, device=device)
+    q = torch.ones(5, dtype=torch.int8, device=device)
+    packed = torch.zeros(3, dtype=torch.uint8, device=device)
+    r.case("int8 a without scales", _raises(ValueError, lambda: tk.update([ones], [q], [packed], ones[:3])))
+    r.case("packed labels for 17 modes", _raises(
+        ValueError, lambda: tk.update([ones], [q], [packed], torch.ones(17, device=device),
+                                      [torch.ones(17, device=device)])))
+    return r.rows
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
@@ -348,7 +449,7 @@ def check_form(device: str) -> list[dict]:
 
 
 CHECKS = {"reduce": check_reduce, "update": check_update, "welford": check_welford, "assign": check_assign,
-          "form": check_form, "errors": check_errors}
+          "form": check_form, "errors": check_errors, "encoding": check_encoding}
 
 
 def run_all(device: str, names: list[str] | None = None) -> dict[str, list[dict]]:

@@ -21,7 +21,7 @@ CORE_DEPS = {"torch", "numpy", "scipy", "tqdm"}
 LAYER_DEPS = {
     "core": CORE_DEPS | {"triton"},  # triton: only the CUDA kernels, imported when a CUDA tensor needs them
     "analysis": CORE_DEPS | {"matplotlib", "PIL"},
-    "integrations": CORE_DEPS | {"transformers"},
+    "integrations": CORE_DEPS | {"transformers", "lightning"},
     "cli": CORE_DEPS,
 }
 #: which layers each layer may import (layers only look down).
@@ -30,6 +30,24 @@ LAYER_MAY_IMPORT = {
     "analysis": {"core", "analysis"},
     "integrations": {"core", "analysis", "integrations"},
     "cli": {"core", "analysis", "cli"},
+}
+
+
+#: inside the core, which subpackages each one may import besides itself (docs/architecture.md draws it):
+#: the mechanism at the bottom, the trainers built on it, and none of the trainers on another.
+_BELOW_TRAINERS = {"utils", "trajectories", "decomposition", "modespace", "distributed", "optim"}
+PACKAGE_MAY_IMPORT = {
+    "utils": set(),
+    "trajectories": {"utils"},
+    "decomposition": {"utils", "trajectories"},
+    "modespace": {"utils", "trajectories", "decomposition"},
+    "distributed": {"utils", "trajectories", "decomposition"},
+    "optim": {"utils", "trajectories"},
+    "cmd_optimizer": _BELOW_TRAINERS,
+    "blockwise": _BELOW_TRAINERS,
+    "online": _BELOW_TRAINERS,
+    "baselines": _BELOW_TRAINERS,
+    "analysis": {"utils", "trajectories", "decomposition"},
 }
 
 
@@ -119,6 +137,31 @@ def test_layers_only_look_down():
     assert not bad, "a layer imports one above it:\n" + "\n".join(bad)
 
 
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_every_subpackage_has_a_place():
+    """A new subpackage (or top-level module) must be given its place in PACKAGE_MAY_IMPORT."""
+    known = set(PACKAGE_MAY_IMPORT) | {"", "integrations", "cli"}
+    assert {_package(m) for m in MODULES} <= known, sorted({_package(m) for m in MODULES} - known)
+
+
+def test_core_packages_only_look_down():
+    """Trainers build on the mechanism; the mechanism never reaches up, and no trainer reaches into another."""
+    bad = []
+    for m in MODULES:
+        pkg = _package(m)
+        if pkg not in PACKAGE_MAY_IMPORT:
+            continue
+        for dep, line in _modeopt_edges(m):
+            dpkg = _package(dep)
+            if dpkg != pkg and dpkg not in PACKAGE_MAY_IMPORT[pkg]:
+                bad.append(f"{MODULES[m].relative_to(ROOT)}:{line} ({pkg}) imports {dep} ({dpkg or 'modeopt'})")
+    assert not bad, "a subpackage imports one it may not (docs/architecture.md):\n" + "\n".join(bad)
+
+
 def test_third_party_imports_per_layer():
     std = set(sys.stdlib_module_names) | {"__future__"}
     bad = []
@@ -132,6 +175,13 @@ def test_third_party_imports_per_layer():
             for target, _, line in _imports(m):
                 if target.split(".")[0] == "triton":
                     assert m.startswith("modeopt.modespace.kernels"), f"{m}:{line}: triton outside the CUDA kernels"
+    # each optional framework is imported by its own integration module only
+    for m in MODULES:
+        for target, _, line in _imports(m):
+            top = target.split(".")[0]
+            own = {"transformers": "modeopt.integrations.hf", "lightning": "modeopt.integrations.lightning"}.get(top)
+            if own is not None and m != own:
+                bad.append(f"{MODULES[m].relative_to(ROOT)}:{line} imports {target} (only {own} may)")
     # safetensors (state-dict files) is optional everywhere, imported only when such a file is read
     bad = [b for b in bad if not b.endswith(("safetensors.torch", "safetensors"))]
     assert not bad, "imports outside the layer's dependencies:\n" + "\n".join(bad)
@@ -183,10 +233,19 @@ PRIVATE_ALLOWED: dict[str, dict[str, str]] = {
         "_verify_params_across_processes"], _DDP),
     "modeopt.modespace.kernels.labels": {"_version": "torch's in-place version counter: the only way to know that a label tensor "
                                            "checked once has not changed since (else a pass over N and a host sync per step)"},
-    "modeopt.modespace.space": {
+    "modeopt.modespace.swapping": {
         "_parameters": "swapping computed weights in and out of a module every forward: setattr accepts only an "
-                       "nn.Parameter there, and torch.nn.utils.parametrize writes _parameters the same way",
-        "_notice_copy_trained": "this module's own ModeSpace, reached from its autograd function's context"},
+                       "nn.Parameter there, and torch.nn.utils.parametrize writes _parameters the same way"},
+    "modeopt.modespace.read_through": {
+        "_notice_copy_trained": "the ModeSpace, reached from its autograd function's context"},
+    "modeopt.modespace.half": {
+        **dict.fromkeys(["_form", "_formed_at", "_is_half", "_owners"],
+                        "the ModeSpace (of which HalfPrecision is a part) that the module-level hooks serve"),
+        **dict.fromkeys(["_C", "_autograd", "_top_saved_tensors_default_hooks"],
+                        "torch has no public way to read the saved-tensor hooks already active; the formed-weight "
+                        "hooks chain to them (e.g. save_on_cpu) instead of silently replacing them"),
+        "_current_graph_task_id": "torch has no public way to ask whether a backward is running (activation "
+                                  "checkpointing re-runs a forward there, under its own saved-tensor hooks)"},
     "modeopt.optim.param_groups": {"_numel_cache": "LBFGS caches its parameters' total size with no public way to drop it; "
                                              "after the switch its parameters are the mode scalars"},
     "modeopt.online.optimizer": {"_raw_entries": "this module's own _RawWhileSwapped, reached from the optimizer"},
@@ -216,7 +275,7 @@ def test_private_attributes_of_other_objects_are_listed():
                      f"in PRIVATE_ALLOWED with the reason): {bad}")
 
 
-BLOCKED = ["transformers", "torchvision", "matplotlib", "safetensors", "accelerate", "peft", "sklearn", "PIL",
+BLOCKED = ["transformers", "lightning", "pytorch_lightning", "lightning_fabric", "torchvision", "matplotlib", "safetensors", "accelerate", "peft", "sklearn", "PIL",
            "workloads", "mlxtend", "scattertext", "triton"]
 
 
@@ -299,6 +358,10 @@ def test_importing_changes_no_environment_variable():
     script = textwrap.dedent("""
         import os, pkgutil, importlib
         import torch, torch._inductor  # torch's compiler sets TORCHINDUCTOR_CACHE_DIR on import: torch's doing
+        try:
+            import lightning.pytorch  # sets PYTORCH_NVML_BASED_CUDA_CHECK on import: lightning's doing
+        except ImportError:
+            pass
         before = dict(os.environ)
         import modeopt
         for info in pkgutil.walk_packages(modeopt.__path__, "modeopt."):
@@ -354,3 +417,18 @@ def test_public_names_have_docstrings():
     for m, path in MODULES.items():
         walk(TREES[m], "", path)
     assert not missing, "public names without a docstring:\n" + "\n".join(missing)
+
+
+
+def test_a_model_pickled_in_mode_space_before_the_move_still_loads():
+    """``torch.save(model)`` in mode space pickles the state-dict hooks by module path; before the package
+    moved into folders that path was ``modeopt.modespace._drop_r`` / ``_r_not_missing``."""
+    import io
+    import pickle
+
+    import modeopt.modespace.space as space
+
+    unpickler = pickle.Unpickler(io.BytesIO(b""))
+    assert unpickler.find_class("modeopt.modespace", "_drop_r") is space.drop_r_entries
+    assert unpickler.find_class("modeopt.modespace", "_r_not_missing") is space.r_never_missing
+    assert unpickler.find_class("modeopt.modespace", "ModeSpace") is space.ModeSpace

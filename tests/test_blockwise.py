@@ -85,7 +85,7 @@ def test_blocks_train_in_turn_and_finished_blocks_move_only_along_their_modes():
     train(model, opt, 4, PER_BLOCK)
     dr = (space.r_full().detach() - r0).double()
     moved = model.layers[0][0].weight.detach().double().reshape(-1) - w0.double().reshape(-1)
-    expect = space.a[0].double() * dr[space.mode_index()[0]]
+    expect = space.coefficients()[0].double() * dr[space.mode_index()[0]]
     assert dr.abs().max() > 1e-4 and moved.abs().max() > 1e-5
     torch.testing.assert_close(moved, expect, rtol=1e-4, atol=1e-6)
     assert torch.equal(model.inp.weight, inp_before)

@@ -348,7 +348,7 @@ def test_cli_one_line_errors_for_unreadable_files(tmp_path, capsys):
 def test_progress_none_shows_bars_only_on_a_terminal(monkeypatch, capsys):
     """progress=None must reach tqdm as disable=None (tqdm then checks isatty); pytest's stderr is no tty."""
     from modeopt.utils import progress as _progress
-    from modeopt.decomposition.decompose import decompose as decomposition
+    from modeopt.decomposition import algorithm as decomposition
     import importlib
 
     from modeopt.analysis import dmd

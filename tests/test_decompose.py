@@ -104,7 +104,7 @@ def test_numpy_and_memmap_input(tmp_path):
 def test_chunking_does_not_change_the_result(monkeypatch):
     w, *_ = planted_trajectory(n=9_000, t=16, m=3, noise=1e-2, seed=10)
     whole = decompose(w, n_modes=3, seed=0)
-    import modeopt.decomposition.decompose as dec
+    import modeopt.decomposition.algorithm as dec
 
     monkeypatch.setattr(dec, "CHUNK_ELEMENTS", 1024 * 16)  # 1024-row chunks
     chunked = decompose(w, n_modes=3, seed=0)

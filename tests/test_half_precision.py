@@ -99,6 +99,27 @@ def test_cmd_optimizer_half_weights_stay_exact_over_a_thousand_steps(dtype):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_half_weights_with_8bit_coefficients_stay_exact():
+    """coef_dtype=torch.int8 (codes, per-mode scales, 4-bit labels) on bf16 weights: formed as
+    w_switch + q * float32(scale * dr)[m], rounded once: <= 1 ulp from the float64 value of a * dr."""
+    model, opt = cmd(torch.bfloat16, coef_dtype=torch.int8)
+    for i in range(8):
+        step(model, opt, i)
+    space = opt.space
+    w_switch = [p.detach().clone() for p in space.params]
+    r_switch = space.r_full().detach().clone()
+    for i in range(200):
+        step(model, opt, i)
+    state = model.state_dict()
+    dr = space.r_full().detach() - r_switch
+    for name, q, sc, lab, a, w0 in zip(space.names, space.a, space.a_scale, space.mode_index(),
+                                       space.coefficients(), w_switch):
+        got = state[name].reshape(-1)
+        want = (w0.float().reshape(-1) + q.float() * (sc * dr)[lab]).to(torch.bfloat16)
+        assert torch.equal(got, want), name
+        assert ulps(got, (w0.double().reshape(-1) + a.double() * dr.double()[lab]).to(torch.bfloat16)) <= 1
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_gradient_of_r_is_the_formed_weights_gradient_reduced(dtype):
     """dL/dr = sum a_i dL/dw_i with dL/dw taken at the formed (current) weights."""
@@ -395,3 +416,83 @@ def test_compile_fullgraph_forms_half_weights_like_eager():
     opt.step()
     assert torch.equal(compiled(x), model(x))  # the compiled model reads the new r (not a stale constant)
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_activation_checkpointing_re_forms_half_weights_in_backward():
+    """Non-reentrant activation checkpointing re-runs a submodule's forward in backward: its formed
+    weights are formed again there (the saved-tensor hooks stay out of it), same dL/dr as without."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, opt = cmd(torch.bfloat16)
+    for i in range(12):
+        step(model, opt, i)
+    x = X.bfloat16()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x).float(), Y).backward()
+    plain = opt.space.r_params[0].grad.clone()
+
+    class Ckpt(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            h = checkpoint(self.net[0], x, use_reentrant=False)
+            return self.net[2](self.net[1](h))
+
+    wrapped = Ckpt(model)
+    opt.zero_grad()
+    nn.functional.cross_entropy(wrapped(x).float(), Y).backward()
+    assert torch.equal(opt.space.r_params[0].grad, plain)
+
+
+def test_activation_checkpointing_inside_the_model():
+    """The checkpointed block inside the embedded model's own forward (the root's saved-tensor hooks
+    are active around it): the same dL/dr as the same model without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, use_ckpt: bool):
+            super().__init__()
+            self.a, self.b, self.use_ckpt = nn.Linear(8, 16), nn.Linear(16, 2), use_ckpt
+
+        def forward(self, x):
+            h = checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=False) if self.use_ckpt \
+                else torch.tanh(self.a(x))
+            return self.b(h)
+
+    grads = []
+    for use_ckpt in (False, True):
+        torch.manual_seed(0)
+        model = Net(use_ckpt).bfloat16()
+        opt = modeopt.CMDOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-3), n_modes=3,
+                                   warmup_steps=8, snapshot_every=2, seed=0, progress=False)
+        for i in range(12):
+            step(model, opt, i)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X.bfloat16()).float(), Y).backward()
+        grads.append(opt.space.r_params[0].grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_a_model_pickled_in_mode_space_before_half_weights_were_formed_still_loads():
+    """``torch.save(model)`` of a model in mode space written before this change: its ModeSpace lacks
+    the half-precision attributes; it loads, computes the same, and keeps updating in place."""
+    model, opt = cmd(torch.bfloat16)
+    for i in range(10):
+        step(model, opt, i)
+    space = opt.space
+    x = X.bfloat16()
+    space.rebase()  # the parameters hold the current values, as an old (in-place) space's did
+    with torch.no_grad():
+        want = model(x)
+    for key in ("_is_half", "half", "_half_by_device", "r_base", "_saving", "_formed_at"):
+        del space.__dict__[key]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
+    old = next(h for h in loaded._forward_pre_hooks.values()).__self__
+    assert old.half == [] and torch.equal(old.r_base, old.r_in_weights)

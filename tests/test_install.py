@@ -29,7 +29,7 @@ def test_fresh_venv_with_core_dependencies_trains_through_the_switch(tmp_path):
                             check=True).stdout.lower()
     names = {line.split("==")[0] for line in listed.splitlines()}
     assert {"torch", "numpy", "scipy", "tqdm", "modeopt"} <= names
-    assert not names & {"transformers", "torchvision", "matplotlib", "accelerate", "safetensors", "peft"}, names
+    assert not names & {"transformers", "torchvision", "matplotlib", "accelerate", "safetensors", "peft", "lightning"}, names
     probe = CORE_SCRIPT + (
         "\nfrom modeopt.modespace.kernels import fused_available\n"
         f"assert fused_available() or {shutil.which('cc') is None and shutil.which('gcc') is None}, "

@@ -65,9 +65,17 @@ def test_ops_are_registered():
 def test_opcheck_every_op(fused):
     w, a, lab = _inputs()
     with kernels.use_fused(fused):
-        torch.library.opcheck(torch.ops.modeopt.mode_reduce.default, ([w[0], None, w[2].view(8, 8)], a, lab, 5))
+        torch.library.opcheck(torch.ops.modeopt.mode_reduce.default, ([w[0], None, w[2].view(8, 8)], a, lab, 5, []))
         torch.library.opcheck(torch.ops.modeopt.mode_update.default,
-                              ([x.clone() for x in w], a, lab, torch.randn(5)))
+                              ([x.clone() for x in w], a, lab, torch.randn(5), []))
+        # the 8-bit encoding: int8 codes, a scale per (tensor, mode), labels packed two per byte
+        pairs = [kernels.quantize(x, l, 5) for x, l in zip(a, lab)]
+        q, sc = [p[0] for p in pairs], [p[1] for p in pairs]
+        packed = [kernels.pack_labels(l) for l in lab]
+        torch.library.opcheck(torch.ops.modeopt.mode_reduce.default,
+                              ([w[0], None, w[2].view(8, 8)], q, packed, 5, sc))
+        torch.library.opcheck(torch.ops.modeopt.mode_update.default,
+                              ([x.clone() for x in w], q, packed, torch.randn(5), sc))
         mean = [torch.randn(x.numel(), dtype=torch.float64) for x in w]
         com = [torch.randn(x.numel(), dtype=torch.float64) for x in w]
         torch.library.opcheck(torch.ops.modeopt.welford_sample.default,
@@ -76,7 +84,7 @@ def test_opcheck_every_op(fused):
         torch.library.opcheck(torch.ops.modeopt.mode_assign.default,
                               ([x.clone() for x in w], a, b, lab, torch.randn(5)))
         torch.library.opcheck(torch.ops.modeopt.mode_form.default,
-                              ([w[0].bfloat16(), w[1].half(), w[2].view(8, 8).bfloat16()], a, lab, torch.randn(5)))
+                              ([w[0].bfloat16(), w[1].half(), w[2].view(8, 8).bfloat16()], a, lab, torch.randn(5), []))
 
 
 @pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16])
@@ -95,12 +103,33 @@ def test_form_is_one_rounding_bit_for_bit_on_every_cpu_path(w_dtype, a_dtype, la
     delta = torch.randn(m, generator=g) * 1e-3
     want = (w.float() + a.float() * delta[lab.long() & 0xFFFF]).to(w_dtype)
     before = w.clone()
-    outs = [reference.form([w], [a], [lab], delta)[0], torch.ops.modeopt.mode_form([w], [a], [lab], delta)[0]]
+    outs = [reference.form([w], [a], [lab], delta)[0], torch.ops.modeopt.mode_form([w], [a], [lab], delta, [])[0]]
     with kernels.use_fused(True):
         outs.append(kernels.form([w], [a], [lab], delta)[0])
     for out in outs:
         assert out.dtype == w_dtype and torch.equal(out.view(torch.int16), want.view(torch.int16))
     assert torch.equal(w.view(torch.int16), before.view(torch.int16))
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 4099])
+def test_form_of_the_8bit_encoding_matches_its_update(w_dtype, n):
+    """int8 codes with per-mode scales and packed 4-bit labels: form = what mode_update does in place
+    (``w + q * float32(scale * delta)[label]``, one rounding), C kernel and torch reference alike."""
+    g = torch.Generator().manual_seed(4)
+    m = 11
+    w = torch.randn(n, generator=g).to(w_dtype)
+    idx = torch.randint(0, m, (n,), generator=g)
+    q, scale = kernels.quantize(torch.randn(n, generator=g), idx, m)
+    packed = kernels.pack_labels(idx)
+    delta = torch.randn(m, generator=g) * 1e-3
+    want = w.clone()
+    reference.update([want], [q], [packed], delta, [scale])
+    with kernels.use_fused(True):
+        fused = kernels.form([w], [q], [packed], delta, [scale])[0]
+    for out in (fused, reference.form([w], [q], [packed], delta, [scale])[0],
+                torch.ops.modeopt.mode_form([w], [q], [packed], delta, [scale])[0]):
+        assert torch.equal(out.view(torch.int16), want.view(torch.int16))
 
 
 @pytest.mark.parametrize("m, label_dtype", [(5, torch.uint8), (40_000, torch.int16), (70_000, torch.int32)])
@@ -233,7 +262,7 @@ def test_compact_labels_without_the_fused_kernels(m, dtype, coef_dtype):
 
 
 # --------------------------------------------------------------------------- the sync-free embedded step
-def _embedded(base="sgd", check="device"):
+def _embedded(base="sgd", check="device", coef_dtype=torch.float32):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     if base == "sgd":
@@ -241,7 +270,7 @@ def _embedded(base="sgd", check="device"):
     else:
         b = torch.optim.Adam(model.parameters(), lr=1e-2)
     opt = modeopt.CMDOptimizer(model, b, n_modes=2, warmup_steps=6, snapshot_every=2, n_samples=20, seed=0,
-                               progress=False)
+                               progress=False, coef_dtype=coef_dtype)
     opt.nonfinite_check = check
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
@@ -386,9 +415,12 @@ def test_state_dict_across_devices_with_map_location():
 
 
 # --------------------------------------------------------------------------- torch.compile
-def test_compile_fullgraph_forward_backward():
-    """One compiled forward + backward of an embedded model (fullgraph=True) gives eager's dL/dr."""
-    model, opt, x, y = _embedded()
+@pytest.mark.parametrize("coef_dtype", [torch.float32, torch.int8])
+def test_compile_fullgraph_forward_backward(coef_dtype):
+    """One compiled forward + backward of an embedded model (fullgraph=True) gives eager's dL/dr (also with
+    the 8-bit encoding, whose scales enter the traced backward as tensors)."""
+    model, opt, x, y = _embedded(coef_dtype=coef_dtype)
+    assert opt.space.a[0].dtype == coef_dtype
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     eager = [p.grad.clone() for p in opt.space.r_params]
@@ -403,13 +435,14 @@ def test_compile_fullgraph_forward_backward():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_eager_calls_through_the_operators_equal_the_direct_cpu_path(monkeypatch, fused):
+@pytest.mark.parametrize("coef_dtype", [torch.float32, torch.int8])
+def test_eager_calls_through_the_operators_equal_the_direct_cpu_path(monkeypatch, fused, coef_dtype):
     """On CPU, eager calls skip the dispatcher (kernels.CPU_DIRECT); through it they are bit-identical."""
     results = []
     for direct in (True, False):
         monkeypatch.setattr(kernels, "CPU_DIRECT", direct)
         with kernels.use_fused(fused):
-            model, opt, x, y = _embedded()
+            model, opt, x, y = _embedded(coef_dtype=coef_dtype)
             for _ in range(3):
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()

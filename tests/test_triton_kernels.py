@@ -112,11 +112,18 @@ def test_compiles_for_sm90_without_a_gpu():
                                 "inv_n_ptr": "*fp64", **lab}),
         "reduce": (k.reduce, {"g_ptr": "*fp32", "a_ptr": "*bf16", "lab_ptr": "*u8", "part_ptr": "*fp64", "n": "i32",
                               "row0": "i32", "n_tiles": "i32", "M_PAD": "i32"}),
+        # the 8-bit encoding: int8 codes, labels packed two per byte
+        "update_q8": (k.update, {"w_ptr": "*bf16", "a_ptr": "*i8", "d_ptr": "*fp32", **lab, "lab_ptr": "*u8"}),
+        "reduce_q8": (k.reduce, {"g_ptr": "*bf16", "a_ptr": "*i8", "lab_ptr": "*u8", "part_ptr": "*fp64", "n": "i32",
+                                 "row0": "i32", "n_tiles": "i32", "M_PAD": "i32"}),
     }
     block, mode_tile = tk.reduce_tiles(300)
     for name, (fn, sig) in kernels.items():
-        const = {"LABEL_U16": name != "reduce", "BLOCK": tk.ELEMENTWISE_BLOCK}
-        if name == "reduce":
+        q8 = name.endswith("_q8")
+        const = {"LABEL_U16": name not in ("reduce", "update_q8", "reduce_q8"), "BLOCK": tk.ELEMENTWISE_BLOCK}
+        if name.startswith(("update", "reduce")):
+            const["LABEL_U4"] = q8
+        if name.startswith("reduce"):
             const.update(BLOCK=block, MODE_TILE=mode_tile, ITERS=4)
         src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in const}}, constexprs=const)
         try:
@@ -125,5 +132,5 @@ def test_compiles_for_sm90_without_a_gpu():
         except (TypeError, KeyError, AttributeError) as e:  # the compile API moved: not a kernel bug
             pytest.skip(f"ahead-of-time compile API differs in Triton {triton.__version__}: {e!r}")
         assert ".entry" in ptx
-        if name in ("update", "assign"):
+        if name in ("update", "assign", "update_q8"):
             assert "fma.rn.f32" not in ptx, f"{name}: float32 multiply-add was fused"

@@ -148,7 +148,7 @@ def cmd_bf16(model, lr, spec):
     return _cmd(model, lr, spec, coef_dtype=torch.bfloat16, record_dtype=torch.bfloat16)
 
 
-def _blockwise(model, lr, spec, *, top_down: bool):
+def _blockwise(model, lr, spec, *, top_down: bool, coef_dtype=torch.bfloat16):
     import modeopt
     from modeopt.blockwise.optimizer import find_blocks
 
@@ -159,7 +159,7 @@ def _blockwise(model, lr, spec, *, top_down: bool):
     every = 2 if per_block >= 6 else 1
     opt = modeopt.BlockwiseCMD(model, _adamw(model.parameters(), lr, spec), blocks, steps_per_block=per_block,
                                n_modes=10, snapshot_every=every, train_always=["bert.pooler.", HEAD], n_samples=300,
-                               seed=spec.seed)
+                               seed=spec.seed, coef_dtype=coef_dtype)  # bf16: the recorded results
     seen = {"recording_bytes": 0}
 
     def on_step(step: int) -> None:
@@ -186,6 +186,12 @@ def blockwise(model, lr, spec):
 @method("blockwise_td", "Blockwise CMD as above, top layer first", (3e-4, 1e-3, 3e-3), BLOCKWISE_NOTES + ", order 5..0")
 def blockwise_td(model, lr, spec):
     return _blockwise(model, lr, spec, top_down=True)
+
+
+@method("blockwise_td_q8", "Blockwise CMD top layer first, coef_dtype int8 (8-bit a, 4-bit labels: 1.5 B per weight)",
+        (3e-4, 1e-3, 3e-3), BLOCKWISE_NOTES + ", order 5..0, coef_dtype=torch.int8")
+def blockwise_td_q8(model, lr, spec):
+    return _blockwise(model, lr, spec, top_down=True, coef_dtype=torch.int8)
 
 
 def _checkpointed(build):

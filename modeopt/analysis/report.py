@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from modeopt.utils.checks import check_int
-from modeopt.decomposition.decompose import Decomposition, decompose
+from modeopt.decomposition.algorithm import Decomposition, decompose
 from modeopt.trajectories.trajectory import Trajectory
 from .dmd import DMD, dmd
 from .evaluation import AccuracyCurves, Evaluate, ModelFactory, accuracy_curves

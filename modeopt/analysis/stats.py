@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from modeopt.utils import progress as _progress
 from modeopt.utils.chunking import CHUNK_ELEMENTS
-from modeopt.decomposition.decompose import Decomposition
+from modeopt.decomposition.algorithm import Decomposition
 from modeopt.trajectories.trajectory import Trajectory
 from .dmd import DMD
 

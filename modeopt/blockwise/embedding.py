@@ -21,7 +21,7 @@ from torch import Tensor
 
 from modeopt.modespace import kernels
 from modeopt.decomposition.clustering import cluster_samples
-from modeopt.decomposition.decompose import assign_and_fit, scan_moving
+from modeopt.decomposition.algorithm import assign_and_fit, scan_moving
 from modeopt.trajectories.layout import ParamLayout
 from modeopt.decomposition.sampling import sample_weights
 from modeopt.trajectories.snapshots import SnapshotBuffer
@@ -49,7 +49,7 @@ def embed_block(recordings: list[SnapshotBuffer], names: Sequence[str], params: 
         param_group: per tensor, its param group; ``n_groups``: how many the optimizer has.
         n_modes, n_samples, seed: M, K and the sampling seed, as for :func:`~modeopt.decompose`.
         mode_scale: ``"rms"`` or ``"norm"`` normalisation of each mode's ``a`` (see ``CMDOptimizer``).
-        coef_dtype: dtype of the returned ``a``.
+        coef_dtype: dtype of the returned ``a`` (float32 for int8, which ModeSpace quantises).
 
     Returns:
         A :class:`~modeopt.modespace.switch.ModeSpaceInit`: per tensor compact labels and ``a`` in
@@ -121,7 +121,9 @@ def embed_block(recordings: list[SnapshotBuffer], names: Sequence[str], params: 
     inv = (1.0 / scale).to(torch.float32)
     out_a = []
     for lab, ai, p in zip(labels, a, params):
-        out_a.append((ai * inv[lab.to(torch.int64)]).to(coef_dtype).to(p.device))
+        # int8 (the 8-bit encoding): float32 here, quantised per (tensor, mode) by ModeSpace
+        dt = torch.float32 if coef_dtype == torch.int8 else coef_dtype
+        out_a.append((ai * inv[lab.to(torch.int64)]).to(dt).to(p.device))
     a.clear()
     return ModeSpaceInit(labels=[lab.to(p.device) for lab, p in zip(labels, params)], a=out_a,
                          r_groups=votes.argmax(dim=1), r=(ref_now * scale).to(torch.float32),

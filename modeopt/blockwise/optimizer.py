@@ -41,7 +41,7 @@ from .embedding import embed_block
 from modeopt.trajectories.layout import ParamLayout
 from modeopt.modespace.space import ModeSpace
 from modeopt.optim.nonfinite import NonFiniteWarning, all_finite
-from modeopt.optim.settings import check_snapshot_count, resolve_mode_scale
+from modeopt.optim.settings import check_coef_dtype, check_snapshot_count, resolve_mode_scale
 from modeopt.distributed.wrappers import sharding_wrapper
 from modeopt.optim.param_groups import Exclude, exclusion_predicate, forget_whole_set_state
 from modeopt.trajectories.snapshots import SnapshotBuffer
@@ -103,14 +103,16 @@ class BlockwiseCMD(SharesBaseOptimizer):
         n_samples: K, weights sampled for each block's clustering.
         seed: seed of block ``b``'s sampling is ``seed + b``.
         record_dtype: storage of the active block's snapshots (bf16: movements from the block's start).
-        coef_dtype: storage of ``a`` of the finished blocks (bf16 halves it).
+        coef_dtype: storage of ``a`` of the finished blocks: bfloat16 (2 B), float32, or int8 (8-bit codes with a
+            scale per tensor and mode, labels packed 4 bits per weight for ``n_modes <= 16``: 1.5 B per weight
+            for ``a`` and label together; :mod:`modeopt.modespace.kernels.encoding`).
         mode_scale: ``"rms"`` (an Adam step of ``lr`` on ``r`` moves its weights by ~``lr``), ``"norm"``
             (SGD on ``r`` is the projection of the SGD step onto the modes; with ``"rms"`` it is ~N_m
             times larger) or ``"auto"``: ``"rms"`` for Adam-type bases, ``"norm"`` otherwise.
 
     Memory at any step, beyond the model and activations: the active block's gradients, base state
     and ``steps_per_block // snapshot_every + 1`` snapshots of it; ``a`` (2 or 4 B) and a label
-    (1 B for M <= 256) per weight of each finished block; the always-trained parameters' state.
+    (1 B for M <= 256) per weight of each finished block (int8: 1.5 B for both when M <= 16); the always-trained parameters' state.
 
     Attributes:
         phase: ``"block"`` while a block is active, ``"embedded"`` once every block is, ``"exported"``.
@@ -143,6 +145,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
         check_int("snapshot_every", snapshot_every, 1)
         check_int("n_samples", n_samples, 1)
         check_snapshot_count("steps_per_block", steps_per_block, snapshot_every)
+        check_coef_dtype(coef_dtype)
         if n_modes > n_samples:
             raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more weights")
         if mode_scale not in ("auto", "rms", "norm"):

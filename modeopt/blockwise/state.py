@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from modeopt.modespace.space import ModeSpace, check_base_state
+from modeopt.modespace.kernels.encoding import PACK_MAX_MODES, is_packed, unpack_labels
+from modeopt.modespace.half import check_base_state
+from modeopt.modespace.space import ModeSpace
 from modeopt.trajectories.snapshots import SnapshotBuffer
 
 __all__ = ["DAMAGED", "space_state", "check_blockwise_state", "space_from_state"]
@@ -21,10 +23,19 @@ def space_state(space: ModeSpace) -> dict[str, Any]:
     """A finished block's mode space: parameter names, per tensor its labels and ``a`` (as stored),
     per mode its param group, ``r`` and the ``r`` its weights hold (those ``model.state_dict()`` gives);
     for bfloat16/float16 weights their frozen bases (``half_base``: :meth:`ModeSpace.base_state`, the
-    parameters themselves; None without such weights, and absent in older checkpoints)."""
-    return {"names": list(space.names), "labels": list(space.labels), "a": list(space.a),
-            "r_groups": space.r_groups.clone(), "r": space.r_full().detach().clone(),
-            "r_in_weights": space.r_in_weights.clone(), "half_base": space.base_state() if space.half else None}
+    parameters themselves; None without such weights, and absent in older checkpoints); with the 8-bit
+    encoding also ``"a_scale"`` (per tensor the ``(M,)`` scales of the int8 codes ``a``; labels packed for M <= 16)."""
+    out = {"names": list(space.names), "labels": list(space.labels), "a": list(space.a),
+           "r_groups": space.r_groups.clone(), "r": space.r_full().detach().clone(),
+           "r_in_weights": space.r_in_weights.clone(), "half_base": space.base_state() if space.half else None}
+    if space.a_scale is not None:
+        out["a_scale"] = list(space.a_scale)
+    return out
+
+
+def _plain(labels: Tensor, n: int) -> Tensor:
+    """Saved labels of a tensor of ``n`` weights, one per weight (packed 4-bit ones unpacked)."""
+    return unpack_labels(labels, n) if is_packed(labels, n) else labels
 
 
 def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups: int) -> None:
@@ -46,16 +57,31 @@ def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups
         raise ValueError(f"block {b}'s saved r_in_weights holds NaN/inf: {DAMAGED}")
     if r_groups.is_floating_point() or not bool(((r_groups >= 0) & (r_groups < n_groups)).all()):
         raise ValueError(f"block {b}'s saved r_groups must be integers in [0, {n_groups}): {DAMAGED}")
-    for key in ("labels", "a"):
-        ts = saved[key]
-        if not (isinstance(ts, Sequence) and len(ts) == len(emb)
-                and all(isinstance(t, Tensor) and t.numel() == p.numel() for t, (_, p) in zip(ts, emb))):
-            raise ValueError(f"block {b}'s saved {key} do not match its {len(emb)} tensors' sizes: {DAMAGED}")
+    scales = saved.get("a_scale")  # the 8-bit encoding (absent in float spaces and older checkpoints)
+    if scales is not None and not (
+            isinstance(scales, Sequence) and len(scales) == len(emb)
+            and all(isinstance(t, Tensor) and tuple(t.shape) == (m,) and t.is_floating_point()
+                    and bool(torch.isfinite(t).all()) and bool((t >= 0).all()) for t in scales)):
+        raise ValueError(f"block {b}'s saved a_scale must hold one finite, non-negative ({m},) float tensor per "
+                         f"tensor: {DAMAGED}")
+    ts = saved["a"]
+    if not (isinstance(ts, Sequence) and len(ts) == len(emb)
+            and all(isinstance(t, Tensor) and t.numel() == p.numel() for t, (_, p) in zip(ts, emb))):
+        raise ValueError(f"block {b}'s saved a do not match its {len(emb)} tensors' sizes: {DAMAGED}")
+    ts = saved["labels"]
+    if not (isinstance(ts, Sequence) and len(ts) == len(emb) and all(
+            isinstance(t, Tensor) and (t.numel() == p.numel() or (scales is not None and m <= PACK_MAX_MODES
+                                                                  and is_packed(t, p.numel())))
+            for t, (_, p) in zip(ts, emb))):
+        raise ValueError(f"block {b}'s saved labels do not match its {len(emb)} tensors' sizes: {DAMAGED}")
     if any(t.is_floating_point() or t.is_complex() for t in saved["labels"]):
         raise ValueError(f"block {b}'s saved labels must be integers: {DAMAGED}")
-    if any(not t.is_floating_point() or not bool(torch.isfinite(t).all()) for t in saved["a"]):
+    if scales is None and any(not t.is_floating_point() or not bool(torch.isfinite(t).all()) for t in saved["a"]):
         raise ValueError(f"block {b}'s saved coefficients a must be finite floats: {DAMAGED}")
-    for t in saved["labels"]:
+    if scales is not None and any(t.dtype != torch.int8 for t in saved["a"]):
+        raise ValueError(f"block {b}'s saved a must be int8 codes with its a_scale (the 8-bit encoding): {DAMAGED}")
+    for t, (_, p) in zip(saved["labels"], emb):
+        t = _plain(t, p.numel())
         if t.numel() and not (0 <= int(t.min()) and int(t.max()) < m):
             raise ValueError(f"block {b}'s saved labels must lie in [0, {m}): {DAMAGED}")
     if saved.get("half_base") is not None:
@@ -95,9 +121,9 @@ def space_from_state(model: nn.Module, emb: Sequence[tuple[str, nn.Parameter]], 
                      r_prefix: str) -> ModeSpace:
     """Rebuild a finished block's mode space from :func:`space_state` (checked before), exactly."""
     a = [t.to(device=p.device) for t, (_, p) in zip(saved["a"], emb)]
-    space = ModeSpace(model, list(emb), [t.to(p.device) for t, (_, p) in zip(saved["labels"], emb)], a,
-                      saved["r_groups"].to(torch.int64), saved["r"].to(torch.float32),
-                      coef_dtype=saved["a"][0].dtype, r_prefix=r_prefix)
+    labels = [_plain(t, p.numel()).to(p.device) for t, (_, p) in zip(saved["labels"], emb)]
+    space = ModeSpace(model, list(emb), labels, a, saved["r_groups"].to(torch.int64), saved["r"].to(torch.float32),
+                      coef_dtype=saved["a"][0].dtype, r_prefix=r_prefix, a_scale=saved.get("a_scale"))
     space.r_in_weights.copy_(saved["r_in_weights"])
     space.load_base_state(saved.get("half_base"))
     return space

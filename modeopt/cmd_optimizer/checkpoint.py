@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from modeopt.modespace import kernels
-from modeopt.modespace.space import check_base_state
+from modeopt.modespace.half import check_base_state
 from modeopt.utils.checks import check_int, describe, short_names
 from modeopt.optim.nonfinite import NonFiniteWarning
 from modeopt.trajectories.snapshots import SnapshotBuffer
@@ -84,13 +84,20 @@ class Checkpointing:
         parameters themselves, not copies, and the ``r`` they hold; None without such weights;
         checkpoints without the key load as bases equal to the model's weights). It is the
         ``"space"`` entry of ``state_dict()["cmd"]``, and what :meth:`load_mode_space` takes.
+
+        With ``coef_dtype=torch.int8`` (the 8-bit encoding) ``a`` holds the int8 codes, ``"a_scale"``
+        per tensor their ``(M,)`` float32 scales, and the labels are packed two per byte when
+        ``M <= 16`` (``kernels.unpack_labels``): the space is saved as stored, so it resumes bit for bit.
         """
         s = self.space
         if s is None:
             return None
-        return {"labels": [lab.clone() for lab in s.labels], "a": [x.clone() for x in s.a],
-                "r_groups": s.r_groups.clone(), "r": s.r_full().detach().clone(), "applied": s.r_in_weights.clone(),
-                "half_base": s.base_state() if s.half else None}
+        out = {"labels": [lab.clone() for lab in s.labels], "a": [x.clone() for x in s.a],
+               "r_groups": s.r_groups.clone(), "r": s.r_full().detach().clone(), "applied": s.r_in_weights.clone(),
+               "half_base": s.base_state() if s.half else None}
+        if s.a_scale is not None:
+            out["a_scale"] = [x.clone() for x in s.a_scale]
+        return out
 
     def load_mode_space(self, state: Mapping[str, Any]) -> None:
         """Enter the mode space ``state`` (from :meth:`mode_space_state`, e.g. another rank's).
@@ -112,7 +119,12 @@ class Checkpointing:
         self._fire("loaded")
 
     def _enter_saved(self, saved: Mapping[str, Any]) -> None:
-        self._enter(labels=saved["labels"], a=saved["a"], r_groups=saved["r_groups"], r=saved["r"])
+        scales = saved.get("a_scale")
+        labels = list(saved["labels"])
+        if scales is not None:  # the 8-bit encoding: codes and scales as saved, labels unpacked for ModeSpace
+            labels = [kernels.unpack_labels(lab, p.numel()) if kernels.is_packed(lab, p.numel()) else lab
+                      for lab, p in zip(labels, self._emb_params)]
+        self._enter(labels=labels, a=saved["a"], r_groups=saved["r_groups"], r=saved["r"], a_scale=scales)
         self.space.r_in_weights.copy_(saved["applied"])
         self.space.load_base_state(saved.get("half_base"))
 
@@ -226,13 +238,31 @@ class Checkpointing:
         if not isinstance(labels, (list, tuple)) or not isinstance(a, (list, tuple)) or len(labels) != n or len(a) != n:
             raise ValueError(f"the checkpoint's mode space must hold {n} label and {n} coefficient tensors, one per "
                              "embedded parameter: damaged checkpoint")
-        for name, p, lab, x in zip(self._emb_names, self._emb_params, labels, a):
+        scales = saved.get("a_scale")  # the 8-bit encoding (absent in float checkpoints and older ones)
+        if scales is not None and not (
+                isinstance(scales, (list, tuple)) and len(scales) == n
+                and all(isinstance(t, Tensor) and tuple(t.shape) == (m,) and t.is_floating_point() for t in scales)):
+            raise ValueError(f"the checkpoint's a_scale must hold {n} float tensors of shape ({m},), one per embedded "
+                             "parameter: damaged checkpoint")
+        if scales is not None and not all(bool(torch.isfinite(t).all()) and bool((t >= 0).all()) for t in scales):
+            raise ValueError("the checkpoint's a_scale holds negative or NaN/inf scales: damaged checkpoint")
+        for j, (name, p, lab, x) in enumerate(zip(self._emb_names, self._emb_params, labels, a)):
             if not isinstance(lab, Tensor) or lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
                 raise ValueError(f"checkpoint tensor {name!r}: its mode labels must be an integer tensor, got "
                                  f"{describe(lab)}: damaged checkpoint")
-            if not isinstance(x, Tensor) or not x.is_floating_point():
+            if scales is None and (not isinstance(x, Tensor) or not x.is_floating_point()):
                 raise ValueError(f"checkpoint tensor {name!r}: its coefficients a must be a floating-point tensor, "
                                  f"got {describe(x)}: damaged checkpoint")
+            if scales is not None:
+                if not isinstance(x, Tensor) or x.dtype != torch.int8:
+                    raise ValueError(f"checkpoint tensor {name!r}: with a_scale (the 8-bit encoding) its coefficients a "
+                                     f"must be int8 codes, got {describe(x)}: damaged checkpoint")
+                if kernels.is_packed(lab, p.numel()):
+                    if m > kernels.encoding.PACK_MAX_MODES:
+                        raise ValueError(f"checkpoint tensor {name!r}: packed 4-bit labels hold at most "
+                                         f"{kernels.encoding.PACK_MAX_MODES} modes, the checkpoint has {m}: damaged "
+                                         "checkpoint")
+                    lab = kernels.unpack_labels(lab, p.numel())
             for what, t in (("mode labels", lab), ("coefficients", x)):
                 if t.numel() != p.numel():
                     raise ValueError(
@@ -247,6 +277,8 @@ class Checkpointing:
                         f"checkpoint tensor {name!r} has mode labels from {lo} to {hi}, but the checkpoint has {m} "
                         f"modes (valid labels 0..{m - 1}): the file is damaged or was edited; resume from an intact "
                         "checkpoint")
+            if scales is not None:  # the values the codes stand for
+                x = kernels.dequantize(x, scales[j], kernels.as_index(lab))
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"checkpoint tensor {name!r}: its coefficients a hold NaN/inf: damaged checkpoint; "
                                  "resume from an intact one")

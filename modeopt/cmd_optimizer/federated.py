@@ -87,7 +87,7 @@ def replicate(opt: CMDOptimizer, model: nn.Module) -> ModeSpace | None:
     if missing:
         raise ValueError(f"the client model lacks the server's embedded parameters {missing[:3]}")
     space = ModeSpace(model, [(n, params[n]) for n in s.names], s.mode_index(), s.a, s.r_groups,
-                      s.r_full().detach(), coef_dtype=s.a[0].dtype)
+                      s.r_full().detach(), coef_dtype=s.coef_dtype, a_scale=s.a_scale)
     pull(space, opt, model)
     return space
 
@@ -111,3 +111,5 @@ def pull(space: ModeSpace | None, opt: CMDOptimizer, model: nn.Module) -> None:
         for rp, g in zip(space.r_params, space.groups):
             rp.copy_(r[opt.space.r_groups == g])
         space.r_in_weights.copy_(r)  # the replica's weights (copied above) already hold r
+        # bf16/fp16 parameters hold the server's frozen bases (copied above), at the server's r_base
+        space.r_base.copy_(opt.space.r_base.to(space.r_base.device))

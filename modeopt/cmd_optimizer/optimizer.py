@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from modeopt.utils.checks import check_base_class, check_no_duplicates
 from modeopt.optim.wrapping import SharesBaseOptimizer
 from .checkpoint import Checkpointing
-from modeopt.decomposition.decompose import decompose
+from modeopt.decomposition.algorithm import decompose
 from modeopt.distributed.ddp import attach
 from modeopt.modespace.space import ModeSpace
 from modeopt.optim.nonfinite import NonFiniteGuard, NonFiniteWarning, all_finite
@@ -85,16 +85,22 @@ class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording,
             ``"norm"`` (unit-norm mode directions: SGD on ``r`` is exactly the projection of the
             SGD step onto the modes), or ``"auto"`` (``"rms"`` for scale-invariant optimizers
             such as Adam/AdamW/RMSprop, ``"norm"`` otherwise).
-        coef_dtype: storage of the coefficients ``a`` in mode space: float32, or bfloat16 (half the
+        coef_dtype: storage of the coefficients ``a`` in mode space: float32, bfloat16 (half the
             memory and less traffic per step; the model is then exactly ``w = a_bf16 * r + b``,
-            the fitted ``a`` rounded to 8 bits of mantissa).
+            the fitted ``a`` rounded to 8 bits of mantissa), or int8: 8-bit codes with a float32 scale
+            per (tensor, mode), and labels packed 4 bits per weight for ``n_modes <= 16`` - 1.5 bytes per
+            weight for ``a`` and label together (:mod:`modeopt.modespace.kernels.encoding`). Quantising
+            at the switch leaves the weights as they are and changes only the direction each moves
+            in: the model is exactly ``w = q * scale * r + b``. A mode space loaded from a checkpoint
+            keeps the encoding it was saved in.
         progress: progress bars during the decomposition (``None``: only on a terminal).
 
     Warm-up memory: ``min(T, max_snapshots) * N * itemsize(record_dtype)`` bytes (+ ``4 N`` for
     the baseline of a bf16/fp16 recording), ``T = warmup_steps // snapshot_every``, N the number
     of embedded weights. Embedded-phase memory per embedded weight, on every device: its mode
     (1 byte for M <= 256, 2 up to 65,536, else 4) and ``a`` (4 bytes, or 2 in bfloat16), instead of
-    the base optimizer's state; no weight gradient outlives its layer's backward.
+    the base optimizer's state (``coef_dtype=torch.int8``, ``M <= 16``: 1.5 bytes for both, plus
+    ``4 M`` bytes of scales per tensor); no weight gradient outlives its layer's backward.
     """
 
     _switch_delay: int = 0  # steps the pending switch has waited for finite weights / snapshots
@@ -308,10 +314,12 @@ class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording,
                     f"{self.trainable_parameters():,}")
         self._fire("embedded")
 
-    def _enter(self, *, labels: Sequence[Tensor], a: Sequence[Tensor], r_groups: Tensor, r: Tensor) -> None:
-        """Build the mode space and move the param groups onto ``r`` (in place)."""
+    def _enter(self, *, labels: Sequence[Tensor], a: Sequence[Tensor], r_groups: Tensor, r: Tensor,
+               a_scale: Sequence[Tensor] | None = None) -> None:
+        """Build the mode space and move the param groups onto ``r`` (in place). ``a_scale``: ``a`` holds
+        the int8 codes of a saved space in the 8-bit encoding, which it keeps (whatever ``coef_dtype``)."""
         space = ModeSpace(self.model, list(zip(self._emb_names, self._emb_params)), labels, a, r_groups, r,
-                          coef_dtype=self.coef_dtype)
+                          coef_dtype=torch.int8 if a_scale is not None else self.coef_dtype, a_scale=a_scale)
         emb_ids = {id(p) for p in self._emb_params}
         r_of_group = dict(zip(space.groups, space.r_params))
         for gi, group in enumerate(self.base.param_groups):

@@ -14,6 +14,9 @@ before each forward and reduce-scatters their gradients after the backward.
   outlives its layer's reduce-scatter. At ``step()`` one all-reduce of M float32 partial sums
   (4 M bytes) gives every rank the same ``dL/dr``; the base optimizer steps ``r``, and each rank
   applies ``w += a * dr[m]`` to its shards in place (:func:`modeopt.modespace.kernels.update`).
+  (Half-precision shards are updated in place too, unlike :class:`~modeopt.modespace.space.ModeSpace`'s
+  exact frozen-base forming: the switch warns; keep float32 parameters with a bf16
+  ``MixedPrecisionPolicy`` under FSDP2.)
 
 Checkpoints: :mod:`~modeopt.cmd_optimizer.sharded_checkpoint` (``torch.distributed.checkpoint``, resharding).
 """
@@ -21,6 +24,7 @@ Checkpoints: :mod:`~modeopt.cmd_optimizer.sharded_checkpoint` (``torch.distribut
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +87,10 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
         check_supported(model, base_optimizer, fsdp2_ok=True)  # FSDP1 / ZeRO / tensor parallelism: refused
         if record_dtype != torch.float32:
             raise ValueError("modeopt: under FSDP2 the recording is float32 (record_dtype=torch.float32)")
+        if coef_dtype == torch.int8:
+            raise ValueError("modeopt: coef_dtype=torch.int8 (the 8-bit encoding) is not supported with FSDP2: its "
+                             "scales per tensor and mode would be per shard and would not reshard with the "
+                             "checkpoint; use coef_dtype=torch.bfloat16 (see docs/scaling-out.md)")
         check_settings(n_modes=n_modes, warmup_steps=warmup_steps, snapshot_every=snapshot_every,
                        n_samples=n_samples, max_snapshots=None, recluster_every=None, recluster_steps=None,
                        init=init, mode_scale=mode_scale, coef_dtype=coef_dtype, record_dtype=record_dtype)
@@ -229,6 +237,19 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
                 lambda param, j=j: self._consume_grad(j, param)))
         self._params_changed()
         self.phase, self._phase_step = "embedded", 0
+        low = sorted({str(p.dtype).replace("torch.", "") for p in self._emb_params
+                      if p.dtype in (torch.bfloat16, torch.float16)})
+        if low and not getattr(self, "_warned_low_precision", False):
+            # ModeSpace keeps half-precision weights exact (a frozen base formed in each forward);
+            # this path still adds a * dr to the shards in place after each step
+            self._warned_low_precision = True
+            warnings.warn(
+                f"modeopt: the embedded FSDP2 weights are {'/'.join(low)}. Under FSDP2 mode space still applies "
+                "each change of r to the shards in place (w += a * dr), and in half precision the rounding of "
+                "every step accumulates (benchmarks/half_precision_drift.py: 65 % of the intended movement lost "
+                "after 400 steps on a bf16 MLP). Keep float32 parameters and compute in bf16 with "
+                "fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)); see "
+                "docs/optimizer.md, 'Half-precision weights'", stacklevel=4)
 
     def r_full(self) -> Tensor:
         """``(M,)`` the mode scalars in mode order (a copy)."""

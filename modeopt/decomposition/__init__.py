@@ -2,6 +2,6 @@
 them into M modes (:mod:`.clustering`), assign every weight to its most correlated reference and fit
 ``a_i, b_i`` (:mod:`.decompose`)."""
 
-from .decompose import Decomposition, decompose
+from .algorithm import Decomposition, decompose
 
 __all__ = ["Decomposition", "decompose"]

@@ -99,7 +99,7 @@ def _digest(tensors) -> bytes:
 def _fingerprint(opt) -> Tensor:
     """Two 64-bit hashes: of the mode space (modes, a, r) and of every parameter's value."""
     s = opt.space
-    modes = _digest([*s.labels, *s.a, s.r_groups, s.r_full(), s.r_in_weights])
+    modes = _digest([*s.labels, *s.a, *(s.a_scale or []), s.r_groups, s.r_full(), s.r_in_weights])
     weights = _digest(list(opt.model.parameters()))
     return torch.tensor([int.from_bytes(modes, "little", signed=True),
                          int.from_bytes(weights, "little", signed=True)], dtype=torch.int64)

@@ -10,7 +10,7 @@ whole recording in one process, but for this rank's rows only:
    profiles (zeros elsewhere: the sum is exact) gives every rank the same samples, so every rank
    clusters them identically (:func:`~modeopt.decomposition.clustering.cluster_samples`) and knows the M
    reference trajectories;
-3. each rank assigns and fits its own rows (:func:`~modeopt.decomposition.decompose.assign_and_fit`); an
+3. each rank assigns and fits its own rows (:func:`~modeopt.decomposition.algorithm.assign_and_fit`); an
    all-reduce of the M mode sizes numbers the modes as :func:`~modeopt.decompose` does.
 
 :func:`shard_mode_space` then normalises ``a`` per mode (all-reduce of 2M float64 sums) and reads
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from modeopt.utils.chunking import CHUNK_ELEMENTS
 from modeopt.decomposition.clustering import cluster_samples
-from modeopt.decomposition.decompose import NOTHING_MOVED, assign_and_fit, mode_order, scan_moving
+from modeopt.decomposition.algorithm import NOTHING_MOVED, assign_and_fit, mode_order, scan_moving
 from modeopt.decomposition.sampling import sample_weights
 from .sharding import ShardMap
 from modeopt.trajectories.trajectory import Trajectory

@@ -13,24 +13,12 @@ tensors. Gradients reach ``r`` through a custom autograd function:
 After the optimizer changes ``r``, :meth:`ModeSpace.sync` writes ``w += a * dr[m]`` in place
 (``torch.ops.modeopt.mode_update``), without a host synchronisation.
 
-**Half-precision weights** (bfloat16, float16) are not updated in place: rounding every step's
-change to 8 (bf16) or 11 (fp16) significant bits loses the small changes and accumulates the
-rest's rounding (``benchmarks/half_precision_drift.py``). Their parameter keeps its value at the
-switch, frozen (the *base*, with ``r_base``, the ``r`` it holds), and every forward that reads it
-gets the weight formed out of place, ``w = round(base + a * (r_in_weights - r_base)[m])`` - summed
-in float32 and rounded once to the weight's dtype (``torch.ops.modeopt.mode_form``) - like LoRA's
-frozen base, so each weight is within half an ulp of its exact mode-space value after any number
-of steps. No byte more per weight is kept: the formed tensors live only during a forward. Autograd
-does not keep them for backward either: while the root forward runs, a saved-tensor hook stores a
-formed weight (or a view of it) saved by an operation as a small token and forms it again when the
-backward unpacks it. ``model.state_dict()`` gives the formed (current) values under the original
-keys; ``load_state_dict`` and :meth:`ModeSpace.set_weights` take current values (an exact re-base:
-``base = value``, ``r_base = r_in_weights``); :meth:`ModeSpace.remove` writes the formed values into
-the parameters. Reading a half-precision ``module.weight`` outside the model's (or its module's)
-forward gives the frozen base: use ``model.state_dict()`` or :meth:`ModeSpace.current` for values.
+**Half-precision weights** (bfloat16, float16) are not updated in place: they keep their value at
+the switch, frozen, and every forward forms them from it, rounded once (:mod:`modeopt.modespace.half`).
 
 Device-generic: ``a`` (``coef_dtype``) and the compact labels (:func:`modeopt.modespace.kernels.label_dtype`)
-live on each weight's device; ``r`` and ``r_in_weights`` on the first embedded weight's device.
+live on each weight's device (with ``coef_dtype=torch.int8``: 8-bit codes, a float32 scale per tensor
+and mode, and labels packed 4 bits per weight for ``M <= 16``; :mod:`modeopt.modespace.kernels.encoding`); ``r`` and ``r_in_weights`` on the first embedded weight's device.
 The autograd function takes only tensors and ints, so ``torch.compile(model, fullgraph=True)``
 traces the hooks, the swap and the backward (the operator is opaque to it).
 
@@ -64,67 +52,19 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from modeopt.modespace import kernels
+from modeopt.modespace.half import HALF_DTYPES, HalfPrecision, check_base_state, current_values, load_current_values
+from modeopt.modespace.swapping import Swapping
 
 __all__ = ["ModeSpace", "HALF_DTYPES", "check_base_state"]
 
-#: Weight dtypes kept as a frozen base and formed in each forward (module docstring).
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
-
-class _ReadThrough(torch.autograd.Function):
-    """Forward: the stored weights themselves. Backward: their gradients reduced onto the modes.
-
-    One node serves a group of consecutive weights on one device (see ``ModeSpace.GROUP_ELEMENTS``):
-    one fused reduction call per group rather than per tensor, while at most one group's weight
-    gradients wait for their reduction at any time.
-
-    Under ``torch.compile`` the inputs are tensors and ints only (``r, n_modes, None, *weights, *a,
-    *labels``) and the backward is one call of the ``modeopt::mode_reduce`` operator, so Dynamo traces
-    it (the operator is opaque to the compiler, with a fake implementation for shapes). In eager
-    mode ``a`` and the labels come as one non-tensor argument (``stash``): fewer inputs, a cheaper
-    ``apply``; the backward then calls :func:`modeopt.modespace.kernels.reduce` (the same implementations).
-    """
-
-    @staticmethod
-    def forward(ctx, r: Tensor, n_modes: int, stash: tuple | None, *tensors: Tensor):  # noqa: D401
-        if stash is None:  # traced by torch.compile: tensors = weights, a, labels (n each)
-            n = len(tensors) // 3
-            weights = tensors[:n]
-            ctx.save_for_backward(*tensors[n:])
-        else:
-            # Eager: ``stash = (a, labels)`` of the group, long-lived tensors that are never modified,
-            # so plain references do; fewer inputs keep apply() cheap. (Saved tensors would also go
-            # through saved-tensor hooks: non-reentrant activation checkpointing re-runs a
-            # submodule's swap in backward and would count them as extra saved tensors.)
-            weights = tensors
-        ctx.stash, ctx.n_inputs = stash, len(tensors)
-        ctx.n_modes, ctx.r_dtype, ctx.r_device = n_modes, r.dtype, r.device
-        ctx.set_materialize_grads(False)  # a weight the forward did not use gets None, not zeros
-        return tuple(w.view_as(w) for w in weights)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None):
-        none = (None,) * ctx.n_inputs
-        if ctx.stash is None:  # compiled: dense gradients (Dynamo refuses to read .layout here)
-            saved = ctx.saved_tensors
-            n = len(saved) // 2
-            g_r = torch.ops.modeopt.mode_reduce(list(grads), list(saved[:n]), list(saved[n:]), ctx.n_modes)
-            return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + none
-        # A sparse gradient (nn.Embedding(sparse=True)) is densified: the reduction reads every row.
-        grads = [g.to_dense() if g is not None and g.layout != torch.strided else g for g in grads]
-        ctx.stash[2]._notice_copy_trained()
-        g_r = kernels.reduce(grads, ctx.stash[0], ctx.stash[1], ctx.n_modes)
-        return (g_r.to(device=ctx.r_device, dtype=ctx.r_dtype), None, None) + none
-
-
-class ModeSpace:
+class ModeSpace(Swapping, HalfPrecision):
     """The model in mode space: which weights are embedded, their ``a`` and modes, and ``r``.
 
     Args:
@@ -134,15 +74,24 @@ class ModeSpace:
         a: per parameter, the coefficient of each element (flat).
         r_groups: which param group each mode's scalar belongs to: ``(M,)`` int.
         r_init: ``(M,)`` initial mode values.
-        coef_dtype: storage of ``a`` (float32, or bfloat16: the model is then exactly ``a_bf16 * r + b``).
+        coef_dtype: storage of ``a``: float32; bfloat16 (the model is then exactly ``a_bf16 * r + b``); or
+            int8, the compact encoding (:mod:`modeopt.modespace.kernels.encoding`): 8-bit codes ``q`` with
+            a float32 scale per (tensor, mode), the model exactly ``q * scale * r + b``, and labels
+            packed 4 bits per weight when ``M <= 16`` (1.5 bytes per weight with the codes).
+        a_scale: only with ``coef_dtype=torch.int8``: per parameter the ``(M,)`` scales of codes
+            given in ``a`` (int8), as a saved mode space holds them; None quantises float ``a``.
         r_prefix: name of the ``r`` parameters (``<r_prefix><j>``); mode spaces with different prefixes
             may hold disjoint parameters of one model at the same time (one per block, see
             :class:`~modeopt.BlockwiseCMD`).
 
     Attributes:
         names, params: the embedded parameters (``requires_grad=False`` while in mode space).
-        labels: per parameter, ``(numel,)`` compact mode labels on its device (:meth:`mode_index` gives int64).
-        a: per parameter, ``(numel,)`` coefficients in ``coef_dtype`` on its device.
+        labels: per parameter, ``(numel,)`` compact mode labels on its device (:meth:`mode_index` gives int64),
+            or ``(ceil(numel / 2),)`` uint8 packed two per byte (``coef_dtype=torch.int8``, ``M <= 16``).
+        a: per parameter, ``(numel,)`` coefficients in ``coef_dtype`` on its device (int8: codes;
+            :meth:`coefficients` gives the float32 values they stand for).
+        a_scale: per parameter, ``(M,)`` float32 scales of the codes (``coef_dtype=torch.int8``), else None.
+        coef_dtype: the storage of ``a``.
         n_modes: M. ``r_groups``: ``(M,)`` int64 on the CPU. ``groups``: the param groups that hold modes.
         r_params, r_names: one ``modeopt_r<j>`` parameter per group in ``groups``, holding that group's
             modes ``r_groups == g`` in increasing order; :meth:`r_full` is ``(M,)`` in mode order.
@@ -151,7 +100,7 @@ class ModeSpace:
             weights, and the formed half-precision ones (what the model computes with, what
             ``model.state_dict()`` gives).
         r_base: ``(M,)`` the ``r`` the frozen bases of the half-precision weights hold (their value at the
-            switch, or at the last re-base); equal to ``r_in_weights`` in a space without them.
+            switch, or at the last re-base); unused in a space without them.
         half: the indices of the half-precision (bfloat16/float16) embedded weights.
         requires_grad_before: per parameter, its ``requires_grad`` before, restored by :meth:`remove`.
     """
@@ -159,6 +108,13 @@ class ModeSpace:
     PREFIX = "modeopt_r"
     #: weights per autograd node of the root swap (the extra gradient memory it may hold).
     GROUP_ELEMENTS = 1 << 21
+    #: bfloat16/float16 weights kept as a frozen base and formed in each forward (exact; module
+    #: docstring). False restores the earlier in-place update of every weight (rounding every step):
+    #: read when a space is built; for comparisons (benchmarks/half_precision_drift.py) only.
+    HALF_FORMED = True
+    #: the saved-tensor hooks that re-form a formed weight in backward instead of keeping it (False:
+    #: autograd keeps the formed weights, a copy of them until the backward; for comparisons only)
+    RECOMPUTE_FORMED = True
 
     def __init__(
         self,
@@ -170,6 +126,7 @@ class ModeSpace:
         r_init: Tensor,
         coef_dtype: torch.dtype = torch.float32,
         r_prefix: str = PREFIX,
+        a_scale: Sequence[Tensor] | None = None,
     ):
         # coef_dtype: storage of a; bf16 halves it. The rounded a is used both by the backward and
         # by the weight update, so the model stays exactly w = a_rounded * r + b.
@@ -192,10 +149,21 @@ class ModeSpace:
         # Once, here (one host sync): the fused kernels index per-mode arrays by label unchecked.
         kernels.check_labels([lab.reshape(-1) for lab in labels], self.n_modes, what="ModeSpace labels")
         # Compact labels on every device and path (1 byte for M <= 256, 2 up to 65,536; see
-        # kernels.label_dtype), and a in coef_dtype, each on its weight's device.
+        # kernels.label_dtype; half a byte with the 8-bit encoding for M <= 16), and a in coef_dtype,
+        # each on its weight's device.
+        if coef_dtype not in (torch.float32, torch.bfloat16, torch.int8):
+            raise ValueError(f"ModeSpace: coef_dtype must be torch.float32, torch.bfloat16 or torch.int8, got "
+                             f"{coef_dtype!r}")
+        if a_scale is not None and coef_dtype != torch.int8:
+            raise ValueError("ModeSpace: a_scale is given only with coef_dtype=torch.int8 (int8 codes in a)")
+        self.coef_dtype = coef_dtype
         ldt = kernels.label_dtype(self.n_modes)
         self.labels = [lab.reshape(-1).to(ldt).to(p.device).contiguous() for lab, p in zip(labels, self.params)]
-        self.a = [x.reshape(-1).to(device=p.device, dtype=coef_dtype).contiguous() for x, p in zip(a, self.params)]
+        self.a_scale: list[Tensor] | None = None
+        if coef_dtype != torch.int8:
+            self.a = [x.reshape(-1).to(device=p.device, dtype=coef_dtype).contiguous() for x, p in zip(a, self.params)]
+        else:
+            self._encode(a, a_scale)
         self.r_groups = r_groups.detach().to(device="cpu", dtype=torch.int64)
         self.groups = sorted(set(self.r_groups.tolist()))
         # r (and r_in_weights) live on the first embedded weight's device; deltas are copied per device.
@@ -218,8 +186,8 @@ class ModeSpace:
         self.r_in_weights = self.r_full().detach().clone()
         #: ``(M,)`` the ``r`` the frozen half-precision bases hold (float32, on r's device)
         self.r_base = self.r_in_weights.clone()
-        self.half = [i for i, p in enumerate(self.params) if p.dtype in HALF_DTYPES]
-        self._is_half = [p.dtype in HALF_DTYPES for p in self.params]
+        self._is_half = [self.HALF_FORMED and p.dtype in HALF_DTYPES for p in self.params]
+        self.half = [i for i, h in enumerate(self._is_half) if h]
         # the in-place (float32) tensors by device (update calls, one per device); the half ones too
         by_dev: dict[torch.device, list[int]] = {}
         half_dev: dict[torch.device, list[int]] = {}
@@ -238,9 +206,49 @@ class ModeSpace:
         self._handles: list = []
         self._install()
 
+    def _encode(self, a: Sequence[Tensor], a_scale: Sequence[Tensor] | None) -> None:
+        """The 8-bit encoding: ``a`` quantised per (tensor, mode) (or taken as codes with ``a_scale``),
+        labels packed two per byte for ``M <= 16``. The weights are not touched: quantising changes only
+        the direction each weight moves in (see :mod:`modeopt.modespace.kernels.encoding`)."""
+        m = self.n_modes
+        if a_scale is None:
+            pairs = [kernels.quantize(x.reshape(-1).to(p.device), kernels.as_index(lab), m)
+                     for x, lab, p in zip(a, self.labels, self.params)]
+            self.a = [q.contiguous() for q, _ in pairs]
+            self.a_scale = [sc.contiguous() for _, sc in pairs]
+        else:
+            if len(a_scale) != len(self.params) or any(x.dtype != torch.int8 for x in a) \
+                    or any(tuple(sc.shape) != (m,) or not sc.is_floating_point() for sc in a_scale):
+                raise ValueError(f"ModeSpace: with a_scale, a must hold int8 codes and a_scale one ({m},) float "
+                                 "tensor per parameter")
+            self.a = [x.reshape(-1).to(p.device).contiguous() for x, p in zip(a, self.params)]
+            self.a_scale = [sc.to(device=p.device, dtype=torch.float32).contiguous()
+                            for sc, p in zip(a_scale, self.params)]
+        if kernels.packs_labels(torch.int8, m):
+            self.labels = [kernels.pack_labels(lab) for lab in self.labels]
+
     def mode_index(self) -> list[Tensor]:
         """Per embedded tensor, the mode of each element as int64 (``labels`` may be stored compactly)."""
-        return [kernels.as_index(lab).to(torch.int64) for lab in self.labels]
+        return [kernels.as_index(self._plain_labels(j)).to(torch.int64) for j in range(len(self.params))]
+
+    def _plain_labels(self, j: int) -> Tensor:
+        """Tensor ``j``'s labels, one per weight (packed ones unpacked)."""
+        lab, n = self.labels[j], self.params[j].numel()
+        return kernels.unpack_labels(lab, n) if kernels.is_packed(lab, n) else lab
+
+    def coefficients(self) -> list[Tensor]:
+        """Per embedded tensor, ``(numel,)`` float32 coefficients: ``a`` itself, or what the 8-bit codes stand
+        for (``q * scale[m]``, rounded once to float32)."""
+        if self.a_scale is None:
+            return [x.to(torch.float32) for x in self.a]
+        return [kernels.dequantize(q, sc, idx) for q, sc, idx in zip(self.a, self.a_scale, self.mode_index())]
+
+    def storage_bytes(self) -> dict:
+        """Bytes of the per-weight mode-space storage (``a``, labels, scales), read from the tensors
+        (:func:`modeopt.modespace.kernels.encoding.storage_bytes`)."""
+        from modeopt.modespace.kernels.encoding import storage_bytes
+
+        return storage_bytes(self.a, self.labels, self.a_scale)
 
     # ---------------------------------------------------------- structure
     def _find_owners(self, model: nn.Module) -> dict[nn.Module, list[tuple[str, int]]]:
@@ -279,17 +287,17 @@ class ModeSpace:
                 self.model.register_parameter(name, r)
         # functools.partial of module-level functions: picklable (torch.save(model)), deep-copyable,
         # and torch may tag them with attributes (``_from_public_api``), which bound methods refuse.
-        self._handles.append(self.r_owner.register_state_dict_post_hook(functools.partial(_drop_r, self)))
-        self._handles.append(self.r_owner.register_load_state_dict_post_hook(functools.partial(_r_not_missing, self)))
+        self._handles.append(self.r_owner.register_state_dict_post_hook(functools.partial(drop_r_entries, self)))
+        self._handles.append(self.r_owner.register_load_state_dict_post_hook(functools.partial(r_never_missing, self)))
         for p in self.params:
             p.requires_grad_(False)
             p.grad = None
         for mod, entries in self._owners.items():
             if any(self._is_half[i] for _, i in entries):
                 # state_dict gives, and load_state_dict takes, the current values of the half weights
-                self._handles.append(mod.register_state_dict_post_hook(functools.partial(_current_values, self)))
+                self._handles.append(mod.register_state_dict_post_hook(functools.partial(current_values, self)))
                 self._handles.append(mod.register_load_state_dict_pre_hook(
-                    functools.partial(_load_current_values, self)))
+                    functools.partial(load_current_values, self)))
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
         self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
         for mod in self._owners:
@@ -328,123 +336,6 @@ class ModeSpace:
             return self.r_params[0]
         return torch.cat(list(self.r_params))[self._gather]
 
-    def _swap(self, modules, groups=None) -> None:
-        if groups is None:
-            groups = self._group(sorted({i for mod in modules for _, i in self._owners[mod]}))
-        grad = torch.is_grad_enabled()
-        compiling = torch.compiler.is_compiling()
-        # half-precision weights: formed from their frozen base, one rounding (module docstring)
-        formed = self._form([i for index in groups for i in index if self._is_half[i]])
-        if grad and formed and not compiling:
-            self._enter_saving(formed)
-        out_of: dict[int, Tensor] = {}  # a shared parameter gets one output, read by all its owners
-        if grad:
-            r = self.r_full()
-            for index in groups:
-                weights = [formed.get(i, self.params[i]) for i in index]
-                if compiling:  # tensors only, for Dynamo
-                    outs = _ReadThrough.apply(r, self.n_modes, None, *weights,
-                                              *(self.a[i] for i in index), *(self.labels[i] for i in index))
-                else:
-                    stash = ([self.a[i] for i in index], [self.labels[i] for i in index], self)
-                    outs = _ReadThrough.apply(r, self.n_modes, stash, *weights)
-                out_of.update(zip(index, outs))
-        else:  # no autograd: only the half-precision weights need another tensor
-            out_of = formed
-        for mod in modules:
-            for attr, i in self._owners[mod]:
-                if i in out_of:
-                    # direct entry, as torch.nn.utils.parametrize: setattr takes only nn.Parameter (module docstring)
-                    mod._parameters[attr] = out_of[i]
-                    self._swapped.append((mod, attr, self.params[i]))
-        self._active = True
-
-    def _delta(self, device: torch.device) -> Tensor:
-        """``(M,)`` float32 ``r_in_weights - r_base`` on ``device``: what the half-precision bases lack."""
-        d = (self.r_in_weights - self.r_base).to(torch.float32)
-        return d if d.device == device else d.to(device, non_blocking=device.type != "cpu")
-
-    @torch.no_grad()
-    def _form(self, index: Sequence[int], delta: Tensor | None = None) -> dict[int, Tensor]:
-        """The current values of the half-precision weights ``index``: ``{i: round(base_i + a_i * delta[m])}``
-        (new tensors, the parameters' shapes), one fused call per device."""
-        out: dict[int, Tensor] = {}
-        if not index:
-            return out
-        by_dev: dict[torch.device, list[int]] = {}
-        for i in index:
-            by_dev.setdefault(self.params[i].device, []).append(i)
-        for device, idx in by_dev.items():
-            d = self._delta(device) if delta is None else delta.to(device)
-            if torch.compiler.is_compiling():
-                ws = torch.ops.modeopt.mode_form([self.params[i] for i in idx], [self.a[i] for i in idx],
-                                                 [self.labels[i] for i in idx], d)
-            else:
-                ws = kernels.form([self.params[i] for i in idx], [self.a[i] for i in idx],
-                                  [self.labels[i] for i in idx], d)
-            out.update(zip(idx, ws))
-        return out
-
-    def current(self) -> list[Tensor]:
-        """Per embedded parameter, the values the model computes with now (``names`` order): the stored
-        tensor itself for a float32 weight, a new formed tensor for a half-precision one."""
-        formed = self._form(self.half)
-        return [formed.get(i, p.detach()) for i, p in enumerate(self.params)]
-
-    # ------------------------------------------------ saved tensors of a forward (half precision)
-    def _enter_saving(self, formed: dict[int, Tensor]) -> None:
-        """Until :meth:`_exit_saving`: an operation that saves a formed weight (or a view of it) for
-        backward saves a token instead, and the backward forms the weight again (no second copy of the
-        weights outlives the forward). Chains to saved-tensor hooks already active (e.g. save_on_cpu)."""
-        if self._saving is not None:  # nested forward (a submodule called by hand inside the root's)
-            self._formed_at.update({w.untyped_storage().data_ptr(): i for i, w in formed.items()})
-            return
-        if torch._C._current_graph_task_id() != -1:
-            return  # in backward (activation checkpointing re-runs a forward): its own hooks are in charge
-        self._formed_at = {w.untyped_storage().data_ptr(): i for i, w in formed.items()}
-        delta = {w.device: self._delta(w.device) for w in formed.values()}
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        ctx = torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, self, delta, outer),
-                                                       functools.partial(_unpack, self, outer))
-        ctx.__enter__()
-        self._saving = ctx
-
-    def _exit_saving(self) -> None:
-        if self._saving is not None:
-            ctx, self._saving = self._saving, None
-            ctx.__exit__(None, None, None)
-        self._formed_at = {}
-
-    def _restore(self) -> None:
-        for mod, attr, p in self._swapped:
-            mod._parameters[attr] = p
-        self._swapped.clear()
-        self._active = False
-        self._exit_saving()
-
-    def _root_pre(self, module, args):
-        if not self._active and (self.half or torch.is_grad_enabled()):
-            self._swap(self._owners, self._groups)
-            self._root_owned = True
-        else:
-            self._root_owned = False
-
-    def _root_post(self, module, args, output):
-        if self._root_owned:
-            self._restore()
-            self._root_owned = False
-
-    def _owner_pre(self, module, args):
-        # Runs when a submodule is called on its own (or re-run by activation checkpointing).
-        if not self._active and (self.half or torch.is_grad_enabled()):
-            self._swap([module])
-            self._swapped_by = module
-
-    def _owner_post(self, module, args, output):
-        if self._swapped_by is module:
-            self._restore()
-            self._swapped_by = None
-
     # ------------------------------------------------------------- update
     @torch.no_grad()
     def sync(self, finite_only: bool = False) -> bool:
@@ -470,7 +361,8 @@ class ModeSpace:
             # non_blocking only towards an accelerator: a CPU kernel must not read a copy in flight
             d = delta if device == delta.device else delta.to(device, non_blocking=device.type != "cpu")
             kernels.update([self.params[i] for i in index], [self.a[i] for i in index],
-                           [self.labels[i] for i in index], d)
+                           [self.labels[i] for i in index], d,
+                           scales=None if self.a_scale is None else [self.a_scale[i] for i in index])
         self.r_in_weights.copy_(r)
         return True
 
@@ -494,40 +386,6 @@ class ModeSpace:
         for p, v in zip(self.params, values):
             p.copy_(v.reshape(p.shape))
 
-    @torch.no_grad()
-    def rebase(self) -> None:
-        """Write the current values of the half-precision weights into their parameters and set
-        ``r_base = r_in_weights``: the model computes the same function (their formed value is then
-        their base itself), but later steps are measured from here (each re-base rounds once more)."""
-        if not self.half:
-            return
-        for device, idx in self._half_by_device:
-            formed = self._form(idx)
-            for i in idx:
-                self.params[i].copy_(formed[i])
-        self.r_base.copy_(self.r_in_weights)
-
-    # --------------------------------------------- checkpoint entries of the half-precision bases
-    def base_state(self) -> dict[str, Any]:
-        """What a checkpoint needs beyond ``model.state_dict()`` (current values) to resume bit for bit:
-        ``{"r_base": (M,) copy, "base": {index: the frozen parameter itself (no copy)}}``."""
-        return {"r_base": self.r_base.clone(), "base": {i: self.params[i].detach() for i in self.half}}
-
-    def check_base_state(self, saved: Any, what: str = "the checkpoint") -> None:
-        """Raise ``ValueError`` unless ``saved`` (from :meth:`base_state`) fits this space; changes nothing."""
-        check_base_state(saved, self.names, self.params, self.n_modes, what)
-
-    @torch.no_grad()
-    def load_base_state(self, saved: Mapping[str, Any] | None) -> None:
-        """Take :meth:`base_state` (checked by :meth:`check_base_state`); ``None`` (a checkpoint written
-        before half-precision weights had bases) means the parameters hold ``r_in_weights``."""
-        if saved is None:
-            self.r_base.copy_(self.r_in_weights)
-            return
-        self.r_base.copy_(saved["r_base"].to(self.r_base.device))
-        for i, t in saved["base"].items():
-            self.params[i].copy_(t)
-
     def has_grad(self) -> bool:
         """Whether any of the mode scalars ``r`` holds a gradient now (``.grad`` not None): False
         after ``zero_grad(set_to_none=True)`` or when no backward reached them since."""
@@ -540,6 +398,13 @@ class ModeSpace:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__["_copied"] = True
+        # pickled before half-precision weights were formed (or coefficients encoded): every weight was
+        # updated in place, and stays so
+        if "_is_half" not in state:
+            self.__dict__.update(_is_half=[False] * len(self.params), half=[], _half_by_device=[],
+                                 r_base=self.r_in_weights.clone(), _saving=None, _formed_at={})
+        if "a_scale" not in state:
+            self.__dict__.update(a_scale=None, coef_dtype=self.a[0].dtype if self.a else torch.float32)
 
     def _notice_copy_trained(self) -> None:
         if self.__dict__.get("_copied") and not self.__dict__.get("_warned_copy"):
@@ -552,107 +417,14 @@ class ModeSpace:
                 "load the copy's state_dict() into a fresh model) and give it its own optimizer", stacklevel=2)
 
 
-def check_base_state(saved: Any, names: Sequence[str], params: Sequence[Tensor], n_modes: int,
-                     what: str = "the checkpoint") -> None:
-    """Raise ``ValueError`` unless ``saved`` (:meth:`ModeSpace.base_state`) fits the embedded ``params``
-    (their half-precision ones hold the bases) and ``n_modes``; changes nothing."""
-    half = [i for i, p in enumerate(params) if p.dtype in HALF_DTYPES]
-    if not isinstance(saved, Mapping) or not {"r_base", "base"} <= set(saved):
-        raise ValueError(f"{what}'s half-precision base entry is not a dict with 'r_base' and 'base': damaged")
-    rb = saved["r_base"]
-    if (not isinstance(rb, Tensor) or tuple(rb.shape) != (n_modes,) or not rb.is_floating_point()
-            or not bool(torch.isfinite(rb).all())):
-        raise ValueError(f"{what}'s r_base is not a finite floating-point ({n_modes},) tensor: damaged")
-    base = saved["base"]
-    if not isinstance(base, Mapping) or sorted(base) != half:
-        got = sorted(base) if isinstance(base, Mapping) else "?"
-        raise ValueError(f"{what} holds frozen half-precision bases for the embedded tensors {got}, this model's "
-                         f"half-precision embedded tensors are {half}: the model's dtypes differ from the saved "
-                         "run's; build (or cast) it to the same dtype before loading")
-    for i, t in base.items():
-        p = params[i]
-        if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype:
-            raise ValueError(f"{what}'s frozen base of {names[i]} is not a {p.dtype} tensor of shape "
-                             f"{tuple(p.shape)}: damaged, or from a model of another dtype")
-
-
-def _pack(space: ModeSpace, delta: dict, outer, t: Tensor):
-    """Saved-tensor pack hook while a forward with formed half-precision weights runs: a formed weight
-    (or a view of it) becomes ``(index, delta, size, stride, offset)``; anything else goes to the
-    hooks that were active before (or is kept as it is)."""
-    i = space._formed_at.get(t.untyped_storage().data_ptr()) if t.dtype in HALF_DTYPES else None
-    if i is not None:
-        return _Formed(i, delta[t.device], tuple(t.size()), tuple(t.stride()), t.storage_offset())
-    return t if outer is None else _Outer(outer[0](t))
-
-
-def _unpack(space: ModeSpace, outer, packed):
-    if isinstance(packed, _Formed):
-        w = space._form([packed.index], packed.delta)[packed.index]
-        return w.as_strided(packed.size, packed.stride, packed.offset)
-    if isinstance(packed, _Outer):
-        return outer[1](packed.value)
-    return packed
-
-
-class _Formed:
-    """A formed weight saved for backward: formed again from the frozen base when unpacked."""
-    __slots__ = ("index", "delta", "size", "stride", "offset")
-
-    def __init__(self, index: int, delta: Tensor, size: tuple, stride: tuple, offset: int):
-        self.index, self.delta, self.size, self.stride, self.offset = index, delta, size, stride, offset
-
-
-class _Outer:
-    """What the saved-tensor hooks active before ours packed."""
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-
-def _current_values(space: ModeSpace, module, state_dict, prefix: str, local_metadata) -> None:
-    """State-dict post-hook of a module owning half-precision embedded weights: their current values."""
-    mine = [(attr, i) for attr, i in space._owners.get(module, ()) if space._is_half[i]
-            and prefix + attr in state_dict]
-    if mine:
-        formed = space._form([i for _, i in mine])
-        for attr, i in mine:
-            state_dict[prefix + attr] = formed[i]
-
-
-def _load_current_values(space: ModeSpace, module, state_dict, prefix: str, local_metadata, strict,
-                         missing_keys, unexpected_keys, error_msgs) -> None:
-    """Load-state-dict pre-hook of a module owning half-precision embedded weights: the values are
-    current ones. Equal to the current values (a checkpoint of this run, loaded after the optimizer's):
-    the frozen base is kept, so the run resumes bit for bit. Otherwise the space is re-based first
-    (:meth:`ModeSpace.rebase`): the values loaded then are exactly the weights' new values."""
-    mine = [(prefix + attr, i) for attr, i in space._owners.get(module, ()) if space._is_half[i]
-            and prefix + attr in state_dict]
-    if not mine:
-        return
-    formed = space._form([i for _, i in mine])
-    rebased = False
-    for key, i in mine:
-        v = state_dict[key]
-        p = space.params[i]
-        same = (isinstance(v, Tensor) and v.shape == p.shape and v.dtype == p.dtype
-                and torch.equal(v.detach().to(p.device), formed[i]))
-        if same:
-            state_dict[key] = p.detach()  # copied onto itself: the base stays
-        elif not rebased:
-            space.rebase()
-            rebased = True
-
-
-def _drop_r(space: ModeSpace, module, state_dict, prefix: str, local_metadata) -> None:
+def drop_r_entries(space: ModeSpace, module, state_dict, prefix: str, local_metadata) -> None:
     """State-dict post-hook of the module that holds ``r``: checkpoints never hold it."""
     for name in space.r_names:
         state_dict.pop(prefix + name, None)
 
 
-def _r_not_missing(space: ModeSpace, module, incompatible_keys) -> None:
-    """Load-state-dict post-hook: checkpoints never hold ``r`` (see :func:`_drop_r`), so a strict load
+def r_never_missing(space: ModeSpace, module, incompatible_keys) -> None:
+    """Load-state-dict post-hook: checkpoints never hold ``r`` (see :func:`drop_r_entries`), so a strict load
     must not ask for it."""
     keep = [k for k in incompatible_keys.missing_keys
             if not any(k == n or k.endswith("." + n) for n in space.r_names)]

@@ -1,6 +1,6 @@
 """From a decomposition of the warm-up to the initial state of mode space (the switch's arithmetic).
 
-:func:`initial_mode_space` turns a :class:`~modeopt.decomposition.decompose.Decomposition` of the embedded
+:func:`initial_mode_space` turns a :class:`~modeopt.decomposition.algorithm.Decomposition` of the embedded
 weights into what :class:`~modeopt.modespace.space.ModeSpace` is built from: per tensor the mode labels
 and the normalised coefficients ``a``, and per mode its scalar ``r`` and its param group. The
 weights are then ``w_i = a_i * r[m(i)] + b_i`` with ``b`` absorbing the rest (``init="keep"``), or
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from modeopt.decomposition.decompose import Decomposition
+from modeopt.decomposition.algorithm import Decomposition
 from modeopt.trajectories.layout import ParamLayout
 
 __all__ = ["ModeSpaceInit", "initial_mode_space", "move_to_fit", "switch_device", "world_size"]

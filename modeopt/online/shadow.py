@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from modeopt.modespace import kernels
-from modeopt.decomposition.decompose import decompose
+from modeopt.decomposition.algorithm import decompose
 from modeopt.trajectories.layout import ParamLayout, named_tensors, select_parameters
 from modeopt.distributed.wrappers import sharding_wrapper, uses_fsdp2
 from .running_moments import (MomentsPhase, cmd_weights, first_nonfinite, gather, gather_plan, per_device, replay_window, slopes,

@@ -9,7 +9,7 @@ import torch
 
 from modeopt.utils.checks import check_int
 
-__all__ = ["SCALE_INVARIANT", "check_settings", "check_snapshot_count", "resolve_mode_scale"]
+__all__ = ["SCALE_INVARIANT", "check_settings", "check_snapshot_count", "check_coef_dtype", "resolve_mode_scale"]
 
 def check_snapshot_count(name: str, steps: int, every: int) -> None:
     """Raise ``ValueError`` unless ``steps`` full-training steps record at least 3 snapshots (CMD's minimum)."""
@@ -54,11 +54,18 @@ def check_settings(*, n_modes: int, warmup_steps: int, snapshot_every: int, n_sa
         raise ValueError(f"init must be 'keep' or 'fit', got {init!r}")
     if mode_scale not in ("auto", "rms", "norm"):
         raise ValueError(f"mode_scale must be 'auto', 'rms' or 'norm', got {mode_scale!r}")
-    if coef_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"coef_dtype must be torch.float32 or torch.bfloat16, got {coef_dtype!r}")
+    check_coef_dtype(coef_dtype)
     if not (isinstance(record_dtype, torch.dtype) and record_dtype.is_floating_point):
         raise ValueError(f"record_dtype must be a floating-point torch.dtype, got {record_dtype!r}")
     return recluster_steps
+
+
+def check_coef_dtype(coef_dtype: object) -> None:
+    """``coef_dtype`` must be float32, bfloat16 or int8 (the 8-bit encoding of ``a`` with 4-bit labels
+    for M <= 16; :mod:`modeopt.modespace.kernels.encoding`)."""
+    if coef_dtype not in (torch.float32, torch.bfloat16, torch.int8):
+        raise ValueError(f"coef_dtype must be torch.float32, torch.bfloat16 or torch.int8 (8-bit coefficients with "
+                         f"a scale per tensor and mode, 4-bit labels for n_modes <= 16), got {coef_dtype!r}")
 
 
 def resolve_mode_scale(mode_scale: str, base: torch.optim.Optimizer) -> str:

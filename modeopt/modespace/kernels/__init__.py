@@ -3,6 +3,9 @@ implementation per device and a torch reference everywhere.
 
 * :func:`reduce` - ``dL/dr_m = sum_{i: label_i = m} a_i g_i`` over many tensors, float64, deterministic;
 * :func:`update` - ``w_i += a_i * delta[label_i]`` in place;
+
+(:func:`reduce` and :func:`update` also read the compact 8-bit encoding of a mode space - int8 ``a``
+with a scale per tensor and mode, labels packed 4 bits per weight: :mod:`~modeopt.modespace.kernels.encoding`.)
 * :func:`welford` - one Welford/Chan sample of float64 per-weight moments in place;
 * :func:`assign` - ``w_i = a_i * r[label_i] + b_i`` in place;
 * :func:`form` - ``w_i + a_i * delta[label_i]`` out of place, rounded once (half-precision forward).
@@ -33,11 +36,13 @@ from torch import Tensor
 
 from . import cpu, ops  # noqa: F401 - ops registers torch.ops.modeopt.*
 from .cpu import fused_available
+from .encoding import dequantize, is_packed, pack_labels, packs_labels, quantize, unpack_labels
 from .labels import as_index, check_labels, check_sizes, label_dtype
 from .switch import KernelWarning, use_fused
 
 __all__ = ["reduce", "update", "welford", "assign", "form", "fused_available", "use_fused", "label_dtype", "as_index",
-           "check_labels", "KernelWarning", "CPU_DIRECT"]
+           "check_labels", "KernelWarning", "CPU_DIRECT", "quantize", "dequantize", "pack_labels", "unpack_labels",
+           "packs_labels", "is_packed"]
 
 #: Eager calls on CPU tensors run the operator's CPU implementation directly, skipping the
 #: dispatcher's per-call cost (docs/performance.md, "Dispatch cost on CPU"). Under torch.compile,
@@ -49,7 +54,8 @@ def _direct(t: Tensor) -> bool:
     return CPU_DIRECT and t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int) -> Tensor:
+def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int,
+           scales: Sequence[Tensor] | None = None) -> Tensor:
     """``(n_modes,)`` float64: ``sum_i a_i * g_i`` per mode over all tensors (``None`` grads skipped).
 
     The result lives on the tensors' device (on ``a[0]``'s when every grad is None). Each product is
@@ -61,18 +67,20 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
         a, labels: per tensor, flat coefficients and compact mode labels in ``[0, n_modes)`` of the
             same ``numel``.
         n_modes: M.
+        scales: for the 8-bit encoding (:mod:`~modeopt.modespace.kernels.encoding`), per tensor the
+            ``(M,)`` float32 scales of its int8 codes ``a`` (its labels may be packed); None otherwise.
     """
-    grads, a, labels = list(grads), list(a), list(labels)
+    grads, a, labels, scales = list(grads), list(a), list(labels), list(scales or ())
     if not any(g is not None for g in grads):
         return torch.zeros(n_modes, dtype=torch.float64, device=a[0].device if a else "cpu")
     if _direct(a[0]):
-        return cpu.reduce(grads, a, labels, int(n_modes))
-    return torch.ops.modeopt.mode_reduce(grads, a, labels, int(n_modes))
+        return cpu.reduce(grads, a, labels, int(n_modes), scales)
+    return torch.ops.modeopt.mode_reduce(grads, a, labels, int(n_modes), scales)
 
 
 @torch.no_grad()
 def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
-           scratch: Tensor | None = None) -> None:
+           scratch: Tensor | None = None, scales: Sequence[Tensor] | None = None) -> None:
     """``w += a * delta[label]`` for every tensor, in place.
 
     Args:
@@ -80,13 +88,16 @@ def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tens
         a, labels: per tensor, flat coefficients and compact labels in ``[0, M)``.
         delta: ``(M,)`` change of the mode scalars, on the weights' device.
         scratch: unused (kept for compatibility): the torch path keeps its own reusable buffers.
+        scales: for the 8-bit encoding, per tensor the ``(M,)`` float32 scales of its int8 codes ``a``
+            (the tensor moves by ``float32(q * float32(scale * delta)[label])``); None otherwise.
     """
     if not len(weights):
         return
+    scales = list(scales or ())
     if _direct(delta):
-        cpu.update(list(weights), list(a), list(labels), delta)
+        cpu.update(list(weights), list(a), list(labels), delta, scales)
     else:
-        torch.ops.modeopt.mode_update(list(weights), list(a), list(labels), delta)
+        torch.ops.modeopt.mode_update(list(weights), list(a), list(labels), delta, scales)
 
 
 @torch.no_grad()
@@ -130,7 +141,8 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
 
 
 @torch.no_grad()
-def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> list[Tensor]:
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+         scales: Sequence[Tensor] | None = None) -> list[Tensor]:
     """Per tensor a new ``(float32(w) + float32(a) * float32(delta)[label]).to(w.dtype)``: the sum in
     float32 (a rounded product, then the add), rounded once to the weight's dtype (to nearest even,
     as torch's ``.to()``), contiguous, of ``w``'s shape. The same bits on every implementation.
@@ -139,9 +151,11 @@ def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor
         weights: the stored (frozen) weights, any shape and float dtype; read only.
         a, labels: per tensor, flat coefficients and compact labels in ``[0, M)``.
         delta: ``(M,)`` change of the mode scalars since the weights' value, on their device.
+        scales: the 8-bit encoding, as in :func:`update` (tensor ``t`` reads ``float32(scales[t] * delta)``).
     """
     if not len(weights):
         return []
+    scales = list(scales or ())
     if _direct(delta):
-        return cpu.form(list(weights), list(a), list(labels), delta)
-    return torch.ops.modeopt.mode_form(list(weights), list(a), list(labels), delta)
+        return cpu.form(list(weights), list(a), list(labels), delta, scales)
+    return torch.ops.modeopt.mode_form(list(weights), list(a), list(labels), delta, scales)

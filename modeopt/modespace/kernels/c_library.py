@@ -8,11 +8,13 @@ process). :func:`library` never raises for a failure to build or load: it return
 reference runs) and issues one :class:`~modeopt.modespace.kernels.switch.KernelWarning` naming the cause and
 the fix; a bad cached file is rebuilt (see :func:`_build`).
 
-Entry points (``ctypes`` releases the GIL while they run; ``a`` is ``f32`` or ``bf16``, labels
-``u8``/``u16``/``i32``; pointers to contiguous CPU memory, ``n`` elements):
+Entry points (``ctypes`` releases the GIL while they run; ``a`` is ``f32``, ``bf16`` or ``i8`` (codes),
+labels ``u8``/``u16``/``i32`` or ``u4`` (packed two per byte); pointers to contiguous CPU memory, ``n``
+elements, packed labels starting at an even element):
 
 * ``reduce_<a>_<l>(g, a, lab, n, acc, M)`` - ``acc[bank][lab[i]] += double(a[i] * g[i])``, float32
-  ``g``, ``acc`` float64 of ``UNROLL * M``; ``fold_banks(acc, M, out)`` adds the banks into ``out``;
+  ``g``, ``acc`` float64 of ``UNROLL * M``; ``fold_banks(acc, M, out)`` adds the banks into ``out``,
+  ``fold_banks_scaled(acc, M, scale, out)`` adds ``scale[m]`` (float64) times them;
 * ``update_<a>_<l>(w, a, lab, delta, n)`` - ``w[i] += a[i] * delta[lab[i]]``, float32 ``w``, ``delta``;
 * ``welford_<l>(w, mean, com, lab, dr, inv_n, n)`` - float32 ``w``, float64 moments and ``dr``;
 * ``assign_<l>(w, a, b, lab, r, n)`` - ``w[i] = a[i] * r[lab[i]] + b[i]``, all float32;
@@ -38,7 +40,7 @@ import torch
 
 from .switch import KernelWarning
 
-__all__ = ["SOURCE", "UNROLL", "A_NAMES", "L_NAMES", "W_NAMES", "library", "compiler", "library_path", "digest_path",
+__all__ = ["SOURCE", "UNROLL", "A_NAMES", "L_NAMES", "W_NAMES", "PACKED", "library", "compiler", "library_path", "digest_path",
            "sha256", "compile_library", "load"]
 
 logger = logging.getLogger("modeopt")
@@ -47,12 +49,15 @@ logger = logging.getLogger("modeopt")
 SOURCE = Path(__file__).with_name("fused_cpu.c")
 #: Accumulator banks per mode of ``reduce_*`` (must match ``UNROLL`` in the C source).
 UNROLL = 8
-#: Coefficient dtypes the C code covers, and their names in the entry points.
-A_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+#: Coefficient dtypes the C code covers, and their names in the entry points (int8: the codes of
+#: the 8-bit encoding, see :mod:`modeopt.modespace.kernels.encoding`).
+A_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "i8"}
 #: Label dtypes the C code covers (int16 read as uint16), and their names in the entry points.
 L_NAMES = {torch.uint8: "u8", torch.int16: "u16", torch.int32: "i32"}
 #: Half-precision weight dtypes ``form_*`` covers, and their names in the entry points.
 W_NAMES = {torch.bfloat16: "bf16", torch.float16: "f16"}
+#: The name of packed 4-bit labels (uint8 storage, two per byte) in the entry points.
+PACKED = "u4"
 
 _lib = None
 _lib_tried = False
@@ -138,12 +143,13 @@ def load(path: Path) -> ctypes.CDLL:
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
     try:
         for an in A_NAMES.values():
-            for ln in L_NAMES.values():
+            for ln in (*L_NAMES.values(), PACKED):
                 getattr(lib, f"reduce_{an}_{ln}").argtypes = [vp, vp, vp, i64, vp, i64]
                 getattr(lib, f"update_{an}_{ln}").argtypes = [vp, vp, vp, vp, i64]
                 for wn in W_NAMES.values():
                     getattr(lib, f"form_{wn}_{an}_{ln}").argtypes = [vp, vp, vp, vp, vp, i64]
         lib.fold_banks.argtypes = [vp, i64, vp]
+        lib.fold_banks_scaled.argtypes = [vp, i64, vp, vp]
         for ln in L_NAMES.values():
             getattr(lib, f"welford_{ln}").argtypes = [vp, vp, vp, vp, vp, ctypes.c_double, i64]
             getattr(lib, f"assign_{ln}").argtypes = [vp, vp, vp, vp, vp, i64]
@@ -161,12 +167,14 @@ def _self_test(lib: ctypes.CDLL) -> None:
     x32 = torch.randn(n, generator=g)
     lab = torch.randint(0, m, (n,), generator=g)
     delta = torch.randn(m, generator=g)
+    from .encoding import pack_labels
+
     with torch.no_grad():
         for adt, an in A_NAMES.items():
-            x = x32.to(adt)
+            x = (x32 * 40).round().to(adt) if adt == torch.int8 else x32.to(adt)
             xf = x.to(torch.float32)
-            for ldt, ln in L_NAMES.items():
-                lt = lab.to(ldt)
+            for ldt, ln in (*L_NAMES.items(), (None, PACKED)):
+                lt = pack_labels(lab) if ldt is None else lab.to(ldt)
                 acc = torch.zeros(UNROLL * m, dtype=torch.float64)
                 out = torch.zeros(m, dtype=torch.float64)
                 getattr(lib, f"reduce_{an}_{ln}")(w.data_ptr(), x.data_ptr(), lt.data_ptr(), n, acc.data_ptr(), m)
@@ -186,6 +194,12 @@ def _self_test(lib: ctypes.CDLL) -> None:
                     want = (wh.to(torch.float32) + xf * delta[lab]).to(wdt)
                     if not torch.equal(got, want):  # one rounding, bit for bit
                         raise _KernelError(f"its form_{wn}_{an}_{ln} disagrees with the torch reference")
+        scale = torch.rand(m, generator=g, dtype=torch.float64)
+        acc = torch.randn(UNROLL * m, generator=g, dtype=torch.float64)
+        out = torch.zeros(m, dtype=torch.float64)
+        lib.fold_banks_scaled(acc.data_ptr(), m, scale.data_ptr(), out.data_ptr())
+        if not torch.allclose(out, scale * acc.view(UNROLL, m).sum(0), rtol=1e-12, atol=1e-12):
+            raise _KernelError("its fold_banks_scaled disagrees with the torch reference")
         for ldt, ln in L_NAMES.items():
             lt = lab.to(ldt)
             mean = torch.randn(n, generator=g, dtype=torch.float64)

@@ -2,7 +2,9 @@
 
 The C kernels (:mod:`modeopt.modespace.kernels.c_library`) apply to float32 weights/grads, float32 or bfloat16
 ``a`` (float32 ``b``; float64 moments for ``welford``), uint8/int16(uint16)/int32 labels, all
-contiguous CPU tensors, while :func:`fused_available`. Anything else runs
+contiguous CPU tensors, while :func:`fused_available`; ``reduce`` and ``update`` also to the 8-bit
+encoding (int8 codes with per-tensor scales, labels packed 4 bits per weight or not; see
+:mod:`modeopt.modespace.kernels.encoding`). Anything else runs
 :mod:`modeopt.modespace.kernels.reference`. Arguments are per-tensor lists; labels lie in ``[0, M)``
 (checked by the callers: the kernels index per-mode arrays without a bound check).
 
@@ -21,8 +23,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .c_library import A_NAMES, L_NAMES, UNROLL, W_NAMES, library
-from .labels import check_sizes
+from .c_library import A_NAMES, L_NAMES, PACKED, UNROLL, W_NAMES, library
+from .encoding import is_packed
 from .switch import enabled
 
 __all__ = ["fused_available", "reduce", "update", "welford", "assign", "form", "PIECE", "THREADS"]
@@ -112,47 +114,97 @@ def _run_elementwise(fns: Sequence[Callable], per_tensor: Sequence[Sequence[Tens
     _run_split(_one, _pieces(list(map(Tensor.numel, per_tensor[0]))))
 
 
-def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int) -> Tensor:
+def _label_name(lab: Tensor, n: int) -> str:
+    """The entry-point name of ``lab``'s layout for a tensor of ``n`` weights (packed: ``u4``)."""
+    return PACKED if is_packed(lab, n) else L_NAMES[lab.dtype]
+
+
+def _check_scaled(what: str, a: Sequence[Tensor], scales: Sequence[Tensor], n_modes: int) -> None:
+    """int8 codes need one ``(M,)`` scale tensor per tensor, and float ``a`` none."""
+    if scales:
+        if len(scales) != len(a) or any(s.numel() != n_modes for s in scales):
+            raise ValueError(f"{what}: scales must hold one ({n_modes},) tensor per tensor, got "
+                             f"{[tuple(s.shape) for s in scales]} for {len(a)} tensors")
+    elif any(x.dtype == torch.int8 for x in a):
+        raise ValueError(f"{what}: int8 coefficients are codes of the 8-bit encoding and need their scales")
+
+
+def _sizes_ok(what: str, ws: Sequence[Tensor], xs: Sequence[Tensor], ls: Sequence[Tensor]) -> None:
+    for j, (w, x, lab) in enumerate(zip(ws, xs, ls)):
+        n = w.numel()
+        if x.numel() != n or not (lab.numel() == n or is_packed(lab, n)):
+            raise ValueError(f"{what}: tensor {j} has {n} elements, {x.numel()} coefficients and {lab.numel()} "
+                             f"labels; they must agree (packed labels: {(n + 1) // 2} bytes)")
+
+
+def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int,
+           scales: Sequence[Tensor] = ()) -> Tensor:
     """``(n_modes,)`` float64 ``sum_{i: label_i = m} a_i g_i`` (``None`` grads skipped); see
-    :func:`modeopt.modespace.kernels.reference.reduce`."""
-    items = [(g.reshape(-1), x, lab) for g, x, lab in zip(grads, a, labels) if g is not None]
-    if items:
-        gs, xs, ls = zip(*items)
+    :func:`modeopt.modespace.kernels.reference.reduce` (``scales``: the 8-bit encoding)."""
+    scales = list(scales or ())
+    _check_scaled("reduce", a, scales, n_modes)
+    rows = [j for j, g in enumerate(grads) if g is not None]
+    if rows:
+        gs = [grads[j].reshape(-1) for j in rows]
+        xs, ls = [a[j] for j in rows], [labels[j] for j in rows]
         if _fusable((gs, _F32), (xs, _A), labels=ls):
-            return _reduce_fused(gs, xs, ls, n_modes)
-    return reference.reduce(grads, a, labels, n_modes)
+            return _reduce_fused(gs, xs, ls, n_modes, [scales[j] for j in rows] if scales else None)
+    return reference.reduce(grads, a, labels, n_modes, scales or None)
 
 
-def _reduce_fused(gs, xs, ls, n_modes: int) -> Tensor:
-    check_sizes("reduce", gs, xs, ls)
+def _reduce_fused(gs, xs, ls, n_modes: int, scales) -> Tensor:
+    _sizes_ok("reduce", gs, xs, ls)
     lib = library()
     gs = [g.contiguous() for g in gs]
     pieces = _pieces([g.numel() for g in gs])
     acc = torch.zeros(len(pieces), UNROLL * n_modes, dtype=torch.float64)
-    fns = [getattr(lib, f"reduce_{A_NAMES[x.dtype]}_{L_NAMES[lab.dtype]}") for x, lab in zip(xs, ls)]
+    names = [_label_name(lab, g.numel()) for g, lab in zip(gs, ls)]
+    fns = [getattr(lib, f"reduce_{A_NAMES[x.dtype]}_{ln}") for x, ln in zip(xs, names)]
 
     def _one(j_piece):
         j, (t, s, e) = j_piece
         g, x, lab = gs[t], xs[t], ls[t]
-        fns[t](g.data_ptr() + 4 * s, x.data_ptr() + x.element_size() * s, lab.data_ptr() + lab.element_size() * s,
+        # pieces start at multiples of PIECE (even): a packed label offset is s // 2 bytes
+        off = s // 2 if names[t] == PACKED else lab.element_size() * s
+        fns[t](g.data_ptr() + 4 * s, x.data_ptr() + x.element_size() * s, lab.data_ptr() + off,
                e - s, acc[j].data_ptr(), n_modes)
 
     _run_split(_one, list(enumerate(pieces)))
     out = torch.zeros(n_modes, dtype=torch.float64)
-    for j in range(len(pieces)):  # fixed order: deterministic
-        lib.fold_banks(acc[j].data_ptr(), n_modes, out.data_ptr())
+    s64 = None if scales is None else [s.to(device="cpu", dtype=torch.float64).contiguous() for s in scales]
+    for j, (t, _, _) in enumerate(pieces):  # fixed order: deterministic
+        if s64 is None:
+            lib.fold_banks(acc[j].data_ptr(), n_modes, out.data_ptr())
+        else:
+            lib.fold_banks_scaled(acc[j].data_ptr(), n_modes, s64[t].data_ptr(), out.data_ptr())
     return out
 
 
-def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> None:
-    """In place: ``w += a * delta[label]``; see :func:`modeopt.modespace.kernels.reference.update`."""
+def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+           scales: Sequence[Tensor] = ()) -> None:
+    """In place: ``w += a * delta[label]``; see :func:`modeopt.modespace.kernels.reference.update`
+    (``scales``: the 8-bit encoding, each tensor moves by ``q * float32(scale * delta)[label]``)."""
+    scales = list(scales or ())
+    _check_scaled("update", a, scales, delta.numel())
     if not _fusable((weights, _F32), (a, _A), labels=labels):
-        return reference.update(weights, a, labels, delta)
-    check_sizes("update", weights, a, labels)
+        return reference.update(weights, a, labels, delta, scales or None)
+    _sizes_ok("update", weights, a, labels)
     lib = library()
     d = delta.to(torch.float32).contiguous()
-    fns = [getattr(lib, f"update_{A_NAMES[x.dtype]}_{L_NAMES[lab.dtype]}") for x, lab in zip(a, labels)]
-    _run_elementwise(fns, (weights, a, labels), (d.data_ptr(),))
+    # per tensor its own (M,) delta: the scaled one of the 8-bit encoding
+    ds = [d] * len(weights) if not scales else [(s.to(torch.float32) * d).contiguous() for s in scales]
+    names = [_label_name(lab, w.numel()) for w, lab in zip(weights, labels)]
+    fns = [getattr(lib, f"update_{A_NAMES[x.dtype]}_{ln}") for x, ln in zip(a, names)]
+    ptrs = [(w.data_ptr(), x.data_ptr(), x.element_size(), lab.data_ptr(), lab.element_size(), dt.data_ptr())
+            for w, x, lab, dt in zip(weights, a, labels, ds)]
+
+    def _one(piece):
+        t, s, e = piece
+        w, x, xs, lab, ls, dp = ptrs[t]
+        off = s // 2 if names[t] == PACKED else ls * s
+        fns[t](w + 4 * s, x + xs * s, lab + off, dp, e - s)
+
+    _run_split(_one, _pieces([w.numel() for w in weights]))
 
 
 def welford(flat: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequence[Tensor], labels: Sequence[Tensor],
@@ -177,16 +229,29 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
     _run_elementwise(fns, (weights, a, b, labels), (rr.data_ptr(),))
 
 
-def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> list[Tensor]:
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+         scales: Sequence[Tensor] = ()) -> list[Tensor]:
     """Out of place: ``w(float(w) + a * delta[label])`` per tensor; see
-    :func:`modeopt.modespace.kernels.reference.form` (bit for bit the same)."""
+    :func:`modeopt.modespace.kernels.reference.form` (bit for bit the same; ``scales``: the 8-bit encoding)."""
+    scales = list(scales or ())
+    _check_scaled("form", a, scales, delta.numel())
     if not _fusable((weights, _HALF), (a, _A), labels=labels):
-        return reference.form(weights, a, labels, delta)
-    check_sizes("form", weights, a, labels)
+        return reference.form(weights, a, labels, delta, scales or None)
+    _sizes_ok("form", weights, a, labels)
     lib = library()
     d = delta.to(torch.float32).contiguous()
+    ds = [d] * len(weights) if not scales else [(s.to(torch.float32) * d).contiguous() for s in scales]
     out = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
-    fns = [getattr(lib, f"form_{W_NAMES[w.dtype]}_{A_NAMES[x.dtype]}_{L_NAMES[lab.dtype]}")
-           for w, x, lab in zip(weights, a, labels)]
-    _run_elementwise(fns, (weights, a, labels, out), (d.data_ptr(),))
+    names = [_label_name(lab, w.numel()) for w, lab in zip(weights, labels)]
+    fns = [getattr(lib, f"form_{W_NAMES[w.dtype]}_{A_NAMES[x.dtype]}_{ln}") for w, x, ln in zip(weights, a, names)]
+    ptrs = [(w.data_ptr(), x.data_ptr(), x.element_size(), lab.data_ptr(), lab.element_size(), o.data_ptr(),
+             dt.data_ptr()) for w, x, lab, o, dt in zip(weights, a, labels, out, ds)]
+
+    def _one(piece):
+        t, s, e = piece
+        w, x, xs, lab, ls, o, dp = ptrs[t]
+        off = s // 2 if names[t] == PACKED else ls * s
+        fns[t](w + 2 * s, x + xs * s, lab + off, o + 2 * s, dp, e - s)
+
+    _run_split(_one, _pieces([w.numel() for w in weights]))
     return out

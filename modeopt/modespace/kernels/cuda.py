@@ -2,7 +2,8 @@
 
 Triton (:mod:`modeopt.modespace.kernels.triton_kernels`, imported only here, on first CUDA use) covers
 contiguous float32/bfloat16/float16 weights and grads, float32/bfloat16 ``a`` (float32 ``b``,
-float64 moments), labels of any compact dtype, and ``reduce`` up to ``MAX_REDUCE_MODES`` modes.
+float64 moments), labels of any compact dtype, and ``reduce`` up to ``MAX_REDUCE_MODES`` modes;
+``reduce`` and ``update`` also the 8-bit encoding (int8 codes, per-tensor scales, packed labels).
 ``update`` splits its tensors: the covered ones run in Triton, the rest (e.g. channels_last weights)
 in :mod:`modeopt.modespace.kernels.reference`; the other passes run all-Triton or all-reference. Nothing
 synchronises with the host except the one-off self-test below.
@@ -83,6 +84,19 @@ def triton_self_test(device: torch.device) -> bool:
         reference.welford([w], mu[1:], com[1:], [lab], dr, 3)
         if not (_close(mu[0], mu[1], 1e-12) and _close(com[0], com[1], 1e-12)):
             raise RuntimeError("welford disagrees with the torch reference")
+        # the 8-bit encoding: int8 codes, a scale per mode, labels packed two per byte
+        from .encoding import pack_labels, quantize
+
+        q, sc = quantize(x, lab, m)
+        packed = pack_labels(lab)
+        if not torch.allclose(tk.reduce([w], [q], [packed], m, [sc]), reference.reduce([w], [q], [packed], m, [sc]),
+                              rtol=1e-5, atol=1e-6):
+            raise RuntimeError("reduce of the 8-bit encoding disagrees with the torch reference")
+        y1, y2 = w.clone(), w.clone()
+        tk.update([y1], [q], [packed], d, [sc])
+        reference.update([y2], [q], [packed], d, [sc])
+        if not _close(y1, y2, 1e-6):
+            raise RuntimeError("update of the 8-bit encoding disagrees with the torch reference")
         y1, y2 = torch.empty_like(w), torch.empty_like(w)
         tk.assign([y1], [x], [b], [lab], d)
         reference.assign([y2], [x], [b], [lab], d)
@@ -107,34 +121,40 @@ def _covered(*groups: tuple[Sequence[Tensor], tuple], labels: Sequence[Tensor], 
             and all(lab.is_contiguous() and n_modes <= limits.get(lab.dtype, 0) for lab in labels))
 
 
-def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int) -> Tensor:
-    """``(n_modes,)`` float64 on the device; see :func:`modeopt.modespace.kernels.reference.reduce`."""
+def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int,
+           scales: Sequence[Tensor] = ()) -> Tensor:
+    """``(n_modes,)`` float64 on the device; see :func:`modeopt.modespace.kernels.reference.reduce`
+    (``scales``: the 8-bit encoding)."""
     tk = triton_kernels
+    scales = list(scales or ())
     if triton_usable(a[0].device) and tk.supports(n_modes):
         items = [(g, x, lab) for g, x, lab in zip(grads, a, labels) if g is not None]
         # grads of a covered dtype in any layout (made contiguous below)
         if (all(g.dtype in tk.WEIGHT_DTYPES for g, _, _ in items)
                 and _covered(([x for _, x, _ in items], tk.A_DTYPES), labels=[lab for _, _, lab in items],
                              n_modes=n_modes)):
-            return tk.reduce([g if g is None else g.contiguous() for g in grads], a, labels, n_modes)
-    return reference.reduce(grads, a, labels, n_modes)
+            return tk.reduce([g if g is None else g.contiguous() for g in grads], a, labels, n_modes, scales)
+    return reference.reduce(grads, a, labels, n_modes, scales or None)
 
 
-def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> None:
+def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+           scales: Sequence[Tensor] = ()) -> None:
     """In place: ``w += a * delta[label]``, Triton for each covered tensor, the reference for the rest;
-    see :func:`modeopt.modespace.kernels.reference.update`."""
+    see :func:`modeopt.modespace.kernels.reference.update` (``scales``: the 8-bit encoding)."""
     tk = triton_kernels
+    scales = list(scales or ())
+    pick = lambda xs, js: [xs[j] for j in js] if xs else None  # noqa: E731
     rest = list(range(len(weights)))
     if triton_usable(delta.device):
         m = delta.numel()
         fast = [j for j in rest if _covered(([weights[j]], tk.WEIGHT_DTYPES), ([a[j]], tk.A_DTYPES),
                                             labels=[labels[j]], n_modes=m)]
         if fast:
-            tk.update([weights[j] for j in fast], [a[j] for j in fast], [labels[j] for j in fast], delta)
+            tk.update(pick(weights, fast), pick(a, fast), pick(labels, fast), delta, pick(scales, fast))
             done = set(fast)
             rest = [j for j in rest if j not in done]
     if rest:
-        reference.update([weights[j] for j in rest], [a[j] for j in rest], [labels[j] for j in rest], delta)
+        reference.update(pick(weights, rest), pick(a, rest), pick(labels, rest), delta, pick(scales, rest))
 
 
 def welford(flat: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequence[Tensor], labels: Sequence[Tensor],
@@ -153,16 +173,20 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
     """In place: ``w = a * r[label] + b``; see :func:`modeopt.modespace.kernels.reference.assign`."""
     tk = triton_kernels
     if (triton_usable(r.device)
-            and _covered((weights, tk.WEIGHT_DTYPES), (a, tk.A_DTYPES), (b, _F32), labels=labels, n_modes=r.numel())):
+            and _covered((weights, tk.WEIGHT_DTYPES), (a, tk.ASSIGN_A_DTYPES), (b, _F32), labels=labels,
+                         n_modes=r.numel())):
         return tk.assign(weights, a, b, labels, r)
     return reference.assign(weights, a, b, labels, r)
 
 
-def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> list[Tensor]:
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+         scales: Sequence[Tensor] = ()) -> list[Tensor]:
     """Out of place: ``w + a * delta[label]`` rounded once to ``w``'s dtype, Triton where every tensor
-    is covered, else the torch reference; see :func:`modeopt.modespace.kernels.reference.form`."""
+    is covered, else the torch reference; see :func:`modeopt.modespace.kernels.reference.form`
+    (``scales``: the 8-bit encoding)."""
     tk = triton_kernels
+    scales = list(scales or ())
     if (triton_usable(delta.device)
             and _covered((weights, tk.WEIGHT_DTYPES), (a, tk.A_DTYPES), labels=labels, n_modes=delta.numel())):
-        return tk.form(weights, a, labels, delta)
-    return reference.form(weights, a, labels, delta)
+        return tk.form(weights, a, labels, delta, scales)
+    return reference.form(weights, a, labels, delta, scales or None)

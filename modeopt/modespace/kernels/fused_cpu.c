@@ -11,15 +11,18 @@
  * the range, never on threads or timing. Each product is rounded once to float32, and the sums
  * are accumulated in double.
  *
- * Coefficients are float32 or bfloat16 (stored as uint16: the high half of a float32); labels
- * are uint8, uint16 or int32.
+ * Coefficients are float32, bfloat16 (stored as uint16: the high half of a float32) or int8 codes
+ * (the 8-bit encoding: the caller multiplies the sums by the per-mode scales, fold_banks_scaled, and
+ * scales delta before update); labels are uint8, uint16, int32, or 4-bit packed two per byte ("u4":
+ * element i in the low nibble of byte i/2 when i is even, the high nibble when odd; ranges start at
+ * even elements).
  *
  *   form:    out[i] = half(float(w[i]) + a[i] * delta[lab[i]])  (bf16/fp16 weights, out of place)
  *
  * form is the forward of a half-precision weight kept as its frozen switch-time value: the sum is
- * formed in float32 (product rounded, then the add: no FMA, -ffp-contract=off) and
- * rounded once to the weight's dtype, to nearest even exactly as torch's .to() does (the conversions
- * below are c10's, bit for bit, including NaN, infinities and subnormals).
+ * formed in float32 (product rounded, then the add: no FMA, -ffp-contract=off) and rounded once
+ * to the weight's dtype, to nearest even exactly as torch's .to() does (the conversions below are
+ * c10's, bit for bit, including infinities and subnormals; a NaN stays a NaN).
  */
 #include <stdint.h>
 #include <string.h>
@@ -35,6 +38,17 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 static inline float f32_to_f32(float x) { return x; }
+static inline float i8_to_f32(int8_t x) { return (float) x; }
+
+/* Label i of a range, and the label pointer at element i (i even for packed labels). */
+#define LGET_u8(L, i) ((uint32_t) (L)[i])
+#define LGET_u16(L, i) ((uint32_t) (L)[i])
+#define LGET_i32(L, i) ((uint32_t) (L)[i])
+#define LGET_u4(L, i) ((uint32_t) (((L)[(i) >> 1] >> (((i) & 1) << 2)) & 15))
+#define LOFF_u8(L, i) ((L) + (i))
+#define LOFF_u16(L, i) ((L) + (i))
+#define LOFF_i32(L, i) ((L) + (i))
+#define LOFF_u4(L, i) ((L) + ((i) >> 1))
 
 static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
 static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }
@@ -72,19 +86,19 @@ static inline uint16_t f32_to_f16(float f) {
 }
 
 /* Scatter v[0..len) into the banks, labels read one by one (wide label types). */
-#define SCATTER_GENERIC(LTYPE)                                                                     \
-    static inline void scatter_##LTYPE(const float *v, const LTYPE *L, int64_t len, double *acc,   \
+#define SCATTER_GENERIC(LNAME, LTYPE)                                                              \
+    static inline void scatter_##LNAME(const float *v, const LTYPE *L, int64_t len, double *acc,   \
                                        int64_t m) {                                                \
         int64_t j = 0;                                                                             \
         for (; j + UNROLL <= len; j += UNROLL)                                                     \
             for (int k = 0; k < UNROLL; ++k) acc[k * m + (uint32_t) L[j + k]] += v[j + k];          \
         for (; j < len; ++j) acc[(uint32_t) L[j]] += v[j];                                         \
     }
-SCATTER_GENERIC(uint16_t)
-SCATTER_GENERIC(int32_t)
+SCATTER_GENERIC(u16, uint16_t)
+SCATTER_GENERIC(i32, int32_t)
 
 /* uint8 labels: one 64-bit load gives eight of them. */
-static inline void scatter_uint8_t(const float *v, const uint8_t *L, int64_t len, double *acc, int64_t m) {
+static inline void scatter_u8(const float *v, const uint8_t *L, int64_t len, double *acc, int64_t m) {
     int64_t j = 0;
     for (; j + 8 <= len; j += 8) {
         uint64_t w8;
@@ -101,7 +115,18 @@ static inline void scatter_uint8_t(const float *v, const uint8_t *L, int64_t len
     for (; j < len; ++j) acc[L[j]] += v[j];
 }
 
-#define DEFINE_KERNELS(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                          \
+/* Packed 4-bit labels: one 64-bit load gives sixteen; element j goes to bank j % UNROLL. */
+static inline void scatter_u4(const float *v, const uint8_t *L, int64_t len, double *acc, int64_t m) {
+    int64_t j = 0;
+    for (; j + 16 <= len; j += 16) {
+        uint64_t w16;
+        memcpy(&w16, L + (j >> 1), 8);
+        for (int k = 0; k < 16; ++k) acc[(k & (UNROLL - 1)) * m + ((w16 >> (4 * k)) & 15)] += v[j + k];
+    }
+    for (; j < len; ++j) acc[LGET_u4(L, j)] += v[j];
+}
+
+#define DEFINE_REDUCE(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                           \
     void reduce_##ANAME##_##LNAME(const float *restrict g, const ATYPE *restrict a,                \
                                   const LTYPE *restrict lab, int64_t n,                            \
                                   double *restrict acc /* UNROLL * m, zeroed */, int64_t m) {      \
@@ -109,9 +134,12 @@ static inline void scatter_uint8_t(const float *v, const uint8_t *L, int64_t len
         for (int64_t b0 = 0; b0 < n; b0 += BLK) {                                                  \
             int64_t len = n - b0 < BLK ? n - b0 : BLK;                                             \
             for (int64_t j = 0; j < len; ++j) v[j] = ACONV(a[b0 + j]) * g[b0 + j];                 \
-            scatter_##LTYPE(v, lab + b0, len, acc, m);                                             \
+            scatter_##LNAME(v, LOFF_##LNAME(lab, b0), len, acc, m);                                \
         }                                                                                          \
-    }                                                                                              \
+    }
+
+#define DEFINE_KERNELS(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                          \
+    DEFINE_REDUCE(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                               \
     void update_##ANAME##_##LNAME(float *restrict w, const ATYPE *restrict a,                      \
                                   const LTYPE *restrict lab, const float *restrict delta,          \
                                   int64_t n) {                                                     \
@@ -139,12 +167,28 @@ DEFINE_ONLINE(u8, uint8_t)
 DEFINE_ONLINE(u16, uint16_t)
 DEFINE_ONLINE(i32, int32_t)
 
-DEFINE_KERNELS(f32, float, f32_to_f32, u8, uint8_t)
-DEFINE_KERNELS(f32, float, f32_to_f32, u16, uint16_t)
-DEFINE_KERNELS(f32, float, f32_to_f32, i32, int32_t)
-DEFINE_KERNELS(bf16, uint16_t, bf16_to_f32, u8, uint8_t)
-DEFINE_KERNELS(bf16, uint16_t, bf16_to_f32, u16, uint16_t)
-DEFINE_KERNELS(bf16, uint16_t, bf16_to_f32, i32, int32_t)
+/* Packed labels: one byte gives the labels of two consecutive elements (n may be odd). */
+#define DEFINE_UPDATE_U4(ANAME, ATYPE, ACONV)                                                      \
+    void update_##ANAME##_u4(float *restrict w, const ATYPE *restrict a,                           \
+                             const uint8_t *restrict lab, const float *restrict delta, int64_t n) { \
+        int64_t i = 0;                                                                             \
+        for (; i + 2 <= n; i += 2) {                                                               \
+            uint32_t b = lab[i >> 1];                                                              \
+            w[i] += ACONV(a[i]) * delta[b & 15];                                                   \
+            w[i + 1] += ACONV(a[i + 1]) * delta[b >> 4];                                           \
+        }                                                                                          \
+        if (i < n) w[i] += ACONV(a[i]) * delta[lab[i >> 1] & 15];                                  \
+    }
+
+#define DEFINE_FOR_A(ANAME, ATYPE, ACONV)                                                          \
+    DEFINE_KERNELS(ANAME, ATYPE, ACONV, u8, uint8_t)                                               \
+    DEFINE_KERNELS(ANAME, ATYPE, ACONV, u16, uint16_t)                                             \
+    DEFINE_KERNELS(ANAME, ATYPE, ACONV, i32, int32_t)                                              \
+    DEFINE_REDUCE(ANAME, ATYPE, ACONV, u4, uint8_t)                                                \
+    DEFINE_UPDATE_U4(ANAME, ATYPE, ACONV)
+DEFINE_FOR_A(f32, float, f32_to_f32)
+DEFINE_FOR_A(bf16, uint16_t, bf16_to_f32)
+DEFINE_FOR_A(i8, int8_t, i8_to_f32)
 
 /* out[j] += sum over banks of acc[bank][j], banks in order. */
 void fold_banks(const double *acc, int64_t m, double *out) {
@@ -155,6 +199,15 @@ void fold_banks(const double *acc, int64_t m, double *out) {
     }
 }
 
+/* out[j] += scale[j] * (sum over banks of acc[bank][j], banks in order): the 8-bit encoding. */
+void fold_banks_scaled(const double *acc, int64_t m, const double *scale, double *out) {
+    for (int64_t j = 0; j < m; ++j) {
+        double s = 0.0;
+        for (int k = 0; k < UNROLL; ++k) s += acc[k * m + j];
+        out[j] += scale[j] * s;
+    }
+}
+
 /* out[i] = W(float(w[i]) + a[i] * delta[lab[i]]) for bf16/fp16 weights (stored as uint16). The
  * product is a separate statement, and the build passes -ffp-contract=off: never an FMA. */
 #define DEFINE_FORM(WNAME, WTO, WFROM, ANAME, ATYPE, ACONV, LNAME, LTYPE)                          \
@@ -162,16 +215,18 @@ void fold_banks(const double *acc, int64_t m, double *out) {
                                           const LTYPE *restrict lab, uint16_t *restrict out,       \
                                           const float *restrict delta, int64_t n) {                \
         for (int64_t i = 0; i < n; ++i) {                                                          \
-            const float p = ACONV(a[i]) * delta[(uint32_t) lab[i]];                             \
+            const float p = ACONV(a[i]) * delta[LGET_##LNAME(lab, i)];                             \
             out[i] = WFROM(WTO(w[i]) + p);                                                         \
         }                                                                                          \
     }
+#define DEFINE_FORM_A(WNAME, WTO, WFROM, ANAME, ATYPE, ACONV)                                      \
+    DEFINE_FORM(WNAME, WTO, WFROM, ANAME, ATYPE, ACONV, u8, uint8_t)                               \
+    DEFINE_FORM(WNAME, WTO, WFROM, ANAME, ATYPE, ACONV, u16, uint16_t)                             \
+    DEFINE_FORM(WNAME, WTO, WFROM, ANAME, ATYPE, ACONV, i32, int32_t)                              \
+    DEFINE_FORM(WNAME, WTO, WFROM, ANAME, ATYPE, ACONV, u4, uint8_t)
 #define DEFINE_FORM_W(WNAME, WTO, WFROM)                                                           \
-    DEFINE_FORM(WNAME, WTO, WFROM, f32, float, f32_to_f32, u8, uint8_t)                            \
-    DEFINE_FORM(WNAME, WTO, WFROM, f32, float, f32_to_f32, u16, uint16_t)                          \
-    DEFINE_FORM(WNAME, WTO, WFROM, f32, float, f32_to_f32, i32, int32_t)                           \
-    DEFINE_FORM(WNAME, WTO, WFROM, bf16, uint16_t, bf16_to_f32, u8, uint8_t)                       \
-    DEFINE_FORM(WNAME, WTO, WFROM, bf16, uint16_t, bf16_to_f32, u16, uint16_t)                     \
-    DEFINE_FORM(WNAME, WTO, WFROM, bf16, uint16_t, bf16_to_f32, i32, int32_t)
+    DEFINE_FORM_A(WNAME, WTO, WFROM, f32, float, f32_to_f32)                                       \
+    DEFINE_FORM_A(WNAME, WTO, WFROM, bf16, uint16_t, bf16_to_f32)                                  \
+    DEFINE_FORM_A(WNAME, WTO, WFROM, i8, int8_t, i8_to_f32)
 DEFINE_FORM_W(bf16, bf16_to_f32, f32_to_bf16)
 DEFINE_FORM_W(f16, f16_to_f32, f32_to_f16)

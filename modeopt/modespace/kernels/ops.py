@@ -4,16 +4,21 @@
 operator                                   meaning
 =========================================  ==============================================================
 ``modeopt::mode_reduce(grads, a, labels,   ``(n_modes,)`` float64 ``sum_{i: label_i = m} a_i g_i`` over the
-n_modes) -> Tensor``                       tensors (``None`` grads skipped); deterministic
+n_modes, scales) -> Tensor``               tensors (``None`` grads skipped); deterministic
 ``modeopt::mode_update(weights!, a,        ``w += a * delta[label]`` in place
-labels, delta)``
+labels, delta, scales)``
 ``modeopt::welford_sample(weights, mean!,  one Welford/Chan sample of float64 moments in place
 comoment!, labels, dr, n)``
 ``modeopt::mode_assign(weights!, a, b,     ``w = a * r[label] + b`` in place
 labels, r)``
 ``modeopt::mode_form(weights, a, labels,   per tensor a new ``(w + a * delta[label]).to(w.dtype)``,
-delta) -> Tensor[]``                       summed in float32 and rounded once (half-precision forward)
+delta, scales) -> Tensor[]``               summed in float32 and rounded once (half-precision forward)
 =========================================  ==============================================================
+
+``scales`` is empty for float32/bfloat16 ``a``. For the 8-bit encoding
+(:mod:`modeopt.modespace.kernels.encoding`) it holds one ``(M,)`` float32 scale per tensor, ``a`` holds
+int8 codes (``a_i = q_i * scales[t][m]``) and labels may be packed two per byte (recognised by their
+size, ``ceil(numel / 2)`` bytes).
 
 Implementations, chosen by the dispatcher from the tensors' device:
 
@@ -50,9 +55,10 @@ __all__ = ["mode_reduce", "mode_update", "welford_sample", "mode_assign", "mode_
 
 # ------------------------------------------------------------------------------------ mode_reduce
 @torch.library.custom_op("modeopt::mode_reduce", mutates_args=())
-def mode_reduce(grads: list[Optional[Tensor]], a: list[Tensor], labels: list[Tensor], n_modes: int) -> Tensor:
+def mode_reduce(grads: list[Optional[Tensor]], a: list[Tensor], labels: list[Tensor], n_modes: int,
+                scales: list[Tensor]) -> Tensor:
     """``(n_modes,)`` float64 on the tensors' device: ``sum_i a_i * g_i`` per mode (None grads skipped)."""
-    return reference.reduce(grads, a, labels, n_modes)
+    return reference.reduce(grads, a, labels, n_modes, scales or None)
 
 
 mode_reduce.register_kernel("cpu")(cpu.reduce)
@@ -60,7 +66,7 @@ mode_reduce.register_kernel("cuda")(cuda.reduce)
 
 
 @mode_reduce.register_fake
-def _(grads, a, labels, n_modes):
+def _(grads, a, labels, n_modes, scales):
     like = next((g for g in grads if g is not None), None)
     like = a[0] if like is None else like
     return like.new_empty(n_modes, dtype=torch.float64)
@@ -68,9 +74,10 @@ def _(grads, a, labels, n_modes):
 
 # ------------------------------------------------------------------------------------ mode_update
 @torch.library.custom_op("modeopt::mode_update", mutates_args=("weights",))
-def mode_update(weights: list[Tensor], a: list[Tensor], labels: list[Tensor], delta: Tensor) -> None:
+def mode_update(weights: list[Tensor], a: list[Tensor], labels: list[Tensor], delta: Tensor,
+                scales: list[Tensor]) -> None:
     """In place: ``w += a * delta[label]`` for every tensor."""
-    reference.update(weights, a, labels, delta)
+    reference.update(weights, a, labels, delta, scales or None)
 
 
 mode_update.register_kernel("cpu")(cpu.update)
@@ -78,7 +85,7 @@ mode_update.register_kernel("cuda")(cuda.update)
 
 
 @mode_update.register_fake
-def _(weights, a, labels, delta):
+def _(weights, a, labels, delta, scales):
     return None
 
 
@@ -117,9 +124,11 @@ def _(weights, a, b, labels, r):
 
 # -------------------------------------------------------------------------------------- mode_form
 @torch.library.custom_op("modeopt::mode_form", mutates_args=())
-def mode_form(weights: list[Tensor], a: list[Tensor], labels: list[Tensor], delta: Tensor) -> list[Tensor]:
-    """Out of place: per tensor ``(float32(w) + float32(a) * delta[label]).to(w.dtype)``, contiguous."""
-    return reference.form(weights, a, labels, delta)
+def mode_form(weights: list[Tensor], a: list[Tensor], labels: list[Tensor], delta: Tensor,
+              scales: list[Tensor]) -> list[Tensor]:
+    """Out of place: per tensor ``(float32(w) + float32(a) * delta[label]).to(w.dtype)``, contiguous
+    (``scales``: the 8-bit encoding's per-tensor ``(M,)`` scales, empty otherwise)."""
+    return reference.form(weights, a, labels, delta, scales or None)
 
 
 mode_form.register_kernel("cpu")(cpu.form)
@@ -127,5 +136,5 @@ mode_form.register_kernel("cuda")(cuda.form)
 
 
 @mode_form.register_fake
-def _(weights, a, labels, delta):
+def _(weights, a, labels, delta, scales):
     return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .encoding import is_packed, unpack_labels
 from .labels import as_index
 
-__all__ = ["reduce", "update", "welford", "assign", "form", "segment_sum"]
+__all__ = ["reduce", "update", "welford", "assign", "form", "segment_sum", "unpacked"]
 
 #: (kind, dtype) -> a reusable CPU buffer.
 _scratch: dict[tuple, Tensor] = {}
@@ -46,6 +47,11 @@ def _index(lab: Tensor) -> Tensor:
     return buf
 
 
+def unpacked(lab: Tensor, n: int) -> Tensor:
+    """``lab`` as one label per weight: packed 4-bit labels of ``n`` weights unpacked, others as they are."""
+    return unpack_labels(lab, n) if is_packed(lab, n) else lab
+
+
 def segment_sum(values: Tensor, labels: Tensor, n: int) -> Tensor:
     """``(n,)`` float64 ``out[m] = sum(values[labels == m])`` on ``values``' device, deterministic
     (a sequential ``bincount`` on CPU, a stable sort + ``segment_reduce`` elsewhere)."""
@@ -61,36 +67,47 @@ def segment_sum(values: Tensor, labels: Tensor, n: int) -> Tensor:
     return torch.segment_reduce(values.to(torch.float64)[order], "sum", lengths=counts)
 
 
-def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int) -> Tensor:
+def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int,
+           scales: Sequence[Tensor] | None = None) -> Tensor:
     """``(n_modes,)`` float64 ``sum_{i: label_i = m} a_i g_i`` over the tensors (``None`` grads skipped,
     with their ``a`` and labels); each ``a_i g_i`` is rounded once to float32, as in the fused kernels.
-    Grads of any shape and float dtype; ``a`` flat, of the grad's ``numel``."""
-    items = [(g.reshape(-1), x, lab) for g, x, lab in zip(grads, a, labels) if g is not None]
+    Grads of any shape and float dtype; ``a`` flat, of the grad's ``numel``.
+
+    With ``scales`` (the 8-bit encoding, :mod:`~modeopt.modespace.kernels.encoding`): ``a`` are int8
+    codes, labels may be packed, and tensor ``t`` adds ``scales[t][m] * sum float32(q_i g_i)`` (float64)."""
+    rows = range(len(grads))
+    items = [j for j in rows if grads[j] is not None]
     if not items:
         return torch.zeros(n_modes, dtype=torch.float64, device=a[0].device)
-    out = torch.zeros(n_modes, dtype=torch.float64, device=items[0][0].device)
-    for g, x, lab in items:
-        out += segment_sum(g.to(torch.float32) * x, lab, n_modes)
+    out = torch.zeros(n_modes, dtype=torch.float64, device=grads[items[0]].device)
+    for j in items:
+        g, x = grads[j].reshape(-1), a[j]
+        lab = unpacked(labels[j], g.numel())
+        part = segment_sum(g.to(torch.float32) * x.to(torch.float32), lab, n_modes)
+        out += part if scales is None else part * scales[j].to(torch.float64)
     return out
 
 
-def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> None:
+def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+           scales: Sequence[Tensor] | None = None) -> None:
     """In place: ``w += a * delta[label]`` for every tensor, in float32 (bf16/fp16 weights rounded
     once at the end, as the Triton kernels do). Weights of any shape and layout: labels follow the
-    logical (row-major) order; ``delta`` is ``(M,)``."""
-    d32 = None
-    for w, x, lab in zip(weights, a, labels):
-        idx = _index(lab)
+    logical (row-major) order; ``delta`` is ``(M,)``.
+
+    With ``scales`` (8-bit encoding): ``a`` are int8 codes and tensor ``t`` moves by
+    ``float32(q * d_t[label])`` with ``d_t = float32(scales[t] * delta)``; labels may be packed."""
+    d32 = delta.to(torch.float32)
+    for j, (w, x, lab) in enumerate(zip(weights, a, labels)):
+        idx = _index(unpacked(lab, w.numel()))
+        d = d32 if scales is None else scales[j].to(torch.float32) * d32
         if w.dtype == torch.float32:
-            d32 = delta.to(torch.float32) if d32 is None else d32
             buf = _buffer("values", w, torch.float32, w.numel())
-            buf = torch.index_select(d32, 0, idx) if buf is None else torch.index_select(d32, 0, idx, out=buf)
+            buf = torch.index_select(d, 0, idx) if buf is None else torch.index_select(d, 0, idx, out=buf)
             if w.is_contiguous():
                 w.view(-1).addcmul_(buf, x.to(torch.float32))
             else:  # e.g. channels_last: labels follow the logical (row-major) order
                 w.add_((buf * x.to(torch.float32)).view(w.shape))
         else:
-            d = delta.to(torch.float32)
             new = w.reshape(-1).to(torch.float32) + x.to(torch.float32) * d[idx]
             w.copy_(new.view(w.shape))
 
@@ -115,14 +132,17 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
         w.copy_(new.view(w.shape))
 
 
-def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> list[Tensor]:
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+         scales: Sequence[Tensor] | None = None) -> list[Tensor]:
     """Out of place: ``(float32(w) + float32(a) * float32(delta)[label]).to(w.dtype)`` per tensor, a new
     contiguous tensor of ``w``'s shape and dtype: the sum is formed in float32 (the product rounded,
     then the add) and rounded once. Weights of any shape and layout (labels follow the logical,
-    row-major order); ``delta`` is ``(M,)``."""
-    d = delta.to(torch.float32)
+    row-major order); ``delta`` is ``(M,)``. With ``scales`` (8-bit encoding), as :func:`update`:
+    ``a`` are int8 codes and tensor ``t`` reads ``d_t = float32(scales[t] * delta)``; labels may be packed."""
+    d32 = delta.to(torch.float32)
     out = []
-    for w, x, lab in zip(weights, a, labels):
-        prod = x.to(torch.float32) * d[as_index(lab).to(torch.int64)]
+    for j, (w, x, lab) in enumerate(zip(weights, a, labels)):
+        d = d32 if scales is None else scales[j].to(torch.float32) * d32
+        prod = x.to(torch.float32) * d[as_index(unpacked(lab, w.numel())).to(torch.int64)]
         out.append((w.reshape(-1).to(torch.float32) + prod).to(w.dtype).view(w.shape))
     return out

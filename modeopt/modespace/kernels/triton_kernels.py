@@ -12,9 +12,12 @@ Every tensor argument is a contiguous tensor on one device (weights and grads ma
 they are read in their logical row-major order, like the labels). Supported dtypes:
 
 * weights / grads: float32, bfloat16, float16 (computed in float32, stored back in the weight's dtype);
-* ``a``: float32 or bfloat16; ``b`` (assign): float32;
+* ``a``: float32 or bfloat16; ``b`` (assign): float32; for :func:`reduce` and :func:`update` also int8
+  codes of the 8-bit encoding with their per-tensor ``scales`` (:mod:`modeopt.modespace.kernels.encoding`);
 * labels: uint8 (``n_modes <= 256``), int16 holding uint16 values (``n_modes <= 65536``: read as
-  ``int32 & 0xFFFF``, like :func:`modeopt.modespace.kernels.as_index`), int32, int64 (values below 2**31).
+  ``int32 & 0xFFFF``, like :func:`modeopt.modespace.kernels.as_index`), int32, int64 (values below 2**31);
+  for :func:`reduce` and :func:`update` also 4-bit labels packed two per byte (uint8 of ``ceil(n/2)``
+  bytes, recognised by that size).
 
 :func:`reduce` handles ``n_modes <= MAX_REDUCE_MODES`` (4096; see :func:`supports`): its cost grows
 linearly with the number of modes (a one-hot tile per block), so above that it raises
@@ -44,10 +47,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-_WHO = "modeopt.modespace.kernels.triton_kernels"
+from .triton_checks import (A_DTYPES, ASSIGN_A_DTYPES, LABEL_DTYPES, LABEL_MAX_MODES, WEIGHT_DTYPES, WHO as _WHO,
+                            check_rows, check_scales, device_of, is_packed, launch_on, same_len)
 
 __all__ = ["available", "supports", "compiled", "reduce_tiles", "reduce", "update", "welford", "assign", "form",
-           "MAX_REDUCE_MODES", "REDUCE_CHUNK", "ELEMENTWISE_BLOCK", "WEIGHT_DTYPES", "A_DTYPES", "LABEL_DTYPES",
+           "MAX_REDUCE_MODES", "REDUCE_CHUNK", "ELEMENTWISE_BLOCK", "WEIGHT_DTYPES", "A_DTYPES", "ASSIGN_A_DTYPES",
+           "LABEL_DTYPES",
            "LABEL_MAX_MODES"]
 
 #: Largest ``n_modes`` :func:`reduce` accepts (cost per element ~ 3 * n_modes simple ops).
@@ -62,13 +67,6 @@ REDUCE_CHUNK = 16384
 #: Elements per program of the element-wise passes.
 ELEMENTWISE_BLOCK = 1024
 
-#: dtypes of weights and grads (computed in float32, stored back in the weight's dtype).
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: dtypes of the coefficients ``a``.
-A_DTYPES = (torch.float32, torch.bfloat16)
-#: Label dtypes, and the most modes each holds (int16 holds uint16 values).
-LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
-LABEL_MAX_MODES = {torch.uint8: 256, torch.int16: 65536, torch.int32: 2**31 - 1, torch.int64: 2**31 - 1}
 
 triton = tl = _load_labels = _narrow = _block_by_label = None  # set by compiled() on first use
 _k = None  # the built kernels (a namespace), or None before the first use
@@ -119,12 +117,17 @@ def compiled():
         import triton.language as tl
 
         @triton.jit
-        def _load_labels(lab_ptr, offs, mask, LABEL_U16: tl.constexpr):
+        def _load_labels(lab_ptr, offs, mask, LABEL_U16: tl.constexpr, LABEL_U4: tl.constexpr = False):
             # Labels of any width as int32. int16 storage holds uint16 values: sign-extend, then
             # keep the low 16 bits. uint8 zero-extends. int64 labels are narrowed (values < 2**31).
-            lab = tl.load(lab_ptr + offs, mask=mask, other=0).to(tl.int32)
-            if LABEL_U16:
-                lab = lab & 0xFFFF
+            # Packed 4-bit labels: element i in the low (i even) or high (i odd) nibble of byte i // 2.
+            if LABEL_U4:
+                byte = tl.load(lab_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+                lab = (byte >> ((offs & 1) * 4).to(tl.int32)) & 15
+            else:
+                lab = tl.load(lab_ptr + offs, mask=mask, other=0).to(tl.int32)
+                if LABEL_U16:
+                    lab = lab & 0xFFFF
             return lab
 
         @triton.jit
@@ -145,7 +148,7 @@ def compiled():
         @triton.jit
         def _reduce_kernel(g_ptr, a_ptr, lab_ptr, part_ptr, n, row0, n_tiles, M_PAD,
                            LABEL_U16: tl.constexpr, BLOCK: tl.constexpr, MODE_TILE: tl.constexpr,
-                           ITERS: tl.constexpr):
+                           ITERS: tl.constexpr, LABEL_U4: tl.constexpr):
             # 1-D grid (chunk-major, mode tile minor): the programs reading one chunk for different
             # mode tiles are neighbours in launch order, so all but the first hit L2. (A 2-D grid
             # would cap the chunk axis at 65535 on CUDA.)
@@ -163,7 +166,7 @@ def compiled():
                 mask = offs < n
                 g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                lab = _load_labels(lab_ptr, offs, mask, LABEL_U16)
+                lab = _load_labels(lab_ptr, offs, mask, LABEL_U16, LABEL_U4)
                 v = a * g  # rounded once to float32, as in the C kernels; masked lanes are 0
                 # One-hot segment sum of this block for this tile of modes, in float32 (BLOCK
                 # terms), then accumulated across the chunk in float64. No atomics anywhere: every
@@ -174,19 +177,20 @@ def compiled():
             tl.store(part_ptr + row * M_PAD + modes, acc)
 
         @triton.jit
-        def _block_by_label(lab_ptr, table_ptr, n, n_modes, LABEL_U16: tl.constexpr, BLOCK: tl.constexpr):
+        def _block_by_label(lab_ptr, table_ptr, n, n_modes, LABEL_U16: tl.constexpr, BLOCK: tl.constexpr,
+                            LABEL_U4: tl.constexpr = False):
             # This program's offsets, their mask, and table[label] per element: 0 for masked lanes
             # and out-of-range labels, which never read out of bounds.
             offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
             mask = offs < n
-            lab = _load_labels(lab_ptr, offs, mask, LABEL_U16)
+            lab = _load_labels(lab_ptr, offs, mask, LABEL_U16, LABEL_U4)
             value = tl.load(table_ptr + lab, mask=mask & (lab >= 0) & (lab < n_modes), other=0.0)
             return offs, mask, value
 
         @triton.jit
         def _update_kernel(w_ptr, a_ptr, lab_ptr, d_ptr, n, n_modes,
-                           LABEL_U16: tl.constexpr, BLOCK: tl.constexpr):
-            offs, mask, d = _block_by_label(lab_ptr, d_ptr, n, n_modes, LABEL_U16, BLOCK)
+                           LABEL_U16: tl.constexpr, BLOCK: tl.constexpr, LABEL_U4: tl.constexpr):
+            offs, mask, d = _block_by_label(lab_ptr, d_ptr, n, n_modes, LABEL_U16, BLOCK, LABEL_U4)
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             out = w + a * d  # launched with enable_fp_fusion=False: a rounded product, then the add
@@ -195,7 +199,7 @@ def compiled():
         @triton.jit
         def _welford_kernel(w_ptr, mean_ptr, com_ptr, lab_ptr, dr_ptr, inv_n_ptr, n, n_modes,
                             LABEL_U16: tl.constexpr, BLOCK: tl.constexpr):
-            offs, mask, dr = _block_by_label(lab_ptr, dr_ptr, n, n_modes, LABEL_U16, BLOCK)
+            offs, mask, dr = _block_by_label(lab_ptr, dr_ptr, n, n_modes, LABEL_U16, BLOCK, False)
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float64)
             mu = tl.load(mean_ptr + offs, mask=mask, other=0.0)
             com = tl.load(com_ptr + offs, mask=mask, other=0.0)
@@ -208,7 +212,7 @@ def compiled():
         @triton.jit
         def _assign_kernel(w_ptr, a_ptr, b_ptr, lab_ptr, r_ptr, n, n_modes,
                            LABEL_U16: tl.constexpr, BLOCK: tl.constexpr):
-            offs, mask, r = _block_by_label(lab_ptr, r_ptr, n, n_modes, LABEL_U16, BLOCK)
+            offs, mask, r = _block_by_label(lab_ptr, r_ptr, n, n_modes, LABEL_U16, BLOCK, False)
             a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             out = a * r + b  # no FMA (enable_fp_fusion=False): same roundings as the torch reference
@@ -216,8 +220,8 @@ def compiled():
 
         @triton.jit
         def _form_kernel(w_ptr, a_ptr, lab_ptr, out_ptr, d_ptr, n, n_modes,
-                         LABEL_U16: tl.constexpr, BLOCK: tl.constexpr):
-            offs, mask, d = _block_by_label(lab_ptr, d_ptr, n, n_modes, LABEL_U16, BLOCK)
+                         LABEL_U16: tl.constexpr, BLOCK: tl.constexpr, LABEL_U4: tl.constexpr):
+            offs, mask, d = _block_by_label(lab_ptr, d_ptr, n, n_modes, LABEL_U16, BLOCK, LABEL_U4)
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             out = w + a * d  # no FMA (enable_fp_fusion=False): a rounded product, then the add
@@ -238,59 +242,11 @@ def compiled():
 
 
 # --------------------------------------------------------------------------------------------
-# validation
-
-
-def _device_of(tensors: Sequence[Tensor]) -> torch.device:
-    devs = {t.device for t in tensors}
-    if len(devs) != 1:
-        raise ValueError(f"{_WHO}: all tensors must be on one device, got {sorted(map(str, devs))}")
-    dev = next(iter(devs))
-    if dev.type != "cuda" and not _interpret:
-        raise RuntimeError(f"{_WHO}: tensors on {dev} need CUDA, or TRITON_INTERPRET=1 set "
-                           "before the kernels are first built (Triton's CPU interpreter)")
-    return dev
-
-
-def _check(name: str, t: Tensor, n: int, dtypes: tuple, what: str) -> None:
-    if t.dtype not in dtypes:
-        raise TypeError(f"{_WHO}: {what} {name} has dtype {t.dtype}; expected one of "
-                        f"{[str(d) for d in dtypes]}")
-    if t.numel() != n:
-        raise ValueError(f"{_WHO}: {what} {name} has {t.numel()} elements; expected {n}")
-    if not t.is_contiguous():
-        raise ValueError(f"{_WHO}: {what} {name} must be contiguous (call .contiguous(); "
-                         "in-place passes need the tensor itself contiguous)")
-
-
-def _check_labels(name: str, lab: Tensor, n: int, n_modes: int) -> None:
-    _check(name, lab, n, LABEL_DTYPES, "labels")
-    if n_modes > LABEL_MAX_MODES[lab.dtype]:
-        raise ValueError(f"{_WHO}: labels {name} of dtype {lab.dtype} cannot hold {n_modes} modes")
-
-
-def _same_len(**lists) -> int:
-    lens = {k: len(v) for k, v in lists.items()}
-    if len(set(lens.values())) > 1:
-        raise ValueError(f"{_WHO}: per-tensor lists differ in length: {lens}")
-    return next(iter(lens.values()))
-
-
-def _launch(dev: torch.device):
-    """Launches happen on the tensors' CUDA device (Triton launches on the current one)."""
-    if dev.type == "cuda":
-        return torch.cuda.device(dev)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------------
 # the passes
 
 
 def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence[Tensor], n_modes: int,
-           *, chunk: int | None = None) -> Tensor:
+           scales: Sequence[Tensor] | None = None, *, chunk: int | None = None) -> Tensor:
     """``(n_modes,)`` float64 on the tensors' device: ``out[m] = sum_{i: label_i = m} a_i * g_i`` over
     all tensors (``None`` grads are skipped, with their ``a`` and ``labels``).
 
@@ -306,18 +262,24 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
         n_modes: M, ``1 <= M <= MAX_REDUCE_MODES``; above, ``NotImplementedError`` (see :func:`supports`).
         chunk: elements per row of partials (default ``REDUCE_CHUNK``; rounded up to a multiple of
             the block). Part of the summation order: keep it fixed for reproducible results.
+        scales: the 8-bit encoding: per tensor an ``(n_modes,)`` float32 scale of its int8 codes ``a``
+            (each tensor's rows of partials are multiplied by it in float64 before the fold); labels
+            may then be packed two per byte. None (or empty) for float ``a``.
     """
     if not supports(n_modes):
         raise NotImplementedError(f"{_WHO}.reduce handles 1..{MAX_REDUCE_MODES} modes, "
                                   f"got {n_modes}: use a sort-based reduction")
-    _same_len(grads=grads, a=a, labels=labels)
-    items = [(g, x, lab) for g, x, lab in zip(grads, a, labels) if g is not None]
+    same_len(grads=grads, a=a, labels=labels)
+    scales = list(scales or ())
+    check_scales(a, scales, n_modes)
+    keep = [j for j, g in enumerate(grads) if g is not None]
+    items = [(grads[j], a[j], labels[j]) for j in keep]
     if not items:
         dev = a[0].device if len(a) else torch.device("cpu")
         return torch.zeros(n_modes, dtype=torch.float64, device=dev)
     k = compiled()
-    dev = _device_of([t for item in items for t in item])
-    _check_rows(items, [("grad", WEIGHT_DTYPES), ("a", A_DTYPES)], n_modes)
+    dev = device_of([t for item in items for t in item], _interpret)
+    check_rows(items, [("grad", WEIGHT_DTYPES), ("a", A_DTYPES)], n_modes, packed_ok=True)
     block, mode_tile = reduce_tiles(n_modes)
     iters = max(1, -(-(chunk or REDUCE_CHUNK) // block))
     span = block * iters
@@ -328,12 +290,15 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
     # Every (row, column) is written by exactly one program: no zeroing needed.
     partials = torch.empty(sum(rows), m_pad, dtype=torch.float64, device=dev)
     row0 = 0
-    with _launch(dev):
-        for (g, x, lab), nr in zip(items, rows):
+    with launch_on(dev):
+        for j, ((g, x, lab), nr) in enumerate(zip(items, rows)):
             if nr:
                 k.reduce[(nr * n_tiles,)](g, x, lab, partials, g.numel(), row0, n_tiles, m_pad,
                                           LABEL_U16=lab.dtype == torch.int16, BLOCK=block,
-                                          MODE_TILE=mode_tile, ITERS=iters, num_warps=4)
+                                          MODE_TILE=mode_tile, ITERS=iters, LABEL_U4=is_packed(lab, g.numel()),
+                                          num_warps=4)
+                if scales:  # the 8-bit encoding: this tensor's sums times its scales, in float64
+                    partials[row0:row0 + nr, :n_modes] *= scales[keep[j]].to(device=dev, dtype=torch.float64)
             row0 += nr
     if row0 == 0:
         return torch.zeros(n_modes, dtype=torch.float64, device=dev)
@@ -341,22 +306,12 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
     return partials.sum(0)[:n_modes].contiguous()
 
 
-def _check_rows(rows: list[tuple[Tensor, ...]], specs: Sequence[tuple[str, tuple]], n_modes: int) -> None:
-    """Every row is one tensor's ``(weight, *others, labels)``; ``specs`` names and types all but the
-    labels: each must have the weight's ``numel``, be contiguous and of a listed dtype."""
-    for t, row in enumerate(rows):
-        n = row[0].numel()
-        for x, (what, dtypes) in zip(row, specs):
-            _check(f"[{t}]", x, n, dtypes, what)
-        _check_labels(f"[{t}]", row[-1], n, n_modes)
-
-
 def _launch_elementwise(kernel, dev: torch.device, rows: list[tuple[Tensor, ...]], shared: tuple,
                         n_modes: int) -> None:
     """``kernel(*row, *shared, numel, n_modes)`` over every element of each non-empty row, in blocks
     of ``ELEMENTWISE_BLOCK`` (the row ends with its labels)."""
     k = compiled()
-    with _launch(dev):
+    with launch_on(dev):
         for row in rows:
             size = row[0].numel()
             if size:
@@ -367,23 +322,37 @@ def _launch_elementwise(kernel, dev: torch.device, rows: list[tuple[Tensor, ...]
 
 
 @torch.no_grad()
-def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> None:
+def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+           scales: Sequence[Tensor] | None = None) -> None:
     """In place, for every tensor: ``w = (float32(w) + float32(a) * float32(delta)[label]).to(w.dtype)``.
 
     Args:
         weights: float32/bfloat16/float16 contiguous tensors (any shape), updated in place.
-        a: per tensor, float32/bfloat16 coefficients, flat, ``w.numel()`` elements.
-        labels: per tensor, uint8/int16(uint16)/int32/int64 labels in ``[0, M)``.
+        a: per tensor, float32/bfloat16 coefficients, flat, ``w.numel()`` elements (int8 codes with ``scales``).
+        labels: per tensor, uint8/int16(uint16)/int32/int64 labels in ``[0, M)`` (packed 4-bit with ``scales``).
         delta: ``(M,)`` change of the mode scalars (any float dtype; rounded to float32 first).
+        scales: the 8-bit encoding: per tensor ``(M,)`` float32; tensor ``t`` reads
+            ``float32(scales[t] * delta)`` in place of ``delta``. None (or empty) for float ``a``.
     """
-    _same_len(weights=weights, a=a, labels=labels)
+    same_len(weights=weights, a=a, labels=labels)
     if not weights:
         return
+    scales = list(scales or ())
+    check_scales(a, scales, delta.numel())
     k = compiled()
-    dev = _device_of([*weights, *a, *labels, delta])
+    dev = device_of([*weights, *a, *labels, delta], _interpret)
     rows = list(zip(weights, a, labels))
-    _check_rows(rows, [("weight", WEIGHT_DTYPES), ("a", A_DTYPES)], delta.numel())
-    _launch_elementwise(k.update, dev, rows, (delta.to(torch.float32).contiguous(),), delta.numel())
+    check_rows(rows, [("weight", WEIGHT_DTYPES), ("a", A_DTYPES)], delta.numel(), packed_ok=True)
+    d = delta.to(torch.float32).contiguous()
+    with launch_on(dev):
+        for j, (w, x, lab) in enumerate(rows):
+            size = w.numel()
+            if size:
+                dj = d if not scales else (scales[j].to(device=dev, dtype=torch.float32) * d).contiguous()
+                k.update[(k.cdiv(size, ELEMENTWISE_BLOCK),)](w, x, lab, dj, size, delta.numel(),
+                                                             LABEL_U16=lab.dtype == torch.int16,
+                                                             BLOCK=ELEMENTWISE_BLOCK, LABEL_U4=is_packed(lab, size),
+                                                             num_warps=4, enable_fp_fusion=False)
 
 
 @torch.no_grad()
@@ -401,15 +370,15 @@ def welford(weights: Sequence[Tensor], mean: Sequence[Tensor], comoment: Sequenc
         dr: ``(M,)`` float64 (other float dtypes are converted): the references minus their updated means.
         n: the sample count including this sample (``n >= 1``).
     """
-    _same_len(weights=weights, mean=mean, comoment=comoment, labels=labels)
+    same_len(weights=weights, mean=mean, comoment=comoment, labels=labels)
     if not weights:
         return
     if n < 1:
         raise ValueError(f"{_WHO}.welford: n must be >= 1, got {n}")
     k = compiled()
-    dev = _device_of([*weights, *mean, *comoment, *labels, dr])
+    dev = device_of([*weights, *mean, *comoment, *labels, dr], _interpret)
     rows = list(zip(weights, mean, comoment, labels))
-    _check_rows(rows, [("weight", WEIGHT_DTYPES), ("mean", (torch.float64,)), ("comoment", (torch.float64,))],
+    check_rows(rows, [("weight", WEIGHT_DTYPES), ("mean", (torch.float64,)), ("comoment", (torch.float64,))],
                 dr.numel())
     inv_n = torch.full((1,), 1.0 / n, dtype=torch.float64, device=dev)
     _launch_elementwise(k.welford, dev, rows, (dr.to(torch.float64).contiguous(), inv_n), dr.numel())
@@ -426,43 +395,48 @@ def assign(weights: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor], 
         labels: per tensor, uint8/int16(uint16)/int32/int64 labels in ``[0, M)``.
         r: ``(M,)`` mode scalars (any float dtype; rounded to float32 first).
     """
-    _same_len(weights=weights, a=a, b=b, labels=labels)
+    same_len(weights=weights, a=a, b=b, labels=labels)
     if not weights:
         return
     k = compiled()
-    dev = _device_of([*weights, *a, *b, *labels, r])
+    dev = device_of([*weights, *a, *b, *labels, r], _interpret)
     rows = list(zip(weights, a, b, labels))
-    _check_rows(rows, [("weight", WEIGHT_DTYPES), ("a", A_DTYPES), ("b", (torch.float32,))], r.numel())
+    check_rows(rows, [("weight", WEIGHT_DTYPES), ("a", ASSIGN_A_DTYPES), ("b", (torch.float32,))], r.numel())
     _launch_elementwise(k.assign, dev, rows, (r.to(torch.float32).contiguous(),), r.numel())
 
 
 @torch.no_grad()
-def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor) -> list[Tensor]:
+def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
+         scales: Sequence[Tensor] | None = None) -> list[Tensor]:
     """Out of place, for every tensor: ``(float32(w) + float32(a) * float32(delta)[label]).to(w.dtype)``,
     a new contiguous tensor of ``w``'s shape (rounded once, to nearest even, like torch's ``.to()``).
 
     Args:
         weights: float32/bfloat16/float16 contiguous tensors (any shape), read only.
-        a: per tensor, float32/bfloat16 coefficients, flat, ``w.numel()`` elements.
-        labels: per tensor, uint8/int16(uint16)/int32/int64 labels in ``[0, M)``.
+        a: per tensor, float32/bfloat16 coefficients, flat, ``w.numel()`` elements (int8 codes with ``scales``).
+        labels: per tensor, uint8/int16(uint16)/int32/int64 labels in ``[0, M)`` (packed 4-bit with ``scales``).
         delta: ``(M,)`` (any float dtype; rounded to float32 first).
+        scales: the 8-bit encoding, as in :func:`update`: tensor ``t`` reads ``float32(scales[t] * delta)``.
     """
-    _same_len(weights=weights, a=a, labels=labels)
+    same_len(weights=weights, a=a, labels=labels)
     if not weights:
         return []
+    scales = list(scales or ())
+    check_scales(a, scales, delta.numel())
     k = compiled()
-    dev = _device_of([*weights, *a, *labels, delta])
-    _check_rows(list(zip(weights, a, labels)), [("weight", WEIGHT_DTYPES), ("a", A_DTYPES)], delta.numel())
+    dev = device_of([*weights, *a, *labels, delta], _interpret)
+    check_rows(list(zip(weights, a, labels)), [("weight", WEIGHT_DTYPES), ("a", A_DTYPES)], delta.numel(),
+                packed_ok=True)
     out = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
-    rows = [(w, x, lab, o) for w, x, lab, o in zip(weights, a, labels, out)]
+    d = delta.to(torch.float32).contiguous()
     # the kernel takes (w, a, labels, out, delta): the row's labels are not last, so launch directly
-    with _launch(dev):
-        d = delta.to(torch.float32).contiguous()
-        for w, x, lab, o in rows:
+    with launch_on(dev):
+        for j, (w, x, lab, o) in enumerate(zip(weights, a, labels, out)):
             size = w.numel()
             if size:
-                k.form[(k.cdiv(size, ELEMENTWISE_BLOCK),)](w, x, lab, o, d, size, delta.numel(),
+                dj = d if not scales else (scales[j].to(device=dev, dtype=torch.float32) * d).contiguous()
+                k.form[(k.cdiv(size, ELEMENTWISE_BLOCK),)](w, x, lab, o, dj, size, delta.numel(),
                                                          LABEL_U16=lab.dtype == torch.int16,
-                                                         BLOCK=ELEMENTWISE_BLOCK, num_warps=4,
-                                                         enable_fp_fusion=False)
+                                                         BLOCK=ELEMENTWISE_BLOCK, LABEL_U4=is_packed(lab, size),
+                                                         num_warps=4, enable_fp_fusion=False)
     return out
