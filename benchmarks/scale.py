@@ -93,6 +93,8 @@ METHODS = {
     "blockwise": "modeopt.BlockwiseCMD (one layer at a time, then its 10 modes)",
     "cmd_disk": "modeopt.CMDOptimizer, record_dir + bf16 recording",
     "cmd_ram": "modeopt.CMDOptimizer, bf16 recording in RAM",
+    "blockwise_q8": "modeopt.BlockwiseCMD as above, coef_dtype int8 (8-bit a, 4-bit labels)",
+    "cmd_disk_q8": "modeopt.CMDOptimizer, record_dir + bf16 recording, coef_dtype int8",
 }
 
 
@@ -317,14 +319,18 @@ class BAdam(Method):
 
 
 class Blockwise(Method):
+    coef_dtype = None  # the default (bf16)
+    coef_bytes = 3.0  # a (bf16) + label (uint8) per weight
+
     def build(self):
         import modeopt
         from modeopt.blockwise.optimizer import find_blocks
 
         self.blocks = find_blocks(self.model)[::-1]
+        kw = {"coef_dtype": self.coef_dtype} if self.coef_dtype is not None else {}
         return modeopt.BlockwiseCMD(self.model, _adamw(self.model.parameters()), self.blocks,
                                     steps_per_block=STEPS_PER_BLOCK, n_modes=N_MODES, snapshot_every=1,
-                                    n_samples=self.spec["n_samples"], seed=0)
+                                    n_samples=self.spec["n_samples"], seed=0, **kw)
 
     def phase(self):
         return "embedded" if self.opt.phase == "embedded" else "block"
@@ -336,6 +342,7 @@ class Blockwise(Method):
         out = super().census()
         out["recording"] = int(self.opt.recording_bytes)
         out["a"] = nbytes(t for s in self.opt.spaces for t in s.a)
+        out["a"] += nbytes(t for s in self.opt.spaces for t in (getattr(s, "a_scale", None) or []))
         out["labels"] = nbytes(t for s in self.opt.spaces for t in s.labels)
         out["r"] = (nbytes(t for s in self.opt.spaces for t in s.r_params)
                     + nbytes(t for s in self.opt.spaces for t in (s.r_in_weights, getattr(s, "r_base", None))))
@@ -354,8 +361,12 @@ class Blockwise(Method):
         t = STEPS_PER_BLOCK + 1
         if phase in ("block", "embed"):
             return {"grads": 2 * last, "optimizer_state": 4 * last, "recording": (2 * t + 4) * last,
-                    "a": 2 * done, "labels": done, "embedding_transient": 12 * last}
-        return {"a": 2 * done, "labels": done}
+                    "a": (self.coef_bytes - 1) * done, "labels": done * self._label_bytes(),
+                    "embedding_transient": 12 * last}
+        return {"a": (self.coef_bytes - 1) * done, "labels": done * self._label_bytes()}
+
+    def _label_bytes(self) -> float:
+        return 1.0 if self.coef_dtype is None else 0.5
 
     def info(self):
         return {"blocks": len(self.blocks), "embedded_weights": sum(h["weights"] for h in self.opt.history),
@@ -363,8 +374,20 @@ class Blockwise(Method):
                     {k: h[k] for k in ("block", "step", "n_modes", "weights")} for h in self.opt.history]}
 
 
+class BlockwiseQ8(Blockwise):
+    coef_bytes = 1.5  # the docstring: "coef_dtype=torch.int8, M <= 16: 1.5 bytes for both" (+ 4 M B per tensor)
+
+    def __init__(self, model, spec, tmp):
+        import torch
+
+        self.coef_dtype = torch.int8
+        super().__init__(model, spec, tmp)
+
+
+
 class CMD(Method):
     uses_record_dir = True
+    coef = "bf16"
 
     def build(self):
         import torch
@@ -375,7 +398,8 @@ class CMD(Method):
         return modeopt.CMDOptimizer(self.model, _adamw(self.model.parameters()), n_modes=N_MODES,
                                     warmup_steps=WARMUP, snapshot_every=1, n_samples=self.spec["n_samples"], seed=0,
                                     exclude=lambda n, p: p.ndim < 2, record_dtype=torch.bfloat16,
-                                    coef_dtype=torch.bfloat16, progress=False, **kw)
+                                    coef_dtype=torch.int8 if self.coef == "int8" else torch.bfloat16,
+                                    progress=False, **kw)
 
     def phase(self):
         return self.opt.phase  # "warmup" / "embedded"
@@ -389,7 +413,7 @@ class CMD(Method):
         out["recording_file" if self.uses_record_dir else "recording"] = rec
         sp = self.opt.space
         if sp is not None:
-            out["a"] = nbytes(sp.a)
+            out["a"] = nbytes(sp.a) + nbytes(getattr(sp, "a_scale", None) or [])
             out["labels"] = nbytes(sp.labels)
             out["r"] = nbytes(sp.r_params) + nbytes([sp.r_in_weights, getattr(sp, "r_base", None)])
         return out
@@ -410,7 +434,8 @@ class CMD(Method):
         if phase == "switch":
             return {"grads": 2 * n, "optimizer_state": 4 * n, key: rec, "decompose_transient": 21 * ne}
         free = n - ne
-        return {"grads": 2 * free, "optimizer_state": 4 * free, "a": 2 * ne, "labels": ne}
+        a, lab = (1.0, 0.5) if self.coef == "int8" else (2.0, 1.0)
+        return {"grads": 2 * free, "optimizer_state": 4 * free, "a": a * ne, "labels": lab * ne}
 
     def info(self):
         return {"embedded_weights": self.n_emb(), "warmup_steps": WARMUP, "history": [
@@ -421,7 +446,12 @@ class CMDRam(CMD):
     uses_record_dir = False
 
 
-CLASSES = {"plain": Plain, "lora": Lora, "badam": BAdam, "blockwise": Blockwise, "cmd_disk": CMD, "cmd_ram": CMDRam}
+class CMDQ8(CMD):
+    coef = "int8"
+
+
+CLASSES = {"plain": Plain, "lora": Lora, "badam": BAdam, "blockwise": Blockwise, "cmd_disk": CMD, "cmd_ram": CMDRam,
+           "blockwise_q8": BlockwiseQ8, "cmd_disk_q8": CMDQ8}
 
 #: functions run under a stage name of their own, so the sampler says where a switch's memory goes
 STAGES = {
@@ -491,7 +521,7 @@ def child(spec: dict) -> dict:
         label = before
         if spec["method"].startswith("cmd") and before == "warmup" and after == "embedded":
             label = "switch"
-        if spec["method"] == "blockwise" and len(opt.history) > sum(1 for s in steps if s["phase"] == "embed"):
+        if spec["method"].startswith("blockwise") and len(opt.history) > sum(1 for s in steps if s["phase"] == "embed"):
             label = "embed"
         st = _status()
         census = m.census()
@@ -651,20 +681,21 @@ def report(payload: dict) -> str:
 def targets(rows: dict) -> list[str]:
     out = []
     g = {k: rows[k]["peak_mib"] for k in rows}
-    if {"blockwise", "lora"} <= g.keys():
-        ratio = g["blockwise"] / g["lora"]
-        out.append(f"BlockwiseCMD whole-run peak <= 1.3x LoRA's: {g['blockwise']:,.0f} vs {g['lora']:,.0f} MiB = "
-                   f"{ratio:.2f}x: **{'met' if ratio <= 1.3 else 'not met'}**")
-    if {"blockwise", "plain"} <= g.keys():
-        ratio = g["blockwise"] / g["plain"]
-        out.append(f"BlockwiseCMD whole-run peak <= 0.5x plain AdamW's: {g['blockwise']:,.0f} vs {g['plain']:,.0f} "
-                   f"MiB = {ratio:.2f}x: **{'met' if ratio <= 0.5 else 'not met'}**")
-    if {"cmd_disk", "plain"} <= g.keys():
-        ratio = g["cmd_disk"] / g["plain"]
-        anon = rows["cmd_disk"]["peak_sampled"]["RssAnon"] / rows["plain"]["peak_sampled"]["RssAnon"]
-        out.append(f"CMDOptimizer's RAM peak with record_dir <= plain AdamW's: {g['cmd_disk']:,.0f} vs "
-                   f"{g['plain']:,.0f} MiB = {ratio:.2f}x (anonymous memory alone: {anon:.2f}x): "
-                   f"**{'met' if ratio <= 1.0 else 'not met'}**")
+    for bw in ("blockwise", "blockwise_q8"):
+        if {bw, "lora"} <= g.keys():
+            ratio = g[bw] / g["lora"]
+            out.append(f"{bw}: whole-run peak <= 1.3x LoRA's: {g[bw]:,.0f} vs {g['lora']:,.0f} MiB = "
+                       f"{ratio:.2f}x: **{'met' if ratio <= 1.3 else 'not met'}**")
+        if {bw, "plain"} <= g.keys():
+            ratio = g[bw] / g["plain"]
+            out.append(f"{bw}: whole-run peak <= 0.5x plain AdamW's: {g[bw]:,.0f} vs {g['plain']:,.0f} "
+                       f"MiB = {ratio:.2f}x: **{'met' if ratio <= 0.5 else 'not met'}**")
+    for cd in ("cmd_disk", "cmd_disk_q8"):
+        if {cd, "plain"} <= g.keys():
+            ratio = g[cd] / g["plain"]
+            anon = rows[cd]["peak_sampled"]["RssAnon"] / rows["plain"]["peak_sampled"]["RssAnon"]
+            out.append(f"{cd}: RAM peak with record_dir <= plain AdamW's: {g[cd]:,.0f} vs {g['plain']:,.0f} MiB = "
+                       f"{ratio:.2f}x (anonymous memory alone: {anon:.2f}x): **{'met' if ratio <= 1.0 else 'not met'}**")
     return out
 
 

@@ -40,4 +40,4 @@ def test_smoke_run_measures_every_phase(tmp_path):
     for r in (plain, cmd):
         assert r["reset_ok"] and r["peak_mib"] > 0 and r["peak_mib"] >= r["peak_sampled"]["VmRSS"] - 1
     md = (tmp_path / "scale.md").read_text()
-    assert "CMDOptimizer's RAM peak with record_dir <= plain AdamW's" in md
+    assert "cmd_disk: RAM peak with record_dir <= plain AdamW's" in md
