@@ -1,9 +1,9 @@
 """Fine-tuning a bf16 decoder at the largest scale this machine holds: whole-run peak memory and
 step time of plain AdamW, LoRA, BAdam, BlockwiseCMD and CMDOptimizer (issue 25, part 3).
 
-    python benchmarks/scale.py                   # the scale run (a Llama-shaped decoder, ~0.44 B weights)
+    python benchmarks/scale.py                   # the scale run (a Llama-shaped decoder, 324.8 M weights)
     python benchmarks/scale.py --smoke           # a tiny config (~2 M weights), seconds per method
-    python benchmarks/scale.py --methods blockwise cmd_disk --merge   # re-run some rows into the results
+    python benchmarks/scale.py --size mid --methods blockwise cmd_disk   # some rows, merged into the results
     python benchmarks/scale.py --report-only     # rebuild scale.md from scale.json
 
 The model is a ``LlamaForCausalLM`` built from a ``LlamaConfig`` with random weights, created
@@ -25,6 +25,12 @@ Methods (``METHODS`` below):
 * ``cmd_disk``: ``modeopt.CMDOptimizer`` with ``record_dir`` (the recording in a memory-mapped file),
   ``record_dtype`` and ``coef_dtype`` bf16, 3 warm-up steps (T = 3), M = 10, 1-D tensors excluded.
 * ``cmd_ram``: the same with the recording in RAM.
+* ``blockwise_q8`` / ``cmd_disk_q8``: ``blockwise`` / ``cmd_disk`` with ``coef_dtype=torch.int8`` (8-bit
+  ``a``, 4-bit labels).
+
+Sizes (``--size``): ``scale`` (324.8 M weights), ``m80`` (84.2 M), ``mid`` (20.8 M), ``smoke`` (1.3 M).
+Rows are merged into the existing ``scale.json`` (``--fresh`` starts a new one); ``--add-partial``
+stores the steps of a run stopped before its end, from its log.
 
 Memory. Each child runs with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_=65536``, as in
 ``memory.py``) so freed blocks leave RSS. Once the model is built and one no-grad forward has paged
@@ -312,9 +318,7 @@ class BAdam(Method):
         # badam has no memory accounting: from the tensors it holds. Per weight of the active block: a float32
         # copy (4 B) and AdamW state on it (8 B); its bf16 gradient (2 B) is turned into a float32 one (4 B)
         # during the step, and both are dropped after it.
-        nb = self.model.config.num_hidden_layers
         block = sum(p.numel() for n, p in self.model.named_parameters() if n.startswith("model.layers.0."))
-        del nb
         return {"extra_params": 4 * block, "optimizer_state": 8 * block, "grads": 2 * block}
 
 
@@ -361,9 +365,9 @@ class Blockwise(Method):
         t = STEPS_PER_BLOCK + 1
         if phase in ("block", "embed"):
             return {"grads": 2 * last, "optimizer_state": 4 * last, "recording": (2 * t + 4) * last,
-                    "a": (self.coef_bytes - 1) * done, "labels": done * self._label_bytes(),
+                    "a": (self.coef_bytes - self._label_bytes()) * done, "labels": done * self._label_bytes(),
                     "embedding_transient": 12 * last}
-        return {"a": (self.coef_bytes - 1) * done, "labels": done * self._label_bytes()}
+        return {"a": (self.coef_bytes - self._label_bytes()) * done, "labels": done * self._label_bytes()}
 
     def _label_bytes(self) -> float:
         return 1.0 if self.coef_dtype is None else 0.5
