@@ -184,6 +184,97 @@ def scenario_refusals(rank: int, world: int) -> dict:
     return {"errors": errors}
 
 
+def _local_batch(data, rank: int, world: int):
+    x, y = next(data)
+    per = GLOBAL_BATCH // world
+    return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+
+
+def _attempt(fn) -> str | None:
+    try:
+        fn()
+        return None
+    except Exception as e:  # noqa: BLE001 - the test checks type and message
+        return f"{type(e).__name__}: {e}"
+
+
+def scenario_hostile(rank: int, world: int, out_dir: str) -> dict:
+    """ShardedCMDOptimizer under hostile use (issue 26): a NaN loss on one rank in mode space; NaN in one
+    rank's recording at the switch; damaged checkpoints (NaN in r, in r's base state, in one rank's shard
+    of a, labels out of range on one rank). Every rank must reach the same decision (no rank may hang)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from modeopt.cmd_optimizer import sharded_checkpoint
+
+    out: dict = {}
+    model = shard(make_model(), world)
+    opt = modeopt.CMDOptimizer(model, base_of(model, "adamw"), progress=False, **CFG)
+    data = batches()
+    train(model, opt, data, CFG["warmup_steps"] + 2, rank, world)
+    before = (full_weights(model), opt.r_full(), opt.step_count)
+    x, y = _local_batch(data, rank, world)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.zero_grad()
+        (F.cross_entropy(model(x), y) * (float("nan") if rank == 0 else 1.0)).backward()
+        returned = opt.step()
+    weights = full_weights(model)
+    out["skip"] = {"warnings": [str(w.message) for w in caught], "returned": returned,
+                   "unchanged": all(torch.equal(weights[k], before[0][k]) for k in weights)
+                   and torch.equal(opt.r_full(), before[1]) and opt.step_count == before[2],
+                   "skipped": getattr(opt, "skipped_steps", None)}
+    losses = train(model, opt, data, 3, rank, world)
+    out["skip"]["finite_after"] = all(torch.isfinite(torch.tensor(losses))) and bool(torch.isfinite(opt.r_full()).all())
+    opt.max_consecutive_skips = 0  # a run of skips too long: every rank raises alike
+    x, y = _local_batch(data, rank, world)
+    opt.zero_grad()
+    (F.cross_entropy(model(x), y) * float("nan")).backward()
+    out["skip"]["stuck"] = _attempt(opt.step)
+    opt.max_consecutive_skips = 10
+
+    path = os.path.join(out_dir, "ckpt-hostile")
+    sharded_checkpoint.save(path, model, opt)
+    damage = {
+        "r": lambda sd: sd["cmd"]["space"]["r"].__setitem__(0, float("nan")),
+        "base_r": lambda sd: next(v for v in sd["base"]["state"].values()
+                                  if not hasattr(v["exp_avg"], "to_local"))["exp_avg"].fill_(float("nan")),
+        "a_rank0": lambda sd: rank == 0 and sd["cmd"]["space"]["a"]["0"].to_local().view(-1).__setitem__(
+            0, float("nan")),
+        "labels_rank1": lambda sd: rank == 1 and sd["cmd"]["space"]["labels"]["2"].to_local().view(-1).__setitem__(
+            0, 99),
+    }
+    out["load"] = {}
+    for name, edit in damage.items():
+        model2 = shard(make_model(), world)
+        opt2 = modeopt.CMDOptimizer(model2, base_of(model2, "adamw"), progress=False, **CFG)
+        head = {"optim": {"cmd": {"meta": ""}}}
+        dcp.load(head, checkpoint_id=path)
+        import json
+
+        opt2.prepare_load(json.loads(head["optim"]["cmd"]["meta"]))
+        sd = {"model": model2.state_dict(), "optim": opt2.state_dict()}
+        dcp.load(sd, checkpoint_id=path)
+        with torch.no_grad():
+            edit(sd["optim"])
+        out["load"][name] = _attempt(lambda: opt2.load_state_dict(sd["optim"]))
+    model3 = shard(make_model(), world)
+    opt3 = modeopt.CMDOptimizer(model3, base_of(model3, "adamw"), progress=False, **CFG)
+    sharded_checkpoint.load(path, model3, opt3)
+    out["load"]["skipped_steps_resumed"] = getattr(opt3, "skipped_steps", None)
+
+    model4 = shard(make_model(), world)  # NaN in one rank's recording: every rank refuses the switch
+    opt4 = modeopt.CMDOptimizer(model4, base_of(model4, "adamw"), progress=False, **CFG)
+    data4 = batches()
+    train(model4, opt4, data4, CFG["warmup_steps"] - 1, rank, world)
+    if rank == world - 1:
+        opt4.recording[1, 0] = float("nan")
+    out["switch"] = _attempt(lambda: train(model4, opt4, data4, 1, rank, world))
+    out["switch_phase"] = opt4.phase
+    return out
+
+
 #: OnlineCMD settings of the shadow-model scenarios: the fit after 12 steps (4 snapshots), then a sample every 2
 ONLINE = dict(n_modes=4, fit_at=12, snapshot_every=3, sample_every=2, n_samples=200, seed=1234)
 ONLINE_STEPS, ONLINE_SAVE_AT = 30, (7, 20)  # steps in all; checkpoints in the recording and after the fit

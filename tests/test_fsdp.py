@@ -42,7 +42,8 @@ def scenarios(out: str) -> list[tuple]:
             ("save_emb", "scenario_save_only", (out, EMB_AT, "e2")),
             ("refusals", "scenario_refusals", ()), ("online", "scenario_online", (out,)),
             ("online_bf16", "scenario_online", (out, "online_bf16")),
-            ("online_misuse", "scenario_online_misuse", ())] + ([("callback", "scenario_callback", ())] if HAS_ACCELERATE else [])
+            ("online_misuse", "scenario_online_misuse", ()),
+            ("hostile", "scenario_hostile", (out,))] + ([("callback", "scenario_callback", ())] if HAS_ACCELERATE else [])
 
 
 def read(out, world: int) -> list[dict]:
@@ -341,3 +342,27 @@ def test_callback_wraps_accelerates_optimizer_on_an_fsdp2_model(runs):
         assert cb["wrapper"] == "AcceleratedOptimizer"
         assert torch.equal(cb["r"], direct["r"])
         assert all(torch.equal(cb["weights"][k], direct["weights"][k]) for k in cb["weights"])
+
+
+def test_hostile_use_nan_and_damaged_checkpoints_every_rank_decides_alike(runs):
+    """Issue 26. Before: a NaN loss on one rank wrote NaN into r and every weight, silently; NaN in r, in r's
+    optimizer state or in one rank's shard of a loaded; labels out of range on one rank and NaN in one rank's
+    recording at the switch made that rank raise alone and the other wait for it in a collective (60 s, gloo)."""
+    for rank, r in enumerate(both(runs, "hostile")):
+        skip = r["skip"]
+        assert skip["unchanged"] and skip["returned"] is None and skip["skipped"] == 1 and skip["finite_after"], skip
+        assert skip["stuck"].startswith("ValueError: modeopt (FSDP2): step 36: the last 1 embedded steps were all "
+                                        "skipped"), skip["stuck"]
+        assert [w for w in skip["warnings"] if "step 33: the gradient of the mode scalars r holds NaN/inf on every "
+                "rank: the step is skipped on every rank" in w], skip["warnings"]
+        load = r["load"]
+        assert load["r"] == "ValueError: the checkpoint's r holds NaN/inf: damaged checkpoint; resume from an intact one"
+        assert "base optimizer's state 'exp_avg' of 'modeopt_r0' holds NaN/inf" in load["base_r"]
+        other = "ValueError: the checkpoint is damaged in another rank's part"
+        assert load["a_rank0"].startswith(other if rank == 1 else
+                                          "ValueError: checkpoint tensor '0.weight': its coefficients a hold NaN/inf")
+        assert load["labels_rank1"].startswith(other if rank == 0 else
+                                               "ValueError: checkpoint tensor '2.weight' has mode labels outside 0..3")
+        assert load["skipped_steps_resumed"] == 1
+        assert r["switch"].startswith("ValueError: modeopt refuses to embed at step 30: parameter '0.weight' holds "
+                                      "NaN/inf") and r["switch_phase"] == "warmup"

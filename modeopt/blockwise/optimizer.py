@@ -27,22 +27,22 @@ from __future__ import annotations
 
 import logging
 import warnings
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from modeopt.utils.checks import check_int
 from modeopt.optim.wrapping import SharesBaseOptimizer
-from .state import check_base_groups, check_blockwise_state, check_recording, space_from_state, space_state
+from .arguments import check_arguments, check_train_always
+from .nonfinite import BlockwiseNonFinite
+from .state import (check_base_groups, check_blockwise_state, check_recording, checked_counters, saved_param_names,
+                    space_from_state, space_state)
 from .embedding import embed_block
 from modeopt.trajectories.layout import ParamLayout
 from modeopt.modespace.space import ModeSpace
-from modeopt.optim.nonfinite import NonFiniteWarning, all_finite
-from modeopt.optim.settings import check_coef_dtype, check_snapshot_count, resolve_mode_scale
-from modeopt.distributed.wrappers import sharding_wrapper
+from modeopt.optim.nonfinite import check_optimizer_state_finite, evaluate_first
+from modeopt.optim.settings import resolve_mode_scale
 from modeopt.optim.param_groups import Exclude, exclusion_predicate, forget_whole_set_state
 from modeopt.trajectories.snapshots import SnapshotBuffer
 
@@ -82,7 +82,7 @@ def _prefixes(block) -> tuple[str, ...]:
     return (block,) if isinstance(block, str) else tuple(block)
 
 
-class BlockwiseCMD(SharesBaseOptimizer):
+class BlockwiseCMD(BlockwiseNonFinite, SharesBaseOptimizer):
     """Wraps a ``torch.optim`` optimizer: trains blocks one at a time, each then in its own mode space.
 
     Args:
@@ -119,6 +119,9 @@ class BlockwiseCMD(SharesBaseOptimizer):
         active: index of the active block (``len(blocks)`` when none is).
         spaces: the finished blocks' :class:`~modeopt.modespace.space.ModeSpace`, in block order.
         history: per finished block, what its embedding found (step, mode sizes, references).
+        skipped_steps, r_restores: steps skipped for a NaN/inf gradient; steps in which an overflowing
+            ``r`` was put back (both saved in ``state_dict()``); ``max_consecutive_skips`` (10): skips in
+            a row after which a step raises (docs/finetuning.md, "NaN/inf, checkpoints and arguments").
     """
 
     def __init__(
@@ -138,31 +141,9 @@ class BlockwiseCMD(SharesBaseOptimizer):
         coef_dtype: torch.dtype = torch.bfloat16,
         mode_scale: str = "auto",
     ):
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
-        check_int("steps_per_block", steps_per_block, 1)
-        check_int("n_modes", n_modes, 1)
-        check_int("snapshot_every", snapshot_every, 1)
-        check_int("n_samples", n_samples, 1)
-        check_snapshot_count("steps_per_block", steps_per_block, snapshot_every)
-        check_coef_dtype(coef_dtype)
-        if n_modes > n_samples:
-            raise ValueError(f"n_modes={n_modes} > n_samples={n_samples}: ask for fewer modes or sample more weights")
-        if mode_scale not in ("auto", "rms", "norm"):
-            raise ValueError(f"mode_scale must be 'auto', 'rms' or 'norm', got {mode_scale!r}")
-        wrapped = sharding_wrapper(model) or (
-            "DistributedDataParallel" if isinstance(model, nn.parallel.DistributedDataParallel) else None)
-        if wrapped is not None:
-            raise TypeError(f"BlockwiseCMD trains on one process; the model is wrapped in {wrapped}, whose reducer "
-                            "or shards are built for a fixed set of trainable parameters. Use CMDOptimizer for "
-                            "DDP / FSDP2 (docs/scaling-out.md)")
-        if any(n.rsplit(".", 1)[-1].startswith("modeopt_") for n, _ in model.named_parameters()):
-            raise RuntimeError("the model is already in mode space (it has modeopt_* parameters): one mode-space "
-                               "optimizer per model")
-        for arg, value in (("blocks", blocks), ("train_always", train_always)):
-            if isinstance(value, str):  # would be read as one prefix per character
-                raise TypeError(f"{arg} must be a list of parameter-name prefixes, got the string {value!r}: pass "
-                                f"[{value!r}]")
+        check_arguments(model, base_optimizer, blocks=blocks, train_always=train_always, steps_per_block=steps_per_block,
+                        n_modes=n_modes, snapshot_every=snapshot_every, n_samples=n_samples, seed=seed,
+                        mode_scale=mode_scale, coef_dtype=coef_dtype, record_dtype=record_dtype)
         self.model = model
         self.steps_per_block, self.n_modes, self.snapshot_every = steps_per_block, n_modes, snapshot_every
         self.n_samples, self.seed = n_samples, int(seed)
@@ -179,6 +160,8 @@ class BlockwiseCMD(SharesBaseOptimizer):
         self.history: list[dict[str, Any]] = []
         #: steps skipped because the gradient of some ``r`` held NaN/inf (not counted in ``step_count``)
         self.skipped_steps = 0
+        #: steps in which some finished block's ``r`` overflowed to NaN/inf from a finite gradient and was put back
+        self.r_restores = 0
         self._buffers: list[SnapshotBuffer] = []  # the active block's recording, one per tensor
         self._regroup()
         self._start_block()
@@ -222,6 +205,11 @@ class BlockwiseCMD(SharesBaseOptimizer):
         for b, emb in enumerate(self._emb):
             n = sum(p.numel() for _, p in emb)
             if n == 0:
+                mine = [(names[id(p)], p) for params in self._orig for p in params if names[id(p)].startswith(self.blocks[b])]
+                if mine and all(not p.requires_grad for _, p in mine):
+                    raise ValueError(f"block {b} {list(self.blocks[b])} has no parameter to embed: its parameters are all "
+                                     "frozen (requires_grad=False) and stay so: unfreeze them before wrapping, or leave "
+                                     "the block out of blocks=")
                 tied = [t for t, p in self.model.named_parameters(remove_duplicate=False)
                         if t.startswith(self.blocks[b]) and names.get(id(p)) != t]
                 hint = (f"; {tied[:3]} are tied to (the same tensors as) parameters named earlier, whose block they "
@@ -230,6 +218,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
                                  f"(none matches its prefixes, or all are excluded): check the prefixes{hint}")
             if n < self.n_modes:
                 raise ValueError(f"block {b} has {n} weights to embed, fewer than n_modes={self.n_modes}")
+        check_train_always(self.model, self.train_always, self._always, self._orig, names)
 
     def _trained(self) -> set[int]:
         """ids of the weights the base optimizer trains now (r not included)."""
@@ -309,29 +298,25 @@ class BlockwiseCMD(SharesBaseOptimizer):
     def step(self, closure: Callable[[], Any] | None = None):
         """One base-optimizer step of the active block, the always-trained parameters and every
         finished block's ``r``; then the finished blocks' weights follow ``r``, the active block is
-        recorded, and after ``steps_per_block`` steps it is embedded and the next one starts."""
+        recorded, and after ``steps_per_block`` steps it is embedded and the next one starts.
+
+        NaN/inf (docs/finetuning.md): a non-finite gradient of any tensor the step would change skips
+        the whole step, as ``GradScaler`` does (nothing changes, the step is not counted,
+        ``skipped_steps`` counts it, one ``NonFiniteWarning``), also when a ``closure`` computes it;
+        NaN/inf already in the weights raises ``ValueError`` naming the tensor (every later step
+        would be skipped); an ``r`` that overflows from a finite gradient is put back (``r_restores``).
+        """
         if self.phase == "exported":
             raise RuntimeError("this BlockwiseCMD was exported: its model holds plain weights now; build a new "
                                "optimizer to train it further")
-        if closure is not None and self.spaces:
-            inner = closure
-
-            def closure():  # the weights must follow r before every evaluation (e.g. LBFGS)
-                for space in self.spaces:
-                    space.sync(finite_only=True)
-                return inner()
-
-        if closure is None and not all_finite(p.grad for s in self.spaces for p in s.r_params):
-            # Like GradScaler: a non-finite gradient of r is not stepped on. Stepped, it would make r and its
-            # optimizer state NaN for good, and the finished blocks would silently stop moving.
-            self.skipped_steps += 1
-            if self.skipped_steps == 1:
-                warnings.warn(f"modeopt: step {self._step + 1}: the gradient of a finished block's mode scalars r "
-                              "holds NaN/inf: the step is skipped (nothing changes, the step is not counted), as "
-                              "GradScaler does. Later skips are counted in opt.skipped_steps without a warning",
-                              NonFiniteWarning, stacklevel=2)
-            return None
+        loss = None
+        if closure is not None:  # evaluated now, so that its gradients are checked before anything changes
+            closure, loss = evaluate_first(closure, self._sync_finite)
+        trained = [p for group in self.base.param_groups for p in group["params"]]
+        if self._skips_nonfinite(trained, self._step + 1):
+            return loss
         loss = self._base_step(closure)
+        self._check_new_values(trained)
         for space in self.spaces:
             # a non-finite r is never written into the weights (decided on r's device, no host sync)
             space.sync(finite_only=True)
@@ -389,6 +374,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
                                "holds plain weights; save model.state_dict())")
         return {"base": self.base.state_dict(), "blockwise": {
             "step": self._step, "active": self.active, "in_block": self._in_block,
+            "skipped_steps": self.skipped_steps, "r_restores": self.r_restores, "n_modes": self.n_modes,
             "blocks": [list(b) for b in self.blocks],
             "buffer": [b.state_dict() for b in self._buffers] if self._buffers else None,
             "spaces": [space_state(s) for s in self.spaces], "history": [dict(h) for h in self.history]}}
@@ -405,6 +391,7 @@ class BlockwiseCMD(SharesBaseOptimizer):
                              "dict opt.state_dict() returned")
         st = check_blockwise_state(state_dict["blockwise"], blocks=self.blocks, emb=self._emb,
                                    n_groups=len(self.base.param_groups), steps_per_block=self.steps_per_block)
+        counters = checked_counters(st, n_modes=self.n_modes, n_samples=self.n_samples, emb=self._emb)
         active = st["active"]
         if active < len(self.blocks):
             check_recording(st["buffer"], self._emb[active], self.record_dtype,
@@ -417,6 +404,14 @@ class BlockwiseCMD(SharesBaseOptimizer):
         want = [sum(id(p) in trained for p in orig) + sum(gi in s["r_groups"].tolist() for s in st["spaces"])
                 for gi, orig in enumerate(self._orig)]
         check_base_groups(state_dict["base"], want, active)
+        check_optimizer_state_finite(state_dict["base"], saved_param_names(self.model, self._orig, trained, st["spaces"],
+                                                                           R_PREFIX))
+        if counters["n_modes"] != self.n_modes:
+            warnings.warn(f"modeopt: the checkpoint was trained with n_modes={counters['n_modes']}; this BlockwiseCMD "
+                          f"was built with n_modes={self.n_modes}: opt.n_modes is now {counters['n_modes']}, as in "
+                          "the checkpoint", stacklevel=3)
+        self.n_modes, self.skipped_steps, self.r_restores = counters["n_modes"], counters["skipped_steps"], \
+            counters["r_restores"]
         for space in self.spaces:
             space.remove()
         self.spaces = [space_from_state(self.model, self._emb[b], s, R_PREFIX.format(b))

@@ -12,9 +12,11 @@ from torch import Tensor, nn
 from modeopt.modespace.kernels.encoding import PACK_MAX_MODES, is_packed, unpack_labels
 from modeopt.modespace.half import check_base_state
 from modeopt.modespace.space import ModeSpace
+from modeopt.utils.checks import check_int
 from modeopt.trajectories.snapshots import SnapshotBuffer
 
-__all__ = ["DAMAGED", "space_state", "check_blockwise_state", "space_from_state"]
+__all__ = ["DAMAGED", "space_state", "check_blockwise_state", "space_from_state", "check_recording",
+           "check_base_groups", "checked_counters", "saved_param_names"]
 
 DAMAGED = "damaged checkpoint, or one saved by an optimizer built differently"
 
@@ -53,8 +55,10 @@ def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups
         t = saved[key]
         if not (isinstance(t, Tensor) and tuple(t.shape) == (m,)):
             raise ValueError(f"block {b}'s saved {key} must have shape ({m},): {DAMAGED}")
-    if not bool(torch.isfinite(saved["r_in_weights"]).all()):
-        raise ValueError(f"block {b}'s saved r_in_weights holds NaN/inf: {DAMAGED}")
+    for key in ("r", "r_in_weights"):
+        if not bool(torch.isfinite(saved[key]).all()):
+            raise ValueError(f"block {b}'s saved {key} holds NaN/inf: {DAMAGED} (a diverged run's r is never saved: "
+                             "BlockwiseCMD puts back an r that overflows); resume from an intact checkpoint")
     if r_groups.is_floating_point() or not bool(((r_groups >= 0) & (r_groups < n_groups)).all()):
         raise ValueError(f"block {b}'s saved r_groups must be integers in [0, {n_groups}): {DAMAGED}")
     scales = saved.get("a_scale")  # the 8-bit encoding (absent in float spaces and older checkpoints)
@@ -76,10 +80,15 @@ def _check_space(b: int, saved: Any, emb: Sequence[tuple[str, Tensor]], n_groups
         raise ValueError(f"block {b}'s saved labels do not match its {len(emb)} tensors' sizes: {DAMAGED}")
     if any(t.is_floating_point() or t.is_complex() for t in saved["labels"]):
         raise ValueError(f"block {b}'s saved labels must be integers: {DAMAGED}")
-    if scales is None and any(not t.is_floating_point() or not bool(torch.isfinite(t).all()) for t in saved["a"]):
-        raise ValueError(f"block {b}'s saved coefficients a must be finite floats: {DAMAGED}")
-    if scales is not None and any(t.dtype != torch.int8 for t in saved["a"]):
-        raise ValueError(f"block {b}'s saved a must be int8 codes with its a_scale (the 8-bit encoding): {DAMAGED}")
+    for t, (name, _) in zip(saved["a"], emb):
+        if scales is None:
+            if not t.is_floating_point():
+                raise ValueError(f"block {b}'s saved coefficients a of {name!r} must be floats, got {t.dtype}: {DAMAGED}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"block {b}'s saved coefficients a of {name!r} hold NaN/inf (non-finite): {DAMAGED}")
+        elif t.dtype != torch.int8:
+            raise ValueError(f"block {b}'s saved a of {name!r} must be int8 codes with its a_scale (the 8-bit "
+                             f"encoding): {DAMAGED}")
     for t, (_, p) in zip(saved["labels"], emb):
         t = _plain(t, p.numel())
         if t.numel() and not (0 <= int(t.min()) and int(t.max()) < m):
@@ -135,12 +144,27 @@ def check_recording(saved: Any, emb: Sequence[tuple[str, Tensor]], record_dtype:
     if not isinstance(saved, list) or len(saved) != len(emb):
         raise ValueError(f"the checkpoint's recording of block {block} must hold {len(emb)} tensors' snapshots: "
                          "damaged checkpoint, or other blocks")
+    first = None
     for state, (name, p) in zip(saved, emb):
-        SnapshotBuffer(p.numel(), dtype=record_dtype, capacity=capacity).checked_state(state)
+        try:
+            _, dropped = SnapshotBuffer(p.numel(), dtype=record_dtype, capacity=capacity).checked_state(state)
+        except ValueError as e:
+            raise ValueError(f"the checkpoint's recording of {name!r}: {e}") from None
         data = state["data"]
         if data.dim() != 2 or data.shape[1] != p.numel() or not 1 <= data.shape[0] <= capacity:
             raise ValueError(f"the checkpoint's recording of {name!r} has shape {tuple(data.shape)}, expected "
                              f"(<= {capacity}, {p.numel()}): damaged checkpoint, or other blocks")
+        if dropped:
+            # CMDOptimizer drops such a snapshot on load; here each tensor has its own recording, and a row
+            # dropped from one of them only would break the block's embedding later (sizes no longer match).
+            raise ValueError(f"the checkpoint's recording of {name!r} holds NaN/inf (the snapshots of steps {dropped}, "
+                             f"or its baseline): {DAMAGED}; resume from an intact checkpoint")
+        steps = (list(state["steps"]), state["count"])
+        if first is None:
+            first = (name, steps)
+        elif steps != first[1]:
+            raise ValueError(f"the checkpoint's recording of {name!r} was taken at steps {steps[0]}, that of "
+                             f"{first[0]!r} at {first[1][0]}: the block's tensors are recorded together; {DAMAGED}")
 
 
 def check_base_groups(base_state: Any, want: Sequence[int], saved_active: int) -> None:
@@ -163,3 +187,37 @@ def check_base_groups(base_state: Any, want: Sequence[int], saved_active: int) -
             or not all(isinstance(v, dict) for v in saved_state.values())):
         raise ValueError("the checkpoint's base optimizer state is not a torch.optim state_dict (a 'state' dict "
                          f"of dicts, keyed by distinct ids of its param groups' 'params'): {DAMAGED}")
+
+
+def checked_counters(st: Mapping[str, Any], *, n_modes: int, n_samples: int,
+                     emb: Sequence[Sequence[tuple[str, Tensor]]]) -> dict[str, int]:
+    """The run's counters and M (absent in checkpoints from before they were saved: 0 skips, this n_modes)."""
+    out = {}
+    for key, low, default in (("skipped_steps", 0, 0), ("r_restores", 0, 0), ("n_modes", 1, n_modes)):
+        value = st.get(key, default)
+        try:
+            check_int(f"the checkpoint's {key}", value, low)
+        except ValueError as e:
+            raise ValueError(f"{e}: damaged checkpoint") from None
+        out[key] = value
+    m = out["n_modes"]
+    if m > n_samples or any(m > sum(p.numel() for _, p in block) for block in emb[st["active"]:]):
+        raise ValueError(f"the checkpoint's n_modes={m} exceeds this optimizer's n_samples={n_samples} or "
+                         "the weights of a block still to embed: build the model and BlockwiseCMD as in the saved run")
+    if any(s["r"].numel() > m for s in st["spaces"]):
+        raise ValueError(f"the checkpoint has a block with more mode scalars than its n_modes={m}: damaged checkpoint")
+    return out
+
+
+def saved_param_names(model: nn.Module, orig: Sequence[Sequence[Tensor]], trained: set[int],
+                      spaces: Sequence[Mapping[str, Any]], r_prefix: str) -> list[str]:
+    """The names of the base optimizer's tensors in a saved phase, in param-group order (``_regroup``'s)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    owner = list(model.named_modules())[-1][0]  # where a ModeSpace registers its r (ModeSpace.r_owner)
+    r_of: dict[int, list[str]] = {}
+    for b, saved in enumerate(spaces):
+        for j, g in enumerate(sorted(set(saved["r_groups"].tolist()))):
+            r = f"{r_prefix.format(b)}{j}"
+            r_of.setdefault(g, []).append(f"{owner}.{r}" if owner else r)
+    return [n for gi, params in enumerate(orig)
+            for n in [names.get(id(p), "?") for p in params if id(p) in trained] + r_of.get(gi, [])]

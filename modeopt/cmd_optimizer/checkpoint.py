@@ -24,7 +24,7 @@ from torch import Tensor
 from modeopt.modespace import kernels
 from modeopt.modespace.half import check_base_state
 from modeopt.utils.checks import check_int, describe, short_names
-from modeopt.optim.nonfinite import NonFiniteWarning
+from modeopt.optim.nonfinite import NonFiniteWarning, check_optimizer_state_finite
 from modeopt.trajectories.snapshots import SnapshotBuffer
 
 __all__ = ["Checkpointing"]
@@ -313,3 +313,11 @@ class Checkpointing:
                 raise ValueError(f"param group {gi} of the checkpoint's base optimizer holds {got} tensor(s), this "
                                  f"optimizer's would hold {want} after the load: the checkpoint is from a different "
                                  "model or set-up; build both as in the saved run")
+        # NaN/inf in the saved moments would poison r (or the weights) at the first step after the load
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        owner = list(self.model.named_modules())[-1][0]  # where the mode space registers r (ModeSpace.r_owner)
+        order = sorted(r_groups or ())
+        r_name = [f"{owner}.modeopt_r{j}" if owner else f"modeopt_r{j}" for j in range(len(order))]
+        check_optimizer_state_finite(base, [n for gi, orig in enumerate(self._orig_params) for n in
+                                            [names.get(id(p), "?") for p in orig if r_groups is None or id(p) not in emb]
+                                            + ([r_name[order.index(gi)]] if gi in order else [])])

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from modeopt.modespace import kernels
+from modeopt.optim.nonfinite import NonFiniteWarning, finite
 from modeopt.optim.wrapping import SharesBaseOptimizer
 from modeopt.trajectories.layout import ParamLayout
 from modeopt.optim.settings import check_settings, resolve_mode_scale
@@ -114,6 +115,12 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
         self._hooks: list = []
         self._phase_hooks: list[Callable[[Any, str], None]] = []
         self.comm_bytes = 0  #: bytes this optimizer handed to collectives (the switch and the steps)
+        #: embedded steps skipped because r's gradient (all-reduced: the same on every rank) or new value held
+        #: NaN/inf (not counted, as with GradScaler; see CMDOptimizer)
+        self.skipped_steps = 0
+        self._warned_skip, self._consecutive_skips = False, 0
+        #: skipped embedded steps in a row after which a step raises ValueError (the run is stuck), as BlockwiseCMD
+        self.max_consecutive_skips = 10
         self._group_sizes = self._current_group_sizes()
 
     @property
@@ -151,7 +158,22 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
             if closure is not None:
                 raise ValueError("modeopt: closures are not supported in mode space under FSDP2")
             self._reduce_r_grad()
+            s = self.space
+            # Decided alike on every rank: dL/dr is all-reduced, and r and its optimizer state are replicated.
+            if not finite(r.grad for r in s["r_params"]):
+                self._skip_step("the gradient of the mode scalars r")
+                return None
+            self._consecutive_skips = 0
             loss = self._base_step()
+            if not finite(s["r_params"]):
+                with torch.no_grad():
+                    for idx, r in zip(s["group_modes"], s["r_params"]):
+                        r.copy_(s["applied"][idx.to(s["applied"].device)])
+                        st = self.base.state.get(r)
+                        if st and not finite(v for v in st.values() if isinstance(v, Tensor) and v.is_floating_point()):
+                            self.base.state.pop(r)
+                self._skip_step("the new value of the mode scalars r")
+                return loss
             self.sync()
         else:
             loss = self._base_step(closure)
@@ -163,6 +185,31 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
             if self._phase_step >= self.warmup_steps:
                 self._embed()
         return loss
+
+    def _skip_step(self, what: str) -> None:
+        """An embedded step not taken (weights and r as before it, not counted): counted, warned about once;
+        ``ValueError`` (on every rank: the decision is the same everywhere) once the run of skips is too long."""
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise ValueError(f"modeopt (FSDP2): step {self._step + 1}: the last {self._consecutive_skips + 1} embedded steps "
+                             f"were all skipped ({what} held NaN/inf): the training is stuck. Lower the learning rate "
+                             "or clip gradients and resume from a checkpoint; raise opt.max_consecutive_skips to allow "
+                             "longer runs of skips")
+        self._consecutive_skips += 1
+        self.skipped_steps += 1
+        if not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(f"modeopt (FSDP2): step {self._step + 1}: {what} holds NaN/inf on every rank: the step is "
+                          "skipped on every rank, like GradScaler does (weights and r unchanged, the step is not "
+                          "counted). Later skips are counted in opt.skipped_steps without a warning",
+                          NonFiniteWarning, stacklevel=3)
+
+    def _first_bad_anywhere(self, local: int | None) -> int | None:
+        """The smallest of the ranks' ``local`` indices (None: none), agreed by one all-reduce of 8 bytes."""
+        n = len(self._emb_names)
+        flag = torch.tensor([n if local is None else local], dtype=torch.int64, device=self.shards.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.shards.group)
+        self.comm_bytes += 8
+        return None if int(flag) >= n else int(flag)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The base optimizer's ``zero_grad``, and the mode gradients gathered since the last step."""
@@ -182,6 +229,19 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
     # -------------------------------------------------------------- switch
     @torch.no_grad()
     def _embed(self) -> None:
+        # NaN/inf in one rank's recording or shards would make that rank raise inside the decomposition and
+        # the others wait for it in a collective: every rank checks its own and all agree, first.
+        t = len(self.recorded_steps)
+        rows = self.recording[:t] if self.recording is not None else torch.zeros(0, self.shards.n_local)
+        views = [rows[:, o : o + n] for o, n in zip(self.shards.local_offsets, self.shards.local_numels)]
+        local = next((j for j, (view, x) in enumerate(zip(views, self.shards.local_views())) if not finite([view, x])),
+                     None)
+        bad = self._first_bad_anywhere(local)
+        if bad is not None:
+            raise ValueError(f"modeopt refuses to embed at step {self._step}: parameter {self._emb_names[bad]!r} holds "
+                             "NaN/inf (in its recording or now, on some rank). The training state is unchanged "
+                             "(still in warm-up); fix the divergence (lower the learning rate, clip gradients) and "
+                             "resume from a checkpoint")
         self.seed = int(self.shards.broadcast(torch.tensor([self.seed], dtype=torch.int64)))
         t = len(self.recorded_steps)
         traj = Trajectory(self.recording[:t], self._local_layout, list(self.recorded_steps))

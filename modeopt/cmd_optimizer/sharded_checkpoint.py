@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from modeopt.modespace import kernels
+from modeopt.optim.nonfinite import check_optimizer_state_finite, finite
 
 __all__ = ["ShardedCheckpointing", "save", "load"]
 
@@ -73,7 +74,7 @@ class ShardedCheckpointing:
                 "history": self.history, "recorded_steps": list(self.recorded_steps),
                 "r_groups": None if s is None else s["r_groups"].tolist(),
                 "base_state": sorted(int(k) for k in self.base.state_dict()["state"]),
-                "world": self.shards.world}
+                "world": self.shards.world, "skipped_steps": self.skipped_steps}
 
     def _local_shape(self, j: int) -> tuple[int, ...]:
         return tuple(self._emb_params[j].to_local().shape)
@@ -137,9 +138,52 @@ class ShardedCheckpointing:
             if i not in keep:
                 self.base.state.pop(p, None)
 
+    def _local_problem(self, state_dict: dict[str, Any], meta: dict[str, Any]) -> str | None:
+        """What is wrong with this rank's part of a loaded ``state_dict`` (NaN/inf anywhere, mode labels out of
+        range), or None; reads only this rank's shards (no communication)."""
+        def local(t: Any) -> Any:
+            return t.to_local() if hasattr(t, "to_local") else t
+
+        cmd = state_dict["cmd"]
+        for j, name in enumerate(self._emb_names):
+            rec = cmd.get("record", {}).get(str(j)) if meta["phase"] == "warmup" and meta["recorded_steps"] else None
+            if rec is not None and not finite([local(rec)[: len(meta["recorded_steps"])]]):
+                return f"the checkpoint's recording of {name!r} holds NaN/inf: damaged checkpoint; resume from an intact one"
+        if meta["phase"] == "embedded":
+            space, m = cmd.get("space", {}), len(meta["r_groups"] or [])
+            for key in ("r", "applied"):
+                if not finite([space.get(key)]):
+                    return f"the checkpoint's {key} holds NaN/inf: damaged checkpoint; resume from an intact one"
+            for j, name in enumerate(self._emb_names):
+                a, lab = local(space["a"][str(j)]), local(space["labels"][str(j)])
+                if not finite([a]):
+                    return (f"checkpoint tensor {name!r}: its coefficients a hold NaN/inf: damaged checkpoint; resume "
+                            "from an intact one")
+                idx = kernels.as_index(lab.reshape(-1)) if lab.numel() else None
+                if idx is not None and (int(idx.min()) < 0 or int(idx.max()) >= m):
+                    return (f"checkpoint tensor {name!r} has mode labels outside 0..{m - 1}: damaged checkpoint; "
+                            "resume from an intact one")
+        skipped = meta.get("skipped_steps", 0)
+        if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
+            return f"the checkpoint's skipped_steps must be an integer >= 0, got {skipped!r}: damaged checkpoint"
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        try:  # the base's parameters in a saved phase: per group those not embedded, then its r (see _enter)
+            emb = {id(p) for p in self._emb_params}
+            r_groups = sorted(set(meta["r_groups"] or []))
+            order = [n for gi, g in enumerate(self._orig_params)
+                     for n in [names.get(id(p), "?") for p in g if meta["phase"] != "embedded" or id(p) not in emb]
+                     + ([f"modeopt_r{r_groups.index(gi)}"] if gi in r_groups else [])]
+            check_optimizer_state_finite(state_dict["base"], order)
+        except ValueError as e:
+            return str(e)
+        return None
+
     def _check_meta(self, meta: Any) -> None:
-        if not isinstance(meta, dict) or meta.get("version") != 1:
-            raise ValueError("not a sharded CMDOptimizer checkpoint (its 'meta' entry is missing or of another version)")
+        keys = ("version", "phase", "step", "phase_step", "cycle", "seed", "names", "history", "recorded_steps",
+                "r_groups", "base_state")
+        if not isinstance(meta, dict) or meta.get("version") != 1 or any(k not in meta for k in keys):
+            raise ValueError("not a sharded CMDOptimizer checkpoint (its 'meta' entry is missing, incomplete or of "
+                             "another version): damaged checkpoint")
         if meta["names"] != self._emb_names:
             raise ValueError(f"the checkpoint embeds {len(meta['names'])} other parameters than this optimizer's "
                              f"{len(self._emb_names)}: build the model and CMDOptimizer as in the saved run")
@@ -154,6 +198,14 @@ class ShardedCheckpointing:
         on the same world size)."""
         cmd = state_dict["cmd"]
         meta = json.loads(cmd["meta"]) if isinstance(cmd["meta"], str) else cmd["meta"]
+        self._check_meta(meta)
+        # Checked before anything changes, on every rank, and agreed: a rank refusing alone would leave the
+        # others waiting for it in the next collective.
+        problem = self._local_problem(state_dict, meta)
+        where = self._first_bad_anywhere(None if problem is None else 0)
+        if where is not None:
+            raise ValueError(problem or "the checkpoint is damaged in another rank's part (NaN/inf, or mode labels out "
+                             "of range, in its shards): nothing was loaded, on any rank; resume from an intact one")
         if (self.phase != meta["phase"] or (self.space is None) != (meta["phase"] != "embedded")
                 or len(self.recorded_steps) != len(meta["recorded_steps"])):
             self.prepare_load(meta)
@@ -175,6 +227,7 @@ class ShardedCheckpointing:
                 kernels.check_labels(s["labels"], s["n_modes"])
         self.phase, self._step, self._phase_step = meta["phase"], meta["step"], meta["phase_step"]
         self.cycle, self.seed, self.history = meta["cycle"], meta["seed"], meta["history"]
+        self.skipped_steps = meta.get("skipped_steps", 0)  # absent in checkpoints saved before it was
         self.recorded_steps = list(meta["recorded_steps"])
         self.base.load_state_dict(state_dict["base"])
         self._fire("loaded")

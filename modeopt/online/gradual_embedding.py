@@ -15,7 +15,7 @@ from torch import Tensor
 from modeopt.modespace import kernels
 from modeopt.utils.transfer import to_device
 
-__all__ = ["relative_change", "plan_hand_offs"]
+__all__ = ["relative_change", "plan_hand_offs", "stop_training"]
 
 
 def relative_change(labels: Tensor, reference_variance: Tensor, a: Tensor, mean: Tensor,
@@ -63,3 +63,13 @@ def plan_hand_offs(ref_index: Sequence[tuple[int, int]], candidates: Sequence[in
             return None
         plan.append(best[1])
     return plan
+
+
+def stop_training(p: Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """``p`` leaves training: no gradient (``requires_grad=False``, ``grad`` dropped), and no place in
+    ``optimizer``'s param groups nor state."""
+    p.requires_grad_(False)
+    p.grad = None
+    for group in optimizer.param_groups:
+        group["params"][:] = [q for q in group["params"] if q is not p]
+    optimizer.state.pop(p, None)

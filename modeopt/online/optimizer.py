@@ -2,8 +2,9 @@
 model, swapped in by ``eval()`` and out by ``train()``, the schedule-free convention) and does
 gradual embedding: every ``embed_every`` steps after the fit, the weights whose fit changed least
 are frozen to ``a_i * r[m(i)] + b_i``; a frozen tensor leaves the autograd graph, the optimizer and
-the running moments. A step synchronises with the host only at an embedding check. Details and
-measurements: ``docs/online.md``.
+the running moments. A step synchronises with the host once to check its gradients for NaN/inf (as
+``GradScaler`` does; ``skip_nonfinite = False`` leaves that out) and at an embedding check. Details
+and measurements: ``docs/online.md``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from torch import Tensor, nn
 from modeopt.modespace import kernels
 from modeopt.utils.checks import check_int, check_no_duplicates
 from modeopt.utils.transfer import to_device
+from modeopt.optim.nonfinite import SkipsNonFiniteSteps, evaluate_first
 from modeopt.optim.wrapping import SharesBaseOptimizer
-from .gradual_embedding import plan_hand_offs, relative_change
+from .gradual_embedding import plan_hand_offs, relative_change, stop_training
 from modeopt.trajectories.layout import named_tensors
 from modeopt.distributed.wrappers import uses_fsdp2
 from .shadow import OnlineCMD
@@ -30,7 +32,7 @@ from modeopt.trajectories.trajectory import load_named_into
 __all__ = ["OnlineCMDOptimizer"]
 
 
-class OnlineCMDOptimizer(SharesBaseOptimizer):
+class OnlineCMDOptimizer(SkipsNonFiniteSteps, SharesBaseOptimizer):
     """Any torch optimizer plus an online CMD model of the training (and optional gradual embedding).
 
     Args:
@@ -45,7 +47,15 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
 
     Use ``opt.eval()`` before evaluating (CMD weights in the model) and ``opt.train()`` after.
     ``opt.cmd_state_dict()`` gives the CMD weights as a plain state dict at any time.
+
+    A step whose gradients hold NaN/inf is skipped, as ``GradScaler`` does: nothing changes (weights,
+    base state, the shadow), the step is not counted, ``skipped_steps`` counts it, one
+    ``NonFiniteWarning``; NaN/inf already in the weights raises ``ValueError`` naming the tensor.
     """
+
+    #: Check every step's gradients for NaN/inf (one host synchronisation per device) and skip the step
+    #: if one is; False: a NaN gradient reaches the weights and the shadow's moments, as with the bare base.
+    skip_nonfinite: bool = True
 
     def __init__(
         self,
@@ -59,8 +69,9 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(base_optimizer, OnlineCMDOptimizer):
-            raise TypeError("base_optimizer is already an OnlineCMDOptimizer")
+        if isinstance(base_optimizer, SharesBaseOptimizer):
+            raise TypeError(f"base_optimizer is already a {type(base_optimizer).__name__}: wrap the plain torch.optim "
+                            "optimizer (built on model.parameters()) once")
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if granularity not in ("tensor", "weight"):
@@ -100,6 +111,7 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         self._swapped: dict[str, Tensor] | None = None
         self._swap_hook = None  # the model's state-dict hook while swapped (see eval())
         self.embed_history: list[dict[str, Any]] = []
+        self.skipped_steps = 0  # steps skipped because a gradient held NaN/inf (not counted)
 
     # ------------------------------------------------------------- stepping
     def step(self, closure=None):
@@ -110,6 +122,12 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         if self._swapped is not None:
             raise RuntimeError("the CMD weights are swapped into the model (opt.eval()): call opt.train() before "
                                "training steps")
+        loss = None
+        if self.skip_nonfinite:
+            if closure is not None:  # evaluated now, so that its gradients are checked before anything changes
+                closure, loss = evaluate_first(closure)
+            if self._skips_nonfinite([p for g in self.base.param_groups for p in g["params"]], self.online.calls + 1):
+                return loss
         loss = self._base_step(closure)
         if self.frozen:
             self._apply_frozen()
@@ -249,7 +267,7 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
 
     def _detach(self, t: int, p: nn.Parameter) -> None:
         """The tensor stops costing: no gradient, no optimizer state or update, no running moments."""
-        _stop_training(p, self.base)
+        stop_training(p, self.base)
         self.online.freeze_tensor(t)
         self._prev.pop(t, None)
 
@@ -334,7 +352,7 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
         return {"base": self.base.state_dict(), "online": self.online.state_dict(), "frozen": frozen,
                 "frozen_whole": [t for t, f in self.frozen.items() if f["mask"] is None],
                 "prev": {str(t): [a, m] for t, (a, m) in self._prev.items()},
-                "embed_history": [dict(h) for h in self.embed_history]}
+                "embed_history": [dict(h) for h in self.embed_history], "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`. Everything is checked first: a state that does not fit this
@@ -368,13 +386,14 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
             if t in whole:
                 entry["mask"] = None
                 self.frozen[t] = entry
-                _stop_training(self.online.tensors[t], self.base)
+                stop_training(self.online.tensors[t], self.base)
             else:
                 self.frozen[t] = entry
                 self._positions[t] = entry["mask"].nonzero().view(-1)
         self._prev = {int(k): (v[0].to(devs[int(k)], copy=True), v[1].to(devs[int(k)], copy=True))
                       for k, v in sd["prev"].items()}
         self.embed_history = [dict(h) for h in sd["embed_history"]]
+        self.skipped_steps = sd.get("skipped_steps", 0)  # absent in states saved before it was
 
     def _checked_state(self, sd: Any):
         """Validate a :meth:`state_dict` without changing anything (the online part, the frozen tensors,
@@ -385,8 +404,9 @@ class OnlineCMDOptimizer(SharesBaseOptimizer):
             raise ValueError(f"not an OnlineCMDOptimizer state dict (it lacks {missing}); to load a plain "
                              "optimizer's state use opt.base.load_state_dict(...)")
         checked = self.online.check_state_dict(sd["online"])
-        check_embedding_state(sd, names=self.online.names, tensors=self.online.tensors,
-                              embeddable=self._candidates, param_groups=self.base.param_groups)
+        check_embedding_state(sd, names=self.online.names, tensors=self.online.tensors, embeddable=self._candidates,
+                              param_groups=self.base.param_groups,
+                              param_names={id(p): n for n, p in self.model.named_parameters()})
         return checked
 
 
@@ -414,16 +434,6 @@ class _RawWhileSwapped:
             key = prefix + key
             if key in state_dict and state_dict[key] is not live:
                 state_dict[key] = raw
-
-
-def _stop_training(p: Tensor, optimizer: torch.optim.Optimizer) -> None:
-    """``p`` leaves training: no gradient (``requires_grad=False``, ``grad`` dropped), and no place in
-    ``optimizer``'s param groups nor state."""
-    p.requires_grad_(False)
-    p.grad = None
-    for group in optimizer.param_groups:
-        group["params"][:] = [q for q in group["params"] if q is not p]
-    optimizer.state.pop(p, None)
 
 
 def _signature_with_online_args(init):

@@ -3,18 +3,22 @@ anything is loaded: a state that does not fit the model and base optimizer raise
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from modeopt.optim.nonfinite import check_optimizer_state_finite
+
 __all__ = ["check_embedding_state"]
 
 
 def check_embedding_state(sd: dict[str, Any], *, names: Sequence[str], tensors: Sequence[Tensor],
-                          embeddable: Sequence[int], param_groups: Sequence[dict[str, Any]]) -> None:
-    """Check the frozen tensors, tracked fits, embedding history and base-optimizer groups of an
+                          embeddable: Sequence[int], param_groups: Sequence[dict[str, Any]],
+                          param_names: Mapping[int, str]) -> None:
+    """Check the frozen tensors, tracked fits, embedding history, base-optimizer groups and state
+    (no NaN/inf, named by ``param_names``: id -> the model's parameter name) and the skip counter of an
     :meth:`OnlineCMDOptimizer.state_dict <modeopt.OnlineCMDOptimizer.state_dict>` ``sd`` (whose keys are
     present) against the modelled ``names``/``tensors``, the indices of the ``embeddable`` ones and the
     base optimizer's ``param_groups``. Raises ``ValueError`` saying what does not fit."""
@@ -97,3 +101,8 @@ def check_embedding_state(sd: dict[str, Any], *, names: Sequence[str], tensors: 
             raise ValueError(f"param group {gi} of the state's base optimizer holds {got} tensor(s), this "
                              f"optimizer's would hold {want} after the load: the state is from a different model "
                              "or set-up")
+    check_optimizer_state_finite(base, [param_names.get(id(p), "?") for g in param_groups for p in g["params"]
+                                        if id(p) not in leaving])
+    skipped = sd.get("skipped_steps", 0)  # absent in states saved before it was
+    if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
+        raise ValueError(f"the state's skipped_steps must be an integer >= 0, got {skipped!r}: damaged checkpoint")

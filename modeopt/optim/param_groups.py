@@ -46,7 +46,11 @@ def exclusion_predicate(exclude: Exclude) -> Callable[[str, nn.Parameter], bool]
         return exclude
     if exclude is None:
         return lambda n, p: False
-    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    patterns = [exclude] if isinstance(exclude, str) else exclude
+    if not isinstance(patterns, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"exclude must be a predicate f(name, param) or a list of fnmatch patterns (e.g. "
+                        f"['*.bias', 'head.*']), got {exclude!r}")
+    patterns = list(patterns)
     return lambda n, p: any(fnmatch.fnmatchcase(n, pat) for pat in patterns)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from modeopt.utils.checks import check_int
 
-__all__ = ["SCALE_INVARIANT", "check_settings", "check_snapshot_count", "check_coef_dtype", "resolve_mode_scale"]
+__all__ = ["SCALE_INVARIANT", "check_coef_dtype", "check_dtypes", "check_settings", "check_snapshot_count", "resolve_mode_scale"]
 
 def check_snapshot_count(name: str, steps: int, every: int) -> None:
     """Raise ``ValueError`` unless ``steps`` full-training steps record at least 3 snapshots (CMD's minimum)."""
@@ -54,10 +54,19 @@ def check_settings(*, n_modes: int, warmup_steps: int, snapshot_every: int, n_sa
         raise ValueError(f"init must be 'keep' or 'fit', got {init!r}")
     if mode_scale not in ("auto", "rms", "norm"):
         raise ValueError(f"mode_scale must be 'auto', 'rms' or 'norm', got {mode_scale!r}")
+    check_dtypes(coef_dtype, record_dtype)
+    return recluster_steps
+
+
+def check_dtypes(coef_dtype: torch.dtype, record_dtype: torch.dtype) -> None:
+    """``coef_dtype`` (storage of ``a``, see :func:`check_coef_dtype`); ``record_dtype`` (snapshots) a float dtype.
+
+    An integer recording would store nothing of the movements.
+    """
     check_coef_dtype(coef_dtype)
     if not (isinstance(record_dtype, torch.dtype) and record_dtype.is_floating_point):
-        raise ValueError(f"record_dtype must be a floating-point torch.dtype, got {record_dtype!r}")
-    return recluster_steps
+        raise ValueError(f"record_dtype must be a floating-point torch.dtype, got {record_dtype!r} (e.g. "
+                         "torch.float32, torch.bfloat16)")
 
 
 def check_coef_dtype(coef_dtype: object) -> None:

@@ -179,8 +179,12 @@ def select_parameters(
     """Named tensors of ``model`` chosen by a list of names (parameters or buffers) or a predicate
     ``f(name, param) -> bool`` over its parameters; ``None``: :func:`model_parameters` (trainable floats).
 
-    Raises ``KeyError`` for a name the model lacks, ``ValueError`` for a non-float choice or an empty one.
+    Raises ``KeyError`` for a name the model lacks, ``ValueError`` for a non-float choice or an empty
+    one, ``TypeError`` for ``names`` that is neither a list nor a predicate.
     """
+    if isinstance(names, str) or not (names is None or callable(names) or isinstance(names, Iterable)):
+        what = f"the string {names!r}: pass [{names!r}]" if isinstance(names, str) else repr(names)
+        raise TypeError(f"names must be a list of parameter/buffer names or a predicate f(name, tensor), got {what}")
     if names is None:
         params = model_parameters(model, trainable_only=True)
     elif callable(names):
@@ -188,7 +192,8 @@ def select_parameters(
     else:
         all_named = dict(model.named_parameters())
         all_named.update(dict(model.named_buffers()))
-        missing = [n for n in names if n not in all_named]
+        names = list(names)
+        missing = [n for n in names if not isinstance(n, str) or n not in all_named]
         if missing:
             raise KeyError(f"not parameters or buffers of the model: {missing}")
         params = [(n, all_named[n]) for n in names]
