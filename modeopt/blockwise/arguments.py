@@ -9,12 +9,11 @@ import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from modeopt.distributed.wrappers import sharding_wrapper
 from modeopt.optim.settings import check_dtypes, check_snapshot_count
-from modeopt.optim.wrapping import SharesBaseOptimizer
+from modeopt.optim.wrapping import check_model_and_base
 from modeopt.utils.checks import check_base_class, check_int, check_no_duplicates
 
 __all__ = ["check_arguments", "check_train_always"]
@@ -24,13 +23,7 @@ def check_arguments(model: Any, base_optimizer: Any, *, blocks: Any, train_alway
                     n_modes: Any, snapshot_every: Any, n_samples: Any, seed: Any, mode_scale: Any, coef_dtype: Any,
                     record_dtype: Any) -> None:
     """``TypeError`` / ``ValueError`` / ``RuntimeError`` for an argument BlockwiseCMD cannot work with."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(base_optimizer, SharesBaseOptimizer):
-        raise TypeError(f"base_optimizer is already a {type(base_optimizer).__name__}: wrap the plain torch.optim "
-                        "optimizer (built on model.parameters()) once")
-    if not isinstance(base_optimizer, torch.optim.Optimizer):
-        raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+    check_model_and_base(model, base_optimizer)
     check_base_class(base_optimizer)  # Muon, SparseAdam: cannot train the mode scalars r
     check_int("steps_per_block", steps_per_block, 1)
     check_int("n_modes", n_modes, 1)

@@ -21,7 +21,7 @@ from modeopt.modespace import kernels
 from modeopt.utils.checks import check_int, check_no_duplicates
 from modeopt.utils.transfer import to_device
 from modeopt.optim.nonfinite import SkipsNonFiniteSteps, evaluate_first
-from modeopt.optim.wrapping import SharesBaseOptimizer
+from modeopt.optim.wrapping import SharesBaseOptimizer, check_model_and_base
 from .gradual_embedding import plan_hand_offs, relative_change, stop_training
 from modeopt.trajectories.layout import named_tensors
 from modeopt.distributed.wrappers import uses_fsdp2
@@ -67,13 +67,7 @@ class OnlineCMDOptimizer(SkipsNonFiniteSteps, SharesBaseOptimizer):
         granularity: str = "tensor",
         **online_args: Any,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(base_optimizer, SharesBaseOptimizer):
-            raise TypeError(f"base_optimizer is already a {type(base_optimizer).__name__}: wrap the plain torch.optim "
-                            "optimizer (built on model.parameters()) once")
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        check_model_and_base(model, base_optimizer)
         if granularity not in ("tensor", "weight"):
             raise ValueError(f"granularity must be 'tensor' or 'weight', got {granularity!r}")
         if embed_every is not None:

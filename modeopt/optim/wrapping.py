@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SharesBaseOptimizer"]
+__all__ = ["SharesBaseOptimizer", "check_model_and_base"]
 
 
 def _with_state_dict_hooks(fn):
@@ -128,3 +128,15 @@ class SharesBaseOptimizer(torch.optim.Optimizer):
     def _base_step(self, closure=None):
         """The base optimizer's step, through its public ``step`` (its hooks and schedulers see it)."""
         return self.base.step() if closure is None else self.base.step(closure)
+
+
+def check_model_and_base(model: object, base_optimizer: object) -> None:
+    """``TypeError`` unless ``model`` is an ``nn.Module`` and ``base_optimizer`` a plain ``torch.optim.Optimizer``
+    (a mode-space optimizer wrapped again would train the same parameters twice)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(base_optimizer, SharesBaseOptimizer):
+        raise TypeError(f"base_optimizer is already a {type(base_optimizer).__name__}: wrap the plain torch.optim "
+                        "optimizer (built on model.parameters()) once")
+    if not isinstance(base_optimizer, torch.optim.Optimizer):
+        raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
