@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -192,6 +194,28 @@ class MomentsPhase:
     """Mixin of the shadow models (:class:`~modeopt.OnlineCMD` and its FSDP2 counterpart): the fit
     check and the state count, from ``phase``, ``calls``, ``fit_at``, the window ``_buffer`` and the
     per-tensor ``mean``, ``comoment`` (float64) and ``labels`` (uint8 for M <= 256) of the host."""
+
+    #: how the snapshot-skip warning names the host, and where a snapshot is not recorded
+    _WHO, _WHERE = "OnlineCMD", ""
+
+    def _record(self) -> None:
+        """Record a snapshot of the window, unless a tensor holds NaN/inf: such a snapshot would block every fit
+        while it stays in the window, so it is skipped and the next finite weights are recorded instead
+        (``_record_pending``; counted once in ``skipped_snapshots``, warned once). The host says which tensor
+        holds NaN/inf (``_nonfinite_snapshot``) and how a snapshot is appended (``_append_snapshot``)."""
+        bad = self._nonfinite_snapshot()
+        if bad is None:
+            self._append_snapshot()
+            self._record_pending = False
+            return
+        if self._record_pending:  # still missing from an earlier step: counted once
+            return
+        self._record_pending = True
+        self.skipped_snapshots += 1
+        if self.skipped_snapshots == 1:
+            warnings.warn(f"{self._WHO}: step {self.calls}: {bad!r} holds NaN/inf: this snapshot is not recorded"
+                          f"{self._WHERE} and the next finite weights are recorded instead (online.skipped_snapshots "
+                          "counts the skips; this warning is given once)", RuntimeWarning, stacklevel=4)
 
     def check_fitted(self) -> None:
         """Raise ``RuntimeError`` unless the fit has been made (``phase == "fitted"``)."""

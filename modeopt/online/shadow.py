@@ -214,22 +214,11 @@ class OnlineCMD(MomentsPhase):
                                  f"{removed}): it models a fixed set of tensors; build a new OnlineCMD for the new model")
             self._model_ids = ids
 
-    def _record(self) -> None:
-        # A snapshot with NaN/inf would block every fit while it stays in the window: skip it and
-        # record the next finite weights instead.
-        bad = first_nonfinite(self._names, self._tensors)
-        if bad is None:
-            self._buffer.append(self.layout, self._tensors, self.calls)
-            self._record_pending = False
-            return
-        if self._record_pending:  # still missing from an earlier step: counted once
-            return
-        self._record_pending = True
-        self.skipped_snapshots += 1
-        if self.skipped_snapshots == 1:
-            warnings.warn(f"OnlineCMD: step {self.calls}: {bad!r} holds NaN/inf: this snapshot is not recorded and the "
-                          "next finite weights are recorded instead (online.skipped_snapshots counts the skips; this "
-                          "warning is given once)", RuntimeWarning, stacklevel=4)
+    def _nonfinite_snapshot(self) -> str | None:
+        return first_nonfinite(self._names, self._tensors)
+
+    def _append_snapshot(self) -> None:
+        self._buffer.append(self.layout, self._tensors, self.calls)
 
     def _fit(self) -> None:
         bad = first_nonfinite(self._names, self._tensors)

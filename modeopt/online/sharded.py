@@ -189,20 +189,13 @@ class ShardedOnlineCMD(MomentsPhase):
             return None
         return bad if bad is not None else "a tensor's shard on another rank"
 
-    def _record(self) -> None:
-        bad = self._nonfinite_anywhere()
-        if bad is None:
-            self._buffer.append(self._local_layout, self.shards.local_views(), self.calls)
-            self._record_pending = False
-            return
-        if self._record_pending:
-            return
-        self._record_pending = True
-        self.skipped_snapshots += 1
-        if self.skipped_snapshots == 1:
-            warnings.warn(f"OnlineCMD (FSDP2): step {self.calls}: {bad!r} holds NaN/inf: this snapshot is not recorded "
-                          "on any rank and the next finite weights are recorded instead (online.skipped_snapshots "
-                          "counts the skips; this warning is given once)", RuntimeWarning, stacklevel=4)
+    _WHO, _WHERE = "OnlineCMD (FSDP2)", " on any rank"
+
+    def _nonfinite_snapshot(self) -> str | None:
+        return self._nonfinite_anywhere()
+
+    def _append_snapshot(self) -> None:
+        self._buffer.append(self._local_layout, self.shards.local_views(), self.calls)
 
     def _fit(self) -> None:
         bad = self._nonfinite_anywhere()
