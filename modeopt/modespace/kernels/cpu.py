@@ -180,6 +180,12 @@ def _reduce_fused(gs, xs, ls, n_modes: int, scales) -> Tensor:
     return out
 
 
+def _tensor_deltas(delta: Tensor, scales: Sequence[Tensor], n: int) -> list[Tensor]:
+    """Per tensor its own float32 ``(M,)`` delta: ``delta`` itself, or the 8-bit encoding's ``scale * delta``."""
+    d = delta.to(torch.float32).contiguous()
+    return [d] * n if not scales else [(s.to(torch.float32) * d).contiguous() for s in scales]
+
+
 def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor], delta: Tensor,
            scales: Sequence[Tensor] = ()) -> None:
     """In place: ``w += a * delta[label]``; see :func:`modeopt.modespace.kernels.reference.update`
@@ -190,9 +196,7 @@ def update(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tens
         return reference.update(weights, a, labels, delta, scales or None)
     _sizes_ok("update", weights, a, labels)
     lib = library()
-    d = delta.to(torch.float32).contiguous()
-    # per tensor its own (M,) delta: the scaled one of the 8-bit encoding
-    ds = [d] * len(weights) if not scales else [(s.to(torch.float32) * d).contiguous() for s in scales]
+    ds = _tensor_deltas(delta, scales, len(weights))
     names = [_label_name(lab, w.numel()) for w, lab in zip(weights, labels)]
     fns = [getattr(lib, f"update_{A_NAMES[x.dtype]}_{ln}") for x, ln in zip(a, names)]
     ptrs = [(w.data_ptr(), x.data_ptr(), x.element_size(), lab.data_ptr(), lab.element_size(), dt.data_ptr())
@@ -239,8 +243,7 @@ def form(weights: Sequence[Tensor], a: Sequence[Tensor], labels: Sequence[Tensor
         return reference.form(weights, a, labels, delta, scales or None)
     _sizes_ok("form", weights, a, labels)
     lib = library()
-    d = delta.to(torch.float32).contiguous()
-    ds = [d] * len(weights) if not scales else [(s.to(torch.float32) * d).contiguous() for s in scales]
+    ds = _tensor_deltas(delta, scales, len(weights))
     out = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
     names = [_label_name(lab, w.numel()) for w, lab in zip(weights, labels)]
     fns = [getattr(lib, f"form_{W_NAMES[w.dtype]}_{A_NAMES[x.dtype]}_{ln}") for w, x, ln in zip(weights, a, names)]
