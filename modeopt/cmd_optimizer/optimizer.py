@@ -292,6 +292,8 @@ class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording,
                 "modeopt.distributed.attach(opt) once before training (see docs/scaling-out.md)", stacklevel=4)
         self._fire("pre_embed")
         check_not_in_mode_space(self.model)  # before the switch frees anything
+        for p in self._emb_params:  # the last step's gradients of the weights: mode space has its own
+            p.grad = None
         buffer = self._buffer
         data, steps = buffer.raw()
         anchor = buffer.anchor

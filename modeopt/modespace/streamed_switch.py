@@ -9,18 +9,19 @@ scan, sampling, clustering, assignment and fit, modes numbered by size as ``deco
 them) and writes each chunk's result straight into the final storage of its tensor:
 
 * labels in the compact label dtype (1 byte for ``M <= 256``), renumbered in place at the end;
-* ``a`` in float32, divided in place by its mode's scale once every tensor is assigned (bfloat16:
-  then cast, one tensor at a time); with ``coef_dtype=torch.int8`` each tensor's ``a`` is quantised
+* ``a`` in ``coef_dtype``, divided in place by its mode's scale once every tensor is assigned (bfloat16:
+  rounded twice, before and after the division, which moves no weight: the model is exactly
+  ``a_stored * r + b`` whatever ``a`` holds); with ``coef_dtype=torch.int8`` each tensor's ``a`` is quantised
   as soon as its last chunk is in (its float32 copy lives only that long) and the per-mode scale
   is folded into the codes' scales afterwards (``q * (s / scale) = (q * s) / scale``: the weights'
   direction, not the codes, carries the normalisation);
 * the "moving" masks (1 byte per weight) are freed tensor by tensor as the pass goes.
 
 So a switch peaks at the compact result plus one tensor's float32 coefficients and a few
-chunk-sized float64 buffers: 1 + 4 bytes per weight with float32 ``a``, about 2.5 with int8 codes
-(while the labels are packed), against ~33 before. Results equal the two-step path's up to the
-rounding of a float64 sum taken per tensor instead of over everything (the mode scales), and the
-int8 codes may differ by one in the rare case a code sits on a rounding tie.
+chunk-sized float64 buffers: 1 + 4 bytes per weight with float32 ``a`` (1 + 2 with bfloat16), about
+2.5 with int8 codes (while the labels are packed), against ~33 before. Results equal the two-step path's up to the
+rounding of a float64 sum taken per tensor instead of over everything (the mode scales), the bfloat16
+``a`` by one rounding, and the int8 codes by one in the rare case a code sits on a rounding tie.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def stream_mode_space(
     for i, (off, n, g, p) in enumerate(zip(offsets, sizes, param_group, params)):
         mine = owner == i
         lab_i = torch.empty(n, dtype=ldt, device=p.device)
-        a_i = torch.empty(n, dtype=torch.float32, device=p.device)  # int8: this tensor's only
+        # a in its final dtype (int8: float32 for this tensor only, quantised when it is done)
+        a_i = torch.empty(n, dtype=torch.float32 if int8 else coef_dtype, device=p.device)
         fit_i = torch.empty(n, dtype=p.dtype, device=p.device) if fit else None
         bounds = [(j, min(j + width, n)) for j in range(0, n, width)]
         refs_here = [(j, int(row) - off) for j, row in enumerate(reference.tolist()) if off <= row < off + n]
@@ -199,8 +201,6 @@ def stream_mode_space(
             raw_scale[i] = (raw_scale[i].cpu()[order] / scale32).to(p.device)
         else:
             _divide_chunked(a[i], labels[i], scale32.to(p.device), width)
-            if coef_dtype != torch.float32:
-                a[i] = a[i].to(coef_dtype)
     r_groups = torch.full((m,), param_group[0], dtype=torch.int64) if len(set(param_group)) == 1 \
         else votes.argmax(dim=1)
     return StreamedInit(
