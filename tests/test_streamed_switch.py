@@ -206,3 +206,50 @@ def test_memory_mapped_recording_does_not_stay_resident(tmp_path, dtype):
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, rtol=0, atol=0.02 * 4)
+
+
+def test_a_half_precision_recording_keeps_its_anchor_in_the_weights_dtype():
+    lay = ParamLayout(["w", "v"], [(300,), (40,)])
+    w, v = torch.randn(300).bfloat16(), torch.randn(40).bfloat16()
+    buf = SnapshotBuffer(340, dtype=torch.bfloat16, capacity=3)
+    for step in range(3):
+        buf.append(lay, [w + 0.01 * step, v - 0.02 * step], step)
+    assert buf.anchor.dtype == torch.bfloat16  # exact: the first snapshot's bf16 values
+    data, steps = buf.raw()
+    values = Trajectory(data, lay, steps, buf.anchor).cols(0, 340)
+    assert values.dtype == torch.float32
+    assert torch.equal(values[0], torch.cat([w, v]).float())
+    mixed = SnapshotBuffer(340, dtype=torch.bfloat16, capacity=3)
+    mixed.append(lay, [w.float(), v], 0)
+    assert mixed.anchor.dtype == torch.float32  # a float32 tensor needs a float32 baseline
+    # checkpoints with either baseline load (a float32 one is what earlier versions saved)
+    for saved in (buf.state_dict(), {**buf.state_dict(), "anchor": buf.anchor.float()}):
+        again = SnapshotBuffer(340, dtype=torch.bfloat16, capacity=3)
+        again.load_state_dict(saved)
+        data, steps = again.raw()
+        assert torch.equal(Trajectory(data, lay, steps, again.anchor).cols(0, 340), values)
+
+
+def test_blockwise_frees_the_blocks_state_before_the_full_pass(monkeypatch):
+    import modeopt.modespace.streamed_switch as streamed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = modeopt.BlockwiseCMD(model, torch.optim.Adam(model.parameters(), lr=1e-2), blocks=["0.", "2."],
+                               train_always=["4."], steps_per_block=4, n_modes=2, n_samples=60, seed=0)
+    seen = []
+    real = streamed.assign_chunks
+
+    def spy(*args, **kwargs):
+        block = [p for _, p in opt._emb[opt.active]]
+        seen.append((sum(len(opt.base.state.get(p, {})) for p in block), sum(p.grad is not None for p in block)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streamed, "assign_chunks", spy)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    for _ in range(8):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    assert opt.phase == "embedded" and seen and all(s == (0, 0) for s in seen)
+    assert len(opt.base.state[model[4].weight]) > 0  # the always-trained layer keeps its state

@@ -9,7 +9,7 @@ switch is 1 + ``coef_dtype`` bytes per weight (1.5 with int8 codes and 4-bit lab
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,8 @@ __all__ = ["embed_block"]
 @torch.no_grad()
 def embed_block(recordings: list[SnapshotBuffer], names: Sequence[str], params: Sequence[Tensor],
                 param_group: Sequence[int], n_groups: int, *, n_modes: int, n_samples: int, seed: int,
-                mode_scale: str = "rms", coef_dtype: torch.dtype = torch.bfloat16) -> StreamedInit:
+                mode_scale: str = "rms", coef_dtype: torch.dtype = torch.bfloat16,
+                before_assign: Callable[[], None] | None = None) -> StreamedInit:
     """CMD of one block's recording, straight to the initial mode space.
 
     Args:
@@ -38,6 +39,8 @@ def embed_block(recordings: list[SnapshotBuffer], names: Sequence[str], params: 
         n_modes, n_samples, seed: M, K and the sampling seed, as for :func:`~modeopt.decompose`.
         mode_scale: ``"rms"`` or ``"norm"`` normalisation of each mode's ``a`` (see ``CMDOptimizer``).
         coef_dtype: float32, bfloat16, or int8 (``a`` then holds the codes and ``a_scale`` their scales).
+        before_assign: called once the clustering has succeeded, before the full pass (the block's optimizer
+            state may be freed then: nothing that can fail for the data's sake comes after).
 
     Returns:
         A :class:`~modeopt.modespace.streamed_switch.StreamedInit`: per tensor compact labels and ``a``
@@ -54,7 +57,8 @@ def embed_block(recordings: list[SnapshotBuffer], names: Sequence[str], params: 
 
     try:
         return stream_mode_space(trajs, params, param_group, n_groups, n_modes=n_modes, n_samples=n_samples,
-                                 seed=seed, mode_scale=mode_scale, coef_dtype=coef_dtype, consumed=consumed)
+                                 seed=seed, mode_scale=mode_scale, coef_dtype=coef_dtype, consumed=consumed,
+                                 before_assign=before_assign)
     except ValueError as e:
         raise ValueError(f"the block cannot be embedded: {e}. Lower the learning rate or clip gradients if the "
                          "recording diverged, and resume from a checkpoint") from None

@@ -103,10 +103,12 @@ class SnapshotBuffer:
     With a capacity the storage is allocated once (in RAM, or in a memory-mapped file under
     ``directory``) and rows are overwritten in place; without one it grows by doubling
     (amortised O(1) per snapshot). A float32 buffer stores the values; a bf16/fp16 buffer stores
-    each snapshot's movement from the first one (:attr:`anchor`, float32), because half
+    each snapshot's movement from the first one (:attr:`anchor`: float32, or the weights' own dtype
+    when every recorded tensor is bf16 / fp16, which holds their values exactly), because half
     precision cannot resolve a small movement of a large weight.
 
-    Memory: ``rows * N * itemsize`` (+ ``4 * N`` for the anchor), always on the host.
+    Memory: ``rows * N * itemsize`` (+ ``4 * N`` for a float32 anchor, ``2 * N`` for a half one), always
+    on the host.
 
     **Tensors on a GPU.** The rows stay in host memory: page-locked (pinned) when the buffer
     lives in RAM and CUDA is available, so that :meth:`append` copies each tensor from its own
@@ -144,11 +146,11 @@ class SnapshotBuffer:
             return torch.empty(rows, self.n, dtype=self.dtype)
         return map_file(self.directory, rows * self.n, self.dtype).view(rows, self.n)
 
-    def _new_anchor(self) -> Tensor:
-        """The float32 baseline of a half-precision recording: in the file with the rows under ``directory``."""
+    def _new_anchor(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The baseline of a half-precision recording: in the file with the rows under ``directory``."""
         if self.directory is not None:
-            return map_file(self.directory, self.n, torch.float32)
-        return torch.empty(self.n, dtype=torch.float32, pin_memory=self._pin)
+            return map_file(self.directory, self.n, dtype)
+        return torch.empty(self.n, dtype=dtype, pin_memory=self._pin)
 
     def evict(self, start: int = 0, stop: int | None = None) -> None:
         """Drop the values of weights ``start:stop`` (every row, and the anchor) from this process's
@@ -171,7 +173,8 @@ class SnapshotBuffer:
         for r in range(rows):
             drop_pages(base + (r * self.n + start) * item, (stop - start) * item)
         if self.anchor is not None:
-            drop_pages(self.anchor.data_ptr() + start * 4, (stop - start) * 4)
+            item = self.anchor.element_size()
+            drop_pages(self.anchor.data_ptr() + start * item, (stop - start) * item)
 
     @property
     def nbytes(self) -> int:
@@ -237,13 +240,17 @@ class SnapshotBuffer:
         slot = self._slot()
         row = self.data[slot]
         if self.relative and self.anchor is None:
-            self.anchor = self._new_anchor()
+            # The first snapshot's values, exactly: in float32, or in the weights' own dtype when every
+            # tensor is bf16 (fp16) - half the bytes, as exact.
+            dtypes = {t.dtype for t in tensors}
+            own = dtypes.pop() if len(dtypes) == 1 else None
+            self.anchor = self._new_anchor(own if own in (torch.bfloat16, torch.float16) else torch.float32)
             if devices:
                 for spec, t in zip(layout.specs, tensors):
                     spec.check_shape(t)
                     src = t.detach().reshape(-1)
                     if src.is_cuda:
-                        src = src.to(torch.float32)  # cast on the device: 4 B/weight come down
+                        src = src.to(self.anchor.dtype)  # cast on the device: what is stored comes down
                     self.anchor[spec.offset : spec.stop].copy_(src, non_blocking=True)
             else:
                 layout.flatten({s.name: t for s, t in zip(layout.specs, tensors)}, out=self.anchor)
@@ -342,9 +349,11 @@ class SnapshotBuffer:
                 isinstance(s, int) and not isinstance(s, bool) for s in steps):
             raise ValueError(f"the saved recording's steps must be {k} integers, one per snapshot: damaged checkpoint")
         if self.relative and k > 0:
-            if not isinstance(anchor, Tensor) or anchor.dtype != torch.float32 or tuple(anchor.shape) != (self.n,):
-                raise ValueError(f"a {self.dtype} recording needs its float32 baseline of shape ({self.n},) (the "
-                                 "'anchor'); the checkpoint's is missing or of another shape: damaged checkpoint")
+            if not isinstance(anchor, Tensor) or anchor.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+                    or tuple(anchor.shape) != (self.n,):
+                raise ValueError(f"a {self.dtype} recording needs its float32 (or bf16/fp16) baseline of shape "
+                                 f"({self.n},) (the 'anchor'); the checkpoint's is missing or of another shape: "
+                                 "damaged checkpoint")
         elif not self.relative and anchor is not None:
             raise ValueError("a float32/float64 recording has no baseline ('anchor'), but the checkpoint holds one: "
                              f"it was recorded in low precision; build it with that record_dtype")
@@ -374,7 +383,7 @@ class SnapshotBuffer:
         anchor = state.get("anchor")
         self.anchor = None
         if anchor is not None:
-            self.anchor = self._new_anchor()
+            self.anchor = self._new_anchor(anchor.dtype)
             self.anchor.copy_(anchor)
         self.evict()
         return dropped

@@ -30,7 +30,7 @@ class Trajectory:
         layout: which rows belong to which named tensor (``None`` for anonymous data).
         steps: ``T`` integers saying when each sample was taken (training steps or
             epochs); defaults to ``0..T-1``.
-        offset: optional ``(N,)`` float32 baseline; the values are then ``data + offset``.
+        offset: optional ``(N,)`` float32 (or bf16/fp16) baseline; the values are then ``data + offset`` in float32.
             Low-precision recordings store movements relative to a baseline this way, because
             bf16/fp16 cannot resolve a small movement of a large weight.
         evict: optional ``f(start, stop)``, called by the streaming passes once they have copied the
