@@ -24,6 +24,7 @@ re-basing, their checkpoint entry, the saved-tensor hooks); the module-level fun
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from modeopt.modespace import kernels
+from modeopt.modespace.on_use import FormedOnUse, Use
 
 __all__ = ["HALF_DTYPES", "HalfPrecision", "check_base_state", "current_values", "load_current_values"]
 
@@ -75,23 +77,43 @@ class HalfPrecision:
         formed = self._form(self.half)
         return [formed.get(i, p.detach()) for i, p in enumerate(self.params)]
 
+    def _use(self, i: int, via: Tensor | None) -> Tensor:
+        """Weight ``i`` formed for one operation (:class:`~modeopt.modespace.on_use.FormedOnUse`): a new
+        tensor, entering the autograd graph through :class:`~modeopt.modespace.on_use.Use` when ``via``
+        (its ReadThrough output) is given and autograd records; then an operation that saves it for
+        backward saves a token (:meth:`_enter_saving`)."""
+        p = self.params[i]
+        w = self._form([i], None if self._deltas is None else self._deltas.get(p.device))[i]
+        if via is None or not torch.is_grad_enabled():
+            return w
+        self._note_formed(i, w)
+        return Use.apply(via, w)
+
     # ------------------------------------------------ saved tensors of a forward (half precision)
-    def _enter_saving(self, formed: dict[int, Tensor]) -> None:
+    def _enter_saving(self, devices) -> None:
         """Until :meth:`_exit_saving`: an operation that saves a formed weight (or a view of it) for
         backward saves a token instead, and the backward forms the weight again (no second copy of the
-        weights outlives the forward). Chains to saved-tensor hooks already active (e.g. save_on_cpu)."""
+        weights outlives the forward); ``devices``: those of the weights formed. Chains to saved-tensor
+        hooks already active (e.g. save_on_cpu)."""
         if self._saving is not None:  # nested forward (a submodule called by hand inside the root's)
-            self._formed_at.update({w.untyped_storage().data_ptr(): i for i, w in formed.items()})
             return
         if torch._C._current_graph_task_id() != -1:
             return  # in backward (activation checkpointing re-runs a forward): its own hooks are in charge
-        self._formed_at = {w.untyped_storage().data_ptr(): i for i, w in formed.items()}
-        delta = {w.device: self._delta(w.device) for w in formed.values()}
+        self._formed_at = {}
+        delta = {d: self._delta(d) if self._deltas is None or d not in self._deltas else self._deltas[d]
+                 for d in devices}
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
         ctx = torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, self, delta, outer),
                                                        functools.partial(_unpack, self, outer))
         ctx.__enter__()
         self._saving = ctx
+
+    def _note_formed(self, i: int, w: Tensor) -> None:
+        """While the saving hooks are on: ``w`` is weight ``i`` formed; a tensor saved for backward that
+        shares its storage (while ``w`` lives, no other tensor can) is packed as a token. A weak
+        reference: once ``w`` is gone its address may be reused by any tensor, which then is not it."""
+        if self._saving is not None and w.numel():
+            self._formed_at[w.untyped_storage().data_ptr()] = (i, weakref.ref(w))
 
     def _exit_saving(self) -> None:
         if self._saving is not None:
@@ -160,18 +182,29 @@ def check_base_state(saved: Any, names: Sequence[str], params: Sequence[Tensor],
 
 def _pack(space: HalfPrecision, delta: dict, outer, t: Tensor):
     """Saved-tensor pack hook while a forward with formed half-precision weights runs: a formed weight
-    (or a view of it) becomes ``(index, delta, size, stride, offset)``; anything else goes to the
-    hooks that were active before (or is kept as it is)."""
-    i = space._formed_at.get(t.untyped_storage().data_ptr()) if t.dtype in HALF_DTYPES else None
-    if i is not None:
-        return _Formed(i, delta[t.device], tuple(t.size()), tuple(t.stride()), t.storage_offset())
+    (or a view of it) becomes ``(index, delta, size, stride, offset)``, a stand-in
+    (:class:`~modeopt.modespace.on_use.FormedOnUse`, of any space) ``(index, delta, None, None, None)``
+    (unpacked: the weight formed); anything else goes to the hooks that were active before (or is kept as it is)."""
+    if type(t) is FormedOnUse:
+        # A stand-in handed to an operation as it is (a custom autograd.Function saving its input): the
+        # tensor unpacked in backward would be a plain alias of the frozen base, so it is formed then.
+        own = t.modeopt_space  # (another mode space's, with several on one model)
+        d = delta.get(t.device) if own is space else None
+        return _Formed(own, t.modeopt_index, own._delta(t.device) if d is None else d, None, None, None)
+    if t.dtype in HALF_DTYPES:
+        entry = space._formed_at.get(t.untyped_storage().data_ptr())
+        if entry is not None and entry[1]() is not None and t.dtype == space.params[entry[0]].dtype:
+            d = delta.get(t.device)
+            if d is None:  # a stand-in kept from another forward, on a device this one does not form on
+                d = space._delta(t.device)
+            return _Formed(space, entry[0], d, tuple(t.size()), tuple(t.stride()), t.storage_offset())
     return t if outer is None else _Outer(outer[0](t))
 
 
 def _unpack(space: HalfPrecision, outer, packed):
     if isinstance(packed, _Formed):
-        w = space._form([packed.index], packed.delta)[packed.index]
-        return w.as_strided(packed.size, packed.stride, packed.offset)
+        w = packed.space._form([packed.index], packed.delta)[packed.index]
+        return w if packed.size is None else w.as_strided(packed.size, packed.stride, packed.offset)
     if isinstance(packed, _Outer):
         return outer[1](packed.value)
     return packed
@@ -179,10 +212,12 @@ def _unpack(space: HalfPrecision, outer, packed):
 
 class _Formed:
     """A formed weight saved for backward: formed again from the frozen base when unpacked."""
-    __slots__ = ("index", "delta", "size", "stride", "offset")
+    __slots__ = ("space", "index", "delta", "size", "stride", "offset")
 
-    def __init__(self, index: int, delta: Tensor, size: tuple, stride: tuple, offset: int):
-        self.index, self.delta, self.size, self.stride, self.offset = index, delta, size, stride, offset
+    def __init__(self, space, index: int, delta: Tensor, size: tuple | None, stride: tuple | None,
+                 offset: int | None):
+        self.space, self.index, self.delta = space, index, delta
+        self.size, self.stride, self.offset = size, stride, offset
 
 
 class _Outer:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from modeopt.modespace.on_use import on_use as on_use_stand_in
 from modeopt.modespace.read_through import ReadThrough
 
 __all__ = ["Swapping"]
@@ -23,14 +24,23 @@ class Swapping:
             groups = self._group(sorted({i for mod in modules for _, i in self._owners[mod]}))
         grad = torch.is_grad_enabled()
         compiling = torch.compiler.is_compiling()
-        # half-precision weights: formed from their frozen base, one rounding (module docstring)
-        formed = self._form([i for index in groups for i in index if self._is_half[i]])
-        if grad and formed and not compiling and self.RECOMPUTE_FORMED:
-            self._enter_saving(formed)
+        half = [i for index in groups for i in index if self._is_half[i]]
+        # Eager: the half-precision weights are formed by each operation that reads them (on_use); under
+        # torch.compile (which does not trace the stand-in's __torch_function__) all at once, here.
+        on_use = self.FORM_ON_USE and not compiling
+        if half and not compiling:
+            self._deltas = {d: self._delta(d) for d in {self.params[i].device for i in half}}
+        formed = {} if on_use else self._form(half)
+        if grad and half and not compiling and self.RECOMPUTE_FORMED:
+            self._enter_saving(self._deltas)
+            for i, w in formed.items():  # forming all at once: kept for the forward, saved as tokens
+                self._note_formed(i, w)
+                self._pinned.append(w)
         out_of: dict[int, Tensor] = {}  # a shared parameter gets one output, read by all its owners
         if grad:
             r = self.r_full()
             for index in groups:
+                # on_use: the bases themselves (views of them, which the stand-ins alias)
                 weights = [formed.get(i, self.params[i]) for i in index]
                 scales = () if self.a_scale is None else [self.a_scale[i] for i in index]
                 if compiling:  # tensors only, for Dynamo
@@ -42,6 +52,8 @@ class Swapping:
                 out_of.update(zip(index, outs))
         else:  # no autograd: only the half-precision weights need another tensor
             out_of = formed
+        if on_use:
+            out_of.update((i, on_use_stand_in(self, i, out_of.get(i))) for i in half)
         for mod in modules:
             for attr, i in self._owners[mod]:
                 if i in out_of:
@@ -56,6 +68,8 @@ class Swapping:
         self._swapped.clear()
         self._active = False
         self._exit_saving()
+        self._pinned.clear()
+        self._deltas = None
 
     def _root_pre(self, module, args):
         if not self._active and (self.half or torch.is_grad_enabled()):
