@@ -229,3 +229,48 @@ def test_metadata_reads_do_not_form_and_a_raw_pointer_stays_valid(monkeypatch):
     assert torch.equal(seen["bits"].to(torch.int16), w.view(torch.int16))
     assert not torch.equal(w, model.net[0].weight.reshape(-1))  # the base differs: the address was formed
     assert count.live == 0  # kept until the forward ended, not longer
+
+
+class Zoo(nn.Module):
+    """Layers that read their weights in different ways: Embedding, LSTM (a flat weight list to one
+    call), MultiheadAttention (reads out_proj's weight itself), Conv1d, LayerNorm, a slice of the
+    embedding's weight read by the parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lstm = nn.Embedding(20, 8), nn.LSTM(8, 8, batch_first=True)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.conv, self.ln, self.head = nn.Conv1d(8, 8, 3, padding=1), nn.LayerNorm(8), nn.Linear(8, 2)
+
+    def forward(self, ids):
+        h, _ = self.lstm(self.emb(ids))
+        h = h + self.mha(h, h, h, need_weights=False)[0]
+        h = self.ln(self.conv(h.transpose(1, 2)).transpose(1, 2)).mean(1)
+        return self.head(h) + F.linear(h, self.emb.weight[:2])
+
+
+def test_common_layers_read_current_values_on_use(monkeypatch):
+    """Every layer kind of Zoo computes with the current weights: outputs equal a plain model's bit for
+    bit, and outputs and dL/dr equal those of forming every weight at the forward's start."""
+    ids = torch.randint(0, 20, (16, 5), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = Zoo().bfloat16()
+    opt = modeopt.CMDOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-3), n_modes=3,
+                               warmup_steps=8, snapshot_every=2, seed=0, progress=False)
+    for i in range(14):
+        opt.zero_grad()
+        F.cross_entropy(model(ids.roll(i, 0)).float(), Y).backward()
+        opt.step()
+    assert opt.phase == "embedded" and len(opt.space.half) == 15
+    plain = Zoo().bfloat16()
+    plain.load_state_dict(model.state_dict())
+    got = []
+    for form_on_use in (True, False):
+        monkeypatch.setattr(ModeSpace, "FORM_ON_USE", form_on_use)
+        opt.zero_grad()
+        out = model(ids)
+        F.cross_entropy(out.float(), Y).backward()
+        got.append((out, [p.grad.clone() for p in opt.space.r_params]))
+    with torch.no_grad():
+        assert torch.equal(got[0][0], plain(ids)) and torch.equal(got[0][0], got[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1]))

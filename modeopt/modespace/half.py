@@ -7,10 +7,15 @@ switch, frozen (the *base*, with ``r_base``, the ``r`` it holds), and every forw
 gets the weight formed out of place, ``w = round(base + a * (r_in_weights - r_base)[m])`` - summed
 in float32 and rounded once to the weight's dtype (``torch.ops.modeopt.mode_form``) - like LoRA's
 frozen base, so each weight is within half an ulp of its exact mode-space value after any number
-of steps. No byte more per weight is kept: the formed tensors live only during a forward. Autograd
-does not keep them for backward either: while the root forward runs, a saved-tensor hook stores a
-formed weight (or a view of it) saved by an operation as a small token and forms it again when the
-backward unpacks it. ``model.state_dict()`` gives the formed (current) values under the original
+of steps. No byte more per weight is kept, and a formed tensor lives only as long as the operation
+that reads it: during a forward the weight's ``_parameters`` entry holds a stand-in
+(:class:`~modeopt.modespace.on_use.FormedOnUse`, the base's storage) that hands each operation
+consuming it the weight formed then (:meth:`HalfPrecision._use`), whoever reads it (its module, a
+parent reading a child's weight directly, a custom autograd function); under ``torch.compile`` every
+half weight is formed when the forward starts instead. Autograd does not keep the formed weights for
+backward either: while the root forward runs, a saved-tensor hook stores a formed weight (or a view
+of it, or a stand-in) saved by an operation as a small token and forms it again when the backward
+unpacks it. ``model.state_dict()`` gives the formed (current) values under the original
 keys; ``load_state_dict`` and :meth:`ModeSpace.set_weights` take current values (an exact re-base:
 ``base = value``, ``r_base = r_in_weights``); :meth:`ModeSpace.remove` writes the formed values into
 the parameters. Reading a half-precision ``module.weight`` outside the model's (or its module's)
@@ -43,7 +48,7 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 class HalfPrecision:
     """The half-precision part of :class:`~modeopt.modespace.space.ModeSpace` (a mixin: it reads the
     space's ``params``, ``a``, ``a_scale``, ``labels``, ``r_in_weights``, ``r_base``, ``half``,
-    ``_is_half``, ``_half_by_device``, ``_saving`` and ``_formed_at``)."""
+    ``_is_half``, ``_half_by_device``, ``_saving``, ``_formed_at`` and ``_deltas``)."""
 
     def _delta(self, device: torch.device) -> Tensor:
         """``(M,)`` float32 ``r_in_weights - r_base`` on ``device``: what the half-precision bases lack."""

@@ -14,7 +14,8 @@ After the optimizer changes ``r``, :meth:`ModeSpace.sync` writes ``w += a * dr[m
 (``torch.ops.modeopt.mode_update``), without a host synchronisation.
 
 **Half-precision weights** (bfloat16, float16) are not updated in place: they keep their value at
-the switch, frozen, and every forward forms them from it, rounded once (:mod:`modeopt.modespace.half`).
+the switch, frozen, and every forward forms them from it, rounded once (:mod:`modeopt.modespace.half`),
+each in the operation that reads it (:mod:`modeopt.modespace.on_use`).
 
 Device-generic: ``a`` (``coef_dtype``) and the compact labels (:func:`modeopt.modespace.kernels.label_dtype`)
 live on each weight's device (with ``coef_dtype=torch.int8``: 8-bit codes, a float32 scale per tensor

@@ -1,7 +1,15 @@
 """Which tensor a module's forward reads while a model is in mode space: the forward hooks that swap
-the embedded parameters for the autograd function's outputs (the formed weights for half-precision
-ones) and restore them afterwards; see :mod:`modeopt.modespace.space` for why the entries are
-written directly."""
+the embedded parameters for the autograd function's outputs and restore them afterwards; see
+:mod:`modeopt.modespace.space` for why the entries are written directly.
+
+Half-precision weights get a stand-in (:class:`~modeopt.modespace.on_use.FormedOnUse`, an alias of
+their ReadThrough output, or of the base without autograd) that each operation reading it forms, so
+at most one operation's formed weights are alive at a time. The root's pre-hook swaps every owner
+module's entries at once: a module may read another's weight without calling it (a tied head,
+``nn.MultiheadAttention`` reading ``out_proj.weight``), and the stand-in cost nothing to put there.
+Under ``torch.compile`` (which does not trace the stand-in's ``__torch_function__``) the half weights
+are formed when the forward starts and kept until it ends, as with ``ModeSpace.FORM_ON_USE = False``.
+A submodule called on its own (or re-run by activation checkpointing in backward) swaps its own."""
 
 from __future__ import annotations
 
@@ -17,7 +25,8 @@ __all__ = ["Swapping"]
 class Swapping:
     """The forward hooks of :class:`~modeopt.modespace.space.ModeSpace` (a mixin: it reads the
     space's ``params``, ``a``, ``labels``, ``a_scale``, ``_owners``, ``_groups``, ``_is_half``,
-    ``half`` and the swap state ``_active``, ``_swapped``, ``_swapped_by``)."""
+    ``half``, ``FORM_ON_USE`` and the swap state ``_active``, ``_swapped``, ``_swapped_by``,
+    ``_deltas``, ``_pinned``)."""
 
     def _swap(self, modules, groups=None) -> None:
         if groups is None:
