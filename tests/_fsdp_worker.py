@@ -552,14 +552,27 @@ def _seen_weights(model, x) -> dict:
     return seen
 
 
-def scenario_half(rank: int, world: int, dtype_name: str, steps: int = HALF_STEPS, per_layer: bool = False) -> dict:
+def scenario_half(rank: int, world: int, dtype_name: str, steps: int = HALF_STEPS, per_layer: bool = False,
+                  float_last: bool = False) -> dict:
     """A bf16/fp16 FSDP2 model: warm-up, switch, ``steps`` embedded steps of SGD with momentum. Returns the
     weights at the switch and at the end (model.state_dict(), and what the forward computes with), r at both,
     the whole a and labels: the test checks each weight against round(w_switch + a (r - r_switch)[m])."""
     import warnings
 
     dtype = getattr(torch, dtype_name)
-    model = shard(make_model().to(dtype), world, per_layer)
+    model = make_model().to(dtype)
+    if float_last:  # the last Linear float32, computing in the half dtype (MixedPrecisionPolicy), its own unit
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        model[4].float()
+        mesh = init_device_mesh("cpu", (world,))
+        for i in (0, 2):
+            fully_shard(model[i], mesh=mesh)
+        fully_shard(model[4], mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=dtype))
+        model = fully_shard(model, mesh=mesh)
+    else:
+        model = shard(model, world, per_layer)
     opt = modeopt.CMDOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), progress=False,
                                **HALF)
     data = batches(3)
