@@ -131,7 +131,12 @@ class FormingAllGather(_AllGatherBase):
         self.inner = inner
         self.formed = [j for j, _, _ in layout if j is not None]  #: the embedded indices formed here
 
+    def detach(self) -> None:
+        """Form nothing any more (pass every all-gather through)."""
+        self._owner = lambda: None
+
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The all-gather output buffer (FSDP2's comm protocol): the comm's set before, else a plain ``empty``."""
         if self.inner is not None:
             return self.inner.allocate(size, dtype=dtype, device=device)
         return torch.empty(*size, dtype=dtype, device=device)
@@ -238,8 +243,8 @@ class ShardedHalf:
         for entry in getattr(self, "_half_units", []):
             if entry["inner"] is not None:
                 entry["unit"].set_custom_all_gather(entry["inner"])
-            else:  # FSDP2's default comm is private: ours stays, passing through (owner out of mode space)
-                entry["comm"]._owner = lambda: None
+            else:  # FSDP2's default comm is private: ours stays, passing through
+                entry["comm"].detach()
         self._half_units = []
 
     @torch.no_grad()
@@ -268,7 +273,7 @@ def _before_unshard(ref, entry: dict, dtensor_type, module, args) -> None:
     the unsharded ones from the bases)?"""
     opt = ref()
     entry["pending"] = opt is not None and opt.space is not None and any(
-        isinstance(mod._parameters.get(attr), dtensor_type) for mod, attr, _ in entry["params"])
+        isinstance(getattr(mod, attr), dtensor_type) for mod, attr, _ in entry["params"])
 
 
 @torch.no_grad()
@@ -283,7 +288,7 @@ def _after_unshard(ref, entry: dict, module, args) -> None:
         return
     js = [j for _, _, j in entry["params"]]
     for (mod, attr, j), w in zip(entry["params"], opt._form_local(js)):
-        t = mod._parameters[attr]
+        t = getattr(mod, attr)  # FSDP2's unsharded parameter, set on the module by its pre-forward
         shard = opt._emb_params[j].to_local()
         if t is opt._emb_params[j] or t.untyped_storage().data_ptr() == shard.untyped_storage().data_ptr():
             raise RuntimeError(f"modeopt: on one rank this torch's FSDP2 computes with {opt._emb_names[j]}'s "
