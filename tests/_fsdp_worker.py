@@ -692,3 +692,29 @@ def scenario_half_resume_elsewhere(rank: int, world: int, src_dir: str, dtype_na
     for _ in range(6):
         _half_step(model, opt, *_half_batch(data, rank, world, dtype))
     return {"loaded": loaded, "seen": seen, "resumed": full_weights(model), "phase": opt.phase}
+
+
+def scenario_half_fallback(rank: int, world: int) -> dict:
+    """A torch without FSDPModule.set_custom_all_gather (made so here): the bf16 shards are updated in place, as
+    before the exact path existed, with the warning at the switch."""
+    import warnings
+
+    from modeopt.cmd_optimizer import sharded_half
+
+    saved = sharded_half.forming_supported
+    sharded_half.forming_supported = lambda: False
+    try:
+        model = shard(make_model().to(torch.bfloat16), world, False)
+        opt = modeopt.CMDOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), progress=False,
+                                   **HALF)
+        data = batches(3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = [_half_step(model, opt, *_half_batch(data, rank, world, torch.bfloat16))
+                      for _ in range(HALF["warmup_steps"] + 3)]
+        shards_now = [p.to_local().clone() for p in opt._emb_params]
+        return {"warnings": [str(w.message) for w in caught], "losses": losses, "phase": opt.phase,
+                "half": list(opt._half), "formed_equal_shards": all(
+                    torch.equal(v.to_local(), s) for v, s in zip(model.state_dict().values(), shards_now))}
+    finally:
+        sharded_half.forming_supported = saved

@@ -9,6 +9,7 @@ wraps the ``torch.distributed`` collectives FSDP2 and modeopt call.
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 
 import pytest
@@ -47,7 +48,8 @@ def scenarios(out: str) -> list[tuple]:
             ("hostile", "scenario_hostile", (out,)),
             ("half_bf16", "scenario_half", ("bfloat16",)), ("half_fp16", "scenario_half", ("float16",)),
             ("half_ck", "scenario_half_checkpoint", (out,)),
-            ("half_mixed", "scenario_half", ("bfloat16", 60, True, True))] + ([("callback", "scenario_callback", ())] if HAS_ACCELERATE else [])
+            ("half_mixed", "scenario_half", ("bfloat16", 60, True, True)),
+            ("half_fallback", "scenario_half_fallback", ())] + ([("callback", "scenario_callback", ())] if HAS_ACCELERATE else [])
 
 
 def read(out, world: int) -> list[dict]:
@@ -482,3 +484,12 @@ def test_half_precision_checkpoint_resumes_on_another_world_size(runs, on_one_ra
     assert all(torch.equal(res["loaded"][k], ref["saved"][k]) for k in ref["saved"])
     assert all(torch.equal(v, res["loaded"][k]) for k, v in res["seen"].items())
     assert all(close_at_scale(res["resumed"][k], ref["straight"][k]) for k in ref["straight"])
+
+
+def test_half_precision_without_the_custom_all_gather_falls_back_to_in_place(runs):
+    """A torch whose FSDP2 has no set_custom_all_gather: the old in-place update, and the warning saying so."""
+    for r in both(runs, "half_fallback"):
+        assert r["phase"] == "embedded" and r["half"] == []
+        assert all(map(math.isfinite, r["losses"]))
+        assert [w for w in r["warnings"] if "has no FSDPModule.set_custom_all_gather" in w and "in place" in w]
+        assert r["formed_equal_shards"]  # model.state_dict() gives the shards themselves

@@ -153,7 +153,7 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
                "recording": self.recording_bytes, "a": 0, "labels": 0, "r": 0}
         if self.space is not None:
             out.update(a=size(self.space["a"]), labels=size(self.space["labels"]),
-                       r=size([self.space["r"], self.space["applied"], self.space["partial"]]))
+                       r=size([self.space[k] for k in ("r", "applied", "partial", "r_base", "delta")]))
         return out
 
     # ---------------------------------------------------------------- step
@@ -313,8 +313,8 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
                 warnings.warn(
                     f"modeopt: the embedded FSDP2 weights are {'/'.join(low)}, and this torch's FSDP2 has no "
                     "FSDPModule.set_custom_all_gather: mode space applies each change of r to the shards in place "
-                    "(w += a * dr), and in half precision the rounding of every step accumulates. Use torch >= 2.9, "
-                    "or keep float32 parameters with fully_shard(..., mp_policy=MixedPrecisionPolicy("
+                    "(w += a * dr), and in half precision the rounding of every step accumulates. Use a torch whose "
+                    "FSDPModule has set_custom_all_gather, or keep float32 parameters with fully_shard(..., mp_policy=MixedPrecisionPolicy("
                     "param_dtype=torch.bfloat16)); see docs/scaling-out.md", stacklevel=4)
 
     def r_full(self) -> Tensor:
