@@ -427,16 +427,19 @@ class CMD(Method):
 
     def formula(self, phase):
         # CMDOptimizer's docstring and docs/optimizer.md 'Memory': warm-up recording min(T, max_snapshots) * N *
-        # itemsize(record_dtype) + 4 N (the anchor of a bf16 recording), in the file with record_dir; the switch:
-        # "decompose needs ~21 bytes per weight beside the recording"; embedded: a label (1 B, M <= 256) and
-        # a (2 B in bf16) per embedded weight, no weight gradients or optimizer state for them.
+        # itemsize(record_dtype) + 4 N (the anchor of a bf16 recording), in a file with record_dir whose pages
+        # are dropped from the process after each write and read (not resident: "recording_file" is file
+        # bytes, not RSS); the switch (modeopt.modespace.streamed_switch): the weights' gradients are freed
+        # first, their optimizer state once the clustering succeeded, so its worst moment is the scan with the
+        # state and 1 B per weight of "moving" masks; embedded: a label (1 B, M <= 256; 0.5 with int8) and a
+        # (2 B in bf16, 1 in int8) per embedded weight, no weight gradients or optimizer state for them.
         n, ne = self.n, self.n_emb()
         rec = (2 * WARMUP + 4) * ne
         key = "recording_file" if self.uses_record_dir else "recording"
         if phase == "warmup":
             return {"grads": 2 * n, "optimizer_state": 4 * n, key: rec}
         if phase == "switch":
-            return {"grads": 2 * n, "optimizer_state": 4 * n, key: rec, "decompose_transient": 21 * ne}
+            return {"grads": 2 * (n - ne), "optimizer_state": 4 * n, key: rec, "moving_masks": 1 * ne}
         free = n - ne
         a, lab = (1.0, 0.5) if self.coef == "int8" else (2.0, 1.0)
         return {"grads": 2 * free, "optimizer_state": 4 * free, "a": a * ne, "labels": lab * ne}
@@ -459,8 +462,7 @@ CLASSES = {"plain": Plain, "lora": Lora, "badam": BAdam, "blockwise": Blockwise,
 
 #: functions run under a stage name of their own, so the sampler says where a switch's memory goes
 STAGES = {
-    "modeopt.cmd_optimizer.optimizer.decompose": "decompose",
-    "modeopt.cmd_optimizer.optimizer.initial_mode_space": "initial_mode_space",
+    "modeopt.cmd_optimizer.optimizer.stream_mode_space": "stream_mode_space",
     "modeopt.cmd_optimizer.optimizer.ModeSpace": "ModeSpace()",
     "modeopt.blockwise.optimizer.embed_block": "embed_block",
     "modeopt.blockwise.optimizer.ModeSpace": "ModeSpace()",

@@ -346,7 +346,7 @@ def test_without_fallocate_the_file_is_written_with_zeros(tmp_path, monkeypatch)
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
     monkeypatch.setattr(os, "posix_fallocate", unsupported)
-    monkeypatch.setattr("modeopt.trajectories.snapshots._ZERO_CHUNK", 1000)  # several chunks
+    monkeypatch.setattr("modeopt.trajectories.mapped_files._ZERO_CHUNK", 1000)  # several chunks
     buf = SnapshotBuffer(1000, capacity=3, directory=tmp_path)
     assert buf.data.shape == (3, 1000) and bool((buf.data == 0).all())
     writes = []

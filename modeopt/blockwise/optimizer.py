@@ -273,15 +273,23 @@ class BlockwiseCMD(BlockwiseNonFinite, SharesBaseOptimizer):
         params = [p for _, p in emb]
         groups = self._emb_group[b]
         n = sum(p.numel() for p in params)
+        for p in params:  # the block's last gradients: its mode space has its own
+            p.grad = None
+
+        def free_block_state() -> None:  # once the clustering succeeded: the embedding takes its place
+            for p in params:
+                self.base.state.pop(p, None)
+
         init = embed_block(self._buffers, [name for name, _ in emb], params, groups, len(self.base.param_groups),
                            n_modes=self.n_modes, n_samples=min(self.n_samples, n), seed=self.seed + b,
-                           mode_scale=self.mode_scale, coef_dtype=self.coef_dtype)  # empties self._buffers
+                           mode_scale=self.mode_scale, coef_dtype=self.coef_dtype,
+                           before_assign=free_block_state)  # empties self._buffers
         space = ModeSpace(self.model, emb, init.labels, init.a, init.r_groups, init.r, coef_dtype=self.coef_dtype,
-                          r_prefix=R_PREFIX.format(b))
+                          r_prefix=R_PREFIX.format(b), a_scale=init.a_scale)
+        init.labels, init.a = [], []  # the space holds its own (packed) copies
         self.spaces.append(space)
         self.history.append({"block": b, "step": self._step, "n_modes": space.n_modes, "weights": n,
-                             "sizes": torch.bincount(torch.cat(space.mode_index()).cpu(),
-                                                     minlength=space.n_modes).tolist()})
+                             "sizes": init.label_counts})
         logger.info("modeopt: step %d: block %d (%s weights) embedded in %d modes", self._step, b, f"{n:,}",
                     space.n_modes)
         self.active += 1

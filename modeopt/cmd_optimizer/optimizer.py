@@ -24,6 +24,7 @@ groups and state); :mod:`~modeopt.modespace.switch` computes the initial mode sp
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -35,16 +36,17 @@ from torch import Tensor, nn
 from modeopt.utils.checks import check_base_class, check_no_duplicates
 from modeopt.optim.wrapping import SharesBaseOptimizer
 from .checkpoint import Checkpointing
-from modeopt.decomposition.algorithm import decompose
 from modeopt.distributed.ddp import attach
-from modeopt.modespace.space import ModeSpace
+from modeopt.modespace.space import ModeSpace, check_not_in_mode_space
+from modeopt.modespace.streamed_switch import stream_mode_space
 from modeopt.optim.nonfinite import NonFiniteGuard, NonFiniteWarning, all_finite
 from modeopt.optim.settings import check_settings, resolve_mode_scale
 from modeopt.distributed.wrappers import check_supported, uses_fsdp2
 from modeopt.optim.param_groups import Exclude, ParamGroupGuard
 from modeopt.optim.phase_hooks import PhaseHooks
 from modeopt.trajectories.snapshots import SnapshotBuffer
-from modeopt.modespace.switch import initial_mode_space, move_to_fit, switch_device, world_size
+from modeopt.modespace.switch import switch_device, world_size
+from modeopt.trajectories.layout import ParamLayout
 from modeopt.trajectories.trajectory import Trajectory
 from .warmup_recording import WarmupRecording
 
@@ -289,30 +291,54 @@ class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording,
                 "scalars' gradients are NOT all-reduced (the ranks drift apart silently). Call "
                 "modeopt.distributed.attach(opt) once before training (see docs/scaling-out.md)", stacklevel=4)
         self._fire("pre_embed")
-        data, steps = self._buffer.raw()
-        traj = Trajectory(data, self._layout, steps, self._buffer.anchor)
-        # The full passes run where the weights are (the result, too); see switch_device.
-        d = decompose(traj, n_modes=self.n_modes, n_samples=self.n_samples, seed=self.seed + self.cycle,
-                      progress=self.progress, device=switch_device(self._emb_params))
-        m = d.n_modes
-        init = initial_mode_space(d, self._layout, self._emb_params, self._emb_group, len(self.base.param_groups),
-                                  self.mode_scale)
-        self._enter(labels=init.labels, a=init.a, r_groups=init.r_groups, r=init.r)
-        if self.init == "fit":  # after _enter, which validates before it changes anything
-            move_to_fit(d, self._layout, self._emb_params, init.reference_values)
+        check_not_in_mode_space(self.model)  # before the switch frees anything
+        for p in self._emb_params:  # the last step's gradients of the weights: mode space has its own
+            p.grad = None
+        buffer = self._buffer
+        data, steps = buffer.raw()
+        anchor = buffer.anchor
+        trajs = [Trajectory(data[:, s.offset : s.stop], ParamLayout([s.name], [s.shape]), steps,
+                            None if anchor is None else anchor[s.offset : s.stop],
+                            evict=functools.partial(_evict_from, buffer, s.offset)) for s in self._layout.specs]
+        del data, anchor
+        # The passes run where the weights are (the result, too); see switch_device. Tensor by tensor,
+        # keeping only what mode space keeps (modeopt.modespace.streamed_switch); once the clustering has
+        # succeeded nothing can fail for the data's sake, so the weights' optimizer state and gradients,
+        # which mode space replaces, are freed before the full pass instead of after it.
+        init = stream_mode_space(
+            trajs, self._emb_params, self._emb_group, len(self.base.param_groups), n_modes=self.n_modes,
+            n_samples=self.n_samples, seed=self.seed + self.cycle, mode_scale=self.mode_scale,
+            coef_dtype=self.coef_dtype, fit=self.init == "fit", device=switch_device(self._emb_params),
+            progress=self.progress, before_assign=self._free_weight_state)
+        del trajs, buffer
         self._buffer = None
+        m = int(init.r.numel())
+        fit = init.fit
+        self._enter(labels=init.labels, a=init.a, r_groups=init.r_groups, r=init.r, a_scale=init.a_scale)
+        init.labels, init.a, init.a_scale, init.fit = [], [], None, None  # the space holds its own copies
+        if fit is not None:  # init="fit", after _enter, which validates before it changes anything
+            for p, value in zip(self._emb_params, fit):
+                p.copy_(value)
+            del fit
         self._switch_delay = 0
         self._record_pending = False
         info = {
-            "step": self._step, "cycle": self.cycle, "n_modes": m, "sizes": d.sizes.tolist(),
-            "constant": int(d.constant.sum()), "scale": init.scale.tolist(),
-            "references": [self._layout.locate(int(i))[0] for i in d.reference],
+            "step": self._step, "cycle": self.cycle, "n_modes": m, "sizes": init.sizes,
+            "constant": init.n_constant, "scale": init.scale.tolist(),
+            "references": [self._layout.locate(int(i))[0] for i in init.reference],
         }
         self.history.append(info)
         logger.info("modeopt: step %d: embedded %s weights of %d tensors into %d modes (sizes %s); trainable "
                     "parameters now %s", self._step, f"{self._layout.n:,}", len(self._layout), m, info["sizes"],
                     f"{self.trainable_parameters():,}")
         self._fire("embedded")
+
+    def _free_weight_state(self) -> None:
+        """The embedded weights' gradients and base-optimizer state: what mode space replaces (freed at the
+        switch before the full decomposition pass, whose result takes their place in memory)."""
+        for p in self._emb_params:
+            self.base.state.pop(p, None)
+            p.grad = None
 
     def _enter(self, *, labels: Sequence[Tensor], a: Sequence[Tensor], r_groups: Tensor, r: Tensor,
                a_scale: Sequence[Tensor] | None = None) -> None:
@@ -405,3 +431,7 @@ class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording,
                 self._phase_step = 0
                 self._fire("unembedded")
 
+
+def _evict_from(buffer: SnapshotBuffer, offset: int, start: int, stop: int) -> None:
+    """Evict weights ``start:stop`` of the tensor at ``offset`` of ``buffer`` (a switch pass read them)."""
+    buffer.evict(offset + start, offset + stop)

@@ -15,7 +15,7 @@ double buffered), and the ``(N,)`` results are returned there. Sampling and clus
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +32,7 @@ from .sampling import sample_weights
 from modeopt.trajectories.streaming import resolve_device, stream_cols
 from modeopt.trajectories.trajectory import ModelsTrajectory, Trajectory, as_tensor
 
-__all__ = ["decompose", "Decomposition", "scan_moving", "mode_order", "assign_and_fit", "NOTHING_MOVED"]
+__all__ = ["decompose", "Decomposition", "scan_moving", "mode_order", "assign_and_fit", "assign_chunks", "NOTHING_MOVED"]
 
 
 @dataclass
@@ -321,6 +321,38 @@ def assign_and_fit(
     """
     n = trajectory.n_weights
     dev = resolve_device(device, trajectory.data)
+    labels = torch.empty(n, dtype=torch.int64, device=dev)
+    a = torch.empty(n, dtype=torch.float32, device=dev)
+    b = torch.empty(n, dtype=torch.float32, device=dev)
+    score = torch.empty(n, dtype=torch.float32, device=dev)
+    for i0, i1, lab, ai, bi, sc in assign_chunks(trajectory, profiles, samples, sample_labels, moving, bounds,
+                                                 progress=progress, device=dev):
+        labels[i0:i1] = lab
+        a[i0:i1] = ai
+        b[i0:i1] = bi
+        score[i0:i1] = sc
+    return labels, a, b, score
+
+
+def assign_chunks(
+    trajectory: Trajectory,
+    profiles: Tensor,
+    samples: Tensor,
+    sample_labels: Tensor,
+    moving: Tensor,
+    bounds: list[tuple[int, int]],
+    *,
+    progress: bool | None = None,
+    device: torch.device | None = None,
+) -> Iterator[tuple[int, int, Tensor, Tensor, Tensor, Tensor]]:
+    """:func:`assign_and_fit` one chunk of ``bounds`` at a time, for callers that keep less than its
+    N-sized outputs (the switch keeps compact labels and ``a`` only).
+
+    Yields:
+        ``(i0, i1, labels, a, b, score)`` for rows ``i0:i1``: int64 labels and float32 ``a``, ``b``,
+        ``score``, new tensors on ``device`` (the same values :func:`assign_and_fit` stores).
+    """
+    dev = resolve_device(device, trajectory.data)
     samples_host = samples.cpu()
     samples_dev, sample_labels = samples_host.to(dev), sample_labels.to(dev)
     moving = moving.to(dev)
@@ -329,10 +361,6 @@ def assign_and_fit(
     ref_c = profiles - ref_mean[:, None]  # (M, T)
     ref_var = (ref_c * ref_c).sum(dim=1)  # (M,), > 0: references move
     ref_norm = ref_var.sqrt()
-    labels = torch.empty(n, dtype=torch.int64, device=dev)
-    a = torch.empty(n, dtype=torch.float32, device=dev)
-    b = torch.empty(n, dtype=torch.float32, device=dev)
-    score = torch.empty(n, dtype=torch.float32, device=dev)
     chunks = stream_cols(trajectory, bounds, dev)
     for i0, i1, x in tqdm(chunks, total=len(bounds), desc="CMD assign", disable=_progress.disable(progress, len(bounds), 4), leave=False):
         # (T, c), contiguous float64, always a copy: the input is never written (a float64 view
@@ -357,8 +385,5 @@ def assign_and_fit(
         ai = torch.where(still, 0.0, ai)
         bi = torch.where(still, mean, bi)
         sc = torch.where(still, 0.0, sc)
-        labels[i0:i1] = lab
-        a[i0:i1] = ai
-        b[i0:i1] = bi
-        score[i0:i1] = sc
-    return labels, a, b, score
+        del x, dots
+        yield i0, i1, lab, ai.to(torch.float32), bi.to(torch.float32), sc.to(torch.float32)

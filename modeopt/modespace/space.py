@@ -61,7 +61,13 @@ from modeopt.modespace import kernels
 from modeopt.modespace.half import HALF_DTYPES, HalfPrecision, check_base_state, current_values, load_current_values
 from modeopt.modespace.swapping import Swapping
 
-__all__ = ["ModeSpace", "HALF_DTYPES", "check_base_state"]
+__all__ = ["ModeSpace", "HALF_DTYPES", "check_base_state", "check_not_in_mode_space"]
+
+
+def check_not_in_mode_space(model: nn.Module, r_prefix: str = "modeopt_r") -> None:
+    """``RuntimeError`` if ``model`` already holds mode scalars named ``<r_prefix>*`` (it is in mode space)."""
+    if any(n.rsplit(".", 1)[-1].startswith(r_prefix) for n, _ in model.named_parameters()):
+        raise RuntimeError(f"the model is already in mode space (it has {r_prefix}* parameters)")
 
 
 class ModeSpace(Swapping, HalfPrecision):
@@ -130,8 +136,7 @@ class ModeSpace(Swapping, HalfPrecision):
     ):
         # coef_dtype: storage of a; bf16 halves it. The rounded a is used both by the backward and
         # by the weight update, so the model stays exactly w = a_rounded * r + b.
-        if any(n.rsplit(".", 1)[-1].startswith(r_prefix) for n, _ in model.named_parameters()):
-            raise RuntimeError(f"the model is already in mode space (it has {r_prefix}* parameters)")
+        check_not_in_mode_space(model, r_prefix)
         self.r_prefix = r_prefix
         self.model = model
         self.names = [n for n, _ in params]

@@ -184,8 +184,10 @@ class NonFiniteGuard:
 
     def _first_nonfinite(self) -> str | None:
         """Name of the first embeddable parameter holding NaN/inf, or None."""
+        if finite(self._emb_params):  # no N-byte mask (the record step's largest allocation otherwise)
+            return None
         for name, p in zip(self._emb_names, self._emb_params):
-            if not bool(torch.isfinite(p).all()):
+            if not finite([p]):
                 return name
         return None
 

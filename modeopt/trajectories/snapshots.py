@@ -7,21 +7,21 @@ parameters into one during any training loop and hands back a :class:`~modeopt.T
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from modeopt.utils.checks import check_int
 from .layout import ParamLayout, select_parameters
+from .mapped_files import drop_pages, map_file
 from .trajectory import Trajectory
 
 __all__ = ["SnapshotBuffer", "TrajectoryRecorder"]
+
+#: values of a half-precision snapshot converted at once (4 MiB of float32)
+APPEND_CHUNK = 1 << 20
 
 
 class TrajectoryRecorder:
@@ -103,10 +103,12 @@ class SnapshotBuffer:
     With a capacity the storage is allocated once (in RAM, or in a memory-mapped file under
     ``directory``) and rows are overwritten in place; without one it grows by doubling
     (amortised O(1) per snapshot). A float32 buffer stores the values; a bf16/fp16 buffer stores
-    each snapshot's movement from the first one (:attr:`anchor`, float32), because half
+    each snapshot's movement from the first one (:attr:`anchor`: float32, or the weights' own dtype
+    when every recorded tensor is bf16 / fp16, which holds their values exactly), because half
     precision cannot resolve a small movement of a large weight.
 
-    Memory: ``rows * N * itemsize`` (+ ``4 * N`` for the anchor), always on the host.
+    Memory: ``rows * N * itemsize`` (+ ``4 * N`` for a float32 anchor, ``2 * N`` for a half one), always
+    on the host.
 
     **Tensors on a GPU.** The rows stay in host memory: page-locked (pinned) when the buffer
     lives in RAM and CUDA is available, so that :meth:`append` copies each tensor from its own
@@ -142,22 +144,37 @@ class SnapshotBuffer:
     def _alloc(self, rows: int) -> Tensor:
         if self.directory is None:
             return torch.empty(rows, self.n, dtype=self.dtype)
-        Path(self.directory).mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix="snapshots-", suffix=".bin", dir=self.directory)
-        try:
-            # A sparse file would get its blocks on first write into the mapping: on a full disk that
-            # write kills the process with SIGBUS. Reserve every block now and fail here instead.
-            _reserve(fd, rows * self.n * self.dtype.itemsize, self.directory)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-        try:
-            t = torch.from_file(path, shared=True, size=rows * self.n, dtype=self.dtype).view(rows, self.n)
-        finally:
-            os.unlink(path)  # the mapping keeps the pages; the file vanishes with the process
-        return t
+        return map_file(self.directory, rows * self.n, self.dtype).view(rows, self.n)
+
+    def _new_anchor(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The baseline of a half-precision recording: in the file with the rows under ``directory``."""
+        if self.directory is not None:
+            return map_file(self.directory, self.n, dtype)
+        return torch.empty(self.n, dtype=dtype, pin_memory=self._pin)
+
+    def evict(self, start: int = 0, stop: int | None = None) -> None:
+        """Drop the values of weights ``start:stop`` (every row, and the anchor) from this process's
+        resident memory; a no-op for a buffer in RAM.
+
+        A memory-mapped recording's pages count in the process's RSS once touched, so a warm-up that
+        writes T snapshots and a switch that reads them back would hold the whole file resident. The
+        data stays in the file (the kernel's page cache may keep it, reclaimable); the next read
+        faults it back in. Called after each append and, through :attr:`Trajectory.evict`, after each
+        chunk a decomposition pass has read.
+        """
+        if self.directory is None:
+            return
+        stop = self.n if stop is None else stop
+        if stop <= start:
+            return
+        rows = min(self.count, self.data.shape[0])
+        item = self.dtype.itemsize
+        base = self.data.data_ptr()
+        for r in range(rows):
+            drop_pages(base + (r * self.n + start) * item, (stop - start) * item)
+        if self.anchor is not None:
+            item = self.anchor.element_size()
+            drop_pages(self.anchor.data_ptr() + start * item, (stop - start) * item)
 
     @property
     def nbytes(self) -> int:
@@ -223,13 +240,17 @@ class SnapshotBuffer:
         slot = self._slot()
         row = self.data[slot]
         if self.relative and self.anchor is None:
-            self.anchor = torch.empty(self.n, dtype=torch.float32, pin_memory=self._pin)
+            # The first snapshot's values, exactly: in float32, or in the weights' own dtype when every
+            # tensor is bf16 (fp16) - half the bytes, as exact.
+            dtypes = {t.dtype for t in tensors}
+            own = dtypes.pop() if len(dtypes) == 1 else None
+            self.anchor = self._new_anchor(own if own in (torch.bfloat16, torch.float16) else torch.float32)
             if devices:
                 for spec, t in zip(layout.specs, tensors):
                     spec.check_shape(t)
                     src = t.detach().reshape(-1)
                     if src.is_cuda:
-                        src = src.to(torch.float32)  # cast on the device: 4 B/weight come down
+                        src = src.to(self.anchor.dtype)  # cast on the device: what is stored comes down
                     self.anchor[spec.offset : spec.stop].copy_(src, non_blocking=True)
             else:
                 layout.flatten({s.name: t for s, t in zip(layout.specs, tensors)}, out=self.anchor)
@@ -245,9 +266,14 @@ class SnapshotBuffer:
                     del up
                     src = src.to(self.dtype)
                 row[spec.offset : spec.stop].copy_(src, non_blocking=True)
+            elif self.relative:
+                # chunk by chunk: a float32 copy of a whole embedding matrix would be the step's largest allocation
+                anchor = self.anchor[spec.offset : spec.stop]
+                dst = row[spec.offset : spec.stop]
+                for i0 in range(0, src.numel(), APPEND_CHUNK):
+                    i1 = min(i0 + APPEND_CHUNK, src.numel())
+                    dst[i0:i1].copy_(src[i0:i1].to(torch.float32) - anchor[i0:i1])
             else:
-                if self.relative:
-                    src = src.to(torch.float32) - self.anchor[spec.offset : spec.stop]
                 row[spec.offset : spec.stop].copy_(src)
         for device in devices:
             stream = torch.cuda.current_stream(device)
@@ -256,6 +282,8 @@ class SnapshotBuffer:
             self._pending[(stream.device_index, stream.stream_id)] = event
         self.steps[slot] = int(step)
         self.count += 1
+        if not devices:  # (copies from a GPU are still in flight: their pages go at the next read)
+            self.evict()
 
     def raw(self) -> tuple[Tensor, list[int]]:
         """The stored rows in storage order (no copy) and their steps.
@@ -321,9 +349,11 @@ class SnapshotBuffer:
                 isinstance(s, int) and not isinstance(s, bool) for s in steps):
             raise ValueError(f"the saved recording's steps must be {k} integers, one per snapshot: damaged checkpoint")
         if self.relative and k > 0:
-            if not isinstance(anchor, Tensor) or anchor.dtype != torch.float32 or tuple(anchor.shape) != (self.n,):
-                raise ValueError(f"a {self.dtype} recording needs its float32 baseline of shape ({self.n},) (the "
-                                 "'anchor'); the checkpoint's is missing or of another shape: damaged checkpoint")
+            if not isinstance(anchor, Tensor) or anchor.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+                    or tuple(anchor.shape) != (self.n,):
+                raise ValueError(f"a {self.dtype} recording needs its float32 (or bf16/fp16) baseline of shape "
+                                 f"({self.n},) (the 'anchor'); the checkpoint's is missing or of another shape: "
+                                 "damaged checkpoint")
         elif not self.relative and anchor is not None:
             raise ValueError("a float32/float64 recording has no baseline ('anchor'), but the checkpoint holds one: "
                              f"it was recorded in low precision; build it with that record_dtype")
@@ -351,49 +381,9 @@ class SnapshotBuffer:
         self.steps[:k] = steps
         self.count = count
         anchor = state.get("anchor")
-        self.anchor = None if anchor is None else anchor.clone()
+        self.anchor = None
+        if anchor is not None:
+            self.anchor = self._new_anchor(anchor.dtype)
+            self.anchor.copy_(anchor)
+        self.evict()
         return dropped
-
-
-_ZERO_CHUNK = 1 << 24  # bytes written at a time where posix_fallocate is not supported
-
-
-_ZERO_CHUNK = 1 << 24  # bytes written at a time where posix_fallocate is not supported
-
-
-def _reserve(fd: int, nbytes: int, directory) -> None:
-    """Give the file ``fd`` ``nbytes`` of allocated blocks, or raise an ``OSError`` that says what to do."""
-    def full(e: OSError) -> OSError:
-        try:
-            free = f"{shutil.disk_usage(directory).free:,}"
-        except OSError:
-            free = "an unknown number of"
-        return OSError(
-            e.errno, f"the memory-mapped snapshot file needs {nbytes:,} bytes in {str(directory)!r}, but only {free} "
-            f"bytes are free there ({os.strerror(e.errno or errno.ENOSPC)}). Free space there, choose another "
-            "record_dir (TrajectoryRecorder: directory) on a larger disk, or record less: "
-            "record_dtype=torch.bfloat16 halves the file, a smaller max_snapshots keeps fewer rows")
-
-    if nbytes <= 0:
-        return
-    fallocate = getattr(os, "posix_fallocate", None)
-    if fallocate is not None:
-        try:
-            fallocate(fd, 0, nbytes)
-            return
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise full(e) from None
-            # EOPNOTSUPP/EINVAL: the file system cannot reserve blocks; write zeros instead
-    zeros = bytes(min(_ZERO_CHUNK, nbytes))
-    done = 0
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        while done < nbytes:
-            done += os.write(fd, zeros[: min(len(zeros), nbytes - done)])
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise full(e) from None
-        raise
-

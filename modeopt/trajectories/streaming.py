@@ -46,10 +46,12 @@ def stream_cols(trajectory: Trajectory, bounds: list[tuple[int, int]], device: t
     data = trajectory.data
     if staged is None:
         staged = (data.device.type == "cpu" and device.type != "cpu") or (_FORCE_STAGING and device.type == "cpu")
+    evict = trajectory.evict or (lambda i0, i1: None)  # a memory-mapped recording drops what was read
     if not staged or not bounds:
         for i0, i1 in bounds:
             x = trajectory.cols(i0, i1)
             yield i0, i1, (x if x.device == device else x.to(device))
+            evict(i0, i1)
         return
     if data.device.type != "cpu":
         raise ValueError("staging streams host data; this trajectory is on " + str(data.device))
@@ -80,6 +82,7 @@ def stream_cols(trajectory: Trajectory, bounds: list[tuple[int, int]], device: t
         odst = None if offset is None else obufs[k][:c]
         if not cuda:  # the CPU rehearsal of the same path: stage, then copy
             stages[k][: t * c].view(t, c).copy_(data[:, i0:i1])
+            evict(i0, i1)
             dst.copy_(stages[k][: t * c].view(t, c))
             if odst is not None:
                 ostages[k][:c].copy_(offset[i0:i1])
@@ -98,6 +101,7 @@ def stream_cols(trajectory: Trajectory, bounds: list[tuple[int, int]], device: t
                     copied[k].synchronize()  # the host stage is free (its last upload finished)
                 stage = stages[k][: t * c].view(t, c)
                 stage.copy_(data[:, i0:i1])
+                evict(i0, i1)
                 dst.copy_(stage, non_blocking=True)
                 if odst is not None:
                     ostages[k][:c].copy_(offset[i0:i1])

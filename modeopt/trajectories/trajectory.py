@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,13 +30,16 @@ class Trajectory:
         layout: which rows belong to which named tensor (``None`` for anonymous data).
         steps: ``T`` integers saying when each sample was taken (training steps or
             epochs); defaults to ``0..T-1``.
-        offset: optional ``(N,)`` float32 baseline; the values are then ``data + offset``.
+        offset: optional ``(N,)`` float32 (or bf16/fp16) baseline; the values are then ``data + offset`` in float32.
             Low-precision recordings store movements relative to a baseline this way, because
             bf16/fp16 cannot resolve a small movement of a large weight.
+        evict: optional ``f(start, stop)``, called by the streaming passes once they have copied the
+            values of weights ``start:stop``: a memory-mapped recording drops those pages from the
+            process's resident memory (:meth:`~modeopt.trajectories.snapshots.SnapshotBuffer.evict`).
     """
 
     def __init__(self, data: Tensor, layout: ParamLayout | None = None, steps: Sequence[int] | None = None,
-                 offset: Tensor | None = None):
+                 offset: Tensor | None = None, evict: Callable[[int, int], None] | None = None):
         if not isinstance(data, Tensor) or data.dim() != 2:
             raise ValueError("Trajectory data must be a (T, N) tensor")
         if layout is not None and layout.n != data.shape[1]:
@@ -50,6 +53,7 @@ class Trajectory:
         self.layout = layout
         self.steps = steps
         self.offset = offset
+        self.evict = evict
 
     # ----------------------------------------------------------------- shape
     @property

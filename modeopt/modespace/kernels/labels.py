@@ -83,7 +83,7 @@ def check_labels(labels: Sequence[Tensor], n_modes: int, what: str = "labels") -
         if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
             raise ValueError(f"{what}[{j}] must be an integer tensor, got {lab.dtype}")
     stats = [(idx.min(), idx.max()) if idx.numel() else (idx.new_zeros(()), idx.new_full((), -1))
-             for idx in (as_index(lab) for _, lab in fresh)]
+             for idx in ((lab if lab.dtype == torch.uint8 else as_index(lab)) for _, lab in fresh)]  # no int32 copy
     if stats:
         dev = stats[0][0].device
         values = torch.stack([torch.stack([lo.to(torch.int64), hi.to(torch.int64)]).to(dev) for lo, hi in stats])
