@@ -663,12 +663,19 @@ def scenario_half_checkpoint(rank: int, world: int, out_dir: str, dtype_name: st
     opt3.load_state_dict(old["optim"])
     model3.load_state_dict(old["model"])
     loaded_old = full_weights(model3)
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(old, checkpoint_id=path + "-old")  # the old format on disk, loaded by sharded_checkpoint.load
+    model4, opt4 = build(1.0)
+    sharded_checkpoint.load(path + "-old", model4, opt4)
+    loaded_old_dcp = full_weights(model4)
     data3 = batches(5)
     for _ in range(at):
         next(data3)
     run(model3, opt3, data3, rest)
     return {"saved": saved, "loaded": loaded, "straight": straight, "resumed": full_weights(model2),
-            "loaded_old": loaded_old, "resumed_old": full_weights(model3), "phase": opt2.phase}
+            "loaded_old": loaded_old, "resumed_old": full_weights(model3), "phase": opt2.phase,
+            "loaded_old_dcp": loaded_old_dcp}
 
 
 def scenario_half_resume_elsewhere(rank: int, world: int, src_dir: str, dtype_name: str = "bfloat16") -> dict:

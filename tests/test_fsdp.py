@@ -470,6 +470,7 @@ def test_half_precision_checkpoints_resume_bit_for_bit(runs):
         assert all(torch.equal(r["loaded"][k], r["saved"][k]) for k in r["saved"])
         assert all(torch.equal(r["resumed"][k], r["straight"][k]) for k in r["straight"])
         assert all(torch.equal(r["loaded_old"][k], r["saved"][k]) for k in r["saved"])
+        assert all(torch.equal(r["loaded_old_dcp"][k], r["saved"][k]) for k in r["saved"])
         assert all(close_at_scale(r["resumed_old"][k], r["straight"][k]) for k in r["straight"])
 
 
