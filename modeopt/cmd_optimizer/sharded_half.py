@@ -42,7 +42,6 @@ derived from that order before anything is written; a mismatch raises instead of
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,7 +50,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from modeopt.modespace import kernels
-from modeopt.modespace.half import HALF_DTYPES
 
 __all__ = ["FormingAllGather", "ShardedHalf", "forming_supported"]
 
@@ -118,14 +116,16 @@ class FormingAllGather(_AllGatherBase):
     """FSDP2's all-gather for one unit, forming this rank's half-precision shards in the input first.
 
     Args:
-        owner: the :class:`ShardedHalf` optimizer (held weakly; gone or out of mode space: pass-through).
+        owner: the :class:`ShardedHalf` optimizer (out of mode space, or after :meth:`detach`: pass-through).
+            Held strongly, as ModeSpace's hooks hold the space: a model whose optimizer object was dropped
+            in mode space still computes with its current values.
         unit: the FSDP module. layout: per parameter of the unit in buffer order, ``(j, padded_numel,
             element_size)``: ``j`` its embedded index when it is formed here (else None), the elements of
             its padded shard, the bytes of one of its elements. inner: the comm set before (or None).
     """
 
     def __init__(self, owner: Any, unit: nn.Module, layout: list[tuple[int | None, int, int]], inner: Any):
-        self._owner = weakref.ref(owner)
+        self.owner = owner
         self.unit_name = type(unit).__name__
         self.layout = layout
         self.inner = inner
@@ -133,7 +133,7 @@ class FormingAllGather(_AllGatherBase):
 
     def detach(self) -> None:
         """Form nothing any more (pass every all-gather through)."""
-        self._owner = lambda: None
+        self.owner = None
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The all-gather output buffer (FSDP2's comm protocol): the comm's set before, else a plain ``empty``."""
@@ -143,7 +143,7 @@ class FormingAllGather(_AllGatherBase):
 
     def __call__(self, output_tensor: Tensor, input_tensor: Tensor, group: dist.ProcessGroup,
                  async_op: bool = False):
-        owner = self._owner()
+        owner = self.owner
         if owner is not None and owner.space is not None and owner._half and group.size() == owner.shards.world:
             # (a smaller group: reshard_after_forward=int's re-gather of post-forward shards, formed already)
             owner._form_into(self, input_tensor)
@@ -228,14 +228,14 @@ class ShardedHalf:
             if world == 1:  # FSDP2 copies the shard without a comm there: form the unsharded params
                 unit.set_reshard_after_forward(False, recurse=False)
                 self._hooks.append(unit.register_forward_pre_hook(
-                    functools.partial(_before_unshard, weakref.ref(self), entry, DTensor), prepend=True))
+                    functools.partial(_before_unshard, self, entry, DTensor), prepend=True))
                 self._hooks.append(unit.register_forward_pre_hook(
-                    functools.partial(_after_unshard, weakref.ref(self), entry)))
+                    functools.partial(_after_unshard, self, entry)))
         for mod, ents in owners.items():
             self._hooks.append(mod.register_state_dict_post_hook(
-                functools.partial(_current_values, weakref.ref(self), ents)))
+                functools.partial(_current_values, self, ents)))
             self._hooks.append(mod.register_load_state_dict_pre_hook(
-                functools.partial(_load_current_values, weakref.ref(self), ents)))
+                functools.partial(_load_current_values, self, ents)))
         return True
 
     def _remove_half(self) -> None:
@@ -268,18 +268,16 @@ class ShardedHalf:
         return bool(flag)
 
 
-def _before_unshard(ref, entry: dict, dtensor_type, module, args) -> None:
+def _before_unshard(opt, entry: dict, dtensor_type, module, args) -> None:
     """World size 1, ahead of FSDP2's pre-forward: are the unit's parameters sharded now (FSDP2 will re-fill
     the unsharded ones from the bases)?"""
-    opt = ref()
     entry["pending"] = opt is not None and opt.space is not None and any(
         isinstance(getattr(mod, attr), dtensor_type) for mod, attr, _ in entry["params"])
 
 
 @torch.no_grad()
-def _after_unshard(ref, entry: dict, module, args) -> None:
+def _after_unshard(opt, entry: dict, module, args) -> None:
     """World size 1, after FSDP2's pre-forward: form the unsharded parameters it has just filled."""
-    opt = ref()
     if not entry["pending"] or opt is None or opt.space is None:
         return
     entry["pending"] = False
@@ -308,12 +306,11 @@ def _local_of(v: Any, p: Tensor, shards) -> Tensor | None:
     return v.reshape(-1)[lo:hi]
 
 
-def _current_values(ref, entries, module, state_dict, prefix: str, local_metadata) -> None:
+def _current_values(opt, entries, module, state_dict, prefix: str, local_metadata) -> None:
     """State-dict post-hook of a module owning half-precision embedded FSDP2 parameters: their formed values,
     DTensors sharded like the parameters."""
     from torch.distributed.tensor import DTensor
 
-    opt = ref()
     if opt is None or opt.space is None:
         return
     mine = [(attr, j) for attr, j in entries if prefix + attr in state_dict]
@@ -325,12 +322,11 @@ def _current_values(ref, entries, module, state_dict, prefix: str, local_metadat
                                                        run_check=False, shape=p.shape, stride=p.stride())
 
 
-def _load_current_values(ref, entries, module, state_dict, prefix: str, local_metadata, strict, missing_keys,
+def _load_current_values(opt, entries, module, state_dict, prefix: str, local_metadata, strict, missing_keys,
                          unexpected_keys, error_msgs) -> None:
     """Load-state-dict pre-hook: the values are current ones. Equal to the formed values on every rank: the
     bases stay (the entries are swapped for the parameters themselves); else every rank re-bases first and
     the values load into the bases (collective: one all-reduce of 8 bytes)."""
-    opt = ref()
     if opt is None or opt.space is None:
         return
     mine = [(prefix + attr, j) for attr, j in entries if prefix + attr in state_dict]
