@@ -650,6 +650,10 @@ def scenario_half_checkpoint(rank: int, world: int, out_dir: str, dtype_name: st
     old["optim"]["cmd"]["meta"] = json.dumps(meta)
     run(model, opt, data, rest)
     straight = full_weights(model)
+    comm = opt._half_units[0]["comm"]  # an all-gather input of another layout than derived: refused, nothing written
+    wrong = torch.full((3,), 7.0, dtype=dtype)
+    layout_error = _attempt(lambda: opt._form_into(comm, wrong))
+    layout_untouched = bool((wrong == 7.0).all())
 
     model2, opt2 = build(1.0)
     sharded_checkpoint.load(path, model2, opt2)
@@ -675,7 +679,7 @@ def scenario_half_checkpoint(rank: int, world: int, out_dir: str, dtype_name: st
     run(model3, opt3, data3, rest)
     return {"saved": saved, "loaded": loaded, "straight": straight, "resumed": full_weights(model2),
             "loaded_old": loaded_old, "resumed_old": full_weights(model3), "phase": opt2.phase,
-            "loaded_old_dcp": loaded_old_dcp}
+            "loaded_old_dcp": loaded_old_dcp, "layout_error": layout_error, "layout_untouched": layout_untouched}
 
 
 def scenario_half_resume_elsewhere(rank: int, world: int, src_dir: str, dtype_name: str = "bfloat16") -> dict:

@@ -471,6 +471,8 @@ def test_half_precision_checkpoints_resume_bit_for_bit(runs):
         assert all(torch.equal(r["resumed"][k], r["straight"][k]) for k in r["straight"])
         assert all(torch.equal(r["loaded_old"][k], r["saved"][k]) for k in r["saved"])
         assert all(torch.equal(r["loaded_old_dcp"][k], r["saved"][k]) for k in r["saved"])
+        assert r["layout_error"].startswith("RuntimeError: modeopt: FSDP2's all-gather input of a ") and r["layout_untouched"]
+        assert "the layout modeopt derived expects" in r["layout_error"]
         assert all(close_at_scale(r["resumed_old"][k], r["straight"][k]) for k in r["straight"])
 
 
