@@ -4,9 +4,11 @@ bf16 weights in mode space are kept as their frozen switch-time value and formed
 (``w = round(w_switch + a * dr)``, one out-of-place pass per forward, another per weight that the
 backward needs again), where before each step added ``a * dr`` in place (one pass per step, but
 the rounding accumulated: ``half_precision_drift.py``). For each model this builds the same bf16
-model three times - plain AdamW on the bf16 weights (what the HF ``Trainer`` does with a bf16 model),
+model four times - plain AdamW on the bf16 weights (what the HF ``Trainer`` does with a bf16 model),
 ``CMDOptimizer`` with the in-place update (``ModeSpace.HALF_FORMED = False``), ``CMDOptimizer`` with
-the formed weights (the default) - takes the CMD ones past the switch, and times full steps
+every half weight formed when the forward starts and kept until it ends (``ModeSpace.FORM_ON_USE =
+False``, before), ``CMDOptimizer`` forming each weight in the operation that reads it (the default) -
+takes the CMD ones past the switch, and times full steps
 (zero_grad, forward, backward, step) in interleaved rounds (the order rotates every round). Ratio =
 the round's step time / the in-place step of the same round; medians and interquartile ranges.
 
@@ -17,6 +19,7 @@ the peak above the RSS before them is the step's working memory (activations, gr
 weights). On CUDA: ``max_memory_allocated`` above the allocation before the three steps.
 
     python benchmarks/half_precision_step_time.py                  # resnet18 and a MiniLM-shaped BERT, CPU
+    python benchmarks/half_precision_step_time.py --models mlp minilm --memory
     python benchmarks/half_precision_step_time.py --device cuda    # (benchmarks/gpu_check.py runs this)
 
 Results: benchmarks/results/half_precision_step_time[_<device>].{json,md}
@@ -42,18 +45,26 @@ from _common import machine, machine_line, save, summary, timed  # noqa: E402
 import modeopt  # noqa: E402
 from modeopt.modespace.space import ModeSpace  # noqa: E402
 
-VARIANTS = ("plain", "in_place", "formed")
+VARIANTS = ("plain", "in_place", "formed_start", "formed")
 NAMES = {"plain": "plain AdamW (bf16 weights)", "in_place": "CMD, in-place update (before)",
-         "formed": "CMD, formed from frozen base (now)",
+         "formed_start": "CMD, formed at the forward's start (before)",
+         "formed": "CMD, formed on use (now)",
          "formed_kept": "CMD, formed, kept for backward (no re-forming)"}
 #: memory only: the formed weights without the saved-tensor hooks (what they save)
 MEMORY_VARIANTS = VARIANTS + ("formed_kept",)
 
 
 def build(name: str, device: torch.device, batch: int):
-    """(model in bf16, inputs, targets, loss function) of ``name``: resnet18 on 32x32 images, or a
-    MiniLM-L12-H384-shaped BERT classifier (random weights) on random tokens, sequence 64."""
+    """(model in bf16, inputs, targets, loss function) of ``name``: resnet18 on 32x32 images, a
+    MiniLM-L12-H384-shaped BERT classifier (random weights) on random tokens, sequence 64, or an MLP
+    of six 512-wide Linear layers (where the per-operation cost of forming on use shows most)."""
     torch.manual_seed(0)
+    if name == "mlp":
+        layers = [m for _ in range(6) for m in (torch.nn.Linear(512, 512), torch.nn.GELU())]
+        model = torch.nn.Sequential(*layers, torch.nn.Linear(512, 10))
+        x = torch.randn(batch, 512, device=device, dtype=torch.bfloat16)
+        y = torch.randint(0, 10, (batch,), device=device)
+        return model.to(device, torch.bfloat16), (x,), y, lambda out, y: F.cross_entropy(out.float(), y)
     if name == "resnet18":
         from torchvision.models import resnet18
 
@@ -79,8 +90,9 @@ def make(variant: str, model, snapshots: int, n_modes: int):
                                 progress=False)
 
 
-def step_fn(model, opt, inputs, y, loss_fn):
+def step_fn(model, opt, inputs, y, loss_fn, on_use: bool = True):
     def run():
+        ModeSpace.FORM_ON_USE = on_use  # read at every forward; the variants interleave in one process
         opt.zero_grad(set_to_none=True)
         loss_fn(model(*inputs), y).backward()
         opt.step()
@@ -94,7 +106,7 @@ def prepared(variant: str, name: str, device: torch.device, batch: int, snapshot
     ModeSpace.RECOMPUTE_FORMED = variant != "formed_kept"  # read at every forward: stays for this process
     try:
         opt = make(variant, model, snapshots, n_modes)
-        run = step_fn(model, opt, inputs, y, loss_fn)
+        run = step_fn(model, opt, inputs, y, loss_fn, on_use=variant != "formed_start")
         for _ in range(snapshots + 1):
             run()
     finally:
@@ -162,17 +174,22 @@ def main() -> None:
             run()
         times = {v: [] for v in VARIANTS}
         ratios = {v: [] for v in VARIANTS if v != "in_place"}
+        on_use_vs_start = []
         for rnd in range(args.rounds):
-            order = VARIANTS[rnd % 3:] + VARIANTS[:rnd % 3]
+            order = VARIANTS[rnd % len(VARIANTS):] + VARIANTS[:rnd % len(VARIANTS)]
             this = {v: timed(runs[v], dev) for v in order}
             for v in VARIANTS:
                 times[v].append(this[v])
             for v in ratios:
                 ratios[v].append(this[v] / this["in_place"])
+            on_use_vs_start.append(this["formed"] / this["formed_start"])
         del runs
         row = {"weights_mib": sum(p.numel() for p in build(name, torch.device("cpu"), 1)[0].parameters()) * 2 / 2**20,
                "times_s": {v: summary(t) for v, t in times.items()},
-               "ratio_to_in_place": {v: summary(r) for v, r in ratios.items()}}
+               "ratio_to_in_place": {v: summary(r) for v, r in ratios.items()},
+               "on_use_to_start": summary(on_use_vs_start)}
+        q = statistics.quantiles(on_use_vs_start, n=4)
+        row["on_use_to_start"].update({"q1": q[0], "q3": q[2]})
         for v, r in ratios.items():
             q = statistics.quantiles(r, n=4)
             row["ratio_to_in_place"][v].update({"q1": q[0], "q3": q[2]})
@@ -204,19 +221,22 @@ def main() -> None:
              f"bf16 weights, AdamW, batch {args.batch}, M = {args.n_modes}; {args.rounds} interleaved rounds "
              "(the order rotates); ratio = step time / the in-place step of the same round: median "
              "[interquartile range].", "",
-             "| model | " + " | ".join(NAMES[v] for v in VARIANTS) + " | formed / in-place | plain / in-place |",
-             "|---|---|---|---|---|---|"]
+             "| model | " + " | ".join(NAMES[v] for v in VARIANTS)
+             + " | on use / at start | formed / in-place | plain / in-place |",
+             "|---" * (len(VARIANTS) + 4) + "|"]
     for name, row in results["models"].items():
         t = row["times_s"]
         r = row["ratio_to_in_place"]
+        o = row["on_use_to_start"]
         lines.append(f"| {name} | " + " | ".join(f"{t[v]['median'] * 1e3:.1f} ms" for v in VARIANTS)
+                     + f" | **{o['median']:.3f}x** [{o['q1']:.2f}-{o['q3']:.2f}]"
                      + f" | **{r['formed']['median']:.3f}x** [{r['formed']['q1']:.2f}-{r['formed']['q3']:.2f}]"
                      + f" | {r['plain']['median']:.3f}x |")
     if args.memory:
         lines += ["", "Step working memory (peak during three steps above the memory before them, MiB; the "
                   "bf16 weights themselves are listed for scale):", "",
                   "| model | bf16 weights | " + " | ".join(NAMES[v] for v in MEMORY_VARIANTS) + " |",
-                  "|---|---|---|---|---|---|"]
+                  "|---" * (len(MEMORY_VARIANTS) + 2) + "|"]
         for name, row in results["models"].items():
             lines.append(f"| {name} | {row['weights_mib']:.0f} | " + " | ".join(
                 f"{row['memory'][v]['step_peak_above_mib']:.0f}" for v in MEMORY_VARIANTS) + " |")

@@ -239,7 +239,7 @@ PRIVATE_ALLOWED: dict[str, dict[str, str]] = {
     "modeopt.modespace.read_through": {
         "_notice_copy_trained": "the ModeSpace, reached from its autograd function's context"},
     "modeopt.modespace.half": {
-        **dict.fromkeys(["_form", "_formed_at", "_is_half", "_owners"],
+        **dict.fromkeys(["_form", "_formed_at", "_is_half", "_owners", "_delta"],
                         "the ModeSpace (of which HalfPrecision is a part) that the module-level hooks serve"),
         **dict.fromkeys(["_C", "_autograd", "_top_saved_tensors_default_hooks"],
                         "torch has no public way to read the saved-tensor hooks already active; the formed-weight "
@@ -254,6 +254,10 @@ PRIVATE_ALLOWED: dict[str, dict[str, str]] = {
                         "FSDP2 has no public way to list a unit's parameters in its all-gather buffer order or to "
                         "read the comm set before; guarded reads with a fallback each, the buffer size checked "
                         "before anything is written (the module docstring lists them)")},
+    "modeopt.modespace.on_use": {
+        **dict.fromkeys(["_use", "_pinned"], "the ModeSpace that the stand-in of one of its weights forms from"),
+        "_C": "torch.overrides documents torch._C.DisableTorchFunctionSubclass as the way a __torch_function__ "
+              "runs the plain operation (no public alias)"},
     "modeopt.optim.param_groups": {"_numel_cache": "LBFGS caches its parameters' total size with no public way to drop it; "
                                              "after the switch its parameters are the mode scalars"},
     "modeopt.online.optimizer": {"_raw_entries": "this module's own _RawWhileSwapped, reached from the optimizer"},

@@ -7,10 +7,15 @@ switch, frozen (the *base*, with ``r_base``, the ``r`` it holds), and every forw
 gets the weight formed out of place, ``w = round(base + a * (r_in_weights - r_base)[m])`` - summed
 in float32 and rounded once to the weight's dtype (``torch.ops.modeopt.mode_form``) - like LoRA's
 frozen base, so each weight is within half an ulp of its exact mode-space value after any number
-of steps. No byte more per weight is kept: the formed tensors live only during a forward. Autograd
-does not keep them for backward either: while the root forward runs, a saved-tensor hook stores a
-formed weight (or a view of it) saved by an operation as a small token and forms it again when the
-backward unpacks it. ``model.state_dict()`` gives the formed (current) values under the original
+of steps. No byte more per weight is kept, and a formed tensor lives only as long as the operation
+that reads it: during a forward the weight's ``_parameters`` entry holds a stand-in
+(:class:`~modeopt.modespace.on_use.FormedOnUse`, the base's storage) that hands each operation
+consuming it the weight formed then (:meth:`HalfPrecision._use`), whoever reads it (its module, a
+parent reading a child's weight directly, a custom autograd function); under ``torch.compile`` every
+half weight is formed when the forward starts instead. Autograd does not keep the formed weights for
+backward either: while the root forward runs, a saved-tensor hook stores a formed weight (or a view
+of it, or a stand-in) saved by an operation as a small token and forms it again when the backward
+unpacks it. ``model.state_dict()`` gives the formed (current) values under the original
 keys; ``load_state_dict`` and :meth:`ModeSpace.set_weights` take current values (an exact re-base:
 ``base = value``, ``r_base = r_in_weights``); :meth:`ModeSpace.remove` writes the formed values into
 the parameters. Reading a half-precision ``module.weight`` outside the model's (or its module's)
@@ -24,6 +29,7 @@ re-basing, their checkpoint entry, the saved-tensor hooks); the module-level fun
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +37,7 @@ import torch
 from torch import Tensor
 
 from modeopt.modespace import kernels
+from modeopt.modespace.on_use import FormedOnUse, Use
 
 __all__ = ["HALF_DTYPES", "HalfPrecision", "check_base_state", "current_values", "load_current_values"]
 
@@ -41,7 +48,7 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 class HalfPrecision:
     """The half-precision part of :class:`~modeopt.modespace.space.ModeSpace` (a mixin: it reads the
     space's ``params``, ``a``, ``a_scale``, ``labels``, ``r_in_weights``, ``r_base``, ``half``,
-    ``_is_half``, ``_half_by_device``, ``_saving`` and ``_formed_at``)."""
+    ``_is_half``, ``_half_by_device``, ``_saving``, ``_formed_at`` and ``_deltas``)."""
 
     def _delta(self, device: torch.device) -> Tensor:
         """``(M,)`` float32 ``r_in_weights - r_base`` on ``device``: what the half-precision bases lack."""
@@ -75,23 +82,43 @@ class HalfPrecision:
         formed = self._form(self.half)
         return [formed.get(i, p.detach()) for i, p in enumerate(self.params)]
 
+    def _use(self, i: int, via: Tensor | None) -> Tensor:
+        """Weight ``i`` formed for one operation (:class:`~modeopt.modespace.on_use.FormedOnUse`): a new
+        tensor, entering the autograd graph through :class:`~modeopt.modespace.on_use.Use` when ``via``
+        (its ReadThrough output) is given and autograd records; then an operation that saves it for
+        backward saves a token (:meth:`_enter_saving`)."""
+        p = self.params[i]
+        w = self._form([i], None if self._deltas is None else self._deltas.get(p.device))[i]
+        if via is None or not torch.is_grad_enabled():
+            return w
+        self._note_formed(i, w)
+        return Use.apply(via, w)
+
     # ------------------------------------------------ saved tensors of a forward (half precision)
-    def _enter_saving(self, formed: dict[int, Tensor]) -> None:
+    def _enter_saving(self, devices) -> None:
         """Until :meth:`_exit_saving`: an operation that saves a formed weight (or a view of it) for
         backward saves a token instead, and the backward forms the weight again (no second copy of the
-        weights outlives the forward). Chains to saved-tensor hooks already active (e.g. save_on_cpu)."""
+        weights outlives the forward); ``devices``: those of the weights formed. Chains to saved-tensor
+        hooks already active (e.g. save_on_cpu)."""
         if self._saving is not None:  # nested forward (a submodule called by hand inside the root's)
-            self._formed_at.update({w.untyped_storage().data_ptr(): i for i, w in formed.items()})
             return
         if torch._C._current_graph_task_id() != -1:
             return  # in backward (activation checkpointing re-runs a forward): its own hooks are in charge
-        self._formed_at = {w.untyped_storage().data_ptr(): i for i, w in formed.items()}
-        delta = {w.device: self._delta(w.device) for w in formed.values()}
+        self._formed_at = {}
+        delta = {d: self._delta(d) if self._deltas is None or d not in self._deltas else self._deltas[d]
+                 for d in devices}
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
         ctx = torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, self, delta, outer),
                                                        functools.partial(_unpack, self, outer))
         ctx.__enter__()
         self._saving = ctx
+
+    def _note_formed(self, i: int, w: Tensor) -> None:
+        """While the saving hooks are on: ``w`` is weight ``i`` formed; a tensor saved for backward that
+        shares its storage (while ``w`` lives, no other tensor can) is packed as a token. A weak
+        reference: once ``w`` is gone its address may be reused by any tensor, which then is not it."""
+        if self._saving is not None and w.numel():
+            self._formed_at[w.untyped_storage().data_ptr()] = (i, weakref.ref(w))
 
     def _exit_saving(self) -> None:
         if self._saving is not None:
@@ -160,18 +187,29 @@ def check_base_state(saved: Any, names: Sequence[str], params: Sequence[Tensor],
 
 def _pack(space: HalfPrecision, delta: dict, outer, t: Tensor):
     """Saved-tensor pack hook while a forward with formed half-precision weights runs: a formed weight
-    (or a view of it) becomes ``(index, delta, size, stride, offset)``; anything else goes to the
-    hooks that were active before (or is kept as it is)."""
-    i = space._formed_at.get(t.untyped_storage().data_ptr()) if t.dtype in HALF_DTYPES else None
-    if i is not None:
-        return _Formed(i, delta[t.device], tuple(t.size()), tuple(t.stride()), t.storage_offset())
+    (or a view of it) becomes ``(index, delta, size, stride, offset)``, a stand-in
+    (:class:`~modeopt.modespace.on_use.FormedOnUse`, of any space) ``(index, delta, None, None, None)``
+    (unpacked: the weight formed); anything else goes to the hooks that were active before (or is kept as it is)."""
+    if type(t) is FormedOnUse:
+        # A stand-in handed to an operation as it is (a custom autograd.Function saving its input): the
+        # tensor unpacked in backward would be a plain alias of the frozen base, so it is formed then.
+        own = t.modeopt_space  # (another mode space's, with several on one model)
+        d = delta.get(t.device) if own is space else None
+        return _Formed(own, t.modeopt_index, own._delta(t.device) if d is None else d, None, None, None)
+    if t.dtype in HALF_DTYPES:
+        entry = space._formed_at.get(t.untyped_storage().data_ptr())
+        if entry is not None and entry[1]() is not None and t.dtype == space.params[entry[0]].dtype:
+            d = delta.get(t.device)
+            if d is None:  # a stand-in kept from another forward, on a device this one does not form on
+                d = space._delta(t.device)
+            return _Formed(space, entry[0], d, tuple(t.size()), tuple(t.stride()), t.storage_offset())
     return t if outer is None else _Outer(outer[0](t))
 
 
 def _unpack(space: HalfPrecision, outer, packed):
     if isinstance(packed, _Formed):
-        w = space._form([packed.index], packed.delta)[packed.index]
-        return w.as_strided(packed.size, packed.stride, packed.offset)
+        w = packed.space._form([packed.index], packed.delta)[packed.index]
+        return w if packed.size is None else w.as_strided(packed.size, packed.stride, packed.offset)
     if isinstance(packed, _Outer):
         return outer[1](packed.value)
     return packed
@@ -179,10 +217,12 @@ def _unpack(space: HalfPrecision, outer, packed):
 
 class _Formed:
     """A formed weight saved for backward: formed again from the frozen base when unpacked."""
-    __slots__ = ("index", "delta", "size", "stride", "offset")
+    __slots__ = ("space", "index", "delta", "size", "stride", "offset")
 
-    def __init__(self, index: int, delta: Tensor, size: tuple, stride: tuple, offset: int):
-        self.index, self.delta, self.size, self.stride, self.offset = index, delta, size, stride, offset
+    def __init__(self, space, index: int, delta: Tensor, size: tuple | None, stride: tuple | None,
+                 offset: int | None):
+        self.space, self.index, self.delta = space, index, delta
+        self.size, self.stride, self.offset = size, stride, offset
 
 
 class _Outer:

@@ -14,7 +14,8 @@ After the optimizer changes ``r``, :meth:`ModeSpace.sync` writes ``w += a * dr[m
 (``torch.ops.modeopt.mode_update``), without a host synchronisation.
 
 **Half-precision weights** (bfloat16, float16) are not updated in place: they keep their value at
-the switch, frozen, and every forward forms them from it, rounded once (:mod:`modeopt.modespace.half`).
+the switch, frozen, and every forward forms them from it, rounded once (:mod:`modeopt.modespace.half`),
+each in the operation that reads it (:mod:`modeopt.modespace.on_use`).
 
 Device-generic: ``a`` (``coef_dtype``) and the compact labels (:func:`modeopt.modespace.kernels.label_dtype`)
 live on each weight's device (with ``coef_dtype=torch.int8``: 8-bit codes, a float32 scale per tensor
@@ -121,6 +122,10 @@ class ModeSpace(Swapping, HalfPrecision):
     #: the saved-tensor hooks that re-form a formed weight in backward instead of keeping it (False:
     #: autograd keeps the formed weights, a copy of them until the backward; for comparisons only)
     RECOMPUTE_FORMED = True
+    #: each operation that reads a half-precision weight in an eager forward forms it (the formed
+    #: tensors live one operation at a time, :mod:`modeopt.modespace.on_use`); False: every one is
+    #: formed when the forward starts and kept until it ends (as under torch.compile; comparisons only)
+    FORM_ON_USE = True
 
     def __init__(
         self,
@@ -201,7 +206,10 @@ class ModeSpace(Swapping, HalfPrecision):
         self._by_device = list(by_dev.items())
         self._half_by_device = list(half_dev.items())
         self._saving = None  # the saved-tensor hooks while a forward runs (see _enter_saving)
-        self._formed_at: dict[int, int] = {}  # storage address of a formed weight -> its index, in a forward
+        # storage address of a formed weight -> (its index, a weak reference to it), in a forward
+        self._formed_at: dict[int, tuple] = {}
+        self._deltas: dict[torch.device, Tensor] | None = None  # r_in_weights - r_base per device, in a forward
+        self._pinned: list[Tensor] = []  # formed weights kept until the forward ends (see swapping)
         self.requires_grad_before = [p.requires_grad for p in self.params]
         self._owners = self._find_owners(model)
         self._groups = self._group(range(len(self.params)))
@@ -408,6 +416,8 @@ class ModeSpace(Swapping, HalfPrecision):
         if "_is_half" not in state:
             self.__dict__.update(_is_half=[False] * len(self.params), half=[], _half_by_device=[],
                                  r_base=self.r_in_weights.clone(), _saving=None, _formed_at={})
+        self.__dict__.setdefault("_deltas", None)  # pickled before half weights were formed on use
+        self.__dict__.setdefault("_pinned", [])
         if "a_scale" not in state:
             self.__dict__.update(a_scale=None, coef_dtype=self.a[0].dtype if self.a else torch.float32)
 

@@ -152,7 +152,7 @@ class SnapshotBuffer:
             return map_file(self.directory, self.n, dtype)
         return torch.empty(self.n, dtype=dtype, pin_memory=self._pin)
 
-    def evict(self, start: int = 0, stop: int | None = None) -> None:
+    def evict(self, start: int = 0, stop: int | None = None, rows: Sequence[int] | None = None) -> None:
         """Drop the values of weights ``start:stop`` (every row, and the anchor) from this process's
         resident memory; a no-op for a buffer in RAM.
 
@@ -167,10 +167,11 @@ class SnapshotBuffer:
         stop = self.n if stop is None else stop
         if stop <= start:
             return
-        rows = min(self.count, self.data.shape[0])
+        if rows is None:
+            rows = range(min(self.count, self.data.shape[0]))
         item = self.dtype.itemsize
         base = self.data.data_ptr()
-        for r in range(rows):
+        for r in rows:
             drop_pages(base + (r * self.n + start) * item, (stop - start) * item)
         if self.anchor is not None:
             item = self.anchor.element_size()
@@ -253,7 +254,13 @@ class SnapshotBuffer:
                         src = src.to(self.anchor.dtype)  # cast on the device: what is stored comes down
                     self.anchor[spec.offset : spec.stop].copy_(src, non_blocking=True)
             else:
-                layout.flatten({s.name: t for s, t in zip(layout.specs, tensors)}, out=self.anchor)
+                for spec, t in zip(layout.specs, tensors):
+                    spec.check_shape(t)
+                    src = t.detach().reshape(-1)
+                    for i0 in range(0, src.numel(), APPEND_CHUNK):  # a mapped anchor's pages leave as written
+                        i1 = min(i0 + APPEND_CHUNK, src.numel())
+                        self.anchor[spec.offset + i0 : spec.offset + i1].copy_(src[i0:i1])
+                        self.evict(spec.offset + i0, spec.offset + i1, rows=())
         for spec, t in zip(layout.specs, tensors):
             src = t.detach().reshape(-1)
             if src.is_cuda:
@@ -266,15 +273,15 @@ class SnapshotBuffer:
                     del up
                     src = src.to(self.dtype)
                 row[spec.offset : spec.stop].copy_(src, non_blocking=True)
-            elif self.relative:
-                # chunk by chunk: a float32 copy of a whole embedding matrix would be the step's largest allocation
-                anchor = self.anchor[spec.offset : spec.stop]
+            else:
+                # Chunk by chunk: a float32 copy of a whole embedding matrix would be the step's largest
+                # allocation, and a memory-mapped row's pages leave the process as soon as they are written.
+                anchor = None if self.anchor is None else self.anchor[spec.offset : spec.stop]
                 dst = row[spec.offset : spec.stop]
                 for i0 in range(0, src.numel(), APPEND_CHUNK):
                     i1 = min(i0 + APPEND_CHUNK, src.numel())
-                    dst[i0:i1].copy_(src[i0:i1].to(torch.float32) - anchor[i0:i1])
-            else:
-                row[spec.offset : spec.stop].copy_(src)
+                    dst[i0:i1].copy_(src[i0:i1] if anchor is None else src[i0:i1].to(torch.float32) - anchor[i0:i1])
+                    self.evict(spec.offset + i0, spec.offset + i1, rows=(slot,))
         for device in devices:
             stream = torch.cuda.current_stream(device)
             event = torch.cuda.Event()

@@ -79,7 +79,11 @@ class Trajectory:
 
     def take(self, index: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """Values of the weights ``index`` as a ``(len(index), T)`` tensor."""
-        x = self.data[:, index].T
+        # Row by row: indexing a column-sliced view (one tensor of a recording) in one call may read the
+        # whole slice; each time row of it is contiguous, so this reads only the K values it needs.
+        index = torch.as_tensor(index, dtype=torch.int64)
+        x = torch.stack([row.index_select(0, index) for row in self.data]).T if index.dim() == 1 \
+            else self.data[:, index].T
         if self.offset is not None:
             x = x.to(torch.float32) + self.offset[index, None]
         return x if dtype is None else x.to(dtype)
