@@ -287,7 +287,8 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
             "r_params": r_params, "applied": r.detach().to(dev, torch.float32, copy=True),
             "partial": torch.zeros(m, dtype=torch.float64, device=dev), "n_modes": m,
             # the r the half-precision bases hold, and r - r_base (what their formed values add): M floats each
-            "r_base": r.detach().to(dev, torch.float32, copy=True), "delta": torch.zeros(m, dtype=torch.float32, device=dev),
+            "r_base": r.detach().to(dev, torch.float32, copy=True),
+            "delta": torch.zeros(m, dtype=torch.float32, device=dev),
         }
         self.space["r"] = self.r_full()
         emb = {id(p) for p in self._emb_params}
@@ -313,9 +314,10 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
                 warnings.warn(
                     f"modeopt: the embedded FSDP2 weights are {'/'.join(low)}, and this torch's FSDP2 has no "
                     "FSDPModule.set_custom_all_gather: mode space applies each change of r to the shards in place "
-                    "(w += a * dr), and in half precision the rounding of every step accumulates. Use a torch whose "
-                    "FSDPModule has set_custom_all_gather, or keep float32 parameters with fully_shard(..., mp_policy=MixedPrecisionPolicy("
-                    "param_dtype=torch.bfloat16)); see docs/scaling-out.md", stacklevel=4)
+                    "(w += a * dr), and in half precision the rounding of every step accumulates. Use a torch "
+                    "whose FSDPModule has set_custom_all_gather, or keep float32 parameters with fully_shard(..., "
+                    "mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)); see docs/scaling-out.md",
+                    stacklevel=4)
 
     def r_full(self) -> Tensor:
         """``(M,)`` the mode scalars in mode order (a copy)."""
