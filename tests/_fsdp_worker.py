@@ -39,13 +39,14 @@ def batches(seed: int = 0):
         yield x, (x @ teacher).argmax(dim=1)
 
 
-def shard(model: nn.Module, world: int) -> nn.Module:
+def shard(model: nn.Module, world: int, per_layer: bool = True) -> nn.Module:
+    """Each Linear its own FSDP unit, then the root (``per_layer=False``: the root alone, one all-gather a step)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
     for layer in model:
-        if isinstance(layer, nn.Linear):
+        if isinstance(layer, nn.Linear) and per_layer:
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -510,3 +511,221 @@ def reference(kind: str) -> dict:
     losses = train(model, opt, batches(), CFG["warmup_steps"] + EMBEDDED_STEPS, 0, 1)
     return {"weights": full_weights(model), "r": opt.space.r_full().detach().clone(),
             "labels": torch.cat(opt.space.mode_index()), "losses": losses, "history": opt.history}
+
+
+# ------------------------------------------------------------------ half-precision weights (issue 25)
+#: bf16/fp16 parameters: a short warm-up, then HALF_STEPS embedded steps (the exactness check needs >= 1,000)
+HALF = dict(n_modes=4, warmup_steps=12, snapshot_every=3, n_samples=200, seed=1234)
+HALF_STEPS = 1000
+
+
+def _half_batch(data, rank: int, world: int, dtype: torch.dtype):
+    x, y = _local_batch(data, rank, world)
+    return x.to(dtype), y
+
+
+def _half_step(model, opt, x, y) -> float:
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x).float(), y)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _gathered_space(opt) -> dict:
+    """The whole a and labels per embedded tensor (all-gathered from the checkpoint's DTensors: collective)."""
+    sp = opt.state_dict()["cmd"]["space"]
+    return {"a": [sp["a"][str(j)].full_tensor().float() for j in range(len(opt._emb_names))],
+            "labels": [sp["labels"][str(j)].full_tensor().to(torch.int64) for j in range(len(opt._emb_names))],
+            "names": list(opt._emb_names)}
+
+
+def _seen_weights(model, x) -> dict:
+    """The weights each Linear's forward computes with (FSDP2's unsharded, all-gathered tensors)."""
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(f"{i}.weight", mod.weight.detach().clone()))
+             for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def scenario_half(rank: int, world: int, dtype_name: str, steps: int = HALF_STEPS, per_layer: bool = False,
+                  float_last: bool = False) -> dict:
+    """A bf16/fp16 FSDP2 model: warm-up, switch, ``steps`` embedded steps of SGD with momentum. Returns the
+    weights at the switch and at the end (model.state_dict(), and what the forward computes with), r at both,
+    the whole a and labels: the test checks each weight against round(w_switch + a (r - r_switch)[m])."""
+    import warnings
+
+    dtype = getattr(torch, dtype_name)
+    model = make_model().to(dtype)
+    if float_last:  # the last Linear float32, computing in the half dtype (MixedPrecisionPolicy), its own unit
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        model[4].float()
+        mesh = init_device_mesh("cpu", (world,))
+        for i in (0, 2):
+            fully_shard(model[i], mesh=mesh)
+        fully_shard(model[4], mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=dtype))
+        model = fully_shard(model, mesh=mesh)
+    else:
+        model = shard(model, world, per_layer)
+    opt = modeopt.CMDOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), progress=False,
+                               **HALF)
+    data = batches(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(HALF["warmup_steps"]):
+            _half_step(model, opt, *_half_batch(data, rank, world, dtype))
+    switch = {"weights": full_weights(model), "r": opt.r_full().clone()}
+    losses = [_half_step(model, opt, *_half_batch(data, rank, world, dtype)) for _ in range(steps)]
+    x, _ = _half_batch(data, rank, world, dtype)
+    out = {"phase": opt.phase, "switch": switch, "r": opt.r_full().clone(), "weights": full_weights(model),
+           "space": _gathered_space(opt), "losses": losses, "warnings": [str(w.message) for w in caught],
+           "state_bytes": opt.state_bytes(), "n_local": opt.shards.n_local}
+    out["seen"] = _seen_weights(model, x)  # (on one rank the units stay unsharded after it, until a backward)
+    xb, yb = _half_batch(data, rank, world, dtype)
+
+    def forward_backward():
+        F.cross_entropy(model(xb).float(), yb).backward()
+
+    out["host_sync"] = host_reads_in(forward_backward, 2)
+    opt.zero_grad()
+    before = full_weights(model)
+    opt.export()
+    out["exported"] = {"weights": full_weights(model), "before": before,
+                       "shards": {n: p.to_local().clone() for n, p in zip(opt._emb_names, opt._emb_params)}}
+    out["exported"]["seen"] = _seen_weights(model, x)
+    return out
+
+
+def _cloned(x):
+    """A copy of a nested state dict whose tensors (DTensors too) no later step can change."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _cloned(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cloned(v) for v in x)
+    return x
+
+
+def scenario_half_checkpoint(rank: int, world: int, out_dir: str, dtype_name: str = "bfloat16") -> dict:
+    """A bf16 run saved with DCP in mode space and trained on; a fresh run resumed from the checkpoint and trained
+    on alike (bit for bit?); the same state handed over without the frozen bases, as checkpoints written before
+    they existed (the model's values then are the bases)."""
+    from modeopt.cmd_optimizer import sharded_checkpoint
+
+    dtype = getattr(torch, dtype_name)
+    at, rest = HALF["warmup_steps"] + 8, 6
+
+    def build(shift: float = 0.0):
+        m = shard(make_model().to(dtype), world)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(shift)
+        return m, modeopt.CMDOptimizer(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), progress=False,
+                                       **HALF)
+
+    def run(m, o, data, n):
+        for _ in range(n):
+            _half_step(m, o, *_half_batch(data, rank, world, dtype))
+
+    path = os.path.join(out_dir, f"ckpt-half-{dtype_name}")
+    model, opt = build()
+    data = batches(5)
+    run(model, opt, data, at)
+    sharded_checkpoint.save(path, model, opt)
+    saved = full_weights(model)
+    old = _cloned({"model": model.state_dict(), "optim": opt.state_dict()})  # in memory, as an old checkpoint holds it
+    old["optim"]["cmd"]["space"].pop("base")
+    old["optim"]["cmd"]["space"].pop("r_base")
+    import json
+
+    meta = json.loads(old["optim"]["cmd"]["meta"])
+    meta.pop("half")
+    old["optim"]["cmd"]["meta"] = json.dumps(meta)
+    run(model, opt, data, rest)
+    straight = full_weights(model)
+    comm = opt._half_units[0]["comm"]  # an all-gather input of another layout than derived: refused, nothing written
+    wrong = torch.full((3,), 7.0, dtype=dtype)
+    layout_error = _attempt(lambda: opt._form_into(comm, wrong))
+    layout_untouched = bool((wrong == 7.0).all())
+
+    model2, opt2 = build(1.0)
+    sharded_checkpoint.load(path, model2, opt2)
+    loaded = full_weights(model2)
+    data2 = batches(5)
+    for _ in range(at):
+        next(data2)
+    run(model2, opt2, data2, rest)
+
+    model3, opt3 = build(1.0)  # the old format: the optimizer's state without bases, then the model's values
+    opt3.load_state_dict(old["optim"])
+    model3.load_state_dict(old["model"])
+    loaded_old = full_weights(model3)
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(old, checkpoint_id=path + "-old")  # the old format on disk, loaded by sharded_checkpoint.load
+    model4, opt4 = build(1.0)
+    sharded_checkpoint.load(path + "-old", model4, opt4)
+    loaded_old_dcp = full_weights(model4)
+    data3 = batches(5)
+    for _ in range(at):
+        next(data3)
+    run(model3, opt3, data3, rest)
+    return {"saved": saved, "loaded": loaded, "straight": straight, "resumed": full_weights(model2),
+            "loaded_old": loaded_old, "resumed_old": full_weights(model3), "phase": opt2.phase,
+            "loaded_old_dcp": loaded_old_dcp, "layout_error": layout_error, "layout_untouched": layout_untouched}
+
+
+def scenario_half_resume_elsewhere(rank: int, world: int, src_dir: str, dtype_name: str = "bfloat16") -> dict:
+    """scenario_half_checkpoint's checkpoint resumed on this world size: the loaded values, and a few steps on."""
+    from modeopt.cmd_optimizer import sharded_checkpoint
+
+    dtype = getattr(torch, dtype_name)
+    model = shard(make_model().to(dtype), world)
+    opt = modeopt.CMDOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), progress=False,
+                               **HALF)
+    sharded_checkpoint.load(os.path.join(src_dir, f"ckpt-half-{dtype_name}"), model, opt)
+    loaded = full_weights(model)
+    data = batches(5)
+    for _ in range(HALF["warmup_steps"] + 8):
+        next(data)
+    x, _ = _half_batch(data, rank, world, dtype)
+    seen = _seen_weights(model, x)
+    data = batches(5)
+    for _ in range(HALF["warmup_steps"] + 8):
+        next(data)
+    for _ in range(6):
+        _half_step(model, opt, *_half_batch(data, rank, world, dtype))
+    return {"loaded": loaded, "seen": seen, "resumed": full_weights(model), "phase": opt.phase}
+
+
+def scenario_half_fallback(rank: int, world: int) -> dict:
+    """A torch without FSDPModule.set_custom_all_gather (made so here): the bf16 shards are updated in place, as
+    before the exact path existed, with the warning at the switch."""
+    import warnings
+
+    from modeopt.cmd_optimizer import sharded_half
+
+    saved = sharded_half.forming_supported
+    sharded_half.forming_supported = lambda: False
+    try:
+        model = shard(make_model().to(torch.bfloat16), world, False)
+        opt = modeopt.CMDOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), progress=False,
+                                   **HALF)
+        data = batches(3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = [_half_step(model, opt, *_half_batch(data, rank, world, torch.bfloat16))
+                      for _ in range(HALF["warmup_steps"] + 3)]
+        shards_now = [p.to_local().clone() for p in opt._emb_params]
+        return {"warnings": [str(w.message) for w in caught], "losses": losses, "phase": opt.phase,
+                "half": list(opt._half), "formed_equal_shards": all(
+                    torch.equal(v.to_local(), s) for v, s in zip(model.state_dict().values(), shards_now))}
+    finally:
+        sharded_half.forming_supported = saved

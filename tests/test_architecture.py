@@ -246,6 +246,14 @@ PRIVATE_ALLOWED: dict[str, dict[str, str]] = {
                         "hooks chain to them (e.g. save_on_cpu) instead of silently replacing them"),
         "_current_graph_task_id": "torch has no public way to ask whether a backward is running (activation "
                                   "checkpointing re-runs a forward there, under its own saved-tensor hooks)"},
+    "modeopt.cmd_optimizer.sharded_half": {
+        **dict.fromkeys(["_agree_any", "_comm_formed", "_emb_names", "_emb_params", "_form_into", "_form_local", "_half"],
+                        "the ShardedCMDOptimizer (of which ShardedHalf is a part) that the module-level hooks and "
+                        "the all-gather comm serve"),
+        **dict.fromkeys(["_get_fsdp_state", "_fsdp_param_group", "_all_gather_comm"],
+                        "FSDP2 has no public way to list a unit's parameters in its all-gather buffer order or to "
+                        "read the comm set before; guarded reads with a fallback each, the buffer size checked "
+                        "before anything is written (the module docstring lists them)")},
     "modeopt.modespace.on_use": {
         **dict.fromkeys(["_use", "_pinned"], "the ModeSpace that the stand-in of one of its weights forms from"),
         "_C": "torch.overrides documents torch._C.DisableTorchFunctionSubclass as the way a __torch_function__ "

@@ -9,6 +9,7 @@ wraps the ``torch.distributed`` collectives FSDP2 and modeopt call.
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 
 import pytest
@@ -44,7 +45,11 @@ def scenarios(out: str) -> list[tuple]:
             ("refusals", "scenario_refusals", ()), ("online", "scenario_online", (out,)),
             ("online_bf16", "scenario_online", (out, "online_bf16")),
             ("online_misuse", "scenario_online_misuse", ()),
-            ("hostile", "scenario_hostile", (out,))] + ([("callback", "scenario_callback", ())] if HAS_ACCELERATE else [])
+            ("hostile", "scenario_hostile", (out,)),
+            ("half_bf16", "scenario_half", ("bfloat16",)), ("half_fp16", "scenario_half", ("float16",)),
+            ("half_ck", "scenario_half_checkpoint", (out,)),
+            ("half_mixed", "scenario_half", ("bfloat16", 60, True, True)),
+            ("half_fallback", "scenario_half_fallback", ())] + ([("callback", "scenario_callback", ())] if HAS_ACCELERATE else [])
 
 
 def read(out, world: int) -> list[dict]:
@@ -84,7 +89,9 @@ def resumed_on(runs, world: int, extra: tuple = ()) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def on_one_rank(runs):
-    return resumed_on(runs, 1, (("online", "scenario_online_resume", (str(runs["out"]),)),))[0]
+    return resumed_on(runs, 1, (("online", "scenario_online_resume", (str(runs["out"]),)),
+                                ("half", "scenario_half", ("bfloat16", 200, True)),
+                                ("half_resume", "scenario_half_resume_elsewhere", (str(runs["out"]),))))[0]
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -368,3 +375,124 @@ def test_hostile_use_nan_and_damaged_checkpoints_every_rank_decides_alike(runs):
         assert load["skipped_steps_resumed"] == 1
         assert r["switch"].startswith("ValueError: modeopt refuses to embed at step 30: parameter '0.weight' holds "
                                       "NaN/inf") and r["switch_phase"] == "warmup"
+
+
+# ------------------------------------------------------------------------------ half-precision weights (issue 25)
+def ulps(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """How many representable bf16/fp16 values lie between ``x`` and ``y`` (elementwise; +0 and -0 are one)."""
+    assert x.dtype == y.dtype and x.dtype in (torch.bfloat16, torch.float16)
+
+    def ordered(t):
+        i = t.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(i < 0, -(i & 0x7FFF), i)
+
+    return (ordered(x) - ordered(y)).abs()
+
+
+def close_at_scale(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Within 2 ulps of the tensor's largest magnitude (runs that differ by an ulp somewhere drift apart a little
+    in r; near zero that is many ulps of the small weights, so the scale is the tensor's)."""
+    return float((x.float() - y.float()).abs().max()) <= 2 * torch.finfo(y.dtype).eps * float(y.float().abs().max())
+
+
+def exact_values(res: dict) -> dict:
+    """round(w_switch + a (r - r_switch)[m]) per embedded tensor: float32 sum, one rounding (the issue's formula)."""
+    sw, sp = res["switch"], res["space"]
+    d = (res["r"] - sw["r"]).float()
+    out = {}
+    for j, name in enumerate(sp["names"]):
+        w = sw["weights"][name]
+        out[name] = (w.float() + sp["a"][j].view(w.shape) * d[sp["labels"][j].view(w.shape)]).to(w.dtype)
+    return out
+
+
+def check_exact(res: dict, steps: int) -> None:
+    assert res["phase"] == "embedded" and len(res["losses"]) == steps
+    assert not [w for w in res["warnings"] if "in place" in w], res["warnings"]  # no switch-time warning
+    exact = exact_values(res)
+    moved = 0
+    for name, want in exact.items():
+        if want.dtype == torch.float32:  # (updated in place, as before: checked against one process elsewhere)
+            continue
+        assert int(ulps(res["weights"][name], want).max()) <= 1, name  # model.state_dict(): the formed values
+        if name in res["seen"]:  # what the forward computes with: FSDP2's all-gathered tensors
+            assert torch.equal(res["seen"][name], res["weights"][name]), name
+        moved = max(moved, int(ulps(want, res["switch"]["weights"][name]).max()))
+    assert moved > 100  # the weights moved by far more than an ulp: in-place rounding would have drifted
+
+
+@pytest.mark.parametrize("tag", ["half_bf16", "half_fp16"])
+def test_half_precision_weights_are_exact_after_1000_steps(runs, tag):
+    """Issue 25. Before: each change of r was added to the bf16/fp16 shards in place, rounded every step (and the
+    switch warned). Now every weight is round(w_switch + a (r - r_switch)[m]) within 1 ulp after 1,000 steps,
+    in model.state_dict() and in the forward, on every rank; the shards hold 2 bytes per weight as before; a
+    forward and backward read nothing on the host; export() writes the formed values into the parameters."""
+    r0, r1 = both(runs, tag)
+    for r in (r0, r1):
+        check_exact(r, worker.HALF_STEPS)
+        assert r["host_sync"] is None
+        assert r["state_bytes"]["weights"] == 2 * r["n_local"]  # the bases only: no second copy of the weights
+        assert sum(r["losses"][-20:]) < sum(r["losses"][:20])
+        ex = r["exported"]
+        assert all(torch.equal(ex["weights"][k], ex["before"][k]) for k in ex["before"])
+        assert all(torch.equal(ex["seen"][k], r["seen"][k]) for k in r["seen"])  # after export: same forward
+    for name in r0["weights"]:  # the shards after export() hold the formed values (this rank's rows)
+        full = r0["exported"]["before"][name].reshape(-1)
+        joined = torch.cat([r0["exported"]["shards"][name].reshape(-1), r1["exported"]["shards"][name].reshape(-1)])
+        assert torch.equal(joined, full)
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+
+
+def test_half_precision_beside_a_float32_unit(runs):
+    """Each Linear one FSDP2 unit, the last one float32 computing in bf16 (MixedPrecisionPolicy): the bf16 units
+    are formed in their all-gathers (exact), the float32 one is updated in place and gathered as bf16."""
+    for r in both(runs, "half_mixed"):
+        check_exact(r, 60)
+        assert {k: str(v.dtype) for k, v in r["weights"].items() if v.dtype == torch.float32} == {
+            "4.weight": "torch.float32", "4.bias": "torch.float32"}
+        assert r["seen"]["4.weight"].dtype == torch.bfloat16
+
+
+def test_half_precision_on_one_rank_is_exact(on_one_rank):
+    """World size 1: FSDP2 copies the shard without an all-gather there; the unsharded weights are formed."""
+    res = on_one_rank["half"]
+    if "error" in res:
+        pytest.fail(res["error"])
+    check_exact(res, 200)
+
+
+def test_half_precision_checkpoints_resume_bit_for_bit(runs):
+    """DCP save/load of a bf16 run in mode space: the same values loaded and the same run after it, bit for bit
+    (the frozen bases travel in the optimizer's state). A checkpoint without bases (written before they
+    existed): its model values become the bases, exactly."""
+    for r in both(runs, "half_ck"):
+        assert r["phase"] == "embedded"
+        assert all(torch.equal(r["loaded"][k], r["saved"][k]) for k in r["saved"])
+        assert all(torch.equal(r["resumed"][k], r["straight"][k]) for k in r["straight"])
+        assert all(torch.equal(r["loaded_old"][k], r["saved"][k]) for k in r["saved"])
+        assert all(torch.equal(r["loaded_old_dcp"][k], r["saved"][k]) for k in r["saved"])
+        assert r["layout_error"].startswith("RuntimeError: modeopt: FSDP2's all-gather input of a ") and r["layout_untouched"]
+        assert "the layout modeopt derived expects" in r["layout_error"]
+        assert all(close_at_scale(r["resumed_old"][k], r["straight"][k]) for k in r["straight"])
+
+
+def test_half_precision_checkpoint_resumes_on_another_world_size(runs, on_one_rank):
+    """The 2-rank bf16 checkpoint on 1 rank: DCP reshards the bases; the loaded values and the forward's are the
+    saved run's, bit for bit; a few steps on stay within two ulps (at each tensor's scale) of the 2-rank run's."""
+    res = on_one_rank["half_resume"]
+    if "error" in res:
+        pytest.fail(res["error"])
+    ref = both(runs, "half_ck")[0]
+    assert res["phase"] == "embedded"
+    assert all(torch.equal(res["loaded"][k], ref["saved"][k]) for k in ref["saved"])
+    assert all(torch.equal(v, res["loaded"][k]) for k, v in res["seen"].items())
+    assert all(close_at_scale(res["resumed"][k], ref["straight"][k]) for k in ref["straight"])
+
+
+def test_half_precision_without_the_custom_all_gather_falls_back_to_in_place(runs):
+    """A torch whose FSDP2 has no set_custom_all_gather: the old in-place update, and the warning saying so."""
+    for r in both(runs, "half_fallback"):
+        assert r["phase"] == "embedded" and r["half"] == []
+        assert all(map(math.isfinite, r["losses"]))
+        assert [w for w in r["warnings"] if "has no FSDPModule.set_custom_all_gather" in w and "in place" in w]
+        assert r["formed_equal_shards"]  # model.state_dict() gives the shards themselves

@@ -3,7 +3,7 @@ computes with it and as ``model.state_dict()``/``export()`` give it, equals its 
 plus ``a * (r - r_switch)[m]`` summed in float32 and rounded once (<= 1 ulp from the exact value),
 after >= 1,000 embedded steps, in every mode-space path; checkpoints resume bit for bit, old ones load.
 
-(The FSDP2 path keeps its in-place update; see docs/optimizer.md, "Half-precision weights".)
+(The FSDP2 path is tested in tests/test_fsdp.py, ``test_half_precision_*``: it needs real ranks.)
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ before each forward and reduce-scatters their gradients after the backward.
   (:func:`modeopt.modespace.kernels.reduce`, ``sum a_i g_i`` per mode) and drops it, so no weight gradient
   outlives its layer's reduce-scatter. At ``step()`` one all-reduce of M float32 partial sums
   (4 M bytes) gives every rank the same ``dL/dr``; the base optimizer steps ``r``, and each rank
-  applies ``w += a * dr[m]`` to its shards in place (:func:`modeopt.modespace.kernels.update`).
-  (Half-precision shards are updated in place too, unlike :class:`~modeopt.modespace.space.ModeSpace`'s
-  exact frozen-base forming: the switch warns; keep float32 parameters with a bf16
-  ``MixedPrecisionPolicy`` under FSDP2.)
+  applies ``w += a * dr[m]`` to its float32 shards in place (:func:`modeopt.modespace.kernels.update`).
+  bfloat16/float16 shards are exact instead (:mod:`~modeopt.cmd_optimizer.sharded_half`): each keeps
+  its value at the switch (the base) and FSDP2 all-gathers ``round(base + a * (r - r_base)[m])``,
+  formed in float32 and rounded once, as :class:`~modeopt.modespace.space.ModeSpace` forms them.
 
 Checkpoints: :mod:`~modeopt.cmd_optimizer.sharded_checkpoint` (``torch.distributed.checkpoint``, resharding).
 """
@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from modeopt.modespace import kernels
+from modeopt.modespace.half import HALF_DTYPES
 from modeopt.optim.nonfinite import NonFiniteWarning, finite
 from modeopt.optim.wrapping import SharesBaseOptimizer
 from modeopt.trajectories.layout import ParamLayout
@@ -41,6 +42,7 @@ from modeopt.distributed.wrappers import check_supported
 from modeopt.optim.param_groups import Exclude, ParamGroupGuard
 from modeopt.optim.phase_hooks import PhaseHooks
 from .sharded_checkpoint import ShardedCheckpointing
+from .sharded_half import ShardedHalf
 from modeopt.distributed.sharded_switch import decompose_shards, shard_mode_space
 from modeopt.distributed.sharding import ShardMap
 from modeopt.trajectories.trajectory import Trajectory
@@ -58,7 +60,7 @@ UNSUPPORTED_OPTIONS = {
 }
 
 
-class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, SharesBaseOptimizer):
+class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, ShardedHalf, SharesBaseOptimizer):
     """:class:`~modeopt.CMDOptimizer` for an FSDP2 model (build it through ``modeopt.CMDOptimizer``).
 
     Takes CMDOptimizer's arguments except ``recluster_every``/``recluster_steps``, ``max_snapshots``
@@ -113,6 +115,9 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
         self.history: list[dict[str, Any]] = []
         self.space: dict[str, Any] | None = None
         self._hooks: list = []
+        self._half: list[int] = []  # in mode space: the embedded indices of bf16/fp16 parameters (exact forming)
+        self._half_units: list[dict] = []
+        self._comm_formed: set[int] = set()
         self._phase_hooks: list[Callable[[Any, str], None]] = []
         self.comm_bytes = 0  #: bytes this optimizer handed to collectives (the switch and the steps)
         #: embedded steps skipped because r's gradient (all-reduced: the same on every rank) or new value held
@@ -148,7 +153,7 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
                "recording": self.recording_bytes, "a": 0, "labels": 0, "r": 0}
         if self.space is not None:
             out.update(a=size(self.space["a"]), labels=size(self.space["labels"]),
-                       r=size([self.space["r"], self.space["applied"], self.space["partial"]]))
+                       r=size([self.space[k] for k in ("r", "applied", "partial", "r_base", "delta")]))
         return out
 
     # ---------------------------------------------------------------- step
@@ -281,6 +286,9 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
             "r_groups": r_groups.to(torch.int64).clone(), "groups": groups, "group_modes": group_modes,
             "r_params": r_params, "applied": r.detach().to(dev, torch.float32, copy=True),
             "partial": torch.zeros(m, dtype=torch.float64, device=dev), "n_modes": m,
+            # the r the half-precision bases hold, and r - r_base (what their formed values add): M floats each
+            "r_base": r.detach().to(dev, torch.float32, copy=True),
+            "delta": torch.zeros(m, dtype=torch.float32, device=dev),
         }
         self.space["r"] = self.r_full()
         emb = {id(p) for p in self._emb_params}
@@ -297,19 +305,19 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
                 lambda param, j=j: self._consume_grad(j, param)))
         self._params_changed()
         self.phase, self._phase_step = "embedded", 0
-        low = sorted({str(p.dtype).replace("torch.", "") for p in self._emb_params
-                      if p.dtype in (torch.bfloat16, torch.float16)})
-        if low and not getattr(self, "_warned_low_precision", False):
-            # ModeSpace keeps half-precision weights exact (a frozen base formed in each forward);
-            # this path still adds a * dr to the shards in place after each step
-            self._warned_low_precision = True
-            warnings.warn(
-                f"modeopt: the embedded FSDP2 weights are {'/'.join(low)}. Under FSDP2 mode space still applies "
-                "each change of r to the shards in place (w += a * dr), and in half precision the rounding of "
-                "every step accumulates (benchmarks/half_precision_drift.py: 65 % of the intended movement lost "
-                "after 400 steps on a bf16 MLP). Keep float32 parameters and compute in bf16 with "
-                "fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)); see "
-                "docs/optimizer.md, 'Half-precision weights'", stacklevel=4)
+        self._half = [j for j, p in enumerate(self._emb_params) if p.dtype in HALF_DTYPES]
+        if self._half and not self._install_half():
+            low = sorted({str(self._emb_params[j].dtype).replace("torch.", "") for j in self._half})
+            self._half = []  # this torch lacks FSDPModule.set_custom_all_gather: updated in place, as before
+            if not getattr(self, "_warned_low_precision", False):
+                self._warned_low_precision = True
+                warnings.warn(
+                    f"modeopt: the embedded FSDP2 weights are {'/'.join(low)}, and this torch's FSDP2 has no "
+                    "FSDPModule.set_custom_all_gather: mode space applies each change of r to the shards in place "
+                    "(w += a * dr), and in half precision the rounding of every step accumulates. Use a torch "
+                    "whose FSDPModule has set_custom_all_gather, or keep float32 parameters with fully_shard(..., "
+                    "mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)); see docs/scaling-out.md",
+                    stacklevel=4)
 
     def r_full(self) -> Tensor:
         """``(M,)`` the mode scalars in mode order (a copy)."""
@@ -348,15 +356,21 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Write ``w += a * (r - applied)[m]`` into this rank's shards (no communication)."""
+        """Write ``w += a * (r - applied)[m]`` into this rank's float32 shards, and set ``delta = r - r_base``
+        for the half-precision ones (formed at each all-gather); no communication."""
         s = self.space
         r = self.r_full()
-        kernels.update(self.shards.local_views(), s["a"], s["labels"], r - s["applied"])
+        half = set(self._half)
+        js = [j for j in range(len(self._emb_params)) if j not in half]
+        views = self.shards.local_views()
+        kernels.update([views[j] for j in js], [s["a"][j] for j in js], [s["labels"][j] for j in js], r - s["applied"])
         s["applied"].copy_(r)
+        s["delta"].copy_(r - s["r_base"])  # in place: FSDP2's all-gathers read it (on their stream)
         s["r"] = r
 
     # -------------------------------------------------------------- export
     def _leave(self) -> None:
+        self._remove_half()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -370,6 +384,7 @@ class ShardedCMDOptimizer(PhaseHooks, ParamGroupGuard, ShardedCheckpointing, Sha
     def export(self) -> nn.Module:
         """Leave mode space for good: plain FSDP2 parameters, the base optimizer trains them again."""
         if self.space is not None:
+            self.rebase()  # the half-precision shards get their formed (current) values
             self._leave()
         self.recording, self.recorded_steps = None, []
         self.phase = "exported"

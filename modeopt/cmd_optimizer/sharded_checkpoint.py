@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from modeopt.modespace import kernels
+from modeopt.modespace.half import HALF_DTYPES
 from modeopt.optim.nonfinite import check_optimizer_state_finite, finite
 
 __all__ = ["ShardedCheckpointing", "save", "load"]
@@ -44,11 +45,17 @@ def load(checkpoint_id: Any, model: nn.Module, opt: Any) -> None:
 
     head = {"optim": {"cmd": {"meta": ""}}}
     dcp.load(head, checkpoint_id=checkpoint_id)
-    opt.prepare_load(json.loads(head["optim"]["cmd"]["meta"]))
+    meta = json.loads(head["optim"]["cmd"]["meta"])
+    opt.prepare_load(meta)
     sd = {"model": model.state_dict(), "optim": opt.state_dict()}
+    if not meta.get("half"):  # written before half-precision weights had frozen bases (or none are half)
+        for key in ("base", "r_base"):
+            sd["optim"]["cmd"].get("space", {}).pop(key, None)
     dcp.load(sd, checkpoint_id=checkpoint_id)
-    model.load_state_dict(sd["model"])
+    # the optimizer first: the model's half-precision values are then compared with the loaded run's own
+    # formed values (equal: the frozen bases stay, bit for bit)
     opt.load_state_dict(sd["optim"])
+    model.load_state_dict(sd["model"])
 
 
 def _sharded(local: Tensor, like: Tensor, dim: int, extra: tuple[int, ...] = ()) -> Tensor:
@@ -74,7 +81,10 @@ class ShardedCheckpointing:
                 "history": self.history, "recorded_steps": list(self.recorded_steps),
                 "r_groups": None if s is None else s["r_groups"].tolist(),
                 "base_state": sorted(int(k) for k in self.base.state_dict()["state"]),
-                "world": self.shards.world, "skipped_steps": self.skipped_steps}
+                "world": self.shards.world, "skipped_steps": self.skipped_steps,
+                # the half-precision embedded tensors, whose frozen bases and r_base the "space" entry holds
+                # (absent in checkpoints written before they had bases: their model values are the bases)
+                "half": list(self._half)}
 
     def _local_shape(self, j: int) -> tuple[int, ...]:
         return tuple(self._emb_params[j].to_local().shape)
@@ -94,6 +104,10 @@ class ShardedCheckpointing:
                 "labels": {str(j): _sharded(x.view(self._local_shape(j)), p, 0) for j, (p, x) in
                            enumerate(zip(self._emb_params, s["labels"]))},
                 "r": self.r_full(), "applied": s["applied"], "r_groups": s["r_groups"]}
+            if self._half:  # the frozen bases (views of the shards: nothing is copied) and the r they hold
+                cmd["space"]["r_base"] = s["r_base"]
+                cmd["space"]["base"] = {str(j): _sharded(self._emb_params[j].to_local(), self._emb_params[j], 0)
+                                        for j in self._half}
         return {"base": self.base.state_dict(), "cmd": cmd}
 
     def _record_views(self) -> list[Tensor]:
@@ -154,6 +168,12 @@ class ShardedCheckpointing:
             for key in ("r", "applied"):
                 if not finite([space.get(key)]):
                     return f"the checkpoint's {key} holds NaN/inf: damaged checkpoint; resume from an intact one"
+            for j in meta.get("half") or []:
+                if "base" in space and not finite([local(space["base"][str(j)])]):
+                    return (f"checkpoint tensor {self._emb_names[j]!r}: its frozen half-precision base holds NaN/inf: "
+                            "damaged checkpoint; resume from an intact one")
+            if "r_base" in space and not finite([space["r_base"]]):
+                return "the checkpoint's r_base holds NaN/inf: damaged checkpoint; resume from an intact one"
             for j, name in enumerate(self._emb_names):
                 a, lab = local(space["a"][str(j)]), local(space["labels"][str(j)])
                 if not finite([a]):
@@ -189,6 +209,11 @@ class ShardedCheckpointing:
                              f"{len(self._emb_names)}: build the model and CMDOptimizer as in the saved run")
         if meta["phase"] not in ("warmup", "embedded", "exported"):
             raise ValueError(f"the checkpoint's phase {meta['phase']!r} is unknown: damaged checkpoint")
+        half = [j for j, p in enumerate(self._emb_params) if p.dtype in HALF_DTYPES]
+        if meta["phase"] == "embedded" and "half" in meta and meta["half"] != half:
+            raise ValueError(f"the checkpoint holds frozen half-precision bases for the embedded tensors {meta['half']}, "
+                             f"this model's half-precision embedded tensors are {half}: the model's dtypes differ from "
+                             "the saved run's; build (or cast) it to the same dtype before loading")
         if len(meta["recorded_steps"]) > self.capacity:
             raise ValueError(f"the checkpoint recorded {len(meta['recorded_steps'])} snapshots, this optimizer has room "
                              f"for {self.capacity}: build it with the saved run's warmup_steps and snapshot_every")
@@ -224,6 +249,15 @@ class ShardedCheckpointing:
                     r.copy_(cmd["space"]["r"][idx])
                 _copy(s["applied"], cmd["space"]["applied"])
                 s["r"] = self.r_full()
+                if self._half and "base" in cmd["space"]:
+                    views = self.shards.local_views()
+                    for j in self._half:
+                        src = cmd["space"]["base"][str(j)]
+                        _copy(views[j], (src.to_local() if hasattr(src, "to_local") else src).reshape(-1))
+                    s["r_base"].copy_(cmd["space"]["r_base"])
+                else:  # no bases saved: the model's values (loaded before or after this) hold the applied r
+                    s["r_base"].copy_(s["applied"])
+                s["delta"].copy_(s["applied"] - s["r_base"])
                 kernels.check_labels(s["labels"], s["n_modes"])
         self.phase, self._step, self._phase_step = meta["phase"], meta["step"], meta["phase_step"]
         self.cycle, self.seed, self.history = meta["cycle"], meta["seed"], meta["history"]

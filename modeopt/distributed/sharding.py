@@ -56,7 +56,8 @@ class ShardMap:
     def __init__(self, params: Sequence[Tensor]):
         from torch.distributed.tensor import DTensor, Shard
 
-        meshes = {id(p.device_mesh) for p in params if isinstance(p, DTensor)}
+        # equal meshes (the same ranks and group; FSDP2 may hand units equal copies), not only the same object
+        meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
         if len(meshes) != 1 or not all(isinstance(p, DTensor) for p in params):
             raise TypeError("modeopt: under FSDP2 every embedded parameter must be a DTensor on one device mesh; "
                             "keep parameters that are not sharded out of the embedding (exclude=)")
