@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from modeopt.utils.chunking import CHUNK_ELEMENTS
+from modeopt.utils.chunking import ASSIGN_CHUNK_ELEMENTS
 from modeopt.decomposition.clustering import cluster_samples
 from modeopt.decomposition.algorithm import NOTHING_MOVED, assign_and_fit, mode_order, scan_moving
 from modeopt.decomposition.sampling import sample_weights
@@ -93,7 +93,7 @@ def decompose_shards(trajectory: Trajectory, shards: ShardMap, layer_numels: lis
     m = clustering.n_modes
     reference = samples[clustering.reference]
     profiles = prof[clustering.reference]
-    chunk = max(1024, CHUNK_ELEMENTS // (t + m))  # as decompose() on the CPU
+    chunk = max(1024, ASSIGN_CHUNK_ELEMENTS // (t + m))  # as decompose() on the CPU
     bounds = [(i, min(i + chunk, n_local)) for i in range(0, n_local, chunk)]
     labels, a, b, _ = assign_and_fit(trajectory, profiles, local_rows, clustering.labels[owned], moving_local,
                                      bounds, progress=progress, device=cpu)

@@ -9,19 +9,18 @@ scan, sampling, clustering, assignment and fit, modes numbered by size as ``deco
 them) and writes each chunk's result straight into the final storage of its tensor:
 
 * labels in the compact label dtype (1 byte for ``M <= 256``), renumbered in place at the end;
-* ``a`` in ``coef_dtype``, divided in place by its mode's scale once every tensor is assigned (bfloat16:
-  rounded twice, before and after the division, which moves no weight: the model is exactly
-  ``a_stored * r + b`` whatever ``a`` holds); with ``coef_dtype=torch.int8`` each tensor's ``a`` is quantised
+* ``a`` in float32, divided in place by its mode's scale once every tensor is assigned (bfloat16:
+  then rounded once, one tensor at a time); with ``coef_dtype=torch.int8`` each tensor's ``a`` is quantised
   as soon as its last chunk is in (its float32 copy lives only that long) and the per-mode scale
   is folded into the codes' scales afterwards (``q * (s / scale) = (q * s) / scale``: the weights'
   direction, not the codes, carries the normalisation);
 * the "moving" masks (1 byte per weight) are freed tensor by tensor as the pass goes.
 
 So a switch peaks at the compact result plus one tensor's float32 coefficients and a few
-chunk-sized float64 buffers: 1 + 4 bytes per weight with float32 ``a`` (1 + 2 with bfloat16), about
-2.5 with int8 codes (while the labels are packed), against ~33 before. Results equal the two-step path's up to the
-rounding of a float64 sum taken per tensor instead of over everything (the mode scales), the bfloat16
-``a`` by one rounding, and the int8 codes by one in the rare case a code sits on a rounding tie.
+chunk-sized float64 buffers: 1 + 4 bytes per weight with float32 or bfloat16 ``a``, about 2.5 with
+int8 codes (while the labels are packed), against ~33 before. Results equal the two-step path's up to the
+rounding of a float64 sum taken per tensor instead of over everything (the mode scales), and the int8
+codes by one in the rare case a code sits on a rounding tie.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from modeopt.modespace import kernels
 from modeopt.modespace.kernels.encoding import CODE_MAX
 from modeopt.modespace.switch import ModeSpaceInit
 from modeopt.trajectories.trajectory import Trajectory
-from modeopt.utils.chunking import CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS
+from modeopt.utils.chunking import ASSIGN_CHUNK_ELEMENTS, CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS
 
 __all__ = ["StreamedInit", "stream_mode_space"]
 
@@ -146,12 +145,12 @@ def stream_mode_space(
     all_count = torch.zeros(m, dtype=torch.float64, device=dev)
     votes = torch.zeros(m, n_groups, dtype=torch.float64, device=dev)
     ref_now_dev = ref_now.to(device=dev, dtype=torch.float32)
-    width = max(1024, budget // (t + m))
+    width = max(1024, (ASSIGN_CHUNK_ELEMENTS if dev.type == "cpu" else budget) // (t + m))
     for i, (off, n, g, p) in enumerate(zip(offsets, sizes, param_group, params)):
         mine = owner == i
         lab_i = torch.empty(n, dtype=ldt, device=p.device)
-        # a in its final dtype (int8: float32 for this tensor only, quantised when it is done)
-        a_i = torch.empty(n, dtype=torch.float32 if int8 else coef_dtype, device=p.device)
+        # float32 (int8: for this tensor only, quantised when it is done; bf16: rounded once, after the scale)
+        a_i = torch.empty(n, dtype=torch.float32, device=p.device)
         fit_i = torch.empty(n, dtype=p.dtype, device=p.device) if fit else None
         bounds = [(j, min(j + width, n)) for j in range(0, n, width)]
         refs_here = [(j, int(row) - off) for j, row in enumerate(reference.tolist()) if off <= row < off + n]
@@ -163,10 +162,11 @@ def stream_mode_space(
                     ai[row - i0], bi[row - i0] = 1.0, 0.0
             mov = moving[i][i0:i1]
             sq += torch.bincount(lab, weights=ai.to(torch.float64) ** 2, minlength=m)
-            per_mode = torch.bincount(lab[mov], minlength=m).to(torch.float64)
-            count += per_mode
-            votes[:, g] += per_mode
-            all_count += torch.bincount(lab, minlength=m).to(torch.float64)
+            # moving and still weights per mode in one count (no boolean indexing): [moving | still]
+            both = torch.bincount(torch.where(mov, lab, lab + m), minlength=2 * m).to(torch.float64)
+            count += both[:m]
+            votes[:, g] += both[:m]
+            all_count += both[:m] + both[m:]
             lab_i[i0:i1] = lab.to(ldt)
             a_i[i0:i1] = ai
             if fit_i is not None:
@@ -201,6 +201,8 @@ def stream_mode_space(
             raw_scale[i] = (raw_scale[i].cpu()[order] / scale32).to(p.device)
         else:
             _divide_chunked(a[i], labels[i], scale32.to(p.device), width)
+            if coef_dtype != torch.float32:
+                a[i] = a[i].to(coef_dtype)  # one tensor's float32 copy at a time
     r_groups = torch.full((m,), param_group[0], dtype=torch.int64) if len(set(param_group)) == 1 \
         else votes.argmax(dim=1)
     return StreamedInit(
