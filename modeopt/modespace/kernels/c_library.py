@@ -13,8 +13,11 @@ labels ``u8``/``u16``/``i32`` or ``u4`` (packed two per byte); pointers to conti
 elements, packed labels starting at an even element):
 
 * ``reduce_<a>_<l>(g, a, lab, n, acc, M)`` - ``acc[bank][lab[i]] += double(a[i] * g[i])``, float32
-  ``g``, ``acc`` float64 of ``UNROLL * M``; ``fold_banks(acc, M, out)`` adds the banks into ``out``,
-  ``fold_banks_scaled(acc, M, scale, out)`` adds ``scale[m]`` (float64) times them;
+  ``g``, ``acc`` float64 of ``UNROLL * M``; ``reduce_<g>_<a>_<l>`` the same for bfloat16/float16 ``g``
+  (:data:`G_NAMES`; converted exactly to float32 first, so the sums are bit for bit those of the
+  float32 kernel on ``g.float()``; :func:`reduce_entry` names them); ``fold_banks(acc, M, out)``
+  adds the banks into ``out``, ``fold_banks_scaled(acc, M, scale, out)`` adds ``scale[m]``
+  (float64) times them;
 * ``update_<a>_<l>(w, a, lab, delta, n)`` - ``w[i] += a[i] * delta[lab[i]]``, float32 ``w``, ``delta``;
 * ``welford_<l>(w, mean, com, lab, dr, inv_n, n)`` - float32 ``w``, float64 moments and ``dr``;
 * ``assign_<l>(w, a, b, lab, r, n)`` - ``w[i] = a[i] * r[lab[i]] + b[i]``, all float32;
@@ -40,7 +43,7 @@ import torch
 
 from .switch import KernelWarning
 
-__all__ = ["SOURCE", "UNROLL", "A_NAMES", "L_NAMES", "W_NAMES", "PACKED", "library", "compiler", "library_path", "digest_path",
+__all__ = ["SOURCE", "UNROLL", "A_NAMES", "L_NAMES", "W_NAMES", "G_NAMES", "PACKED", "reduce_entry", "library", "compiler", "library_path", "digest_path",
            "sha256", "compile_library", "load"]
 
 logger = logging.getLogger("modeopt")
@@ -56,8 +59,19 @@ A_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "i8"}
 L_NAMES = {torch.uint8: "u8", torch.int16: "u16", torch.int32: "i32"}
 #: Half-precision weight dtypes ``form_*`` covers, and their names in the entry points.
 W_NAMES = {torch.bfloat16: "bf16", torch.float16: "f16"}
+#: Gradient dtypes ``reduce_*`` covers: float32 (``reduce_<a>_<l>``) and the half-precision ones
+#: named here (``reduce_<g>_<a>_<l>``), the gradients of bf16/fp16 models.
+G_NAMES = {torch.float32: "", torch.bfloat16: "bf16", torch.float16: "f16"}
 #: The name of packed 4-bit labels (uint8 storage, two per byte) in the entry points.
 PACKED = "u4"
+
+
+def reduce_entry(g: torch.dtype, a: torch.dtype, label_name: str) -> str:
+    """The name of the ``reduce`` entry point for gradients of dtype ``g`` (a key of :data:`G_NAMES`),
+    coefficients of dtype ``a`` (of :data:`A_NAMES`) and labels named ``label_name`` (of
+    :data:`L_NAMES`' values or :data:`PACKED`)."""
+    gn = G_NAMES[g]
+    return f"reduce_{gn + '_' if gn else ''}{A_NAMES[a]}_{label_name}"
 
 _lib = None
 _lib_tried = False
@@ -142,9 +156,10 @@ def load(path: Path) -> ctypes.CDLL:
         raise _KernelError(f"it cannot be loaded ({e})") from None
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
     try:
-        for an in A_NAMES.values():
+        for adt, an in A_NAMES.items():
             for ln in (*L_NAMES.values(), PACKED):
-                getattr(lib, f"reduce_{an}_{ln}").argtypes = [vp, vp, vp, i64, vp, i64]
+                for gdt in G_NAMES:
+                    getattr(lib, reduce_entry(gdt, adt, ln)).argtypes = [vp, vp, vp, i64, vp, i64]
                 getattr(lib, f"update_{an}_{ln}").argtypes = [vp, vp, vp, vp, i64]
                 for wn in W_NAMES.values():
                     getattr(lib, f"form_{wn}_{an}_{ln}").argtypes = [vp, vp, vp, vp, vp, i64]
@@ -167,6 +182,8 @@ def _self_test(lib: ctypes.CDLL) -> None:
     x32 = torch.randn(n, generator=g)
     lab = torch.randint(0, m, (n,), generator=g)
     delta = torch.randn(m, generator=g)
+    halves = {dt: w.to(dt) for dt in G_NAMES if dt != torch.float32}
+    halves[torch.float16][:3] = torch.tensor([2.0 ** -24, -3 * 2.0 ** -20, 2.0 ** -14])  # subnormals, the edge
     from .encoding import pack_labels
 
     with torch.no_grad():
@@ -182,6 +199,20 @@ def _self_test(lib: ctypes.CDLL) -> None:
                 ref = torch.bincount(lab, weights=(xf * w).to(torch.float64), minlength=m)
                 if not torch.allclose(out, ref, rtol=1e-12, atol=1e-12):
                     raise _KernelError(f"its reduce_{an}_{ln} disagrees with the torch reference")
+                for gdt, gh in halves.items():  # each half grad exactly as its float32 value
+                    name = reduce_entry(gdt, adt, ln)
+                    acc.zero_()
+                    got = torch.zeros(m, dtype=torch.float64)
+                    getattr(lib, name)(gh.data_ptr(), x.data_ptr(), lt.data_ptr(), n, acc.data_ptr(), m)
+                    lib.fold_banks(acc.data_ptr(), m, got.data_ptr())
+                    want = torch.zeros(m, dtype=torch.float64)
+                    gf = gh.to(torch.float32)
+                    acc.zero_()
+                    getattr(lib, f"reduce_{an}_{ln}")(gf.data_ptr(), x.data_ptr(), lt.data_ptr(), n, acc.data_ptr(), m)
+                    lib.fold_banks(acc.data_ptr(), m, want.data_ptr())
+                    ref = torch.bincount(lab, weights=(xf * gf).to(torch.float64), minlength=m)
+                    if not (torch.equal(got, want) and torch.allclose(got, ref, rtol=1e-12, atol=1e-12)):
+                        raise _KernelError(f"its {name} disagrees with the torch reference")
                 y = w.clone()
                 getattr(lib, f"update_{an}_{ln}")(y.data_ptr(), x.data_ptr(), lt.data_ptr(), delta.data_ptr(), n)
                 if not torch.allclose(y, w + xf * delta[lab], rtol=1e-6, atol=1e-6):

@@ -2,7 +2,9 @@
 
 The C kernels (:mod:`modeopt.modespace.kernels.c_library`) apply to float32 weights/grads, float32 or bfloat16
 ``a`` (float32 ``b``; float64 moments for ``welford``), uint8/int16(uint16)/int32 labels, all
-contiguous CPU tensors, while :func:`fused_available`; ``reduce`` and ``update`` also to the 8-bit
+contiguous CPU tensors, while :func:`fused_available`; ``reduce`` also to bfloat16/float16 grads (each
+tensor its own dtype; bit for bit as their float32 values), ``form`` to bfloat16/float16 weights;
+``reduce``, ``update`` and ``form`` also to the 8-bit
 encoding (int8 codes with per-tensor scales, labels packed 4 bits per weight or not; see
 :mod:`modeopt.modespace.kernels.encoding`). Anything else runs
 :mod:`modeopt.modespace.kernels.reference`. Arguments are per-tensor lists; labels lie in ``[0, M)``
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .c_library import A_NAMES, L_NAMES, PACKED, UNROLL, W_NAMES, library
+from .c_library import A_NAMES, G_NAMES, L_NAMES, PACKED, UNROLL, W_NAMES, library, reduce_entry
 from .encoding import is_packed
 from .switch import enabled
 
@@ -39,6 +41,7 @@ _F32 = (torch.float32,)
 _F64 = (torch.float64,)
 _A = tuple(A_NAMES)  # coefficient dtypes the C code reads
 _HALF = tuple(W_NAMES)  # weight dtypes form_* reads and writes
+_G = tuple(G_NAMES)  # gradient dtypes reduce_* reads: float32, bfloat16, float16
 
 
 def fused_available() -> bool:
@@ -147,7 +150,7 @@ def reduce(grads: Sequence[Tensor | None], a: Sequence[Tensor], labels: Sequence
     if rows:
         gs = [grads[j].reshape(-1) for j in rows]
         xs, ls = [a[j] for j in rows], [labels[j] for j in rows]
-        if _fusable((gs, _F32), (xs, _A), labels=ls):
+        if _fusable((gs, _G), (xs, _A), labels=ls):
             return _reduce_fused(gs, xs, ls, n_modes, [scales[j] for j in rows] if scales else None)
     return reference.reduce(grads, a, labels, n_modes, scales or None)
 
@@ -159,14 +162,15 @@ def _reduce_fused(gs, xs, ls, n_modes: int, scales) -> Tensor:
     pieces = _pieces([g.numel() for g in gs])
     acc = torch.zeros(len(pieces), UNROLL * n_modes, dtype=torch.float64)
     names = [_label_name(lab, g.numel()) for g, lab in zip(gs, ls)]
-    fns = [getattr(lib, f"reduce_{A_NAMES[x.dtype]}_{ln}") for x, ln in zip(xs, names)]
+    # per tensor the entry point of its grad, coefficient and label dtypes (one piece never spans two)
+    fns = [getattr(lib, reduce_entry(g.dtype, x.dtype, ln)) for g, x, ln in zip(gs, xs, names)]
 
     def _one(j_piece):
         j, (t, s, e) = j_piece
         g, x, lab = gs[t], xs[t], ls[t]
         # pieces start at multiples of PIECE (even): a packed label offset is s // 2 bytes
         off = s // 2 if names[t] == PACKED else lab.element_size() * s
-        fns[t](g.data_ptr() + 4 * s, x.data_ptr() + x.element_size() * s, lab.data_ptr() + off,
+        fns[t](g.data_ptr() + g.element_size() * s, x.data_ptr() + x.element_size() * s, lab.data_ptr() + off,
                e - s, acc[j].data_ptr(), n_modes)
 
     _run_split(_one, list(enumerate(pieces)))

@@ -1,6 +1,7 @@
 /* Fused CPU kernels of the mode-space step (modeopt/modespace/kernels/c_library.py builds and loads this file).
  *
  *   reduce:  acc[bank][lab[i]] += (double)(a[i] * g[i])        over a range of elements
+ *            (g float32, bfloat16 or float16, converted exactly to float32 before the product)
  *   update:  w[i] += a[i] * delta[lab[i]]                       (float32 weights, in place)
  *
  * Both are memory-light passes whose cost on CPU is set by loads per element, not bandwidth:
@@ -126,17 +127,23 @@ static inline void scatter_u4(const float *v, const uint8_t *L, int64_t len, dou
     for (; j < len; ++j) acc[LGET_u4(L, j)] += v[j];
 }
 
-#define DEFINE_REDUCE(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                           \
-    void reduce_##ANAME##_##LNAME(const float *restrict g, const ATYPE *restrict a,                \
-                                  const LTYPE *restrict lab, int64_t n,                            \
-                                  double *restrict acc /* UNROLL * m, zeroed */, int64_t m) {      \
+/* The reduction NAME over gradients of GTYPE, read as float32 by GCONV (exact for every gradient
+ * dtype: float32 itself, bfloat16 or float16), so that each product a[i] * g[i] is the float32
+ * product of torch's g.float() * a.float(), and the scatter (banks, order) is the same whatever
+ * the gradient dtype: a half gradient reduces bit for bit as its float32 conversion. */
+#define DEFINE_REDUCE_G(NAME, GTYPE, GCONV, ATYPE, ACONV, LNAME, LTYPE)                           \
+    void NAME(const GTYPE *restrict g, const ATYPE *restrict a, const LTYPE *restrict lab,         \
+              int64_t n, double *restrict acc /* UNROLL * m, zeroed */, int64_t m) {               \
         float v[BLK] __attribute__((aligned(64)));                                                 \
         for (int64_t b0 = 0; b0 < n; b0 += BLK) {                                                  \
             int64_t len = n - b0 < BLK ? n - b0 : BLK;                                             \
-            for (int64_t j = 0; j < len; ++j) v[j] = ACONV(a[b0 + j]) * g[b0 + j];                 \
+            for (int64_t j = 0; j < len; ++j) v[j] = ACONV(a[b0 + j]) * GCONV(g[b0 + j]);          \
             scatter_##LNAME(v, LOFF_##LNAME(lab, b0), len, acc, m);                                \
         }                                                                                          \
     }
+/* float32 gradients: reduce_<a>_<l>. */
+#define DEFINE_REDUCE(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                           \
+    DEFINE_REDUCE_G(reduce_##ANAME##_##LNAME, float, f32_to_f32, ATYPE, ACONV, LNAME, LTYPE)
 
 #define DEFINE_KERNELS(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                          \
     DEFINE_REDUCE(ANAME, ATYPE, ACONV, LNAME, LTYPE)                                               \
@@ -189,6 +196,19 @@ DEFINE_ONLINE(i32, int32_t)
 DEFINE_FOR_A(f32, float, f32_to_f32)
 DEFINE_FOR_A(bf16, uint16_t, bf16_to_f32)
 DEFINE_FOR_A(i8, int8_t, i8_to_f32)
+
+/* Half-precision gradients (bf16/fp16 models), stored as uint16: reduce_<g>_<a>_<l>. */
+#define DEFINE_REDUCE_HALF_A(GNAME, GCONV, ANAME, ATYPE, ACONV)                                    \
+    DEFINE_REDUCE_G(reduce_##GNAME##_##ANAME##_u8, uint16_t, GCONV, ATYPE, ACONV, u8, uint8_t)     \
+    DEFINE_REDUCE_G(reduce_##GNAME##_##ANAME##_u16, uint16_t, GCONV, ATYPE, ACONV, u16, uint16_t)  \
+    DEFINE_REDUCE_G(reduce_##GNAME##_##ANAME##_i32, uint16_t, GCONV, ATYPE, ACONV, i32, int32_t)   \
+    DEFINE_REDUCE_G(reduce_##GNAME##_##ANAME##_u4, uint16_t, GCONV, ATYPE, ACONV, u4, uint8_t)
+#define DEFINE_REDUCE_HALF(GNAME, GCONV)                                                           \
+    DEFINE_REDUCE_HALF_A(GNAME, GCONV, f32, float, f32_to_f32)                                     \
+    DEFINE_REDUCE_HALF_A(GNAME, GCONV, bf16, uint16_t, bf16_to_f32)                                \
+    DEFINE_REDUCE_HALF_A(GNAME, GCONV, i8, int8_t, i8_to_f32)
+DEFINE_REDUCE_HALF(bf16, bf16_to_f32)
+DEFINE_REDUCE_HALF(f16, f16_to_f32)
 
 /* out[j] += sum over banks of acc[bank][j], banks in order. */
 void fold_banks(const double *acc, int64_t m, double *out) {

@@ -22,8 +22,9 @@ size, ``ceil(numel / 2)`` bytes).
 
 Implementations, chosen by the dispatcher from the tensors' device:
 
-* **CPU** - :mod:`modeopt.modespace.kernels.cpu`: the fused C kernels when usable (float32 weights,
-  contiguous, compact labels), else the torch reference;
+* **CPU** - :mod:`modeopt.modespace.kernels.cpu`: the fused C kernels when usable (float32 weights;
+  float32/bf16/fp16 grads for ``mode_reduce``, bf16/fp16 weights for ``mode_form``; contiguous,
+  compact labels), else the torch reference;
 * **CUDA** - :mod:`modeopt.modespace.kernels.cuda`: the Triton kernels when Triton imports and the case is
   covered (fp32/bf16/fp16 weights, fp32/bf16 ``a``, contiguous, ``mode_reduce`` up to
   ``MAX_REDUCE_MODES`` modes), else the torch reference (a non-contiguous weight, e.g.
