@@ -354,20 +354,22 @@ class Blockwise(Method):
 
     def formula(self, phase):
         # BlockwiseCMD's docstring: "the active block's gradients, base state and steps_per_block //
-        # snapshot_every + 1 snapshots of it; a (2 or 4 B) and a label (1 B for M <= 256) per weight of each
-        # finished block"; docs/finetuning.md: the recording is (2 T + 4) B per weight in bf16 (movements +
-        # a float32 anchor), and the embedding of a block needs ~12 B per weight of it above its recording
-        # (21.3 MiB for a 1.77 M-weight MiniLM layer, block_embedding_memory.md). Worst case of the run: the
-        # last block's embedding with every other block finished.
+        # snapshot_every + 1 snapshots of it; a and a label per weight of each finished block (1.5 B with
+        # int8 and M <= 16, 3 B with bf16 a)"; docs/optimizer.md 'Memory': a bf16 recording of bf16 weights
+        # is (2 T + 2) B per weight (movements + a bf16 anchor); the embedding frees the block's gradients
+        # first and its AdamW state once the clustering succeeded, so its worst moment is the scan: the
+        # state, the recording and 1 B per weight of "moving" masks. Worst case of the run: the last block,
+        # every other block finished.
         emb = [sum(p.numel() for _, p in e) for e in self.opt._emb]
         last = emb[-1]
         done = sum(emb[:-1]) if phase in ("block", "embed") else sum(emb)
         t = STEPS_PER_BLOCK + 1
-        if phase in ("block", "embed"):
-            return {"grads": 2 * last, "optimizer_state": 4 * last, "recording": (2 * t + 4) * last,
-                    "a": (self.coef_bytes - self._label_bytes()) * done, "labels": done * self._label_bytes(),
-                    "embedding_transient": 12 * last}
-        return {"a": (self.coef_bytes - self._label_bytes()) * done, "labels": done * self._label_bytes()}
+        finished = {"a": (self.coef_bytes - self._label_bytes()) * done, "labels": done * self._label_bytes()}
+        if phase == "block":
+            return {"grads": 2 * last, "optimizer_state": 4 * last, "recording": (2 * t + 2) * last, **finished}
+        if phase == "embed":
+            return {"optimizer_state": 4 * last, "recording": (2 * t + 2) * last, "moving_masks": last, **finished}
+        return finished
 
     def _label_bytes(self) -> float:
         return 1.0 if self.coef_dtype is None else 0.5

@@ -98,8 +98,12 @@ class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording,
         progress: progress bars during the decomposition (``None``: only on a terminal).
 
     Warm-up memory: ``min(T, max_snapshots) * N * itemsize(record_dtype)`` bytes (+ ``4 N`` for
-    the baseline of a bf16/fp16 recording), ``T = warmup_steps // snapshot_every``, N the number
-    of embedded weights. Embedded-phase memory per embedded weight, on every device: its mode
+    the baseline of a bf16/fp16 recording, ``2 N`` when the weights are bf16/fp16 themselves),
+    ``T = warmup_steps // snapshot_every``, N the number of embedded weights; with ``record_dir`` in a
+    file whose pages leave the process as they are written and read. The switch frees the weights'
+    gradients, then (once the clustering succeeded) their optimizer state, and writes the result
+    straight into compact storage: its peak is the warm-up state plus 1 byte per weight, or the
+    embedded storage plus one tensor's float32 coefficients. Embedded-phase memory per embedded weight, on every device: its mode
     (1 byte for M <= 256, 2 up to 65,536, else 4) and ``a`` (4 bytes, or 2 in bfloat16), instead of
     the base optimizer's state (``coef_dtype=torch.int8``, ``M <= 16``: 1.5 bytes for both, plus
     ``4 M`` bytes of scales per tensor); no weight gradient outlives its layer's backward.

@@ -20,8 +20,8 @@ from .trajectory import Trajectory
 
 __all__ = ["SnapshotBuffer", "TrajectoryRecorder"]
 
-#: values of a half-precision snapshot converted at once (4 MiB of float32)
-APPEND_CHUNK = 1 << 20
+#: values of a snapshot written at once (256 KiB of float32): the record step adds no more than this to the warm-up
+APPEND_CHUNK = 1 << 16
 
 
 class TrajectoryRecorder:
@@ -169,13 +169,15 @@ class SnapshotBuffer:
             return
         if rows is None:
             rows = range(min(self.count, self.data.shape[0]))
+        # A read fault maps the neighbouring pages already in the page cache too (the kernel's
+        # "fault-around", 64 KiB by default), so pages just outside a range read are dropped as well.
         item = self.dtype.itemsize
-        base = self.data.data_ptr()
+        end = self.data.numel() * item
         for r in rows:
-            drop_pages(base + (r * self.n + start) * item, (stop - start) * item)
+            _drop_range(self.data.data_ptr(), end, (r * self.n + start) * item, (r * self.n + stop) * item)
         if self.anchor is not None:
             item = self.anchor.element_size()
-            drop_pages(self.anchor.data_ptr() + start * item, (stop - start) * item)
+            _drop_range(self.anchor.data_ptr(), self.anchor.numel() * item, start * item, stop * item)
 
     @property
     def nbytes(self) -> int:
@@ -394,3 +396,14 @@ class SnapshotBuffer:
             self.anchor.copy_(anchor)
         self.evict()
         return dropped
+
+
+#: bytes dropped beyond each end of a range read (covers the kernel's fault-around window)
+_FAULT_AROUND = 1 << 18
+
+
+def _drop_range(base: int, size: int, lo: int, hi: int) -> None:
+    """Drop bytes ``[lo, hi)`` (widened by :data:`_FAULT_AROUND`, clamped to ``[0, size)``) of the mapping at ``base``."""
+    lo, hi = max(0, lo - _FAULT_AROUND), min(size, hi + _FAULT_AROUND)
+    if hi > lo:
+        drop_pages(base + lo, hi - lo)

@@ -82,8 +82,15 @@ class Trajectory:
         # Row by row: indexing a column-sliced view (one tensor of a recording) in one call may read the
         # whole slice; each time row of it is contiguous, so this reads only the K values it needs.
         index = torch.as_tensor(index, dtype=torch.int64)
-        x = torch.stack([row.index_select(0, index) for row in self.data]).T if index.dim() == 1 \
-            else self.data[:, index].T
+        if index.dim() == 1:
+            rows = []
+            for row in self.data:
+                rows.append(row.index_select(0, index))
+                if self.evict is not None:  # each scattered read maps up to 64 KiB around it (fault-around)
+                    self.evict(0, self.n_weights)
+            x = torch.stack(rows).T
+        else:
+            x = self.data[:, index].T
         if self.offset is not None:
             x = x.to(torch.float32) + self.offset[index, None]
         return x if dtype is None else x.to(dtype)
