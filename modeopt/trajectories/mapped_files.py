@@ -24,27 +24,32 @@ __all__ = ["map_file", "drop_pages"]
 
 
 def map_file(directory, numel: int, dtype: torch.dtype) -> Tensor:
-        """``numel`` values of ``dtype`` in a new shared mapping of a file under ``directory`` (its blocks reserved)."""
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix="snapshots-", suffix=".bin", dir=directory)
-        try:
-            # A sparse file would get its blocks on first write into the mapping: on a full disk that
-            # write kills the process with SIGBUS. Reserve every block now and fail here instead.
-            _reserve(fd, numel * dtype.itemsize, directory)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
+    """``numel`` values of ``dtype`` in a new shared mapping of a file under ``directory`` (its blocks reserved)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="snapshots-", suffix=".bin", dir=directory)
+    try:
+        # A sparse file would get its blocks on first write into the mapping: on a full disk that
+        # write kills the process with SIGBUS. Reserve every block now and fail here instead.
+        _reserve(fd, numel * dtype.itemsize, directory)
+    except BaseException:
         os.close(fd)
-        try:
-            t = torch.from_file(path, shared=True, size=numel, dtype=dtype)
-        finally:
-            os.unlink(path)  # the mapping keeps the pages; the file vanishes with the process
-        return t
+        os.unlink(path)
+        raise
+    os.close(fd)
+    try:
+        t = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    finally:
+        os.unlink(path)  # the mapping keeps the pages; the file vanishes with the process
+    if _MADVISE is not None and t.numel():
+        # Reads stride across the file (one segment per snapshot): readahead and the kernel's mapping of
+        # neighbouring cached pages would keep pages resident that drop_pages has not been told about.
+        _MADVISE(t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE, t.numel() * t.element_size(), _MADV_RANDOM)
+    return t
 
 
 _ZERO_CHUNK = 1 << 24  # bytes written at a time where posix_fallocate is not supported
 _MADV_DONTNEED = 4
+_MADV_RANDOM = 1
 
 
 def _madvise():
