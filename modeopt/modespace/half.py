@@ -10,7 +10,7 @@ frozen base, so each weight is within half an ulp of its exact mode-space value 
 of steps. No byte more per weight is kept, and a formed tensor lives only as long as the operation
 that reads it: during a forward the weight's ``_parameters`` entry holds a stand-in
 (:class:`~modeopt.modespace.on_use.FormedOnUse`, the base's storage) that hands each operation
-consuming it the weight formed then (:meth:`HalfPrecision._use`), whoever reads it (its module, a
+consuming it the weight formed then (:meth:`~modeopt.modespace.swapping.Swapping._use`), whoever reads it (its module, a
 parent reading a child's weight directly, a custom autograd function); under ``torch.compile`` every
 half weight is formed when the forward starts instead. Autograd does not keep the formed weights for
 backward either: while the root forward runs, a saved-tensor hook stores a formed weight (or a view
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from modeopt.modespace import kernels
-from modeopt.modespace.on_use import FormedOnUse, Use
+from modeopt.modespace.on_use import FormedOnUse
 
 __all__ = ["HALF_DTYPES", "HalfPrecision", "check_base_state", "current_values", "load_current_values"]
 
@@ -81,18 +81,6 @@ class HalfPrecision:
         tensor itself for a float32 weight, a new formed tensor for a half-precision one."""
         formed = self._form(self.half)
         return [formed.get(i, p.detach()) for i, p in enumerate(self.params)]
-
-    def _use(self, i: int, via: Tensor | None) -> Tensor:
-        """Weight ``i`` formed for one operation (:class:`~modeopt.modespace.on_use.FormedOnUse`): a new
-        tensor, entering the autograd graph through :class:`~modeopt.modespace.on_use.Use` when ``via``
-        (its ReadThrough output) is given and autograd records; then an operation that saves it for
-        backward saves a token (:meth:`_enter_saving`)."""
-        p = self.params[i]
-        w = self._form([i], None if self._deltas is None else self._deltas.get(p.device))[i]
-        if via is None or not torch.is_grad_enabled():
-            return w
-        self._note_formed(i, w)
-        return Use.apply(via, w)
 
     # ------------------------------------------------ saved tensors of a forward (half precision)
     def _enter_saving(self, devices) -> None:

@@ -1,26 +1,32 @@
-"""Half-precision weights formed by each operation that reads them, not once for the whole forward.
+"""Embedded weights read through a stand-in during a forward: half-precision ones formed by each
+operation that reads them, and every weight's autograd node made when it is first read.
 
-While a model in mode space runs its forward, the ``_parameters`` entry of each bfloat16/float16
-embedded weight holds a :class:`FormedOnUse`: a tensor with the frozen base's storage, shape, dtype
-and device (no copy), whose ``__torch_function__`` hands every operation that consumes it the weight
-*formed* from the base (``round(base + a * (r_in_weights - r_base)[m])``,
-:meth:`~modeopt.modespace.half.HalfPrecision._use`) instead. The formed tensor lives as long as that
-operation (or what it returns, e.g. a view ``w.t()``) holds it: at most one operation's weights are
-formed at a time, instead of every half-precision weight of the model for the whole forward. An
-operation that saves it for backward saves a token (the saved-tensor hooks of
-:mod:`modeopt.modespace.half`), so the backward forms it again.
+While a model in mode space runs its forward, the ``_parameters`` entry of each embedded weight holds a
+:class:`FormedOnUse` (a tensor with the parameter's storage, shape, dtype and device: no copy) whose
+``__torch_function__`` hands every operation that consumes it what that operation must read
+(:meth:`~modeopt.modespace.swapping.Swapping._use`):
 
-Every reader gets the current value, whoever it is: the owner module's own forward, a parent that
+* a bfloat16/float16 weight *formed* from its frozen base (``round(base + a * (r_in_weights - r_base)[m])``).
+  The formed tensor lives as long as that operation (or what it returns, e.g. a view ``w.t()``) holds
+  it: at most one operation's weights are formed at a time, instead of every half-precision weight of
+  the model for the whole forward. An operation that saves it for backward saves a token (the
+  saved-tensor hooks of :mod:`modeopt.modespace.half`), so the backward forms it again;
+* with autograd, the output of the weight's :class:`~modeopt.modespace.read_through.ReadThrough` node
+  (float32 weights: a view of the parameter; half ones enter the graph through :class:`Use`, which hands
+  the formed weight's gradient to it). The node of a group of weights is made when one of them is first
+  read, not when the forward starts: autograd runs the ready node made *last* first, so a node made at
+  the start waited for the whole backward and kept every embedded weight's gradient alive until then
+  (a full gradient-sized copy of the model); made at first use, it runs right after its readers'.
+  The stand-in itself aliases a node made when the forward starts: a custom ``autograd.Function``
+  handed the stand-in as it is (its forward runs without autograd, so nothing is substituted at its
+  input) sends its gradient there. Only such uses wait for the end of the backward.
+
+Every reader gets the right tensor, whoever it is: the owner module's own forward, a parent that
 reads a child's weight directly (``F.linear(x, self.embed.weight)``, tied heads, custom code), a
 custom ``autograd.Function`` (its forward's operations form it; its gradient reaches ``r`` through
-the tensor's own autograd history). Only reading metadata (shape, dtype, device, ``requires_grad``,
-...) does not form. A raw pointer (``data_ptr()``, ``__cuda_array_interface__``, e.g. a Triton
-kernel launched by hand) gets one of a formed copy that is kept until the forward ends.
-
-With autograd, the slot tensor is an alias of :class:`~modeopt.modespace.read_through.ReadThrough`'s
-output for the weight (its group's node, as for float32 weights), and each formed weight enters the
-graph through :class:`Use`, which hands its gradient to that output: ``dL/dr`` is reduced per group
-exactly as when every weight was formed at the forward's start.
+the stand-in's own autograd history). Reading metadata (shape, dtype, device, ...) forms nothing.
+A raw pointer (``data_ptr()``, ``__cuda_array_interface__``, e.g. a Triton kernel launched by hand)
+gets one of a formed copy that is kept until the forward ends.
 """
 
 from __future__ import annotations
@@ -50,13 +56,11 @@ class FormedOnUse(Tensor):
     """A half-precision embedded weight's stand-in during a forward (module docstring).
 
     Attributes (set by :func:`on_use`): ``modeopt_space`` (the ModeSpace), ``modeopt_index`` (which of its
-    embedded tensors), ``modeopt_via`` (the ReadThrough output the formed weight's gradient goes to,
-    a plain alias of the base; None in a forward without autograd).
+    embedded tensors).
     """
 
     modeopt_space: Any
     modeopt_index: int
-    modeopt_via: Tensor | None
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -79,7 +83,7 @@ def _formed(obj, made: dict[int, tuple[FormedOnUse, Tensor]]):
     if isinstance(obj, FormedOnUse):
         got = made.get(id(obj))
         if got is None:
-            got = made[id(obj)] = (obj, obj.modeopt_space._use(obj.modeopt_index, obj.modeopt_via))
+            got = made[id(obj)] = (obj, obj.modeopt_space._use(obj.modeopt_index))
         return got[1]
     if type(obj) in (list, tuple):
         return type(obj)(_formed(x, made) for x in obj)
@@ -104,9 +108,10 @@ class Use(torch.autograd.Function):
 
 
 def on_use(space, index: int, via: Tensor | None) -> FormedOnUse:
-    """The stand-in for embedded tensor ``index`` of ``space`` (module docstring): an alias of ``via``
-    (the weight's ReadThrough output, carrying its autograd history) or, without autograd, of the base."""
+    """The stand-in for embedded tensor ``index`` of ``space`` (module docstring): an alias of ``via`` (the
+    weight's ReadThrough output made when the forward started, carrying its autograd history for a
+    custom ``autograd.Function`` handed the stand-in itself) or, without autograd, of the parameter."""
     with torch._C.DisableTorchFunctionSubclass():
         z = (via if via is not None else space.params[index].detach()).as_subclass(FormedOnUse)
-    z.modeopt_space, z.modeopt_index, z.modeopt_via = space, index, via
+    z.modeopt_space, z.modeopt_index = space, index
     return z

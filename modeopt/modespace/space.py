@@ -210,6 +210,7 @@ class ModeSpace(Swapping, HalfPrecision):
         self._formed_at: dict[int, tuple] = {}
         self._deltas: dict[torch.device, Tensor] | None = None  # r_in_weights - r_base per device, in a forward
         self._pinned: list[Tensor] = []  # formed weights kept until the forward ends (see swapping)
+        self._lazy = None  # in a forward with autograd: (r, group of each tensor, ReadThrough outputs made so far)
         self.requires_grad_before = [p.requires_grad for p in self.params]
         self._owners = self._find_owners(model)
         self._groups = self._group(range(len(self.params)))
@@ -418,6 +419,7 @@ class ModeSpace(Swapping, HalfPrecision):
                                  r_base=self.r_in_weights.clone(), _saving=None, _formed_at={})
         self.__dict__.setdefault("_deltas", None)  # pickled before half weights were formed on use
         self.__dict__.setdefault("_pinned", [])
+        self.__dict__.setdefault("_lazy", None)
         if "a_scale" not in state:
             self.__dict__.update(a_scale=None, coef_dtype=self.a[0].dtype if self.a else torch.float32)
 
