@@ -8,7 +8,8 @@ tensors. Gradients reach ``r`` through a custom autograd function:
 * forward - returns the stored weight itself (a view, no copy, no arithmetic);
 * backward - reduces the weight's gradient to ``dL/dr_m = sum_{i in m} a_i dL/dw_i`` with a
   deterministic float64 segment sum (``torch.ops.modeopt.mode_reduce``), so no N-sized gradient
-  outlives the layer's backward.
+  outlives the layer's backward (in an eager forward the node is made when the weight is first
+  read, :mod:`modeopt.modespace.on_use`: a node made earlier would run after the whole backward).
 
 After the optimizer changes ``r``, :meth:`ModeSpace.sync` writes ``w += a * dr[m]`` in place
 (``torch.ops.modeopt.mode_update``), without a host synchronisation.
@@ -24,8 +25,9 @@ The autograd function takes only tensors and ints, so ``torch.compile(model, ful
 traces the hooks, the swap and the backward (the operator is opaque to it).
 
 Which tensor a module's forward reads is switched by forward hooks: while a module that owns
-embedded weights (or the root model) runs, its ``_parameters[name]`` entry holds the function's
-output instead of the bare parameter, and it is restored afterwards (also when forward raises).
+embedded weights (or the root model) runs, its ``_parameters[name]`` entry holds a stand-in (eager:
+:class:`~modeopt.modespace.on_use.FormedOnUse`) or the function's output (compiled) instead of the bare
+parameter, and it is restored afterwards (also when forward raises).
 The entry is written directly, as ``torch.nn.utils.parametrize`` does: ``register_parameter`` and
 ``setattr`` accept only ``nn.Parameter`` (the output is a non-leaf tensor), and this runs at every
 forward, where a parametrization's wrapper class would cost a property call per weight access.
