@@ -17,7 +17,6 @@ from torch import Tensor
 from modeopt.modespace.streamed_switch import StreamedInit, stream_mode_space
 from modeopt.trajectories.layout import ParamLayout
 from modeopt.trajectories.snapshots import SnapshotBuffer
-from modeopt.trajectories.trajectory import Trajectory
 
 __all__ = ["embed_block"]
 
@@ -49,7 +48,8 @@ def embed_block(recordings: list[SnapshotBuffer], names: Sequence[str], params: 
     Raises:
         ValueError: NaN/inf in the recording (naming the tensor), nothing moving, fewer than 3 samples.
     """
-    trajs = [_trajectory(rec, name, p.shape) for rec, name, p in zip(recordings, names, params)]
+    trajs = [rec.per_tensor(ParamLayout([name], [tuple(p.shape)]))[0]
+             for rec, name, p in zip(recordings, names, params)]
 
     def consumed(i: int) -> None:
         recordings[0] = None  # tensor i's recording (the list shrinks as tensors are done)
@@ -63,7 +63,3 @@ def embed_block(recordings: list[SnapshotBuffer], names: Sequence[str], params: 
         raise ValueError(f"the block cannot be embedded: {e}. Lower the learning rate or clip gradients if the "
                          "recording diverged, and resume from a checkpoint") from None
 
-
-def _trajectory(rec: SnapshotBuffer, name: str, shape: Sequence[int]) -> Trajectory:
-    data, steps = rec.raw()
-    return Trajectory(data, ParamLayout([name], [tuple(shape)]), steps, rec.anchor, evict=rec.evict)

@@ -24,7 +24,6 @@ groups and state); :mod:`~modeopt.modespace.switch` computes the initial mode sp
 
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -46,8 +45,6 @@ from modeopt.optim.param_groups import Exclude, ParamGroupGuard
 from modeopt.optim.phase_hooks import PhaseHooks
 from modeopt.trajectories.snapshots import SnapshotBuffer
 from modeopt.modespace.switch import switch_device, world_size
-from modeopt.trajectories.layout import ParamLayout
-from modeopt.trajectories.trajectory import Trajectory
 from .warmup_recording import WarmupRecording
 
 __all__ = ["CMDOptimizer", "NonFiniteWarning"]
@@ -298,13 +295,7 @@ class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording,
         check_not_in_mode_space(self.model)  # before the switch frees anything
         for p in self._emb_params:  # the last step's gradients of the weights: mode space has its own
             p.grad = None
-        buffer = self._buffer
-        data, steps = buffer.raw()
-        anchor = buffer.anchor
-        trajs = [Trajectory(data[:, s.offset : s.stop], ParamLayout([s.name], [s.shape]), steps,
-                            None if anchor is None else anchor[s.offset : s.stop],
-                            evict=functools.partial(_evict_from, buffer, s.offset)) for s in self._layout.specs]
-        del data, anchor
+        trajs = self._buffer.per_tensor(self._layout)
         # The passes run where the weights are (the result, too); see switch_device. Tensor by tensor,
         # keeping only what mode space keeps (modeopt.modespace.streamed_switch); once the clustering has
         # succeeded nothing can fail for the data's sake, so the weights' optimizer state and gradients,
@@ -314,7 +305,7 @@ class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording,
             n_samples=self.n_samples, seed=self.seed + self.cycle, mode_scale=self.mode_scale,
             coef_dtype=self.coef_dtype, fit=self.init == "fit", device=switch_device(self._emb_params),
             progress=self.progress, before_assign=self._free_weight_state)
-        del trajs, buffer
+        del trajs
         self._buffer = None
         m = int(init.r.numel())
         fit = init.fit
@@ -338,11 +329,10 @@ class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording,
         self._fire("embedded")
 
     def _free_weight_state(self) -> None:
-        """The embedded weights' gradients and base-optimizer state: what mode space replaces (freed at the
-        switch before the full decomposition pass, whose result takes their place in memory)."""
+        """The embedded weights' base-optimizer state: what mode space replaces (freed at the switch before the
+        full decomposition pass, whose result takes its place in memory; their gradients went first)."""
         for p in self._emb_params:
             self.base.state.pop(p, None)
-            p.grad = None
 
     def _enter(self, *, labels: Sequence[Tensor], a: Sequence[Tensor], r_groups: Tensor, r: Tensor,
                a_scale: Sequence[Tensor] | None = None) -> None:
@@ -435,7 +425,3 @@ class CMDOptimizer(PhaseHooks, ParamGroupGuard, NonFiniteGuard, WarmupRecording,
                 self._phase_step = 0
                 self._fire("unembedded")
 
-
-def _evict_from(buffer: SnapshotBuffer, offset: int, start: int, stop: int) -> None:
-    """Evict weights ``start:stop`` of the tensor at ``offset`` of ``buffer`` (a switch pass read them)."""
-    buffer.evict(offset + start, offset + stop)

@@ -36,7 +36,6 @@ from modeopt.decomposition.algorithm import NOTHING_MOVED, assign_chunks, mode_o
 from modeopt.decomposition.clustering import cluster_samples
 from modeopt.decomposition.sampling import sample_weights
 from modeopt.modespace import kernels
-from modeopt.modespace.kernels.encoding import CODE_MAX
 from modeopt.modespace.switch import ModeSpaceInit
 from modeopt.trajectories.trajectory import Trajectory
 from modeopt.utils.chunking import ASSIGN_CHUNK_ELEMENTS, CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS
@@ -141,9 +140,8 @@ def stream_mode_space(
     raw_scale: list[Tensor] = []  # int8: per tensor, max |a| / 127 per mode (clustering numbering)
     fits: list[Tensor] = []
     sq = torch.zeros(m, dtype=torch.float64, device=dev)
-    count = torch.zeros(m, dtype=torch.float64, device=dev)
     all_count = torch.zeros(m, dtype=torch.float64, device=dev)
-    votes = torch.zeros(m, n_groups, dtype=torch.float64, device=dev)
+    votes = torch.zeros(m, n_groups, dtype=torch.float64, device=dev)  # moving weights per (mode, group)
     ref_now_dev = ref_now.to(device=dev, dtype=torch.float32)
     width = max(1024, (ASSIGN_CHUNK_ELEMENTS if dev.type == "cpu" else budget) // (t + m))
     for i, (off, n, g, p) in enumerate(zip(offsets, sizes, param_group, params)):
@@ -164,7 +162,6 @@ def stream_mode_space(
             sq += torch.bincount(lab, weights=ai.to(torch.float64) ** 2, minlength=m)
             # moving and still weights per mode in one count (no boolean indexing): [moving | still]
             both = torch.bincount(torch.where(mov, lab, lab + m), minlength=2 * m).to(torch.float64)
-            count += both[:m]
             votes[:, g] += both[:m]
             all_count += both[:m] + both[m:]
             lab_i[i0:i1] = lab.to(ldt)
@@ -176,7 +173,7 @@ def stream_mode_space(
         if consumed is not None:
             consumed(i)
         if int8:
-            q, s = _quantize_chunked(a_i, lab_i, m, width)
+            q, s = kernels.quantize(a_i, lab_i, m)
             del a_i
             a.append(q)
             raw_scale.append(s)
@@ -187,6 +184,7 @@ def stream_mode_space(
             fits.append(fit_i.view_as(p))
 
     # Modes numbered by decreasing size (decompose's numbering); every per-mode array follows.
+    count = votes.sum(dim=1)  # moving weights per mode
     order = mode_order(count.cpu(), reference)
     relabel = torch.empty(m, dtype=torch.int64)
     relabel[order] = torch.arange(m)
@@ -210,23 +208,6 @@ def stream_mode_space(
         scale=scale, a_scale=raw_scale if int8 else None, fit=fits if fit else None,
         sizes=[int(c) for c in count.tolist()], label_counts=[int(c) for c in all_count.tolist()],
         n_constant=sum(sizes) - int(count.sum()), reference=reference)
-
-
-def _quantize_chunked(a: Tensor, labels: Tensor, m: int, width: int) -> tuple[Tensor, Tensor]:
-    """:func:`~modeopt.modespace.kernels.encoding.quantize` of one tensor, chunk by chunk (its temporaries
-    are chunk-sized): int8 codes and ``(M,)`` float32 scales, the same values."""
-    amax = torch.zeros(m, dtype=torch.float32, device=a.device)
-    for i0 in range(0, a.numel(), width):
-        amax.scatter_reduce_(0, labels[i0 : i0 + width].to(torch.int64), a[i0 : i0 + width].abs(), reduce="amax",
-                             include_self=True)
-    scale = amax / CODE_MAX
-    q = torch.empty(a.numel(), dtype=torch.int8, device=a.device)
-    for i0 in range(0, a.numel(), width):
-        x = a[i0 : i0 + width]
-        per = scale[labels[i0 : i0 + width].to(torch.int64)]
-        safe = torch.where(per > 0, per, torch.ones_like(per))
-        q[i0 : i0 + width] = torch.where(per > 0, torch.round(x / safe), torch.zeros_like(x)).clamp_(-CODE_MAX, CODE_MAX)
-    return q, scale
 
 
 def _relabel_chunked(labels: Tensor, relabel: Tensor, width: int) -> Tensor:

@@ -7,6 +7,7 @@ parameters into one during any training loop and hands back a :class:`~modeopt.T
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -159,8 +160,9 @@ class SnapshotBuffer:
         A memory-mapped recording's pages count in the process's RSS once touched, so a warm-up that
         writes T snapshots and a switch that reads them back would hold the whole file resident. The
         data stays in the file (the kernel's page cache may keep it, reclaimable); the next read
-        faults it back in. Called after each append and, through :attr:`Trajectory.evict`, after each
-        chunk a decomposition pass has read.
+        faults it back in. Called as each chunk of an append is written and, through
+        :attr:`Trajectory.evict`, after each chunk a decomposition pass has read. (Copies from a GPU are
+        still in flight when an append returns: their pages go at the next read.)
         """
         if self.directory is None:
             return
@@ -275,6 +277,8 @@ class SnapshotBuffer:
                     del up
                     src = src.to(self.dtype)
                 row[spec.offset : spec.stop].copy_(src, non_blocking=True)
+            elif self.anchor is None and self.directory is None:
+                row[spec.offset : spec.stop].copy_(src)
             else:
                 # Chunk by chunk: a float32 copy of a whole embedding matrix would be the step's largest
                 # allocation, and a memory-mapped row's pages leave the process as soon as they are written.
@@ -291,8 +295,6 @@ class SnapshotBuffer:
             self._pending[(stream.device_index, stream.stream_id)] = event
         self.steps[slot] = int(step)
         self.count += 1
-        if not devices:  # (copies from a GPU are still in flight: their pages go at the next read)
-            self.evict()
 
     def raw(self) -> tuple[Tensor, list[int]]:
         """The stored rows in storage order (no copy) and their steps.
@@ -303,6 +305,14 @@ class SnapshotBuffer:
         self.synchronize()
         k = len(self)
         return self.data[:k], self.steps[:k]
+
+    def per_tensor(self, layout: ParamLayout) -> list[Trajectory]:
+        """The recording as one :class:`Trajectory` per tensor of ``layout`` (views: nothing is copied), each
+        evicting what a streaming pass has read of it (:meth:`evict`)."""
+        data, steps = self.raw()
+        return [Trajectory(data[:, s.offset : s.stop], ParamLayout([s.name], [s.shape]), steps,
+                           None if self.anchor is None else self.anchor[s.offset : s.stop],
+                           evict=functools.partial(_evict_from, self, s.offset)) for s in layout.specs]
 
     def ordered(self) -> tuple[Tensor, list[int]]:
         """(len, N) rows oldest first (a copy), and their steps."""
@@ -407,3 +417,8 @@ def _drop_range(base: int, size: int, lo: int, hi: int) -> None:
     lo, hi = max(0, lo - _FAULT_AROUND), min(size, hi + _FAULT_AROUND)
     if hi > lo:
         drop_pages(base + lo, hi - lo)
+
+
+def _evict_from(buffer: SnapshotBuffer, offset: int, start: int, stop: int) -> None:
+    """Evict weights ``start:stop`` of the tensor at ``offset`` of ``buffer`` (a pass read them)."""
+    buffer.evict(offset + start, offset + stop)

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .labels import as_index
+
 __all__ = ["CODE_MAX", "PACK_MAX_MODES", "packs_labels", "pack_labels", "unpack_labels", "is_packed",
            "quantize", "dequantize", "storage_bytes"]
 
@@ -38,6 +40,8 @@ __all__ = ["CODE_MAX", "PACK_MAX_MODES", "packs_labels", "pack_labels", "unpack_
 CODE_MAX = 127
 #: Label packing (4 bits per weight) applies up to this many modes.
 PACK_MAX_MODES = 16
+#: values :func:`quantize` works on at once
+QUANTIZE_CHUNK = 1 << 18
 
 
 def packs_labels(coef_dtype: torch.dtype, n_modes: int) -> bool:
@@ -70,22 +74,32 @@ def quantize(a: Tensor, index: Tensor, n_modes: int) -> tuple[Tensor, Tensor]:
     """8-bit codes of one tensor's coefficients with a scale per mode: ``(q, scale)``.
 
     Args:
-        a: ``(n,)`` float coefficients; index: ``(n,)`` their modes (int64, in ``[0, n_modes)``).
+        a: ``(n,)`` float coefficients; index: ``(n,)`` their modes in ``[0, n_modes)``: an index tensor or
+            compact labels (:func:`~modeopt.modespace.kernels.labels.as_index` reads them, a chunk at a time).
     Returns:
         ``q``: ``(n,)`` int8, ``round(a / scale[m])`` (half to even) clamped to ``[-127, 127]``;
         ``scale``: ``(n_modes,)`` float32, ``max |a|`` of each mode / 127 (0 where a mode has no
         weight here or only zeros, whose codes are then 0). Deterministic (a max does not depend on
-        the order it is taken in).
+        the order it is taken in). Temporaries are :data:`QUANTIZE_CHUNK` values at a time (a switch
+        quantises an embedding matrix while the rest of the model's codes are held).
     """
-    a32 = a.reshape(-1).to(torch.float32)
-    idx = index.reshape(-1).to(device=a32.device, dtype=torch.int64)
-    amax = torch.zeros(n_modes, dtype=torch.float32, device=a32.device)
-    amax.scatter_reduce_(0, idx, a32.abs(), reduce="amax", include_self=True)
+    a = a.reshape(-1)
+    index = index.reshape(-1)
+    n = a.numel()
+    amax = torch.zeros(n_modes, dtype=torch.float32, device=a.device)
+    for i0 in range(0, n, QUANTIZE_CHUNK):
+        idx = as_index(index[i0 : i0 + QUANTIZE_CHUNK]).to(device=a.device, dtype=torch.int64)
+        amax.scatter_reduce_(0, idx, a[i0 : i0 + QUANTIZE_CHUNK].to(torch.float32).abs(), reduce="amax",
+                             include_self=True)
     scale = amax / CODE_MAX
-    per = scale[idx]
-    safe = torch.where(per > 0, per, torch.ones_like(per))
-    q = torch.where(per > 0, torch.round(a32 / safe), torch.zeros_like(a32)).clamp_(-CODE_MAX, CODE_MAX)
-    return q.to(torch.int8), scale
+    q = torch.empty(n, dtype=torch.int8, device=a.device)
+    for i0 in range(0, n, QUANTIZE_CHUNK):
+        x = a[i0 : i0 + QUANTIZE_CHUNK].to(torch.float32)
+        per = scale[as_index(index[i0 : i0 + QUANTIZE_CHUNK]).to(device=a.device, dtype=torch.int64)]
+        safe = torch.where(per > 0, per, torch.ones_like(per))
+        q[i0 : i0 + QUANTIZE_CHUNK] = torch.where(per > 0, torch.round(x / safe), torch.zeros_like(x)).clamp_(
+            -CODE_MAX, CODE_MAX)
+    return q, scale
 
 
 def dequantize(q: Tensor, scale: Tensor, index: Tensor) -> Tensor:
